@@ -1,0 +1,115 @@
+"""How a contract is declared and enforced.
+
+Why pandera (0.35) plus vectorised row rules: pandera checks columns, types and nullability of a whole
+DataFrame lazily, reporting every failure at once with its column and row (a failure-cases table we can
+print and publish), at ~0.4 s per 100k rows. What pyarrow schemas cannot say (non-empty lists, masks with
+at least one trained token, unique ids) is written as row rules: vectorised functions that mark violating
+rows, which go to a quarantine artifact with the rule's reason instead of being dropped.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+import pandera.pandas as pa
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """A per-row rule: `violated(frame)` is True where a row breaks it; such rows are quarantined."""
+
+    name: str
+    reason: str
+    violated: Callable[[pd.DataFrame], pd.Series]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The schema of one artifact kind plus its row and dataset rules."""
+
+    name: str
+    version: int
+    columns: dict[str, pa.Column]
+    row_rules: tuple[RowRule, ...] = ()
+    unique: tuple[str, ...] = ()
+    allow_empty: bool = False
+    schema: pa.DataFrameSchema = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "schema", pa.DataFrameSchema(self.columns, strict=False, coerce=False))
+
+
+class ContractViolation(ValueError):
+    """An artifact that breaks its contract; the message lists every failing column/row and the fix."""
+
+    def __init__(self, message: str, failures: pd.DataFrame | None = None):
+        super().__init__(message)
+        self.failures = failures
+
+
+def check_structure(frame: pd.DataFrame, contract: Contract, where: str = "") -> None:
+    """Raise one ContractViolation listing every missing column, wrong type or null where none is allowed."""
+    try:
+        contract.schema.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+        lines = [f"{where or contract.name}: {len(cases)} contract failure(s) against '{contract.name}' v{contract.version}:"]
+        for case in cases.head(50).itertuples():
+            column = case.column if case.column is not None else case.failure_case
+            row = "" if case.index is None or pd.isna(case.index) else f" row {int(case.index)}"
+            lines.append(f"  column '{column}'{row}: {case.check} (found {case.failure_case!r}) -> {fix_for(case.check)}")
+        if len(cases) > 50:
+            lines.append(f"  ... and {len(cases) - 50} more")
+        raise ContractViolation("\n".join(lines), failures=cases) from None
+
+
+def fix_for(check: str) -> str:
+    """A hint for a pandera check name."""
+    if "column_in_dataframe" in check:
+        return "add the column, or map the config's column names to the ones in your data"
+    if "nullable" in check:
+        return "fill or remove the empty values"
+    if "dtype" in check:
+        return "convert the column to the expected type"
+    return "fix the value"
+
+
+def enforce(frame: pd.DataFrame, contract: Contract, where: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check structure (raise on failure), then split rows into (valid, quarantined-with-reason)."""
+    check_structure(frame, contract, where)
+    frame = frame.reset_index(drop=True)
+    reasons = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    for rule in contract.row_rules:
+        broken = rule.violated(frame).fillna(False).astype(bool) & reasons.isna()
+        reasons[broken] = f"{rule.name}: {rule.reason}"
+    for column in contract.unique:
+        duplicated = frame[column].duplicated(keep="first") & reasons.isna()
+        reasons[duplicated] = f"duplicate_{column}: another row already has this {column}"
+    bad = reasons.notna()
+    valid = frame[~bad].reset_index(drop=True)
+    quarantined = quarantine_rows(frame[bad], reasons[bad], contract.name)
+    if len(valid) == 0 and not contract.allow_empty:
+        cause = "the input had no rows" if len(frame) == 0 else f"all {len(frame)} rows were quarantined"
+        top = quarantined["reason"].value_counts().head(3).to_dict() if len(quarantined) else {}
+        raise ContractViolation(f"{where or contract.name}: no valid rows left: {cause}. Top reasons: {top}")
+    return valid, quarantined
+
+
+def quarantine_rows(rows: pd.DataFrame, reasons: pd.Series, contract_name: str) -> pd.DataFrame:
+    """Rows kept verbatim (as JSON) with the reason they were set aside."""
+    records = rows.to_dict(orient="records")
+    return pd.DataFrame(
+        {
+            "contract": [contract_name] * len(records),
+            "reason": [str(r) for r in reasons],
+            "row_index": [int(i) for i in rows.index],
+            "row_json": [json.dumps(r, default=_jsonable, ensure_ascii=False) for r in records],
+        }
+    )
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)

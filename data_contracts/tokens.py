@@ -1,0 +1,44 @@
+"""Tokenized examples with labels and the train/validation/heldout split: what training reads."""
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from data_contracts.base import Contract, RowRule
+
+IGNORE_INDEX = -100
+
+
+def _length_mismatch(frame: pd.DataFrame) -> pd.Series:
+    lengths = frame["input_ids"].map(len)
+    return (lengths != frame["labels"].map(len)) | (lengths != frame["attention_mask"].map(len)) | (lengths != frame["length"])
+
+
+def _all_masked(frame: pd.DataFrame) -> pd.Series:
+    return frame["labels"].map(lambda labels: not bool(np.any(np.asarray(labels) != IGNORE_INDEX)))
+
+
+TOKENS = Contract(
+    name="tokens",
+    version=1,
+    columns={
+        "id": pa.Column(str, nullable=False),
+        "input_ids": pa.Column(object, nullable=False, description="Token ids."),
+        "attention_mask": pa.Column(object, nullable=False, description="1 per real token."),
+        "labels": pa.Column(object, nullable=False, description="Token id where trained, -100 elsewhere."),
+        "length": pa.Column(int, pa.Check.ge(1), nullable=False),
+        "n_trained": pa.Column(int, nullable=False, description="Tokens with a label."),
+        "truncated": pa.Column(bool, nullable=False),
+        "split": pa.Column(str, pa.Check.isin(["train", "validation", "heldout"]), nullable=False),
+        "kind": pa.Column(str, nullable=False),
+        "source_id": pa.Column(str, nullable=False),
+        "prompt": pa.Column(str, nullable=False),
+        "reference": pa.Column(str, nullable=False),
+        "facts": pa.Column(object, nullable=False),
+    },
+    row_rules=(
+        RowRule("length_mismatch", "input_ids, labels, attention_mask and length disagree", _length_mismatch),
+        RowRule("all_masked", "every label is -100: nothing would be trained", _all_masked),
+    ),
+    unique=("id",),
+)

@@ -1,0 +1,3 @@
+"""loraflow: sources -> instruction data -> tokens -> QLoRA adapter -> evaluated, merged, published model."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""Prefect cache keys for stages: input artifact hashes + config + fingerprints + the stage's own code.
+
+Never the run id, so an unchanged re-run is a cache hit in a new run. Returns None (no caching) when an
+input artifact is missing, so a deleted upstream file forces a recompute instead of a stale hit.
+"""
+
+import hashlib
+import inspect
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from loraflow.store import ArtifactRef
+
+CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "data_contracts"
+
+
+class _MissingInput(Exception):
+    pass
+
+
+def stage_cache_key(context, parameters: dict) -> str | None:
+    """Cache key of a stage task run (Prefect `cache_key_fn`)."""
+    try:
+        payload = {name: _canonical(value) for name, value in sorted(parameters.items())}
+    except _MissingInput:
+        return None
+    task_fn = context.task.fn
+    material = json.dumps(
+        {"task": context.task.name, "code": code_hash(task_fn.__module__), "params": payload}, sort_keys=True
+    )
+    return f"{context.task.name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+
+
+def _canonical(value):
+    if isinstance(value, ArtifactRef):
+        if not Path(value.uri).exists() and "://" not in value.uri:
+            raise _MissingInput(value.uri)
+        return {"artifact": value.sha256}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@lru_cache(maxsize=None)
+def code_hash(module_name: str) -> str:
+    """Hash of a stage module's source plus the data contracts (both shape its output)."""
+    digest = hashlib.sha256(inspect.getsource(sys.modules[module_name]).encode())
+    for contract_file in sorted(CONTRACTS_DIR.glob("*.py")):
+        digest.update(contract_file.read_bytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,30 @@
+"""Config of the evaluate stage: metrics, generation and the publish gate."""
+
+from pydantic import Field
+
+from loraflow.config.base import StrictModel
+
+
+class GateConfig(StrictModel):
+    """Thresholds the fine-tuned model must meet before publish runs."""
+
+    min_fact_accuracy: float = Field(0.5, ge=0, le=1, description="Minimum fact accuracy on trained phrasings (anime_qa).")
+    min_stop_rate: float = Field(0.95, ge=0, le=1, description="Minimum share of generations that end with EOS.")
+    must_beat_base: bool = Field(True, description="The fine-tuned model must beat the base on the main metric.")
+
+
+class EvalConfig(StrictModel):
+    """Evaluation of the base and the fine-tuned model."""
+
+    max_new_tokens: int = Field(96, ge=1, description="Generation budget per question.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    max_questions: int = Field(300, ge=1, description="Cap on generated questions per model (sampled deterministically).")
+    general_questions: list[str] = Field(
+        default_factory=lambda: [
+            "What is the capital of France?",
+            "What is 2 + 2?",
+            "What color is the sky on a clear day?",
+        ],
+        description="General-knowledge prompts whose base answers should survive fine-tuning.",
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="Publish gate.")

@@ -1,0 +1,22 @@
+"""Config of the format stage: which prompt or chat template renders the conversations."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from loraflow.config.base import StrictModel
+
+TemplateName = Literal["chat_template", "alpaca", "ko_instruction", "llama2_chat", "gemma", "chatml"]
+
+
+class FormatConfig(StrictModel):
+    """How conversations become text; the same template is used for training and inference."""
+
+    template: TemplateName = Field(
+        "chat_template",
+        description="chat_template (the tokenizer's own, default) | alpaca | ko_instruction | llama2_chat | gemma | chatml.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System prompt added to conversations that have none. None keeps the template's own default.",
+    )

@@ -1,0 +1,103 @@
+"""The pipeline config: one pydantic model for the CLI, the Prefect UI form, YAML files and tests."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from loraflow.config.base import StrictModel
+from loraflow.config.evaluate import EvalConfig
+from loraflow.config.format import FormatConfig
+from loraflow.config.model import ModelConfig
+from loraflow.config.publish import PublishConfig
+from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.config.tokenize import TokenizeConfig
+from loraflow.config.train import TrainConfig
+from tasks.sources import SourceConfig
+
+
+class PipelineConfig(StrictModel):
+    """Everything one loraflow run needs, stage by stage."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (letters, digits, . _ -).")
+    base_dir: str = Field(".", description="Folder that relative paths are resolved against (set to the config file's folder when loaded from YAML).")
+    store: str = Field(".loraflow/store", description="Artifact store: a local folder or an fsspec URL.")
+    runs_dir: str = Field(".loraflow/runs", description="Where each run's folder (summary.json, model) is written.")
+    sources: list[SourceConfig] = Field(..., min_length=1, description="Where the raw rows come from.")
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="Rows -> conversations.")
+    format: FormatConfig = Field(default_factory=FormatConfig, description="Conversations -> text with roles.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Text -> tokens, labels, split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and tokenizer.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="LoRA / QLoRA training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and publish gate.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Merged model output.")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, sources):
+        names = [source_name(s) for s in sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique, found {duplicates} twice: set `name:` on each source")
+        return sources
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config, resolved against base_dir."""
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else Path(self.base_dir) / candidate
+
+
+def source_name(source) -> str:
+    """The provenance name of a source: its `name`, else its file name or repo id."""
+    if source.name:
+        return source.name
+    location = getattr(source, "path", None) or getattr(source, "repo")
+    return Path(location).name if getattr(source, "path", None) else location
+
+
+def config_hash(model: StrictModel) -> str:
+    """A short stable hash of a config model (or sub-model)."""
+    payload = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message lists every problem with its key and fix."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Load and validate a YAML config; relative paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (name:, sources:, ...)")
+    raw.setdefault("base_dir", str(path.resolve().parent))
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_errors(path, error)) from None
+
+
+def describe_errors(path, error: ValidationError) -> str:
+    """One line per problem: the dotted key, what is wrong, and how to fix it."""
+    lines = [f"{path}: {error.error_count()} problem(s)"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            fix = "remove it or check its spelling (run `loraflow schema` for every key)"
+        elif kind == "missing":
+            fix = "add this key"
+        elif kind in ("literal_error", "union_tag_invalid"):
+            fix = "use one of the allowed values"
+        else:
+            fix = "change the value"
+        lines.append(f"  {key}: {problem['msg']} -> {fix}")
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Config of the publish stage: where the merged model goes."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from loraflow.config.base import StrictModel
+
+
+class PublishConfig(StrictModel):
+    """Publishing the merged 16-bit model (the adapter is always kept too)."""
+
+    target: Literal["local", "hf_hub"] = Field("local", description="local folder (default) or hf_hub.")
+    repo_id: str | None = Field(None, description="Hub repo id, for target=hf_hub.")
+    private: bool = Field(True, description="Create the hub repo as private.")
+    branch: str = Field("main", description="Hub branch that receives the model once verified.")
+    hf_token_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the hub token (else the HF_TOKEN environment variable)."
+    )
+    merge_tolerance: float = Field(1e-2, gt=0, description="Max |logit difference| allowed between merged and base+adapter.")
+
+    @model_validator(mode="after")
+    def _hub_needs_repo(self):
+        if self.target == "hf_hub" and not self.repo_id:
+            raise ValueError("publish.target=hf_hub needs publish.repo_id (e.g. 'my-org/my-model')")
+        return self

@@ -1,0 +1,91 @@
+"""Config of the synthesize stage: which synthesizer turns source rows into conversations."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from loraflow.config.base import StrictModel
+
+QuestionKind = Literal["overview", "production", "reception"]
+
+
+class AnimeColumns(StrictModel):
+    """Which source column holds each fact the anime_qa synthesizer asks about."""
+
+    id: str = Field("anime_id", description="Unique id of the title (groups its questions for the split).")
+    name: str = Field("Name", description="Main (romanised) title.")
+    english_name: str = Field("English name", description="English title.")
+    other_name: str = Field("Other name", description="Alternative / native title.")
+    genres: str = Field("Genres", description="Comma-separated genres.")
+    synopsis: str = Field("Synopsis", description="Plot summary.")
+    type: str = Field("Type", description="TV, Movie, OVA, ...")
+    episodes: str = Field("Episodes", description="Number of episodes.")
+    producers: str = Field("Producers", description="Comma-separated producers.")
+    studios: str = Field("Studios", description="Comma-separated studios.")
+    rating: str = Field("Rating", description="Age rating, e.g. 'PG-13 - Teens 13 or older'.")
+    score: str = Field("Score", description="Mean user score.")
+    scored_by: str = Field("Scored By", description="Number of users who scored the title.")
+
+
+class AnimeQAOptions(StrictModel):
+    """Options of the anime_qa synthesizer (three question kinds per catalog row)."""
+
+    columns: AnimeColumns = Field(default_factory=AnimeColumns, description="Column names in the source.")
+    kinds: list[QuestionKind] = Field(
+        default_factory=lambda: ["overview", "production", "reception"],
+        description="Question kinds to make for every row.",
+    )
+    trained_phrasings: int = Field(2, ge=1, le=8, description="Phrasings per kind used for training.")
+    heldout_phrasings: int = Field(1, ge=0, le=4, description="Other phrasings per kind, only asked at evaluation.")
+    missing_values: list[str] = Field(
+        default_factory=lambda: ["UNKNOWN", "Unknown", "", "nan", "NaN", "None", "N/A", "n/a", "-"],
+        description="Values treated as missing: a question that needs one is skipped for that row and counted.",
+    )
+    max_synopsis_words: int = Field(60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible).")
+    seed: int = Field(0, description="Seed for choosing phrasings per row (deterministic).")
+
+
+class InstructionOptions(StrictModel):
+    """Options of the instruction synthesizer (Alpaca-style rows)."""
+
+    instruction_column: str = Field("instruction", description="Column with the instruction.")
+    input_column: str | None = Field("input", description="Optional column with extra input; empty means none.")
+    output_column: str = Field("output", description="Column with the reference answer.")
+    system_column: str | None = Field(None, description="Optional column with a per-row system prompt.")
+    id_column: str | None = Field(None, description="Optional column with a stable row id; else source + row index.")
+
+
+class ConversationsOptions(StrictModel):
+    """Options of the conversations synthesizer (ShareGPT-style multi-turn rows)."""
+
+    column: str = Field("conversations", description="Column holding the list of turns.")
+    role_key: str = Field("from", description="Key of a turn's speaker.")
+    content_key: str = Field("value", description="Key of a turn's text.")
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: {
+            "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+        },
+        description="Speaker names in the data -> chat roles.",
+    )
+    id_column: str | None = Field(None, description="Optional column with a stable row id.")
+
+
+class TextOptions(StrictModel):
+    """Options of the text synthesizer (plain language modelling on one column)."""
+
+    column: str = Field("text", description="Column with the text to train on.")
+    id_column: str | None = Field(None, description="Optional column with a stable row id.")
+
+
+class SynthesizeConfig(StrictModel):
+    """Which synthesizer to run, and its options."""
+
+    kind: Literal["anime_qa", "instruction", "conversations", "text"] = Field(
+        "anime_qa", description="Synthesizer: anime_qa | instruction | conversations | text."
+    )
+    anime_qa: AnimeQAOptions = Field(default_factory=AnimeQAOptions, description="Options for kind=anime_qa.")
+    instruction: InstructionOptions = Field(default_factory=InstructionOptions, description="Options for kind=instruction.")
+    conversations: ConversationsOptions = Field(
+        default_factory=ConversationsOptions, description="Options for kind=conversations."
+    )
+    text: TextOptions = Field(default_factory=TextOptions, description="Options for kind=text.")

@@ -1,0 +1,45 @@
+"""Config of the train stage: (Q)LoRA adapter training."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from loraflow.config.base import StrictModel
+
+
+class TrainConfig(StrictModel):
+    """LoRA / QLoRA training of an adapter on the tokenized train split."""
+
+    quantization: Literal["4bit", "8bit", "none"] = Field(
+        "4bit", description="Base weights: 4bit (bitsandbytes NF4, QLoRA), 8bit, or none. Without a GPU: none, logged."
+    )
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="peft target modules: 'all-linear' or a list of names.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = Field(
+        "auto", description="auto = paged_adamw_8bit on GPU, adamw_torch on CPU."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the train split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    packing: bool = Field(False, description="Pack examples into full rows, each attending only to itself.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    nonfinite_patience: int = Field(3, ge=1, description="Stop after this many consecutive steps with non-finite loss or grad norm.")
+    allow_resume_mismatch: bool = Field(False, description="Resume even if data or config differ from the checkpoint's.")
+    seed: int = Field(0, description="Random seed.")
+
+    @model_validator(mode="after")
+    def _dora_needs_unquantized_merge(self):
+        if self.use_dora and self.quantization == "8bit":
+            raise ValueError("train.use_dora does not support train.quantization=8bit: use 4bit or none")
+        return self

