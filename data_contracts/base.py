@@ -50,6 +50,12 @@ class ContractViolation(ValueError):
 
 def check_structure(frame: pd.DataFrame, contract: Contract, where: str = "") -> None:
     """Raise one ContractViolation listing every missing column, wrong type or null where none is allowed."""
+    if len(frame) == 0:
+        # An empty frame has no values to type-check (its columns are untyped); only names can be wrong.
+        missing = [name for name in contract.columns if name not in frame.columns]
+        if missing:
+            raise ContractViolation(f"{where or contract.name}: missing column(s) {missing} -> {fix_for('column_in_dataframe')}")
+        return
     try:
         contract.schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as errors:

@@ -1,0 +1,78 @@
+"""The pipeline config: YAML loading, strictness, every problem reported with key and fix."""
+
+import json
+
+import pytest
+
+from loraflow.cli import main
+from loraflow.config.pipeline import ConfigError, PipelineConfig, config_hash, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    config = load_config(write(tmp_path, "name: demo\nsources:\n  - {kind: csv, path: rows.csv}\n"))
+    assert config.synthesize.kind == "anime_qa"
+    assert config.format.template == "chat_template"
+    assert config.train.target_modules == "all-linear"
+    assert config.model.trust_remote_code is False
+    assert config.resolve("rows.csv") == tmp_path / "rows.csv"
+
+
+def test_every_problem_is_listed_with_key_and_fix(tmp_path):
+    path = write(tmp_path, (
+        "name: demo\n"
+        "sources:\n  - {kind: csv, path: a.csv, encodng: utf-8}\n  - {kind: ftp, path: b}\n"
+        "format: {template: mistral}\n"
+        "train: {lora_r: 0, learning_rte: 1}\n"
+    ))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    for key in ("sources.0.csv.encodng", "sources.1", "format.template", "train.lora_r", "train.learning_rte"):
+        assert key in message
+    assert "remove it or check its spelling" in message
+    assert "use one of the allowed values" in message
+
+
+def test_cross_field_rules_say_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="needs model.revision pinned"):
+        load_config(write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\nmodel: {trust_remote_code: true}\n"))
+    with pytest.raises(ConfigError, match="needs publish.repo_id"):
+        load_config(write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\npublish: {target: hf_hub}\n"))
+
+
+def test_duplicate_source_names_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(write(tmp_path, "name: d\nsources: [{kind: csv, path: x/a.csv}, {kind: csv, path: y/a.csv}]\n"))
+
+
+def test_every_field_has_a_description():
+    schema = json.dumps(PipelineConfig.model_json_schema())
+    defs = PipelineConfig.model_json_schema()["$defs"]
+    missing = [f"{model}.{name}" for model, body in defs.items() for name, field in body.get("properties", {}).items()
+               if "description" not in field and name != "kind"]
+    assert not missing, missing
+    assert "all-linear" in schema
+
+
+def test_config_hash_changes_with_values():
+    base = PipelineConfig(name="a", sources=[{"kind": "csv", "path": "a.csv"}])
+    changed = base.model_copy(update={"name": "b"})
+    assert config_hash(base) == config_hash(base.model_copy())
+    assert config_hash(base) != config_hash(changed)
+
+
+def test_cli_check(tmp_path, capsys):
+    (tmp_path / "a.csv").write_text("x\n1\n")
+    good = write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\n")
+    assert main(["check", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: d\nsources: [{kind: csv, path: missing.csv}]\n")
+    assert main(["check", str(bad)]) == 2
+    assert "sources.0.path" in capsys.readouterr().err
