@@ -1,10 +1,17 @@
-"""CSV source: one file, any encoding, BOM and quoted multi-line fields handled."""
+"""CSV source: one file, any encoding, BOM and quoted multi-line fields handled.
 
+Every column is read as text, exactly as written ("UNKNOWN", "" and "nan" stay strings): what a value means
+is the synthesizer's business, not the reader's.
+"""
+
+import io
 from typing import Literal
 
+import pandas as pd
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
+from tasks.sources.common import SourceError, decode_text, existing_file
 
 
 class Config(StrictModel):
@@ -15,8 +22,26 @@ class Config(StrictModel):
     path: str = Field(..., description="Path of the CSV file (relative to the config file).")
     encoding: str = Field("utf-8", description="Text encoding, e.g. utf-8, cp949, latin-1. A UTF-8 BOM is always accepted.")
     delimiter: str = Field(",", min_length=1, max_length=1, description="Field delimiter.")
+    max_rows: int | None = Field(None, ge=1, description="Read only the first N data rows (small demos). None reads all.")
 
 
-def read(config: Config, base_dir):
+def read(config: Config, base_dir) -> pd.DataFrame:
     """Read the CSV into a DataFrame of strings (types are the synthesizer's business)."""
-    raise NotImplementedError
+    path = existing_file(config.path, base_dir)
+    text = decode_text(path, path.read_bytes(), config.encoding)
+    if not text.strip():
+        raise SourceError(f"{path}: the file is empty -> export the data again (a header line plus one row per record)")
+    try:
+        rows = pd.read_csv(
+            io.StringIO(text), sep=config.delimiter, dtype=str, keep_default_na=False, na_filter=False,
+            nrows=config.max_rows, skip_blank_lines=True,
+        )
+    except pd.errors.ParserError as error:
+        # pandas says "Expected 23 fields in line 7, saw 24": usually an unquoted delimiter inside a value.
+        raise SourceError(
+            f"{path}: not valid CSV: {error} -> quote values that contain the delimiter {config.delimiter!r} "
+            f"or a line break (\"like, this\"), or set `delimiter:` to the file's separator"
+        ) from None
+    if len(rows.columns) == 0:
+        raise SourceError(f"{path}: no header line -> the first line must name the columns")
+    return rows

@@ -1,10 +1,18 @@
-"""JSON source: a JSON array of objects, or JSON Lines (one object per line)."""
+"""JSON source: a JSON array of objects, or JSON Lines (one object per line).
 
+A JSONL line that does not parse is set aside (quarantined with its line number) and the other lines go on;
+a JSON array that does not parse is one error naming its line and column. Nested values (lists, objects,
+e.g. ShareGPT `conversations`) are kept as they are.
+"""
+
+import json
 from typing import Literal
 
+import pandas as pd
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
+from tasks.sources.common import Rejected, SourceError, decode_text, existing_file, with_positions
 
 
 class Config(StrictModel):
@@ -13,10 +21,74 @@ class Config(StrictModel):
     kind: Literal["json"] = Field("json", description="Source kind.")
     name: str | None = Field(None, description="Source name in provenance columns (default: the file name).")
     path: str = Field(..., description="Path of the .json / .jsonl file (relative to the config file).")
-    lines: bool | None = Field(None, description="JSON Lines? None = guess from the first non-blank character.")
+    lines: bool | None = Field(None, description="JSON Lines? None = guess from the first non-blank character ('[' array, '{' lines).")
     encoding: str = Field("utf-8", description="Text encoding.")
+    max_rows: int | None = Field(None, ge=1, description="Read only the first N records (small demos). None reads all.")
 
 
-def read(config: Config, base_dir):
-    """Read the file into a DataFrame; bad lines are reported by line number."""
-    raise NotImplementedError
+def read(config: Config, base_dir) -> tuple[pd.DataFrame, list[Rejected]]:
+    """Read the file into a DataFrame indexed by record position; bad records come back as Rejected."""
+    path = existing_file(config.path, base_dir)
+    text = decode_text(path, path.read_bytes(), config.encoding)
+    stripped = text.lstrip()
+    if not stripped:
+        raise SourceError(f"{path}: the file is empty -> write a JSON array of objects, or one JSON object per line")
+    lines = config.lines if config.lines is not None else stripped[0] != "["
+    if config.lines is None and stripped[0] not in "[{":
+        line = text[: len(text) - len(stripped)].count("\n") + 1
+        raise SourceError(
+            f"{path}: line {line} starts with {stripped[0]!r}, expected '[' (a JSON array of objects) or '{{' "
+            f"(JSON Lines, one object per line) -> fix the file, or set `lines:` explicitly"
+        )
+    return read_lines(path, text, config.max_rows) if lines else read_array(path, text, config.max_rows)
+
+
+def read_array(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, list[Rejected]]:
+    """A whole-file JSON array of objects; any syntax error fails the file."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SourceError(
+            f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg} -> fix the file there "
+            f"(if it holds one object per line, set `lines: true`)"
+        ) from None
+    if not isinstance(document, list):
+        keys = f" with keys {sorted(document)[:5]}" if isinstance(document, dict) else ""
+        raise SourceError(
+            f"{path}: the top level is a {type(document).__name__}{keys}, expected an array of objects -> "
+            f"store the records as [{{...}}, {{...}}] or as JSON Lines"
+        )
+    records, positions, rejected = [], [], []
+    for position, element in enumerate(document[:max_rows]):
+        if isinstance(element, dict):
+            records.append(element)
+            positions.append(position)
+        else:
+            reason = f"array element {position} is a {type(element).__name__}, not an object"
+            rejected.append(Rejected(position, reason, json.dumps(element, ensure_ascii=False)))
+    return with_positions(records, positions), rejected
+
+
+def read_lines(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, list[Rejected]]:
+    """JSON Lines: one object per non-blank line; a line that is not an object is Rejected with its number."""
+    records, positions, rejected = [], [], []
+    position = 0
+    # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if max_rows is not None and position >= max_rows:
+            break
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            rejected.append(Rejected(position, f"invalid JSON at line {number}: {error.msg} (column {error.colno})", line))
+        else:
+            if isinstance(record, dict):
+                records.append(record)
+                positions.append(position)
+            else:
+                rejected.append(Rejected(position, f"line {number} is a {type(record).__name__}, not a JSON object", line))
+        position += 1
+    return with_positions(records, positions), rejected

@@ -1,0 +1,85 @@
+"""What every source shares: path resolution, the error type, and how a source sets bad records aside."""
+
+import codecs
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from loraflow.store import file_sha256
+
+UTF8_BOM = codecs.BOM_UTF8
+
+
+class SourceError(ValueError):
+    """A source that cannot be read; the message names the file (line / byte offset where known) and the fix."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A record a source could not parse: it goes to the quarantine artifact instead of stopping the run."""
+
+    row: int  # 0-based record position within the source (the numbering `_row` uses)
+    reason: str  # e.g. "invalid JSON at line 7: Expecting ',' delimiter (column 12)"
+    text: str  # the record as it stood in the file
+
+
+def resolve_path(path: str, base_dir) -> Path:
+    """A config path, resolved against base_dir (the config file's folder) unless absolute."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else Path(base_dir) / candidate
+
+
+def existing_file(path: str, base_dir, option: str = "path") -> Path:
+    """The resolved file, or a SourceError that says where it was looked for and how to fix it."""
+    resolved = resolve_path(path, base_dir)
+    if not resolved.is_file():
+        what = "is a folder, not a file" if resolved.is_dir() else "does not exist"
+        raise SourceError(
+            f"{resolved}: {what} -> fix the source's `{option}:` (relative paths start at the config file's folder, {base_dir})"
+        )
+    return resolved
+
+
+def with_positions(records: list[dict], positions: list[int]) -> pd.DataFrame:
+    """Rows from a list of dicts, indexed by their record position within the source."""
+    return pd.DataFrame(records, index=pd.Index(positions, dtype="int64"))
+
+
+def decode_text(path, payload: bytes, encoding: str) -> str:
+    """The file's text; a UTF-8 BOM is dropped whatever the encoding, a wrong encoding is refused with its offset."""
+    skipped = len(UTF8_BOM) if payload.startswith(UTF8_BOM) else 0
+    try:
+        return payload[skipped:].decode(encoding)
+    except LookupError:
+        raise SourceError(f"{path}: unknown encoding {encoding!r} -> set `encoding:` to a Python codec name, e.g. utf-8, cp949, latin-1") from None
+    except UnicodeDecodeError as error:
+        offset = skipped + error.start
+        bad = payload[offset:skipped + error.end].hex(" ")
+        hint = " (the file is valid UTF-8: set `encoding: utf-8`)" if encoding.lower().replace("_", "-") not in ("utf-8", "utf8") \
+            and _decodes(payload[skipped:], "utf-8") else ""
+        raise SourceError(
+            f"{path}: not valid {encoding} at byte offset {offset} (bytes {bad}: {error.reason}) -> set the source's "
+            f"`encoding:` option to the file's encoding, e.g. `encoding: cp949` (Korean), `encoding: shift_jis` "
+            f"(Japanese) or `encoding: latin-1` (Western European){hint}"
+        ) from None
+
+
+def _decodes(payload: bytes, encoding: str) -> bool:
+    try:
+        payload.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes in a folder (hidden files and folders skipped)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
