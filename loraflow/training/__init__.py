@@ -1,0 +1,22 @@
+"""Fast (Q)LoRA training: padding-free packing with documents kept apart, and the model's speed settings.
+
+    from loraflow.training import pack_examples, PackedCollator, configure_model_for_speed
+    rows = pack_examples(tokenized_examples, max_tokens=4096)
+    plan = configure_model_for_speed(model, train_config, memory_budget_gb=None, tokens_per_micro_batch=...)
+    Trainer(model, data_collator=PackedCollator(pad_token_id=tok.pad_token_id), train_dataset=rows, ...)
+
+See docs/speed.md for what each setting buys (measured) and why.
+"""
+
+from loraflow.training.masking import document_causal_mask, document_ids, enable_document_masking
+from loraflow.training.packing import IGNORE_INDEX, PackedCollator, pack_examples, packing_stats
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PackedCollator",
+    "document_causal_mask",
+    "document_ids",
+    "enable_document_masking",
+    "pack_examples",
+    "packing_stats",
+]
