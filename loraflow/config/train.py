@@ -31,9 +31,14 @@ class TrainConfig(StrictModel):
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     packing: bool = Field(False, description="Pack examples into full rows, each attending only to itself.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length together to limit padding.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the device supports it (GPU and CPU), else fp32. fp16 is never used."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest complete checkpoints kept while training (all removed after success).")
     nonfinite_patience: int = Field(3, ge=1, description="Stop after this many consecutive steps with non-finite loss or grad norm.")
     allow_resume_mismatch: bool = Field(False, description="Resume even if data or config differ from the checkpoint's.")
     seed: int = Field(0, description="Random seed.")

@@ -1,0 +1,719 @@
+"""train: a LoRA / QLoRA adapter on the train split of a TOKENS artifact.
+
+Supported: peft LoRA (rsLoRA, DoRA) on every linear layer or a named list; base weights in 4-bit
+(bitsandbytes NF4, double quant, bf16 compute and storage), 8-bit or 16-bit; gradient checkpointing;
+paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device has it, else fp32 (never fp16); resumable
+checkpoints; a stop on non-finite loss or gradient norm.
+Not supported here: packing (the padding-free collator is being built in loraflow/training), multi-GPU.
+
+Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
+worth it), and the log says so.
+
+Output folder:
+    adapter/                      adapter_model.safetensors + adapter_config.json + loraflow-adapter.json (last)
+    checkpoints/checkpoint-N/     Trainer checkpoints; loraflow-complete.json written last marks a whole one
+    metrics.json, loss_curve.parquet, loss_curve.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from data_contracts.tokens import IGNORE_INDEX
+from loraflow.config.train import TrainConfig
+from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
+
+ADAPTER_MANIFEST = "loraflow-adapter.json"
+CHECKPOINT_MARKER = "loraflow-complete.json"
+# Settings that may change between a crash and its re-run without changing what is trained.
+RESUME_NEUTRAL_SETTINGS = ("allow_resume_mismatch", "checkpoint_every", "keep_checkpoints", "nonfinite_patience")
+
+log_default = logging.getLogger("loraflow.train")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Loss or gradient norm stayed NaN/inf for `train.nonfinite_patience` consecutive steps."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """A checkpoint was made from other data or another config; the message lists the differences."""
+
+
+class TrainResult(BaseModel):
+    """What training produced, small and JSON-serialisable (what the flow passes to evaluate and publish)."""
+
+    adapter_dir: str = Field(..., description="Folder with adapter_model.safetensors and adapter_config.json.")
+    metrics_path: str = Field(..., description="metrics.json of the run.")
+    loss_curve_path: str = Field(..., description="Per-step loss curve (Parquet).")
+    loss_plot_path: str | None = Field(None, description="Loss curve plot (PNG).")
+    global_step: int
+    resumed_from_step: int | None = Field(None, description="Checkpoint step the run continued from, if any.")
+    reused: bool = Field(False, description="A complete adapter for the same data and config already existed.")
+    train_rows: int
+    train_tokens: int = Field(..., description="Real (non-padding) tokens in the train split.")
+    final_loss: float | None
+    tokens_per_second: float | None
+    peak_memory_bytes: int
+    peak_memory_kind: str = Field(..., description="cuda_max_allocated or process_max_rss.")
+    seconds: float
+    device: str
+    quantization: str = Field(..., description="Quantization actually used (none on CPU).")
+    precision: str
+    optimizer: str
+    data_sha256: str
+    fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")
+
+
+# ---- public entry point --------------------------------------------------------------------------------
+
+def train_adapter(
+    tokens: ArtifactRef | pd.DataFrame,
+    model_dir: str | Path,
+    train_config: TrainConfig,
+    output_dir: str | Path,
+    *,
+    store: ArtifactStore | None = None,
+    trust_remote_code: bool = False,
+    callbacks: list | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame).
+
+    Re-running after a crash continues from the newest complete checkpoint in `output_dir`; it refuses
+    (ResumeMismatchError, listing what differs) when the data, base model or config changed, unless
+    `train_config.allow_resume_mismatch`. A finished adapter for the same inputs is returned as is.
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash).
+    """
+    log = log or log_default
+    started = time.perf_counter()
+    if train_config.packing:
+        raise NotImplementedError(
+            "train.packing=true is not available yet: the padding-free packing collator with per-document "
+            "attention masking (loraflow/training, issue 3) is not wired into tasks/train.py. Set train.packing=false."
+        )
+
+    # ---- validate inputs before loading anything heavy ----
+    frame, data_sha = _load_tokens(tokens, store)
+    train_rows = frame[frame["split"] == "train"]
+    if train_rows.empty:
+        raise ValueError(f"tokens artifact {data_sha[:12]}…: no rows with split='train'; nothing to train on")
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    identity = run_identity(data_sha, model_dir, train_config)
+    fingerprint = _hash(identity)
+    adapter_dir = output_dir / "adapter"
+    done = _finished_result(output_dir, fingerprint)
+    if done is not None:
+        log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", adapter_dir, fingerprint)
+        return done
+
+    import torch
+
+    env = training_environment(train_config)
+    if train_config.quantization != "none" and env["quantization"] == "none":
+        log.warning(
+            "train: no CUDA device, so train.quantization=%s runs unquantized (16-bit base) on CPU; "
+            "the code path is otherwise the same", train_config.quantization,
+        )
+    log.info("train: device=%s precision=%s quantization=%s optimizer=%s", env["device"], env["precision"],
+             env["quantization"], env["optimizer"])
+
+    # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
+    checkpoints_dir = output_dir / "checkpoints"
+    resume_from = latest_complete_checkpoint(checkpoints_dir, log)
+    if resume_from is not None:
+        marker = json.loads((resume_from / CHECKPOINT_MARKER).read_text())
+        differences = identity_differences(marker["identity"], identity)
+        if differences and not train_config.allow_resume_mismatch:
+            raise ResumeMismatchError(
+                f"{resume_from} was written for other inputs; refusing to resume:\n  " + "\n  ".join(differences)
+                + f"\nDelete {checkpoints_dir} to start over, or set train.allow_resume_mismatch=true to continue anyway."
+            )
+        if differences:
+            log.warning("train: resuming from %s despite differences: %s", resume_from, "; ".join(differences))
+        log.info("train: resuming from %s (step %s)", resume_from, marker["step"])
+
+    # ---- model: base (quantized on GPU) + LoRA ----
+    # The collator needs the pad id, so the tokenizer comes first.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code)
+    trainable, total = _parameter_counts(model)
+    log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # ---- data ----
+    examples = TokenizedExamples(train_rows)
+    collator = PadByPosition(pad_id, pad_to_multiple_of=8 if env["device"] == "cuda" else None)
+
+    # ---- trainer ----
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    recorder = StepRecorder(collator)
+    guard = NonFiniteGuard(train_config.nonfinite_patience)
+    marker_writer = CheckpointMarker(identity)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(train_config, env, checkpoints_dir),
+        train_dataset=examples,
+        data_collator=collator,
+        callbacks=[recorder, guard, marker_writer, *(callbacks or [])],
+    )
+    for default_printer in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(default_printer)
+    if env["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    recorder.close()
+
+    # ---- save: adapter (manifest last), curve, metrics; then drop the checkpoints ----
+    peak_bytes, peak_kind = peak_memory(env["device"])
+    curve = pd.DataFrame(recorder.rows)
+    final_loss = next((r["loss"] for r in reversed(recorder.rows) if r.get("loss") is not None), None)
+    result = TrainResult(
+        adapter_dir=str(adapter_dir),
+        metrics_path=str(output_dir / "metrics.json"),
+        loss_curve_path=str(output_dir / "loss_curve.parquet"),
+        loss_plot_path=str(output_dir / "loss_curve.png"),
+        global_step=trainer.state.global_step,
+        resumed_from_step=json.loads((resume_from / CHECKPOINT_MARKER).read_text())["step"] if resume_from else None,
+        train_rows=len(train_rows),
+        train_tokens=int(train_rows["length"].sum()),
+        final_loss=final_loss,
+        tokens_per_second=recorder.tokens_per_second(),
+        peak_memory_bytes=peak_bytes,
+        peak_memory_kind=peak_kind,
+        seconds=round(time.perf_counter() - started, 2),
+        device=env["device"],
+        quantization=env["quantization"],
+        precision=env["precision"],
+        optimizer=env["optimizer"],
+        data_sha256=data_sha,
+        fingerprint=fingerprint,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curve.to_parquet(result.loss_curve_path, index=False)
+    result.loss_plot_path = plot_loss_curve(curve, output_dir / "loss_curve.png")
+    metrics = {
+        **result.model_dump(),
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_config": train_config.model_dump(mode="json"),
+        "identity": identity,
+        "library_versions": library_versions(),
+    }
+    _write_json_atomic(Path(result.metrics_path), metrics)
+    save_adapter(model, adapter_dir, manifest={"fingerprint": fingerprint, "identity": identity, "result": result.model_dump()})
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    log.info(
+        "train: done in %.0f s, %d steps, final loss %s, %s tokens/s, peak memory %.2f GB (%s); adapter at %s",
+        result.seconds, result.global_step, f"{final_loss:.4f}" if final_loss is not None else "n/a",
+        f"{result.tokens_per_second:,.0f}" if result.tokens_per_second else "n/a", peak_bytes / 1e9, peak_kind, adapter_dir,
+    )
+    return result
+
+
+# ---- environment and model -----------------------------------------------------------------------------
+
+def training_environment(config: TrainConfig) -> dict:
+    """Device, precision, quantization and optimizer this machine will actually use for `config`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if config.precision == "fp32":
+        precision = "fp32"
+    elif cuda:
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    else:
+        # bf16 autocast exists on every CPU torch build; on this machine it was ~2.5x faster than fp32 (NOTES).
+        precision = "bf16"
+    if config.precision == "bf16" and precision != "bf16":
+        raise ValueError("train.precision=bf16 but this GPU has no bf16 support: set train.precision=auto or fp32")
+    quantization = config.quantization if cuda else "none"
+    optimizer = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+    return {"device": device, "precision": precision, "quantization": quantization, "optimizer": optimizer}
+
+
+def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_remote_code: bool = False):
+    """The base model (quantized as `env` says) wrapped in a fresh peft LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if env["precision"] == "bf16" else torch.float32
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if env["quantization"] == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            # Storage dtype = compute dtype keeps the packed weights shardable by FSDP later.
+            bnb_4bit_quant_storage=dtype,
+        )
+    elif env["quantization"] == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if env["device"] == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if env["quantization"] != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path):
+    """transformers TrainingArguments for `config` (works with transformers 5.17 on the GPU image and 5.23 here)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    kwargs = dict(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim=env["optimizer"],
+        bf16=env["precision"] == "bf16",
+        fp16=False,
+        # Every step is logged: the non-finite guard and the loss curve need each step's loss and grad norm.
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the default hides NaN losses from the log, and so from the guard
+        save_strategy="steps",
+        save_steps=config.checkpoint_every,
+        save_total_limit=config.keep_checkpoints,
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
+        use_cpu=env["device"] == "cpu",
+    )
+    if config.group_by_length:
+        if "train_sampling_strategy" in fields:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
+    # transformers 5.23 renamed gradient checkpointing to activation checkpointing; 5.17 (GPU image) has the old name.
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kwargs[checkpointing] = config.gradient_checkpointing
+    kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
+    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
+    if "warmup_ratio" in fields:
+        kwargs["warmup_ratio"] = config.warmup_ratio
+    else:
+        kwargs["warmup_steps"] = config.warmup_ratio
+    return TrainingArguments(**kwargs)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+class TokenizedExamples:
+    """The train rows as a map-style dataset of {input_ids, attention_mask, labels} (plain int lists)."""
+
+    def __init__(self, rows: pd.DataFrame):
+        self.items = [
+            {
+                "input_ids": [int(t) for t in ids],
+                "attention_mask": [int(m) for m in mask],
+                "labels": [int(label) for label in labels],
+            }
+            for ids, mask, labels in zip(rows["input_ids"], rows["attention_mask"], rows["labels"])
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+class PadByPosition:
+    """Right-pads a batch; padding positions get attention 0 and label -100 by *position*.
+
+    The pad id often equals EOS (SmolLM2: both `<|im_end|>`), so masking labels by pad id would also mask
+    the EOS the model must learn to emit. transformers' DataCollatorForSeq2Seq pads labels by position too,
+    but routes input ids through tokenizer.pad; here only the pad id is needed. Counts real tokens seen so
+    the progress bar can show tokens/s.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.tokens_seen = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            attention_mask[row, :n] = torch.tensor(feature["attention_mask"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+        self.tokens_seen += int(attention_mask.sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _load_tokens(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None) -> tuple[pd.DataFrame, str]:
+    """The tokens frame and the hash that identifies it (the artifact's sha256, or that of the frame)."""
+    if isinstance(tokens, pd.DataFrame):
+        return tokens, hashlib.sha256(table_bytes(tokens[["id", "input_ids", "labels", "split"]])).hexdigest()
+    from data_contracts import TOKENS
+    from loraflow.stage import read_input
+
+    store = store or store_for(tokens)
+    return read_input(store, tokens, TOKENS), tokens.sha256
+
+
+def store_for(ref: ArtifactRef) -> ArtifactStore:
+    """The store an artifact lives in, from its uri (`<root>/artifacts/<stage>/<sha>.parquet`)."""
+    marker = "/artifacts/"
+    if marker not in ref.uri:
+        raise ValueError(f"{ref.uri}: not inside an artifact store (no /artifacts/ in the path); pass store=")
+    return ArtifactStore(ref.uri.rsplit(marker, 1)[0])
+
+
+# ---- callbacks -----------------------------------------------------------------------------------------
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class StepRecorder(_callback_base()):
+    """Records each step's loss, grad norm, lr and tokens/s (the loss curve) and draws the progress bar."""
+
+    def __init__(self, collator: PadByPosition):
+        self.collator = collator
+        self.rows: list[dict] = []
+        self.bar = None
+        self._started = (time.perf_counter(), 0)  # (time, tokens_seen) when training (re)started
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        self._started = (time.perf_counter(), self.collator.tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        # The dataloader fetches ahead, so per-step token counts jitter; the rate is averaged since the start.
+        now, seen = time.perf_counter(), self.collator.tokens_seen
+        elapsed = now - self._started[0]
+        tokens_per_s = (seen - self._started[1]) / elapsed if elapsed > 0 else None
+        row = {
+            "step": state.global_step,
+            "epoch": logs.get("epoch", state.epoch),
+            "loss": _float(logs.get("loss")),
+            "grad_norm": _float(logs.get("grad_norm")),
+            "learning_rate": _float(logs.get("learning_rate")),
+            "tokens_seen": seen,
+            "tokens_per_second": tokens_per_s,
+            "elapsed_s": now - self._started[0],
+        }
+        self.rows.append(row)
+        if self.bar is not None:
+            self.bar.n = state.global_step
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s or 0:,.0f}", refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+    def tokens_per_second(self) -> float | None:
+        if not self.rows:
+            return None
+        elapsed = self.rows[-1]["elapsed_s"]
+        tokens = self.rows[-1]["tokens_seen"] - self._started[1]
+        return round(tokens / elapsed, 1) if elapsed > 0 else None
+
+
+class NonFiniteGuard(_callback_base()):
+    """Stops training with NonFiniteTrainingError after `patience` consecutive non-finite steps."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.streak = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        loss, grad_norm = _float(logs.get("loss")), _float(logs.get("grad_norm"))
+        bad = not _finite(loss) or (grad_norm is not None and not _finite(grad_norm))
+        self.streak = self.streak + 1 if bad else 0
+        if self.streak >= self.patience:
+            raise NonFiniteTrainingError(
+                f"train: loss {loss} / grad norm {grad_norm} non-finite for {self.streak} consecutive steps "
+                f"(up to step {state.global_step}); stopped. Lower train.learning_rate (now {args.learning_rate}), "
+                f"keep train.max_grad_norm clipping on, or check the data for empty/garbage rows."
+            )
+
+
+class CheckpointMarker(_callback_base()):
+    """Writes `loraflow-complete.json` into a checkpoint after the Trainer has finished saving it.
+
+    Trainer writes checkpoint files in place (no temp folder), so a crash can leave a partial
+    `checkpoint-N`; only folders with this marker, whose listed files still have their sizes, are resumed from.
+    """
+
+    def __init__(self, identity: dict):
+        self.identity = identity
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        files = {
+            str(path.relative_to(folder)): path.stat().st_size
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != CHECKPOINT_MARKER
+        }
+        _write_json_atomic(folder / CHECKPOINT_MARKER, {"step": state.global_step, "identity": self.identity, "files": files})
+
+
+# ---- checkpoints, identity, resume ---------------------------------------------------------------------
+
+def run_identity(data_sha: str, model_dir: Path, config: TrainConfig) -> dict:
+    """What an adapter is made from: data hash, base model fingerprint, and the settings that shape training."""
+    settings = config.model_dump(mode="json", exclude=set(RESUME_NEUTRAL_SETTINGS))
+    return {"data_sha256": data_sha, "base_model": base_model_fingerprint(model_dir), "train": settings}
+
+
+def base_model_fingerprint(model_dir: Path) -> str:
+    """Hash of the base model's config.json and weight index/size, cheap enough to compute on every run."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja"):
+        path = Path(model_dir) / name
+        if path.exists():
+            digest.update(name.encode() + path.read_bytes())
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def identity_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identities: 'train.learning_rate: 0.0002 (checkpoint) -> 0.001 (now)'."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += identity_differences(old, new, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} (checkpoint) -> {new!r} (now)")
+    return differences
+
+
+def latest_complete_checkpoint(checkpoints_dir: Path, log=log_default) -> Path | None:
+    """Newest checkpoint with a marker whose files are all present with their sizes; partial ones are removed."""
+    if not checkpoints_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]), reverse=True,
+    )
+    newest_complete = None
+    for folder in candidates:
+        if newest_complete is None and checkpoint_is_complete(folder):
+            newest_complete = folder
+        elif newest_complete is None:
+            log.warning("train: %s is incomplete (no completion marker or missing files); removing it", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return newest_complete
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    marker_path = folder / CHECKPOINT_MARKER
+    if not marker_path.exists():
+        return False
+    try:
+        marker = json.loads(marker_path.read_text())
+    except ValueError:
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in marker["files"].items())
+
+
+def _finished_result(output_dir: Path, fingerprint: str) -> TrainResult | None:
+    manifest_path = output_dir / "adapter" / ADAPTER_MANIFEST
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    return TrainResult(**{**manifest["result"], "reused": True})
+
+
+def save_adapter(model, adapter_dir: Path, manifest: dict) -> None:
+    """Save the adapter into a staging folder, write its manifest last, then swap it into place."""
+    staging = adapter_dir.with_name(f".{adapter_dir.name}-staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    files = {p.name: _file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    _write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(staging, adapter_dir)
+
+
+# ---- reporting -----------------------------------------------------------------------------------------
+
+def plot_loss_curve(curve: pd.DataFrame, path: Path) -> str | None:
+    """Loss (and learning rate) per step as a PNG; None when there is nothing to plot."""
+    if curve.empty or curve["loss"].isna().all():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(curve["step"], curve["loss"], label="train loss", color="tab:blue")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.grid(alpha=0.3)
+    if curve["learning_rate"].notna().any():
+        rate_axis = axis.twinx()
+        rate_axis.plot(curve["step"], curve["learning_rate"], color="tab:orange", alpha=0.5, label="learning rate")
+        rate_axis.set_ylabel("learning rate")
+    axis.set_title("loraflow train loss")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path)
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux; it covers the whole process, not only training.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
+
+
+def library_versions() -> dict:
+    """Versions of the libraries that shape training (for metrics and the model card)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "huggingface_hub"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def _parameter_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _float(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w") as handle:
+        json.dump(payload, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+# ---- Prefect wrapper -----------------------------------------------------------------------------------
+
+def _train_cache_key(context, parameters: dict) -> str | None:
+    """Content cache key (tokens sha + config + base fingerprint + code); None when the adapter is gone."""
+    from loraflow.caching import stage_cache_key
+
+    if not (Path(parameters["output_dir"]) / "adapter" / ADAPTER_MANIFEST).exists():
+        return None
+    return stage_cache_key(context, parameters)
+
+
+try:
+    from prefect import task
+except ImportError:  # the GPU machine has no Prefect: the plain function above is what runs there
+    task = None
+
+if task is not None:
+
+    @task(name="train", cache_key_fn=_train_cache_key, persist_result=True, result_serializer="json")
+    def train_task(
+        tokens: ArtifactRef, model_dir: str, train_config: TrainConfig, output_dir: str, store_root: str,
+        base_fingerprint: str = "", trust_remote_code: bool = False,
+    ) -> TrainResult:
+        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key)."""
+        from prefect import get_run_logger
+
+        return train_adapter(
+            tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
+            trust_remote_code=trust_remote_code, log=get_run_logger(),
+        )

@@ -1,0 +1,169 @@
+"""train stage: real training of a LoRA adapter on a tiny random Llama with SmolLM2's tokenizer (CPU, seconds)."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+
+from data_contracts.tokens import IGNORE_INDEX
+from loraflow.config.train import TrainConfig
+from tasks.train import (
+    CHECKPOINT_MARKER,
+    NonFiniteTrainingError,
+    PadByPosition,
+    ResumeMismatchError,
+    identity_differences,
+    train_adapter,
+    training_environment,
+)
+from tiny_llama import build_tiny_llama, tokens_frame
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+    return tokens_frame(AutoTokenizer.from_pretrained(tiny_model))
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(max_steps=8, micro_batch_size=2, learning_rate=1e-2, lr_scheduler="constant", warmup_ratio=0.0,
+                    checkpoint_every=2, lora_r=8, lora_alpha=16)
+    return TrainConfig(**{**settings, **overrides})
+
+
+class Snapshot(TrainerCallback):
+    """Copies every parameter at the start and end of training."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a crash (e.g. the machine going away) when a step ends."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+def test_padding_is_masked_by_position_so_eos_stays_a_target():
+    eos = pad = 2
+    collate = PadByPosition(pad_id=pad)
+    batch = collate([
+        {"input_ids": [5, 6, eos], "attention_mask": [1, 1, 1], "labels": [IGNORE_INDEX, 6, eos]},
+        {"input_ids": [7, eos], "attention_mask": [1, 1], "labels": [IGNORE_INDEX, eos]},
+    ])
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, eos], [IGNORE_INDEX, eos, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, eos], [7, eos, pad]]
+    assert collate.tokens_seen == 5
+
+
+def test_cpu_runs_the_same_path_unquantized():
+    env = training_environment(TrainConfig(quantization="4bit"))
+    if not torch.cuda.is_available():
+        assert env == {"device": "cpu", "precision": "bf16", "quantization": "none", "optimizer": "adamw_torch"}
+
+
+def test_training_changes_lora_weights_only_and_loss_decreases(tiny_model, tokens, tmp_path):
+    snapshot = Snapshot()
+    result = train_adapter(tokens, tiny_model, quick_config(), tmp_path / "run", callbacks=[snapshot])
+
+    trainable = [n for n, (_, grad) in snapshot.before.items() if grad]
+    frozen = [n for n, (_, grad) in snapshot.before.items() if not grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    changed = [n for n in trainable if not torch.equal(snapshot.before[n][0], snapshot.after[n])]
+    assert len(changed) == len(trainable), f"LoRA weights that did not change: {set(trainable) - set(changed)}"
+    assert all(torch.equal(snapshot.before[n][0], snapshot.after[n]) for n in frozen), "a base weight changed"
+
+    curve = pd.read_parquet(result.loss_curve_path)
+    assert list(curve["step"]) == list(range(1, 9))
+    assert curve["loss"].map(math.isfinite).all()
+    assert curve["loss"].tail(3).mean() < curve["loss"].head(3).mean()
+    assert result.global_step == 8 and result.train_rows == 6 and result.quantization == "none"
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert not (tmp_path / "run" / "checkpoints").exists(), "checkpoints are removed once the adapter is saved"
+
+    again = train_adapter(tokens, tiny_model, quick_config(), tmp_path / "run")
+    assert again.reused and again.adapter_dir == result.adapter_dir
+
+
+def test_resume_continues_from_last_complete_checkpoint_and_refuses_changed_inputs(tiny_model, tokens, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tokens, tiny_model, quick_config(max_steps=6), run, callbacks=[CrashAt(5)])
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "checkpoint-4" / CHECKPOINT_MARKER).exists()
+    # A checkpoint the crash left half-written: no marker, so it must not be resumed from.
+    partial = checkpoints / "checkpoint-5"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"partial")
+
+    with pytest.raises(ResumeMismatchError) as refused:
+        train_adapter(tokens, tiny_model, quick_config(max_steps=6, learning_rate=5e-3), run)
+    assert "train.learning_rate: 0.01 (checkpoint) -> 0.005 (now)" in str(refused.value)
+    changed_data = tokens.assign(split=["train"] * 7 + ["validation"] * 2)
+    with pytest.raises(ResumeMismatchError, match="data_sha256"):
+        train_adapter(changed_data, tiny_model, quick_config(max_steps=6), run)
+
+    resumed = train_adapter(tokens, tiny_model, quick_config(max_steps=6), run)
+    assert resumed.resumed_from_step == 4 and resumed.global_step == 6
+    assert list(pd.read_parquet(resumed.loss_curve_path)["step"]) == [5, 6]
+    assert not partial.exists()
+
+
+def test_resume_mismatch_can_be_allowed(tiny_model, tokens, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tokens, tiny_model, quick_config(max_steps=4), run, callbacks=[CrashAt(3)])
+    resumed = train_adapter(tokens, tiny_model, quick_config(max_steps=4, learning_rate=5e-3, allow_resume_mismatch=True), run)
+    assert resumed.resumed_from_step == 2 and resumed.global_step == 4
+
+
+class PoisonAt(TrainerCallback):
+    """Writes inf into one LoRA weight before a step (lr=1e6 merely saturates this tiny model's loss)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("inf"))
+
+
+def test_nonfinite_guard_stops_training(tiny_model, tokens, tmp_path):
+    config = quick_config(nonfinite_patience=2, max_steps=20)
+    with pytest.raises(NonFiniteTrainingError, match="non-finite for 2 consecutive steps") as stopped:
+        train_adapter(tokens, tiny_model, config, tmp_path / "run", callbacks=[PoisonAt(3)])
+    assert "up to step 5" in str(stopped.value)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_packing_is_refused_until_the_collator_exists(tiny_model, tokens, tmp_path):
+    with pytest.raises(NotImplementedError, match="issue 3"):
+        train_adapter(tokens, tiny_model, quick_config(packing=True), tmp_path / "run")
+
+
+def test_identity_differences_name_each_changed_key():
+    saved = {"data_sha256": "a", "train": {"lora_r": 8, "epochs": 1.0}}
+    now = {"data_sha256": "b", "train": {"lora_r": 16, "epochs": 1.0}}
+    assert identity_differences(saved, now) == [
+        "data_sha256: 'a' (checkpoint) -> 'b' (now)", "train.lora_r: 8 (checkpoint) -> 16 (now)",
+    ]
