@@ -12,7 +12,7 @@ def _no_trained_segment(frame: pd.DataFrame) -> pd.Series:
 
 FORMATTED = Contract(
     name="formatted",
-    version=1,
+    version=2,
     columns={
         "id": pa.Column(str, nullable=False),
         "segments": pa.Column(object, nullable=False, description="List of {text, trained}; their concatenation is the example."),
@@ -23,6 +23,7 @@ FORMATTED = Contract(
         "source_id": pa.Column(str, nullable=False),
         "phrasing_set": pa.Column(str, nullable=False),
         "facts": pa.Column(object, nullable=False),
+        "messages": pa.Column(object, nullable=False, description="The conversation as rendered (system prompt added): pre-flight re-renders it."),
     },
     row_rules=(RowRule("nothing_to_train", "no segment of the example is trained", _no_trained_segment),),
     unique=("id",),

@@ -20,7 +20,7 @@ def _all_masked(frame: pd.DataFrame) -> pd.Series:
 
 TOKENS = Contract(
     name="tokens",
-    version=1,
+    version=2,
     columns={
         "id": pa.Column(str, nullable=False),
         "input_ids": pa.Column(object, nullable=False, description="Token ids."),
@@ -30,6 +30,10 @@ TOKENS = Contract(
         "n_trained": pa.Column(int, nullable=False, description="Tokens with a label."),
         "truncated": pa.Column(bool, nullable=False),
         "split": pa.Column(str, pa.Check.isin(["train", "validation", "heldout"]), nullable=False),
+        "answer_start": pa.Column(int, nullable=False, description="Token index where the final answer starts (prompt = input_ids[:answer_start])."),
+        "answer_ends": pa.Column(object, nullable=False, description="Token index of the last trained token (end marker/EOS) of each answer kept."),
+        "phrasing_set": pa.Column(str, nullable=False, description="train or heldout phrasing (passthrough)."),
+        "template": pa.Column(str, nullable=False, description="Template the text was rendered with."),
         "kind": pa.Column(str, nullable=False),
         "source_id": pa.Column(str, nullable=False),
         "prompt": pa.Column(str, nullable=False),

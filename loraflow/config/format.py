@@ -20,3 +20,12 @@ class FormatConfig(StrictModel):
         None,
         description="System prompt added to conversations that have none. None keeps the template's own default.",
     )
+    verify_sample: int = Field(
+        50,
+        ge=0,
+        le=10000,
+        description=(
+            "chat_template only: examples (a deterministic, evenly spread sample) on which the fast render is "
+            "checked against apply_chat_template before it is used; any difference switches to per-example rendering."
+        ),
+    )

@@ -1,0 +1,250 @@
+"""Tokenize: formatted text -> token ids, labels from trained character spans, split, dedupe, leakage check.
+
+Whole texts are tokenized in one batch (`encode_batch` of the fast tokenizer, add_special_tokens=False: the
+template already wrote any BOS as text). Labels come from the formatted segments' character spans mapped to
+tokens (`char_to_token`), never from tokenizing prompt and answer separately and never from the pad id (pad
+may equal EOS, and the EOS after each answer must be trained). A token that holds any trained character is
+trained (BPE merges the space before an answer into its first word).
+
+Order: tokenize -> length policy -> split -> exact-duplicate removal -> leakage check -> contract.
+"""
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from data_contracts import FORMATTED, TOKENS
+from data_contracts.base import quarantine_rows
+from data_contracts.tokens import IGNORE_INDEX
+from loraflow.config.tokenize import TokenizeConfig
+from loraflow.stage import StageResult, read_input, write_stage_output
+from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.tasking import stage_task
+from tasks.format import load_tokenizer_dir
+
+SPLIT_RANK = {"heldout": 0, "validation": 1, "train": 2}  # which copy of a duplicate is kept: evaluation first
+
+
+class TruncationError(ValueError):
+    """tokenize.truncation=error and some examples are longer than tokenize.max_length."""
+
+
+def texts_and_spans(segments_column) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Full texts and their trained character spans [start, end)."""
+    texts, spans = [], []
+    for segments in segments_column:
+        parts, trained, position = [], [], 0
+        for segment in segments:
+            text = segment["text"]
+            if segment["trained"] and text:
+                trained.append((position, position + len(text)))
+            parts.append(text)
+            position += len(text)
+        texts.append("".join(parts))
+        spans.append(trained)
+    return texts, spans
+
+
+def split_of(source_id: str, phrasing_set: str, salt: str, validation_fraction: float) -> str:
+    """heldout phrasings -> heldout; else a salted hash of the source id decides, so all questions of one
+    source row land on the same side and a row keeps its side when data is added."""
+    if phrasing_set == "heldout":
+        return "heldout"
+    digest = hashlib.sha256(f"{salt}:{source_id}".encode()).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"
+
+
+def encode(texts: list[str], tokenizer):
+    """Encodings of whole texts in one batch, no special tokens added."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("tokenize needs a fast (Rust) tokenizer for character offsets: the model folder needs a tokenizer.json")
+    backend.no_truncation()  # lengths are our policy, applied after; the backend must not cut silently
+    backend.no_padding()
+    return backend.encode_batch(texts, add_special_tokens=False)
+
+
+def trained_token_ranges(encoding, spans) -> list[tuple[int, int]]:
+    """Token index ranges [first, last] holding the trained characters of each span."""
+    ranges = []
+    for start, end in spans:
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None:  # a character no token covers (normalizer dropped it): scan offsets
+            covered = [i for i, (a, b) in enumerate(encoding.offsets) if a < end and b > start]
+            if not covered:
+                continue
+            first, last = covered[0], covered[-1]
+        ranges.append((first, last))
+    return ranges
+
+
+def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Tokenize, label, split, dedupe and leakage-check; returns (tokens rows, quarantined rows, stats)."""
+    formatted = formatted.reset_index(drop=True)
+    texts, spans = texts_and_spans(formatted["segments"])
+    encodings = encode(texts, tokenizer)
+
+    # ---- flat arrays: one int32 array of all ids, row boundaries in `starts`
+    ids_lists = [encoding.ids for encoding in encodings]
+    lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    flat_ids = np.fromiter((i for ids in ids_lists for i in ids), dtype=np.int32, count=int(starts[-1]))
+    del ids_lists
+
+    # ---- labels: mark trained token ranges with a difference array, one cumsum for all rows
+    delta = np.zeros(len(flat_ids) + 1, dtype=np.int32)
+    answer_ends, answer_starts = [], np.zeros(len(lengths), dtype=np.int64)
+    for row, (encoding, row_spans) in enumerate(zip(encodings, spans)):
+        ranges = trained_token_ranges(encoding, row_spans)
+        base = starts[row]
+        for first, last in ranges:
+            delta[base + first] += 1
+            delta[base + last + 1] -= 1
+        answer_ends.append([last for _, last in ranges])
+        answer_starts[row] = ranges[-1][0] if ranges else 0
+    del encodings
+    trained = np.cumsum(delta[:-1]) > 0
+    if config.train_on_inputs:
+        trained[:] = True
+    flat_labels = np.where(trained, flat_ids, IGNORE_INDEX).astype(np.int32)
+
+    stats: dict = {"rows_in": len(formatted)}
+    reasons = pd.Series([None] * len(formatted), dtype=object)
+
+    # ---- double BOS: a template that wrote BOS text and also got one added
+    bos_id = tokenizer.bos_token_id
+    if bos_id is not None:
+        first_two = (lengths >= 2) & (flat_ids[np.minimum(starts[:-1], len(flat_ids) - 1)] == bos_id) & \
+            (flat_ids[np.minimum(starts[:-1] + 1, len(flat_ids) - 1)] == bos_id)
+        reasons[first_two] = "double_bos: the example starts with two BOS tokens; the template writes BOS and something added another"
+        stats["double_bos"] = int(first_two.sum())
+
+    # ---- length policy
+    too_long = lengths > config.max_length
+    stats["over_max_length"] = int(too_long.sum())
+    kept_lengths = lengths.copy()
+    truncated = np.zeros(len(lengths), dtype=bool)
+    cut_short = 0
+    if too_long.any():
+        if config.truncation == "error":
+            examples = formatted.loc[too_long, "id"].head(5).tolist()
+            raise TruncationError(
+                f"{int(too_long.sum())} example(s) exceed tokenize.max_length={config.max_length} (longest "
+                f"{int(lengths.max())} tokens; e.g. ids {examples}): raise max_length, or set truncation to drop or truncate"
+            )
+        if config.truncation == "drop":
+            reasons[too_long & reasons.isna().to_numpy()] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
+        else:
+            kept_lengths = np.minimum(lengths, config.max_length)
+            truncated = too_long
+            for row in np.flatnonzero(too_long):
+                cut = [end for end in answer_ends[row] if end >= config.max_length]
+                cut_short += bool(cut)
+                answer_ends[row] = [end for end in answer_ends[row] if end < config.max_length]
+    stats.update({"truncated": int(truncated.sum()), "answers_cut_short": int(cut_short),
+                  "dropped_too_long": int(too_long.sum()) if config.truncation == "drop" else 0})
+
+    # ---- per-row views into the flat arrays
+    row_starts = starts[:-1]
+    input_ids = [flat_ids[s:s + n] for s, n in zip(row_starts, kept_lengths)]
+    labels = [flat_labels[s:s + n] for s, n in zip(row_starts, kept_lengths)]
+    ones = np.ones(int(kept_lengths.max()) if len(kept_lengths) else 0, dtype=np.int8)
+    attention_mask = [ones[:n] for n in kept_lengths]
+    trained_cumsum = np.concatenate([[0], np.cumsum(flat_labels != IGNORE_INDEX)])
+    n_trained = trained_cumsum[row_starts + kept_lengths] - trained_cumsum[row_starts]
+
+    # ---- split by source id
+    split_cache: dict[tuple[str, str], str] = {}
+    splits = []
+    for source_id, phrasing_set in zip(formatted["source_id"], formatted["phrasing_set"]):
+        key = (source_id, phrasing_set)
+        if key not in split_cache:
+            split_cache[key] = split_of(source_id, phrasing_set, config.split_salt, config.validation_fraction)
+        splits.append(split_cache[key])
+    splits = np.asarray(splits, dtype=object)
+
+    # ---- exact duplicates (same input_ids): keep evaluation copies first, then the first occurrence
+    duplicates = 0
+    if config.dedupe:
+        ranks = np.fromiter((SPLIT_RANK[s] for s in splits), dtype=np.int8, count=len(splits))
+        seen: dict[bytes, str] = {}
+        ids_column = formatted["id"].to_numpy()
+        for row in np.lexsort((np.arange(len(splits)), ranks)):
+            if reasons[row] is not None:
+                continue
+            key = hashlib.blake2b(input_ids[row].tobytes(), digest_size=16).digest()
+            if key in seen:
+                reasons[row] = f"duplicate: same input_ids as example {seen[key]!r}"
+                duplicates += 1
+            else:
+                seen[key] = ids_column[row]
+    stats["duplicates"] = duplicates
+
+    # ---- leakage: an evaluation prompt that also is a training prompt
+    prompts = formatted["prompt"].to_numpy()
+    alive = reasons.isna().to_numpy()
+    train_prompts = {p for p, s, ok in zip(prompts, splits, alive) if ok and s == "train"}
+    leaked = np.array([ok and s != "train" and p.strip() != "" and p in train_prompts
+                       for p, s, ok in zip(prompts, splits, alive)], dtype=bool)
+    if bos_id is not None and tokenizer.bos_token:
+        leaked &= prompts != tokenizer.bos_token  # kind=text rows: the prompt is only BOS
+    reasons[leaked] = "leakage: this evaluation example's prompt is also a training prompt"
+    stats["leaked"] = int(leaked.sum())
+
+    tokens = pd.DataFrame({
+        "id": formatted["id"].to_numpy(),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "length": kept_lengths.astype(np.int64),
+        "n_trained": n_trained.astype(np.int64),
+        "truncated": truncated,
+        "split": splits,
+        "answer_start": answer_starts,
+        "answer_ends": answer_ends,
+        "kind": formatted["kind"].to_numpy(),
+        "source_id": formatted["source_id"].to_numpy(),
+        "phrasing_set": formatted["phrasing_set"].to_numpy(),
+        "template": formatted["template"].to_numpy(),
+        "prompt": prompts,
+        "reference": formatted["reference"].to_numpy(),
+        "facts": formatted["facts"].to_numpy(),
+    })
+    bad = reasons.notna().to_numpy()
+    quarantined = quarantine_rows(tokens[bad], reasons[bad], "tokens")
+    kept = tokens[~bad].reset_index(drop=True)
+    stats.update(token_stats(kept))
+    return kept, quarantined, stats
+
+
+def token_stats(tokens: pd.DataFrame) -> dict:
+    """Totals, per-split counts and the length distribution of the kept rows."""
+    lengths = tokens["length"].to_numpy()
+    percentiles = np.percentile(lengths, [50, 90, 99]).round(1).tolist() if len(lengths) else [0, 0, 0]
+    return {
+        "tokens_total": int(lengths.sum()),
+        "trained_tokens": int(tokens["n_trained"].sum()),
+        "splits": {split: int((tokens["split"] == split).sum()) for split in ("train", "validation", "heldout")},
+        "length": {"p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2], "max": int(lengths.max()) if len(lengths) else 0},
+    }
+
+
+def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
+    """Read formatted rows, tokenize them, write the TOKENS artifact (and quarantine)."""
+    from loraflow.config.pipeline import config_hash
+
+    formatted = read_input(store, formatted_ref, FORMATTED)
+    tokens, quarantined, stats = tokenize_formatted(formatted, config, load_tokenizer_dir(str(tokenizer_dir)))
+    return write_stage_output(
+        store, stage="tokenize", contract=TOKENS, frame=tokens, rows_in=len(formatted),
+        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
+    )
+
+
+@stage_task(name="tokenize")
+def tokenize_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
+                  store_root: str) -> StageResult:
+    """Prefect task around `run_tokenize`; `tokenizer_fingerprint` puts the tokenizer into the cache key."""
+    return run_tokenize(formatted_ref, config, tokenizer_dir, ArtifactStore(store_root))
