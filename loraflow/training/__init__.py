@@ -10,10 +10,15 @@ See docs/speed.md for what each setting buys (measured) and why.
 
 from loraflow.training.masking import document_causal_mask, document_ids, enable_document_masking
 from loraflow.training.packing import IGNORE_INDEX, PackedCollator, pack_examples, packing_stats
+from loraflow.training.speed import SpeedPlan, activation_bytes_per_token, configure_model_for_speed, plan_checkpointing
 
 __all__ = [
     "IGNORE_INDEX",
     "PackedCollator",
+    "SpeedPlan",
+    "activation_bytes_per_token",
+    "configure_model_for_speed",
+    "plan_checkpointing",
     "document_causal_mask",
     "document_ids",
     "enable_document_masking",

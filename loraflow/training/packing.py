@@ -174,6 +174,8 @@ class PackedCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = 128
     flatten: bool = False
+    tokens_seen: int = 0  # non-padding tokens batched so far (for tokens/s)
+    trained_tokens_seen: int = 0  # tokens with a label (what the loss trains on)
 
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -199,6 +201,8 @@ class PackedCollator:
             labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
             position_ids[i, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
             position_ids[i, n:] = torch.arange(width - n)  # the padding: one more document, never trained
+            self.tokens_seen += n
+        self.trained_tokens_seen += int(labels.ne(IGNORE_INDEX).sum())
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
     @staticmethod

@@ -1,0 +1,244 @@
+"""Speed settings for a (Q)LoRA model: attention, Liger kernels, dtypes, and checkpointing chosen by memory.
+
+`configure_model_for_speed` is called once on the peft-wrapped model, before training. It returns a
+`SpeedPlan` that records every lever it pulled and, for each one it did not, why — log it with the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from loraflow.training.masking import _decoder, enable_document_masking
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+@dataclass
+class SpeedPlan:
+    """What `configure_model_for_speed` did (and did not do, with reasons). `asdict()` for logs and reports."""
+
+    attn_implementation: str
+    document_masking: bool
+    liger: list[str] = field(default_factory=list)
+    frozen_params_cast_to: str | None = None
+    checkpointed_layers: int = 0
+    total_layers: int = 0
+    memory_budget_gb: float | None = None
+    estimated_peak_gb: float | None = None
+    tokens_per_micro_batch: int | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _llama_like_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    inner = getattr(config, "text_config", None) or config
+    return inner
+
+
+def activation_bytes_per_token(model: nn.Module, lora_on_all_linear: bool = True) -> dict[str, float]:
+    """Estimated bf16 activation memory per token: per layer kept whole, per checkpointed layer, and the head.
+
+    Counted from the tensors a Llama-style decoder layer saves for backward with flex attention and Liger's
+    RMSNorm/SwiGLU (bf16): the layer input, the two norm outputs, q/k/v after RoPE, the attention output and
+    its log-sum-exp, the o_proj input, gate/up/SiLU outputs, and the LoRA inputs they share. A checkpointed
+    layer keeps only its input. Calibrated against measured peaks on an H100 (docs/speed.md); treat as ±15 %.
+    """
+    config = _llama_like_config(model)
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    elements = 8 * hidden + 2 * kv + heads * head_dim + 4 * intermediate
+    if lora_on_all_linear:
+        elements += hidden  # o_proj / down_proj LoRA paths keep an extra bf16 copy each
+    return {
+        "full_layer": 2.0 * elements,
+        "checkpointed_layer": 2.0 * hidden,
+        # Liger's fused linear cross-entropy never materialises the logits; without it, bf16 logits plus
+        # their fp32 upcast and gradient: ~10 bytes per vocabulary entry.
+        "head_fused": 4.0 * hidden,
+        "head_unfused": 10.0 * config.vocab_size,
+    }
+
+
+def _param_bytes(model: nn.Module) -> int:
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+    for b in model.buffers():
+        total += b.numel() * b.element_size()
+    return total
+
+
+def plan_checkpointing(
+    model: nn.Module,
+    tokens_per_micro_batch: int,
+    memory_budget_gb: float,
+    *,
+    fused_head: bool,
+    reserve_gb: float = 3.0,
+) -> tuple[int, float]:
+    """How many decoder layers to checkpoint so the step fits `memory_budget_gb`; and the estimated peak (GB).
+
+    Keeping a layer's activations saves its forward recomputation (a QLoRA step costs ~4·N FLOP per token
+    without checkpointing against ~6·N with it), so we checkpoint as few layers as fit. Fixed memory: the
+    parameters (4-bit packed weights count at their storage size), LoRA gradients and 8-bit Adam states
+    (~12 bytes per trainable parameter), plus `reserve_gb` for the CUDA context, workspaces and fragmentation.
+    """
+    layers = len(_decoder(model).layers)
+    per_token = activation_bytes_per_token(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fixed = _param_bytes(model) + 12 * trainable + reserve_gb * GIB
+    head = per_token["head_fused" if fused_head else "head_unfused"] * tokens_per_micro_batch
+    # One checkpointed layer is recomputed whole during backward: its full activations exist transiently.
+    transient = per_token["full_layer"] * tokens_per_micro_batch
+    budget = memory_budget_gb * GIB
+
+    def peak(checkpointed: int) -> float:
+        kept = (layers - checkpointed) * per_token["full_layer"] + checkpointed * per_token["checkpointed_layer"]
+        return fixed + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
+
+    for checkpointed in range(0, layers + 1):
+        if peak(checkpointed) <= budget:
+            return checkpointed, peak(checkpointed) / GIB
+    return layers, peak(layers) / GIB
+
+
+def _apply_checkpointing(model: nn.Module, checkpointed: int) -> None:
+    """Checkpoint the first `checkpointed` decoder layers (non-reentrant), keep the rest whole."""
+    layers = _decoder(model).layers
+    # transformers 5.23 renamed gradient_* to activation_checkpointing_* (the old names warn); 5.17 has only the old.
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    if checkpointed == 0:
+        disable()
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        return
+    if hasattr(model, "activation_checkpointing_enable"):
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < checkpointed
+
+
+def _apply_liger(model: nn.Module, skipped: dict[str, str]) -> list[str]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        skipped["liger"] = "liger-kernel is not installed (pip install loraflow[gpu])"
+        return []
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        skipped["liger"] = f"Liger kernels are Triton GPU kernels; the model is on {device.type}"
+        return []
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    # Patch the *ForCausalLM itself: PeftModel forwards attribute lookups, so hasattr() can't tell them apart.
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = causal_lm.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        skipped["liger"] = f"Liger has no kernels for model type {model_type!r}"
+        return []
+    kernels = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True, "cross_entropy": False}
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](model=causal_lm, **kernels)
+    return [name for name, on in kernels.items() if on]
+
+
+def _cast_frozen_float_params(model: nn.Module, dtype: torch.dtype) -> int:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of frozen norms/embeddings/head: bf16 is enough for
+    frozen tensors (the LoRA weights, which train, keep their fp32 master copy)."""
+    count = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
+def configure_model_for_speed(
+    model: nn.Module,
+    train_config=None,
+    memory_budget_gb: float | None = None,
+    *,
+    tokens_per_micro_batch: int | None = None,
+    attn_implementation: str | None = None,
+    use_liger: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> SpeedPlan:
+    """Set up a (peft-wrapped) causal LM for fast packed training. Call after `get_peft_model`, before Trainer.
+
+    - Attention: flex attention on CUDA (block-sparse per-document masks skip the work between documents),
+      SDPA elsewhere; documents are kept apart by `enable_document_masking` whatever the implementation.
+    - KV cache off (useless in training).
+    - Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) on CUDA when installed.
+    - Frozen fp32 parameters (norms, embeddings, head upcast by prepare_model_for_kbit_training) back to
+      `compute_dtype` (default bf16 on CUDA).
+    - Gradient checkpointing per layer: if `train_config.gradient_checkpointing` is on and
+      `tokens_per_micro_batch` is known, checkpoint only as many layers as the memory budget requires
+      (`memory_budget_gb`, default the GPU's total memory); without a token count, all layers.
+
+    Use the batches of `PackedCollator`, under autocast or Trainer's bf16=True.
+    """
+    skipped: dict[str, str] = {}
+    device = next(model.parameters()).device
+    on_cuda = device.type == "cuda"
+    if attn_implementation is None:
+        attn_implementation = "flex_attention" if on_cuda else "sdpa"
+    model.set_attn_implementation(attn_implementation)
+    model.config.use_cache = False
+    enable_document_masking(model)
+
+    liger = _apply_liger(model, skipped) if use_liger else []
+    if not use_liger:
+        skipped["liger"] = "disabled by the caller"
+
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if on_cuda else None
+    cast_to = None
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        if _cast_frozen_float_params(model, compute_dtype):
+            cast_to = str(compute_dtype).removeprefix("torch.")
+    else:
+        skipped["frozen_bf16"] = "fp32 compute: frozen parameters keep their dtype"
+
+    layers = len(_decoder(model).layers)
+    want_checkpointing = True if train_config is None else bool(train_config.gradient_checkpointing)
+    if memory_budget_gb is None and on_cuda:
+        memory_budget_gb = torch.cuda.get_device_properties(device).total_memory / GIB
+    estimated = None
+    if not want_checkpointing:
+        checkpointed = 0
+        skipped["gradient_checkpointing"] = "train.gradient_checkpointing is off"
+    elif tokens_per_micro_batch is None or memory_budget_gb is None:
+        checkpointed = layers
+        skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
+    else:
+        checkpointed, estimated = plan_checkpointing(
+            model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger
+        )
+    _apply_checkpointing(model, checkpointed)
+    plan = SpeedPlan(
+        attn_implementation=attn_implementation,
+        document_masking=True,
+        liger=liger,
+        frozen_params_cast_to=cast_to,
+        checkpointed_layers=checkpointed,
+        total_layers=layers,
+        memory_budget_gb=memory_budget_gb,
+        estimated_peak_gb=estimated,
+        tokens_per_micro_batch=tokens_per_micro_batch,
+        skipped=skipped,
+    )
+    log.info("speed plan: %s", plan.as_dict())
+    return plan
