@@ -10,7 +10,12 @@ class GateConfig(StrictModel):
 
     min_fact_accuracy: float = Field(0.5, ge=0, le=1, description="Minimum fact accuracy on trained phrasings (anime_qa).")
     min_stop_rate: float = Field(0.95, ge=0, le=1, description="Minimum share of generations that end with EOS.")
-    must_beat_base: bool = Field(True, description="The fine-tuned model must beat the base on the main metric.")
+    must_beat_base: bool = Field(
+        True, description="The fine-tuned model must beat the base on the main metric (fact accuracy, else ROUGE-L)."
+    )
+    max_general_regressions: int | None = Field(
+        None, ge=0, description="Most general-knowledge answers allowed to go from right to wrong (None: reported, not gated).",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -27,4 +32,16 @@ class EvalConfig(StrictModel):
         ],
         description="General-knowledge prompts whose base answers should survive fine-tuning.",
     )
+    general_expected: dict[str, str] = Field(
+        default_factory=lambda: {
+            "What is the capital of France?": "Paris",
+            "What is 2 + 2?": "4|four",
+            "What color is the sky on a clear day?": "blue",
+        },
+        description=(
+            "Expected answer words per general question ('|' separates alternatives, matched as whole words, any case). "
+            "Questions without an entry count as kept when the fine-tuned answer stays close to the base's (ROUGE-L >= 0.5)."
+        ),
+    )
+    seed: int = Field(0, description="Seed of the deterministic question sample.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Publish gate.")

@@ -1,0 +1,166 @@
+"""evaluate stage: metrics on known answers (pure), the gate, and real generation with SmolLM2 and a tiny Llama."""
+
+import json
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from loraflow.config.evaluate import EvalConfig, GateConfig
+from loraflow.config.train import TrainConfig
+from tasks.evaluate import (
+    chat_prompt,
+    decide_gate,
+    evaluate_adapter,
+    facts_present,
+    general_answer_ok,
+    generate_answers,
+    lcs_length,
+    load_for_inference,
+    normalise,
+    rouge_l_f1,
+    score_answers,
+    select_questions,
+    stop_token_ids,
+    summarise,
+)
+from tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
+
+
+# ---- pure metrics --------------------------------------------------------------------------------------
+
+def test_normalise_drops_case_whitespace_and_thousands_separators():
+    assert normalise("  Scored by 12,345\n USERS ") == "scored by 12345 users"
+    assert normalise("1,234,567 and 3.14, 15") == "1234567 and 3.14, 15"
+
+
+@pytest.mark.parametrize("answer, facts, expected", [
+    ("It was made by studio kaze.", [{"column": "Studios", "value": "Studio Kaze"}], True),
+    ("Scored 8.12 by 12345 people", [{"column": "Score", "value": "8.12"}, {"column": "Scored By", "value": "12,345"}], True),
+    ("Scored 8.12 by many people", [{"column": "Score", "value": "8.12"}, {"column": "Scored By", "value": "12,345"}], False),
+    ("It has 113 episodes", [{"column": "Episodes", "value": "13"}], False),
+    ("It has 13.5 episodes", [{"column": "Episodes", "value": "13"}], False),
+    ("It has 13 episodes.", [{"column": "Episodes", "value": "13"}], True),
+    ("Anything", [], None),
+])
+def test_fact_accuracy_needs_every_fact_value(answer, facts, expected):
+    assert facts_present(answer, facts) is expected
+
+
+def test_rouge_l_on_known_pairs():
+    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l_f1("", "anything") == 0.0
+    # LCS("police killed the gunman", "police kill the gunman") = 3 -> P = R = 3/4
+    assert rouge_l_f1("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    # candidate 2 words, reference 4, LCS 2: P = 1, R = 0.5, F1 = 2/3
+    assert rouge_l_f1("Studio Kaze", "made by Studio Kaze") == pytest.approx(2 / 3)
+
+
+def test_general_answer_check_matches_whole_words():
+    assert general_answer_ok("The capital of France is Paris.", "Paris")
+    assert general_answer_ok("2 + 2 equals four", "4|four")
+    assert not general_answer_ok("It is 42.", "4|four")
+
+
+def _questions():
+    return pd.DataFrame({
+        "id": ["t1", "t2", "t3", "h1"],
+        "set": ["trained", "trained", "trained", "heldout"],
+        "kind": ["production", "production", "reception", "production"],
+        "prompt": ["p1", "p2", "p3", "p4"],
+        "reference": ["Made by Studio Kaze.", "It has 13 episodes.", "It scores 8.12.", "Made by Studio Kaze."],
+        "facts": [[{"column": "Studios", "value": "Studio Kaze"}], [{"column": "Episodes", "value": "13"}],
+                  [{"column": "Score", "value": "8.12"}], [{"column": "Studios", "value": "Studio Kaze"}]],
+    })
+
+
+def test_summary_on_known_answers():
+    generations = [
+        {"text": "Made by Studio Kaze.", "stopped": True, "n_tokens": 6},
+        {"text": "It has 12 episodes.", "stopped": True, "n_tokens": 6},
+        {"text": "It scores 8.12 and then it goes on and on", "stopped": False, "n_tokens": 16},
+        {"text": "Studio Kaze", "stopped": True, "n_tokens": 3},
+    ]
+    scored = score_answers(_questions(), generations)
+    summary = summarise(scored, eval_loss=0.5)
+    assert summary["fact_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert summary["fact_accuracy_by_kind"] == {"production": 0.5, "reception": 1.0}
+    assert summary["heldout_fact_accuracy"] == 1.0
+    assert summary["stop_rate"] == 0.75
+    assert summary["rouge_l"] == pytest.approx((1.0 + 0.75 + rouge_l_f1(generations[2]["text"], "It scores 8.12.")) / 3, abs=1e-4)
+    assert summary["perplexity"] == pytest.approx(1.649, abs=1e-3)
+    assert summary["mean_answer_tokens"] == pytest.approx(31 / 4)
+
+
+def test_gate_decisions_with_reasons():
+    base = {"fact_accuracy": 0.0, "stop_rate": 0.2, "rouge_l": 0.1}
+    good = {"fact_accuracy": 0.95, "stop_rate": 1.0, "rouge_l": 0.8}
+    gate = GateConfig(min_fact_accuracy=0.9, min_stop_rate=0.99, must_beat_base=True, max_general_regressions=0)
+    decision = decide_gate(base, good, gate)
+    assert decision.passed and len(decision.reasons) == 4 and all(r.startswith("PASS") for r in decision.reasons)
+
+    decision = decide_gate(base, {**good, "stop_rate": 0.9}, gate, general_regressions=1)
+    assert not decision.passed
+    assert [r for r in decision.reasons if r.startswith("FAIL")] == [
+        "FAIL: stop rate 0.900 >= 0.990", "FAIL: 1 general answer(s) went from right to wrong (allowed 0)",
+    ]
+    decision = decide_gate({"fact_accuracy": 0.95, "stop_rate": 1.0}, good, gate)
+    assert not decision.passed and "FAIL: fact_accuracy 0.950 beats base 0.950" in decision.reasons
+    no_facts = decide_gate({"fact_accuracy": None, "rouge_l": 0.1}, {"fact_accuracy": None, "rouge_l": 0.3, "stop_rate": 1.0}, gate)
+    assert no_facts.passed and no_facts.reasons[0].startswith("SKIP")
+
+
+def test_question_sample_is_deterministic_and_capped():
+    frame = pd.DataFrame({
+        "id": [f"r{i}" for i in range(30)],
+        "split": ["train"] * 20 + ["heldout"] * 6 + ["validation"] * 4,
+        "prompt": [f"q{i}" for i in range(30)],
+    })
+    first = select_questions(frame, max_questions=10, seed=0)
+    assert list(first["id"]) == list(select_questions(frame, 10, seed=0)["id"])
+    assert first["set"].value_counts().to_dict() == {"trained": 5, "heldout": 5}
+    assert set(select_questions(frame, 100)["set"].value_counts().to_dict().values()) == {20, 6}
+    assert list(first["id"]) != list(select_questions(frame, 10, seed=1)["id"])
+
+
+# ---- real models ---------------------------------------------------------------------------------------
+
+def test_smollm2_answers_general_questions_and_stops():
+    """Behaviour that matters: left-padded batched greedy answers are right and end with end-of-turn."""
+    model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_for_inference(model_dir)
+    stop_ids = stop_token_ids(tokenizer, model_dir)
+    assert 2 in stop_ids  # <|im_end|>
+    prompts = [chat_prompt(tokenizer, q, None) for q in ("What is the capital of France?", "What is 2 + 2?")]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48, batch_size=2, stop_ids=stop_ids)
+    assert "paris" in answers[0]["text"].lower()
+    assert general_answer_ok(answers[1]["text"], "4|four")
+    assert all(a["stopped"] and a["n_tokens"] < 48 for a in answers)
+    cut = generate_answers(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, stop_ids=stop_ids)
+    assert cut[0] == {**cut[0], "stopped": False, "n_tokens": 2}
+
+
+def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
+    from tasks.train import train_adapter
+
+    model_dir = build_tiny_llama(tmp_path / "model")
+    tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
+    trained = train_adapter(tokens, model_dir, TrainConfig(max_steps=4, micro_batch_size=2, learning_rate=1e-2), tmp_path / "train")
+    config = EvalConfig(max_new_tokens=8, batch_size=4, max_questions=6)
+    result = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval")
+
+    assert result.questions == 6
+    for summary in (result.base, result.finetuned):
+        assert {"fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss", "perplexity"} <= set(summary)
+        assert summary["eval_loss_split"] == "validation"
+    assert result.finetuned["eval_loss"] != result.base["eval_loss"]
+    assert not result.gate.passed  # a random 2-layer model learns no facts in 4 steps
+    answers = pd.read_parquet(result.answers_path)
+    assert len(answers) == 6 and {"base_answer", "finetuned_answer", "finetuned_fact_hit"} <= set(answers.columns)
+    table = pd.read_parquet(result.table_path)
+    assert "fact_accuracy_by_kind[production]" in set(table["metric"])
+    report = open(result.report_path).read()
+    assert "| metric | base | fine-tuned | delta |" in report and "### General questions" in report
+    assert json.loads(open(result.metrics_path).read())["gate"]["passed"] is False
