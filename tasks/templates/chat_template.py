@@ -73,8 +73,12 @@ class ChatTemplate:
             if message["role"] != "assistant":
                 continue
             prompt = self._apply(messages[:index], generation=True)
-            content = message["content"]
-            start = len(prompt) if full.startswith(prompt) and full.startswith(content, len(prompt)) else full.find(content, cursor)
+            # Templates may trim contents: look for the content as given, then stripped.
+            start, content = -1, message["content"]
+            for content in (message["content"], message["content"].strip()):
+                start = len(prompt) if full.startswith(prompt) and full.startswith(content, len(prompt)) else full.find(content, cursor)
+                if start >= 0:
+                    break
             if start < 0:
                 raise ValueError(f"chat_template: assistant turn {index} does not appear verbatim in the rendered text")
             end = start + len(content)
