@@ -69,6 +69,31 @@ def print_stage_table(summary: dict) -> None:
               f"{'yes' if stage['cached'] else 'no':>8}{stage['seconds']:>8.2f}")
 
 
+def cmd_server(args) -> int:
+    """Start a local Prefect server + process worker, deploy prefect.yaml, run until Ctrl-C / SIGTERM."""
+    import signal
+    import time
+
+    from loraflow.server import LocalPrefect
+
+    local = LocalPrefect(port=args.port, database_url=args.database_url)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    with local:
+        local.ensure_pools()
+        if args.deploy:
+            local.prefect("deploy", "--all")
+        local.start_worker()
+        print(f"Prefect UI: http://127.0.0.1:{args.port}  (API {local.api_url}); worker on pool loraflow-cpu. Ctrl-C stops both.")
+        try:
+            while not stop:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    print("stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="run the data half (sources -> verified tokens)")
     prepare.add_argument("config")
     prepare.set_defaults(handler=cmd_prepare)
+    server = commands.add_parser("server", help="start a local Prefect server + worker (and deploy prefect.yaml)")
+    server.add_argument("--port", type=int, default=4200)
+    server.add_argument("--database-url", default=None, help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")
+    server.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip `prefect deploy --all`")
+    server.set_defaults(handler=cmd_server)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""A local Prefect server plus a process worker, started and stopped together (`loraflow server`).
+
+The server listens on 127.0.0.1 with SQLite by default (PostgreSQL when `database_url` is given); the
+worker serves the `loraflow-cpu` work pool. Both are child processes stopped with SIGTERM.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CPU_POOL = "loraflow-cpu"
+GPU_POOL = "loraflow-gpu"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prefect_env(port: int, home: Path | None = None, database_url: str | None = None) -> dict:
+    """Environment for the server, the worker and every client talking to them."""
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "LORAFLOW_REPO": str(REPO),
+    })
+    if home is not None:
+        env["PREFECT_HOME"] = str(home)
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    return env
+
+
+@dataclass
+class LocalPrefect:
+    """A running local Prefect server (and optionally a worker), as a context manager."""
+
+    port: int = 4200
+    home: Path | None = None
+    database_url: str | None = None
+    log_dir: Path = field(default_factory=lambda: Path(".loraflow/server"))
+    processes: list = field(default_factory=list)
+
+    @property
+    def env(self) -> dict:
+        return prefect_env(self.port, self.home, self.database_url)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start_server(self, timeout: float = 120) -> None:
+        """Start `prefect server start` and wait until /api/health answers."""
+        self._spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(self.port), "--analytics-off"])
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.healthy():
+                return
+            if self.processes[-1][1].poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"Prefect server did not become healthy on port {self.port}; see {self.log_dir / 'server.log'}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a `prefect` CLI command against this server."""
+        return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, check=check, timeout=300)
+
+    def ensure_pools(self) -> None:
+        """Create the CPU and GPU process work pools if they are missing."""
+        for pool in (CPU_POOL, GPU_POOL):
+            if self.prefect("work-pool", "inspect", pool, check=False).returncode != 0:
+                self.prefect("work-pool", "create", pool, "--type", "process")
+
+    def start_worker(self, pool: str = CPU_POOL) -> None:
+        """Start a process worker polling `pool`."""
+        self._spawn(f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                       "--type", "process", "--prefetch-seconds", "5"])
+
+    def stop(self) -> None:
+        """SIGTERM every child (worker first), then SIGKILL what is still alive after 20 s."""
+        for _, process, _ in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process, log in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+        self.processes.clear()
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append((name, process, log))
+
+    def __enter__(self):
+        self.start_server()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
