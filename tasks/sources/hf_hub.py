@@ -46,6 +46,11 @@ def read(config: Config, base_dir) -> pd.DataFrame:
             f"hf_hub {location!r}: not found ({error}) -> check `repo:` (a Hub dataset id like 'tatsu-lab/alpaca', or "
             f"a local folder relative to the config file); offline, only local folders and cached datasets load"
         ) from None
+    except ConnectionError as error:
+        raise SourceError(
+            f"hf_hub {location!r}: cannot reach the Hub ({error}) -> go online (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), "
+            f"or download the dataset once and point `repo:` at its local folder"
+        ) from None
     except ValueError as error:
         # Unknown split or config name: datasets lists the ones that exist in its message.
         raise SourceError(f"hf_hub {location!r}: {error} -> set `split:` / `config_name:` to one that exists") from None

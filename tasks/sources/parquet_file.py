@@ -31,8 +31,7 @@ def read(config: Config, base_dir) -> pd.DataFrame:
     missing = [column for column in config.columns or [] if column not in names]
     if missing:
         raise SourceError(f"{path}: no column(s) {missing} -> fix `columns:` (the file has {names})")
-    table = pq.read_table(path, columns=config.columns)
-    if config.max_rows is not None:
-        table = table.slice(0, config.max_rows)
-    # ignore_metadata: a pandas index stored in the file must not become our row numbering.
-    return table.to_pandas(ignore_metadata=True)
+    rows = pq.read_table(path, columns=config.columns).to_pandas()
+    # A named pandas index (written by `to_parquet`) is data, e.g. anime_id: keep it as a column; an unnamed one is not.
+    rows = rows.reset_index(drop=all(name is None for name in rows.index.names))
+    return rows.head(config.max_rows) if config.max_rows is not None else rows
