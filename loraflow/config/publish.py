@@ -18,6 +18,15 @@ class PublishConfig(StrictModel):
         None, description="Name of a Prefect Secret block holding the hub token (else the HF_TOKEN environment variable)."
     )
     merge_tolerance: float = Field(1e-2, gt=0, description="Max |logit difference| allowed between merged and base+adapter.")
+    merge_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description=(
+            "Precision of the merge and its logit check (never 4-bit). float32 makes the check exact up to float "
+            "error; bfloat16 halves memory for very large models but needs a looser merge_tolerance. The merged "
+            "weights are saved in the base model's own dtype either way, and the saved file is checked bit for bit."
+        ),
+    )
+    verify_prompts: int = Field(4, ge=1, le=64, description="Validation examples whose logits the merge check compares.")
 
     @model_validator(mode="after")
     def _hub_needs_repo(self):

@@ -1,0 +1,160 @@
+"""A local stand-in for the parts of the Hugging Face Hub HTTP API that publishing uses.
+
+Point HF_ENDPOINT at `HubStandIn().start()` and the real `huggingface_hub` client runs its real code path
+against it: create_repo, create_branch, repo_info, validate-yaml (README metadata), preupload (every
+file is answered "regular", i.e. inline base64, no LFS), commit (NDJSON, with parentCommit checks) and
+list_repo_tree. Repos live in memory as commits of {path: bytes}; every request's headers are recorded
+so tests can check that the token was sent (and nowhere else).
+"""
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlparse
+
+
+def git_blob_sha1(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+class HubStandIn:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.server = None
+
+    # ---- lifecycle ----
+    def start(self) -> str:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                standin._handle(self, "GET")
+
+            def do_POST(self):
+                standin._handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.endpoint
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+    # ---- state helpers for tests ----
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        repo = self.repos[repo_id]
+        return dict(repo["commits"][repo["branches"].get(revision, revision)]["files"])
+
+    def _new_commit(self, repo: dict, files: dict, parent: str | None, summary: str) -> str:
+        oid = hashlib.sha1(json.dumps([parent, summary, sorted((p, git_blob_sha1(c)) for p, c in files.items())]).encode()).hexdigest()
+        repo["commits"][oid] = {"files": files, "parent": parent, "summary": summary}
+        return oid
+
+    # ---- routing ----
+    def _handle(self, handler: BaseHTTPRequestHandler, method: str):
+        url = urlparse(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        with self.lock:
+            self.requests.append({"method": method, "path": url.path, "headers": {k.lower(): v for k, v in handler.headers.items()}})
+            try:
+                status, payload = self._route(method, url.path, parse_qs(url.query), body, handler.headers)
+            except KeyError as missing:
+                status, payload = 404, {"error": f"not found: {missing}"}
+        data = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        if status >= 400:
+            handler.send_header("X-Error-Message", payload.get("error", ""))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _route(self, method, path, query, body, headers):
+        if not headers.get("Authorization", "").startswith("Bearer "):
+            return 401, {"error": "Invalid credentials in Authorization header"}
+        if method == "POST" and path == "/api/repos/create":
+            request = json.loads(body)
+            repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
+            if repo_id in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
+            repo = {"private": request.get("visibility") == "private", "branches": {}, "commits": {}}
+            repo["branches"]["main"] = self._new_commit(repo, {".gitattributes": b"*.safetensors filter=lfs\n"}, None, "initial commit")
+            self.repos[repo_id] = repo
+            return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
+        if method == "POST" and path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|revision|preupload|commit|tree)/([^/]+)(/.*)?", path)
+        if not match:
+            return 404, {"error": f"no such endpoint: {method} {path}"}
+        repo_id, action, revision, rest = match.group(1), match.group(2), unquote(match.group(3)), match.group(4)
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return 404, {"error": "Repository not found"}
+        if action == "branch" and method == "POST":
+            if revision in repo["branches"]:
+                return 409, {"error": "Branch already exists"}
+            start = (json.loads(body) if body else {}).get("startingPoint") or "main"
+            repo["branches"][revision] = repo["branches"].get(start, start)
+            return 200, {}
+        head = repo["branches"].get(revision, revision if revision in repo["commits"] else None)
+        if head is None:
+            return 404, {"error": f"Invalid rev id: {revision}"}
+        if action == "revision":
+            files = repo["commits"][head]["files"]
+            return 200, {"id": repo_id, "modelId": repo_id, "sha": head, "private": repo["private"],
+                         "siblings": [{"rfilename": p} for p in sorted(files)]}
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        if action == "commit":
+            return self._commit(repo, repo_id, revision, head, body)
+        if action == "tree":
+            prefix = unquote(rest.lstrip("/")) if rest else ""
+            files = repo["commits"][head]["files"]
+            entries, folders = [], set()
+            for file_path in sorted(files):
+                if prefix and not file_path.startswith(prefix.rstrip("/") + "/"):
+                    continue
+                parts = file_path.split("/")
+                folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+                entries.append({"type": "file", "oid": git_blob_sha1(files[file_path]), "size": len(files[file_path]), "path": file_path})
+            entries += [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f} for f in sorted(folders)]
+            return 200, entries
+        return 404, {"error": f"no such endpoint: {method} {path}"}
+
+    def _commit(self, repo, repo_id, revision, head, body):
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        header = next(line["value"] for line in lines if line["key"] == "header")
+        if header.get("parentCommit") and header["parentCommit"] != head:
+            return 412, {"error": f"A commit has happened since. Please refresh and try again. (head is {head})"}
+        if revision not in repo["branches"]:
+            return 400, {"error": f"Cannot commit to {revision}: not a branch"}
+        files = dict(repo["commits"][head]["files"])
+        for line in lines:
+            if line["key"] == "file":
+                files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] == "deletedFile":
+                files.pop(line["value"]["path"])
+            elif line["key"] == "deletedFolder":
+                for file_path in [p for p in files if p.startswith(line["value"]["path"].rstrip("/") + "/")]:
+                    files.pop(file_path)
+            elif line["key"] != "header":
+                return 400, {"error": f"stand-in does not implement {line['key']} (LFS) uploads"}
+        oid = self._new_commit(repo, files, head, header["summary"])
+        repo["branches"][revision] = oid
+        return 200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True}
