@@ -11,7 +11,7 @@ probes did not cover, each example is rendered by `apply_chat_template` itself.
 
 import re
 
-from tasks.templates.base import Rendered, SegmentWriter, TokenizerFacts
+from tasks.templates.base import Rendered, TokenizerFacts
 
 _SENTINELS = {"system": "QzxSYSqz{}", "user": "QzxUSRqz{}", "assistant": "QzxASTqz{}"}
 
@@ -37,6 +37,7 @@ class ChatTemplate:
             )
         self.facts = facts
         self.tokenizer = tokenizer
+        self._plans: dict[tuple, list[str] | None] = {}
         self.glue, self.marker = self._derive()
         self.fast = self.glue is not None and self.verify(PROBE_CONVERSATIONS) == []
 
@@ -49,21 +50,36 @@ class ChatTemplate:
         return self.render_slow(messages)
 
     def _render_fast(self, messages: list[dict]) -> Rendered | None:
-        roles = [m["role"] for m in messages]
+        roles = tuple(m["role"] for m in messages)
+        if roles not in self._plans:
+            self._plans[roles] = self._plan(roles)
+        plan = self._plans[roles]
+        if not plan:
+            return None  # a role sequence the probes did not cover
+        marker, cut = self.marker, len(self.marker)
+        pieces, pending = [], [plan[0]]
+        for message, following in zip(messages, plan[1:]):
+            if message["role"] == "assistant":
+                pieces.append(("".join(pending), False))
+                pieces.append((message["content"] + marker, True))
+                pending = [following[cut:]]
+            else:
+                pending += [message["content"], following]
+        tail = "".join(pending)
+        if tail:
+            pieces.append((tail, False))
+        last_answer = max(i for i, (_, trained) in enumerate(pieces) if trained)
+        segments = tuple(p for p in pieces if p[0])
+        return Rendered(segments, "".join(text for text, _ in pieces[:last_answer]), messages[-1]["content"])
+
+    def _plan(self, roles: tuple[str, ...]) -> list[str] | None:
+        """The glue texts around each message for this role sequence, or None if one is not known."""
+        if not roles or roles[-1] != "assistant":
+            return None
         glues = [self.glue.get(("head", roles[0]))]
         glues += [self.glue.get(("join", a, b)) for a, b in zip(roles, roles[1:])]
         glues.append(self.glue.get(("tail", roles[-1])))
-        if any(g is None for g in glues):
-            return None  # a role sequence the probes did not cover
-        writer = SegmentWriter()
-        writer.untrained(glues[0])
-        for message, following in zip(messages, glues[1:]):
-            if message["role"] == "assistant":
-                writer.answer("", message["content"], self.marker)
-                writer.untrained(following[len(self.marker):])
-            else:
-                writer.untrained(message["content"] + following)
-        return writer.rendered()
+        return None if any(g is None for g in glues) else glues
 
     def render_slow(self, messages: list[dict]) -> Rendered:
         """One `apply_chat_template` call per assistant turn (plus one for the whole text)."""
