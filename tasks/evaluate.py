@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.evaluate import EvalConfig, GateConfig
 from loraflow.store import ArtifactRef, ArtifactStore
 
+# = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
+IGNORE_INDEX = -100
 log_default = logging.getLogger("loraflow.evaluate")
 # End-of-turn markers of common chat templates; those present in a tokenizer's vocab also stop generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")

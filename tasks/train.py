@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.train import TrainConfig
 from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
 
@@ -40,6 +39,8 @@ CHECKPOINT_MARKER = "loraflow-complete.json"
 # Settings that may change between a crash and its re-run without changing what is trained.
 RESUME_NEUTRAL_SETTINGS = ("allow_resume_mismatch", "checkpoint_every", "keep_checkpoints", "nonfinite_patience")
 
+# = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
+IGNORE_INDEX = -100
 log_default = logging.getLogger("loraflow.train")
 
 

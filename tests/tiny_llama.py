@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.model import ModelConfig
 from loraflow.models import TOKENIZER_FILES, resolve_model_dir
 
+IGNORE_INDEX = -100  # = data_contracts.tokens.IGNORE_INDEX (not imported: the GPU machine has no pandera)
 SYSTEM_PROMPT = "Answer briefly."
 
 # Fictional titles: the base model cannot know these facts.
@@ -38,7 +38,14 @@ VALIDATION_ROWS = [
 
 
 def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct folder (converted once from the embedded GGUF)."""
+    """The real SmolLM2-135M-Instruct folder (converted once from the embedded GGUF).
+
+    On the GPU machine (no GGUF there) $LORAFLOW_SMOLLM2_FILES names a folder with its config and tokenizer files.
+    """
+    import os
+
+    if os.environ.get("LORAFLOW_SMOLLM2_FILES"):
+        return Path(os.environ["LORAFLOW_SMOLLM2_FILES"])
     return resolve_model_dir(ModelConfig())
 
 
