@@ -352,10 +352,7 @@ def make_instructions(seed: int = SEED) -> list[dict]:
                      "output": f"{celsius} °C is {celsius * 9 // 5 + 32} °F."})
     for sentence in sentences:
         rows.append({"instruction": "Reverse the order of the words.", "input": sentence, "output": " ".join(reversed(sentence.split()))})
-    for _ in range(5):
-        numbers = rng.sample(range(1, 100), rng.randint(3, 6))
-        rows.append({"instruction": "Sort the numbers from smallest to largest.", "input": ", ".join(map(str, numbers)),
-                     "output": ", ".join(map(str, sorted(numbers)))})
+    rows += [sort_row("Sort the numbers from smallest to largest.", rng.sample(range(1, 100), rng.randint(3, 6))) for _ in range(5)]
     for singular, plural in plurals:
         rows.append({"instruction": "Give the plural of the noun.", "input": singular, "output": f"The plural of \"{singular}\" is \"{plural}\"."})
     for english, korean in words_ko[:4]:
@@ -363,10 +360,7 @@ def make_instructions(seed: int = SEED) -> list[dict]:
     for _ in range(5):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         rows.append({"instruction": "다음 두 수를 더하세요.", "input": f"{a}, {b}", "output": f"{a} + {b} = {a + b}입니다."})
-    for _ in range(4):
-        numbers = rng.sample(range(1, 100), rng.randint(3, 5))
-        rows.append({"instruction": "다음 숫자들을 작은 것부터 순서대로 정렬하세요.", "input": ", ".join(map(str, numbers)),
-                     "output": ", ".join(map(str, sorted(numbers)))})
+    rows += [sort_row("다음 숫자들을 작은 것부터 순서대로 정렬하세요.", rng.sample(range(1, 100), rng.randint(3, 5))) for _ in range(4)]
     for english, korean in words_ko:
         rows.append({"instruction": "다음 영어 단어를 한국어로 번역하세요.", "input": english, "output": f"한국어로 \"{korean}\"입니다."})
     for celsius in rng.sample(range(0, 40, 5), 3):
@@ -374,6 +368,10 @@ def make_instructions(seed: int = SEED) -> list[dict]:
                      "output": f"섭씨 {celsius}도는 화씨 {celsius * 9 // 5 + 32}도입니다."})
     rng.shuffle(rows)
     return rows
+
+
+def sort_row(instruction: str, numbers: list[int]) -> dict:
+    return {"instruction": instruction, "input": ", ".join(map(str, numbers)), "output": ", ".join(map(str, sorted(numbers)))}
 
 
 def make_conversations(seed: int = SEED) -> list[dict]:

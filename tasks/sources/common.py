@@ -31,20 +31,15 @@ def resolve_path(path: str, base_dir) -> Path:
     return candidate if candidate.is_absolute() else Path(base_dir) / candidate
 
 
-def existing_file(path: str, base_dir, option: str = "path") -> Path:
+def existing_file(path: str, base_dir) -> Path:
     """The resolved file, or a SourceError that says where it was looked for and how to fix it."""
     resolved = resolve_path(path, base_dir)
     if not resolved.is_file():
         what = "is a folder, not a file" if resolved.is_dir() else "does not exist"
         raise SourceError(
-            f"{resolved}: {what} -> fix the source's `{option}:` (relative paths start at the config file's folder, {base_dir})"
+            f"{resolved}: {what} -> fix the source's `path:` (relative paths start at the config file's folder, {base_dir})"
         )
     return resolved
-
-
-def with_positions(records: list[dict], positions: list[int]) -> pd.DataFrame:
-    """Rows from a list of dicts, indexed by their record position within the source."""
-    return pd.DataFrame(records, index=pd.Index(positions, dtype="int64"))
 
 
 def decode_text(path, payload: bytes, encoding: str) -> str:

@@ -42,6 +42,4 @@ def read(config: Config, base_dir) -> pd.DataFrame:
             f"{path}: not valid CSV: {error} -> quote values that contain the delimiter {config.delimiter!r} "
             f"or a line break (\"like, this\"), or set `delimiter:` to the file's separator"
         ) from None
-    if len(rows.columns) == 0:
-        raise SourceError(f"{path}: no header line -> the first line must name the columns")
     return rows

@@ -12,7 +12,7 @@ import pandas as pd
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
-from tasks.sources.common import Rejected, SourceError, decode_text, existing_file, with_positions
+from tasks.sources.common import Rejected, SourceError, decode_text, existing_file
 
 
 class Config(StrictModel):
@@ -33,13 +33,13 @@ def read(config: Config, base_dir) -> tuple[pd.DataFrame, list[Rejected]]:
     stripped = text.lstrip()
     if not stripped:
         raise SourceError(f"{path}: the file is empty -> write a JSON array of objects, or one JSON object per line")
-    lines = config.lines if config.lines is not None else stripped[0] != "["
     if config.lines is None and stripped[0] not in "[{":
         line = text[: len(text) - len(stripped)].count("\n") + 1
         raise SourceError(
             f"{path}: line {line} starts with {stripped[0]!r}, expected '[' (a JSON array of objects) or '{{' "
             f"(JSON Lines, one object per line) -> fix the file, or set `lines:` explicitly"
         )
+    lines = config.lines if config.lines is not None else stripped[0] == "{"
     return read_lines(path, text, config.max_rows) if lines else read_array(path, text, config.max_rows)
 
 
@@ -92,3 +92,8 @@ def read_lines(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, lis
                 rejected.append(Rejected(position, f"line {number} is a {type(record).__name__}, not a JSON object", line))
         position += 1
     return with_positions(records, positions), rejected
+
+
+def with_positions(records: list[dict], positions: list[int]) -> pd.DataFrame:
+    """Rows from a list of dicts, indexed by their record position within the source."""
+    return pd.DataFrame(records, index=pd.Index(positions, dtype="int64"))
