@@ -2,11 +2,15 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraflow.config.base import StrictModel
 
 QuestionKind = Literal["overview", "production", "reception"]
+OptionalAnimeField = Literal["english_name", "other_name"]
+
+# Question templates per kind in tasks/synthesizers/anime_qa.py (a test keeps the two in step).
+PHRASINGS_PER_KIND = 8
 
 
 class AnimeColumns(StrictModel):
@@ -35,14 +39,29 @@ class AnimeQAOptions(StrictModel):
         default_factory=lambda: ["overview", "production", "reception"],
         description="Question kinds to make for every row.",
     )
-    trained_phrasings: int = Field(2, ge=1, le=8, description="Phrasings per kind used for training.")
+    trained_phrasings: int = Field(2, ge=1, le=PHRASINGS_PER_KIND, description="Phrasings per kind used for training.")
     heldout_phrasings: int = Field(1, ge=0, le=4, description="Other phrasings per kind, only asked at evaluation.")
     missing_values: list[str] = Field(
         default_factory=lambda: ["UNKNOWN", "Unknown", "", "nan", "NaN", "None", "N/A", "n/a", "-"],
-        description="Values treated as missing: a question that needs one is skipped for that row and counted.",
+        description="Values treated as missing (compared after trimming, ignoring case; empty/NaN/None always are): "
+        "a question that needs one is skipped for that row and counted.",
+    )
+    optional_fields: list[OptionalAnimeField] = Field(
+        default_factory=lambda: ["english_name", "other_name"],
+        description="Title fields (english_name, other_name) whose missing value only drops their clause from the "
+        "overview answer; listed or not, a missing value in any other field a kind needs skips that kind for the row.",
     )
     max_synopsis_words: int = Field(60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible).")
     seed: int = Field(0, description="Seed for choosing phrasings per row (deterministic).")
+
+    @model_validator(mode="after")
+    def _enough_templates(self):
+        if self.trained_phrasings + self.heldout_phrasings > PHRASINGS_PER_KIND:
+            raise ValueError(
+                f"trained_phrasings + heldout_phrasings = {self.trained_phrasings + self.heldout_phrasings}, but each "
+                f"question kind has {PHRASINGS_PER_KIND} templates -> lower one of them"
+            )
+        return self
 
 
 class InstructionOptions(StrictModel):

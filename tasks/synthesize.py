@@ -1,0 +1,128 @@
+"""Synthesize: RAW rows of one or more sources -> CONVERSATIONS, via the synthesizer named by config.kind.
+
+Row accounting: rows_in counts input rows; rows_out counts conversations. A synthesizer turns each input row
+into `units` (anime_qa: one per question kind; others: one), and each emitted unit into `per_unit`
+conversations (anime_qa: one per phrasing); every unit it sets aside becomes one quarantine row (the input
+row verbatim, with the reason, `kind` and `columns`). So, computed from the configuration and the number of
+skipped units rather than from the output,
+    rows_expanded = rows_in * (units - 1) + emitted_units * (per_unit - 1)
+and rows_in + rows_expanded == rows_out + rows_quarantined unless a synthesizer lost or invented a row.
+"""
+
+import pandas as pd
+
+from data_contracts import CONVERSATIONS, RAW
+from data_contracts.base import quarantine_rows
+from loraflow.config.pipeline import config_hash
+from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.stage import StageResult, read_input, write_stage_output
+from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.tasking import stage_task
+from tasks.synthesizers import SYNTHESIZERS
+from tasks.synthesizers.common import CONVERSATION_COLUMNS
+
+__all__ = ["SynthesizeError", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
+
+PROVENANCE = ("_source", "_row")
+
+
+class SynthesizeError(ValueError):
+    """Input the configured synthesizer cannot work on; the message names the columns and config keys to set."""
+
+
+def check_columns(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> None:
+    """Raise one SynthesizeError listing every configured column missing from any source."""
+    module, options = SYNTHESIZERS[config.kind], getattr(config, config.kind)
+    problems = []
+    for position, frame in enumerate(raw_frames):
+        wanted = {**{column: None for column in PROVENANCE}, **{column: key for key, column in module.required_columns(options).items()}}
+        absent = [(column, key) for column, key in wanted.items() if column not in frame.columns]
+        if not absent:
+            continue
+        name = str(frame["_source"].iloc[0]) if "_source" in frame.columns and len(frame) else f"#{position}"
+        listed = ", ".join(
+            f"{column!r} (set synthesize.{config.kind}.{key})" if key else f"{column!r} (added by ingest: pass a RAW artifact)"
+            for column, key in absent
+        )
+        existing = ", ".join(repr(column) for column in frame.columns if column not in PROVENANCE)
+        problems.append(f"  source {name!r} has no column {listed}; its columns are: {existing}")
+    if problems:
+        raise SynthesizeError(
+            f"synthesize ({config.kind}): configured column(s) not found:\n" + "\n".join(problems)
+            + f"\n-> set those keys to the column names in your data (or choose another synthesize.kind)"
+        )
+
+
+def synthesize_frame(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """RAW frames -> (conversations, quarantine rows for every skipped unit). Pure; sources in order.
+
+    The quarantine frame has the QUARANTINE contract's columns plus `kind` and `columns` (the source columns
+    that caused the skip); `row_index` is the row's position in the concatenated input.
+    """
+    if not raw_frames:
+        raise SynthesizeError("synthesize: no input artifacts -> configure at least one source")
+    check_columns(raw_frames, config)
+    module, options = SYNTHESIZERS[config.kind], getattr(config, config.kind)
+    conversation_parts, quarantine_parts, extra_stats = [], [], {}
+    offset = 0
+    # Each source is synthesized on its own frame, so a row's quarantine copy has only its own columns.
+    for frame in raw_frames:
+        rows = frame.reset_index(drop=True)
+        conversations, skipped = module.synthesize(rows, options)
+        for key, count in conversations.attrs.get("stats", {}).items():
+            extra_stats[key] = extra_stats.get(key, 0) + count
+        conversation_parts.append(conversations)
+        set_aside = rows.iloc[skipped["row"].to_numpy()].set_axis(skipped["row"].to_numpy() + offset)
+        quarantine = quarantine_rows(set_aside, pd.Series(skipped["reason"].tolist(), index=set_aside.index), "synthesize")
+        quarantine["kind"] = skipped["kind"].tolist()
+        quarantine["columns"] = skipped["columns"].tolist()
+        quarantine_parts.append(quarantine)
+        offset += len(rows)
+    conversations = pd.concat(conversation_parts, ignore_index=True)[CONVERSATION_COLUMNS]
+    conversations.attrs = {"stats": extra_stats}
+    return conversations, pd.concat(quarantine_parts, ignore_index=True)
+
+
+def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
+    """Counts for the run summary, including rows_expanded (see module docstring)."""
+    units, per_unit = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
+    emitted_units = rows_in * units - len(quarantine)
+    skipped_by_column: dict[str, dict[str, int]] = {}
+    for kind, columns in zip(quarantine["kind"].tolist(), quarantine["columns"].tolist()):
+        for column in columns:
+            skipped_by_column.setdefault(kind, {}).setdefault(column, 0)
+            skipped_by_column[kind][column] += 1
+    return {
+        "synthesizer": config.kind,
+        "conversations_by_kind": {str(k): int(n) for k, n in conversations["kind"].value_counts(sort=False).items()},
+        "conversations_by_phrasing_set": {str(k): int(n) for k, n in conversations["phrasing_set"].value_counts(sort=False).items()},
+        "skipped_by_kind": {str(k): int(n) for k, n in quarantine["kind"].value_counts(sort=False).items()},
+        "skipped_by_column": skipped_by_column,
+        "skip_reasons": {str(k): int(n) for k, n in quarantine["reason"].value_counts().head(20).items()},
+        "rows_expanded": rows_in * (units - 1) + emitted_units * (per_unit - 1),
+        **conversations.attrs.get("stats", {}),
+    }
+
+
+def run_synthesize(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore) -> StageResult:
+    """Read the RAW artifacts, synthesize, and write CONVERSATIONS plus the quarantine (runs without Prefect)."""
+    raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
+    conversations, quarantine = synthesize_frame(raw_frames, config)
+    rows_in = sum(len(frame) for frame in raw_frames)
+    if len(conversations) == 0:
+        top = quarantine["reason"].value_counts().head(5).to_dict()
+        raise SynthesizeError(
+            f"synthesize ({config.kind}): all {rows_in} input rows were skipped; top reasons: {top} "
+            f"-> check the column mapping under synthesize.{config.kind} and the data"
+        )
+    stats = synthesize_stats(conversations, quarantine, rows_in, config)
+    return write_stage_output(
+        store, stage="synthesize", contract=CONVERSATIONS, frame=conversations, rows_in=rows_in,
+        config_hash=config_hash(config), quarantined=quarantine, stats=stats,
+    )
+
+
+@stage_task(name="synthesize")
+def synthesize_task(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store_root: str) -> StageResult:
+    """Prefect task around run_synthesize; cached on the input artifacts' hashes, the config and this code."""
+    return run_synthesize(raw_refs, config, ArtifactStore(store_root))
