@@ -45,13 +45,13 @@ def _llama_like_config(model: nn.Module):
     return inner
 
 
-def activation_bytes_per_token(model: nn.Module, lora_on_all_linear: bool = True) -> dict[str, float]:
+def activation_bytes_per_token(model: nn.Module) -> dict[str, float]:
     """Estimated bf16 activation memory per token: per layer kept whole, per checkpointed layer, and the head.
 
     Counted from the tensors a Llama-style decoder layer saves for backward with flex attention and Liger's
-    RMSNorm/SwiGLU (bf16): the layer input, the two norm outputs, q/k/v after RoPE, the attention output and
-    its log-sum-exp, the o_proj input, gate/up/SiLU outputs, and the LoRA inputs they share. A checkpointed
-    layer keeps only its input. Calibrated against measured peaks on an H100 (docs/speed.md); treat as ±15 %.
+    RMSNorm/SwiGLU (bf16): the layer input and the two norm outputs, q after RoPE, k/v, the attention output,
+    the o_proj input, gate/up/SiLU products. A checkpointed layer keeps only its input. Calibrated against
+    peaks measured on an H100 (docs/speed.md has the numbers).
     """
     config = _llama_like_config(model)
     hidden = config.hidden_size
@@ -59,9 +59,7 @@ def activation_bytes_per_token(model: nn.Module, lora_on_all_linear: bool = True
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    elements = 8 * hidden + 2 * kv + heads * head_dim + 4 * intermediate
-    if lora_on_all_linear:
-        elements += hidden  # o_proj / down_proj LoRA paths keep an extra bf16 copy each
+    elements = 5 * hidden + 2 * kv + heads * head_dim + 3 * intermediate
     return {
         "full_layer": 2.0 * elements,
         "checkpointed_layer": 2.0 * hidden,
