@@ -1,4 +1,24 @@
-"""Conversations made by a synthesizer: the unit every later stage works on."""
+"""Conversations made by a synthesizer: the unit every later stage works on.
+
+`messages`: a list of turns `{"role": "system" | "user" | "assistant", "content": str}`, ending with an
+assistant turn; no system turn unless the source row had one (the format stage adds the configured one).
+A plain-text example (kind "text") is a single assistant turn, rendered raw by the format stage.
+
+`input` (instruction data only): a user turn whose source row had a separate input carries it twice:
+    {"role": "user", "content": instruction + "\n\n" + input, "input": input}
+so chat templates need nothing special, and templates with their own input section (alpaca `### Input:`,
+ko_instruction `###입력:`) recover the instruction as `content[: -len(input) - 2]` and place `input` apart.
+A turn without an input has no `input` key; after a Parquet round trip every turn of an artifact that has
+one anywhere reads back with `"input": None`, so readers treat a missing, None or "" input alike.
+
+`facts`: a list of `{"column": source column, "value": str}`, each value stated verbatim in the final
+assistant turn (the synthesizer checks this before emitting); one entry per item of a list column
+(genres, studios, ...). Empty for data without checkable facts (instruction, conversations, text).
+
+`id` is `<source>:<source row>:<kind>:<phrasing index>`; `source_id` groups every example of one source
+record (anime_qa: the anime_id) so a split keeps them together; `phrasing_set` is "heldout" for question
+wordings kept out of training (evaluation only).
+"""
 
 import pandas as pd
 import pandera.pandas as pa
@@ -16,6 +36,9 @@ def _bad_messages(frame: pd.DataFrame) -> pd.Series:
             if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
                 return True
             if not message["content"].strip():
+                return True
+            extra_input = message.get("input")
+            if extra_input and not message["content"].endswith("\n\n" + extra_input):
                 return True
         return messages[-1].get("role") != "assistant"
 
@@ -36,7 +59,12 @@ CONVERSATIONS = Contract(
         "facts": pa.Column(object, nullable=False, description="List of {column, value} the answer states (may be empty)."),
     },
     row_rules=(
-        RowRule("bad_messages", "messages must be non-empty turns with known roles and text, ending with an assistant turn", _bad_messages),
+        RowRule(
+            "bad_messages",
+            "messages must be non-empty turns with known roles and text, ending with an assistant turn "
+            "(a turn's `input`, if any, must end its content after a blank line)",
+            _bad_messages,
+        ),
     ),
     unique=("id",),
 )
