@@ -32,6 +32,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy shared machine
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -114,6 +115,7 @@ def flow_way(catalog: pd.DataFrame, work: Path) -> dict:
     from flows.prepare import prepare_flow
     from loraflow.config.pipeline import PipelineConfig
 
+    work.mkdir(parents=True, exist_ok=True)
     csv_path = work / "catalog.csv"
     catalog.to_csv(csv_path, index=False)
     config = PipelineConfig(
@@ -125,7 +127,7 @@ def flow_way(catalog: pd.DataFrame, work: Path) -> dict:
     for _ in range(2):
         started = time.perf_counter()
         summary = prepare_flow(config)
-        runs.append({"wall_seconds": time.perf_counter() - started, "flow_seconds": summary["seconds"],
+        runs.append({"wall_seconds": time.perf_counter() - started, "flow_seconds": summary.get("prepare_seconds", summary.get("seconds")),
                      "all_cached": summary["all_cached"],
                      "stage_seconds": {k: v["seconds"] for k, v in summary["stages"].items()}})
     return {"cold": runs[0], "cached": runs[1]}
