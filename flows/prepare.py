@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from loraflow.config.pipeline import PipelineConfig
+from loraflow.config.pipeline import PipelineConfig, source_name
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.store import ArtifactStore
 from loraflow.tasking import run_stage
@@ -27,21 +27,33 @@ from tasks.tokenize import tokenize_task
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config: PipelineConfig) -> dict:
     """Prepare training-ready, verified tokens from the configured sources; returns the run summary."""
+    run_dir = new_run_dir(config)
+    summary = prepare_stages(config, run_dir)
+    write_summary(run_dir, summary)
+    return summary
+
+
+def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
+    """Run ingest -> synthesize -> format -> tokenize -> pre-flight inside the calling flow."""
     logger = get_run_logger()
     started = time.perf_counter()
-    store = ArtifactStore(config.resolve(config.store))
-    run_dir = new_run_dir(config)
-    summary = {"name": config.name, "run_dir": str(run_dir), "stages": {}}
+    store = ArtifactStore(config.store_root())
+    summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
 
     # ---- ingest: one artifact per source, keyed by the source file's content hash
     raw_results = []
     for source in config.sources:
+        fingerprint = source_fingerprint(source, config.base_dir)
         result, cached, seconds = run_stage(
             ingest_task, store, source=source, base_dir=config.base_dir, store_root=store.root,
-            source_fingerprint=source_fingerprint(source, config.base_dir),
+            source_fingerprint=fingerprint,
         )
         raw_results.append(result)
-        summary["stages"][f"ingest:{result.output.stage}:{len(raw_results) - 1}"] = stage_summary(result, cached, seconds)
+        name = source_name(source)
+        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds)
+        summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
+                                   "location": getattr(source, "path", None) or getattr(source, "repo", None),
+                                   "rows": result.rows_out})
 
     # ---- synthesize: rows -> conversations
     conversations, cached, seconds = run_stage(
@@ -71,11 +83,11 @@ def prepare_flow(config: PipelineConfig) -> dict:
 
     summary["tokens"] = tokens.output.model_dump()
     summary["formatted"] = formatted.output.model_dump()
-    summary["tokenizer_dir"] = tokenizer_dir
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["model_dir"] = tokenizer_dir
+    summary["prepare_seconds"] = round(time.perf_counter() - started, 3)
     summary["all_cached"] = all(stage["cached"] for stage in summary["stages"].values())
-    write_summary(run_dir, summary)
-    logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"], summary["seconds"])
+    logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
+                summary["prepare_seconds"])
     return summary
 
 
@@ -97,7 +109,7 @@ def stage_summary(result, cached: bool, seconds: float) -> dict:
 def new_run_dir(config: PipelineConfig) -> Path:
     """A fresh folder for this run: <runs_dir>/<name>/<UTC time>-<flow run name>."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_dir = config.resolve(config.runs_dir) / config.name / f"{stamp}-{flow_run.get_name() or 'local'}"
+    run_dir = config.runs_root() / config.name / f"{stamp}-{flow_run.get_name() or 'local'}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

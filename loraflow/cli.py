@@ -69,6 +69,57 @@ def print_stage_table(summary: dict) -> None:
               f"{'yes' if stage['cached'] else 'no':>8}{stage['seconds']:>8.2f}")
 
 
+def cmd_run(args) -> int:
+    """Run the whole pipeline with Prefect's ephemeral API; print the summary path last."""
+    from loraflow.config.pipeline import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    from flows.finetune import finetune_flow
+
+    summary = finetune_flow(config)
+    print_stage_table(summary)
+    print_eval_table(summary)
+    print(Path(summary["run_dir"]) / "summary.json")
+    return 0
+
+
+def print_eval_table(summary: dict) -> None:
+    """Base vs fine-tuned on the main metrics, the gate and where the model went."""
+    base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
+    print(f"\n{'metric':<24}{'base':>10}{'fine-tuned':>12}")
+    for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
+        print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
+    publish = summary["publish"]
+    print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
+          f"model: {publish.get('model_dir', 'not published')}")
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def cmd_ask(args) -> int:
+    """Answer a question with the model a run published (streamed)."""
+    summary_path = Path(args.run_dir) / "summary.json"
+    if not summary_path.exists():
+        print(f"{summary_path}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
+        return 2
+    model_dir = json.loads(summary_path.read_text()).get("publish", {}).get("model_dir")
+    if not model_dir:
+        print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
+        return 2
+    from tasks.publish import ask
+
+    for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def cmd_server(args) -> int:
     """Start a local Prefect server + process worker, deploy prefect.yaml, run until Ctrl-C / SIGTERM."""
     import signal
@@ -105,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="run the data half (sources -> verified tokens)")
     prepare.add_argument("config")
     prepare.set_defaults(handler=cmd_prepare)
+    run = commands.add_parser("run", help="run the whole pipeline (prepare, train, evaluate, publish)")
+    run.add_argument("config")
+    run.set_defaults(handler=cmd_run)
+    ask = commands.add_parser("ask", help="ask the model a run published")
+    ask.add_argument("run_dir")
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.set_defaults(handler=cmd_ask)
     server = commands.add_parser("server", help="start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200)
     server.add_argument("--database-url", default=None, help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")

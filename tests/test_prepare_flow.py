@@ -24,7 +24,7 @@ def demo_config(tmp_path):
     assert lines  # the shipped sample exists
     (tmp_path / "config.yaml").write_text(
         "name: flow-test\n"
-        "store: store\nruns_dir: runs\n"
+        f"store: {tmp_path / 'store'}\nruns_dir: {tmp_path / 'runs'}\n"
         "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
         "synthesize: {kind: anime_qa}\n"
         "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"

@@ -23,8 +23,8 @@ class PipelineConfig(StrictModel):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (letters, digits, . _ -).")
     base_dir: str = Field(".", description="Folder that relative paths are resolved against (set to the config file's folder when loaded from YAML).")
-    store: str = Field(".loraflow/store", description="Artifact store: a local folder or an fsspec URL.")
-    runs_dir: str = Field(".loraflow/runs", description="Where each run's folder (summary.json, model) is written.")
+    store: str = Field(".loraflow/store", description="Artifact store: a local folder (relative to the working directory) or an fsspec URL.")
+    runs_dir: str = Field(".loraflow/runs", description="Where each run's folder (summary.json, model) is written (relative to the working directory).")
     sources: list[SourceConfig] = Field(..., min_length=1, description="Where the raw rows come from.")
     synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="Rows -> conversations.")
     format: FormatConfig = Field(default_factory=FormatConfig, description="Conversations -> text with roles.")
@@ -44,9 +44,17 @@ class PipelineConfig(StrictModel):
         return sources
 
     def resolve(self, path: str) -> Path:
-        """A path from the config, resolved against base_dir."""
+        """A source path from the config, resolved against base_dir (the config file's folder)."""
         candidate = Path(path).expanduser()
         return candidate if candidate.is_absolute() else Path(self.base_dir) / candidate
+
+    def store_root(self) -> str:
+        """The artifact store location: a URL as is, a relative folder against the working directory."""
+        return self.store if "://" in self.store else str(Path(self.store).expanduser().resolve())
+
+    def runs_root(self) -> Path:
+        """The folder that holds run folders, resolved against the working directory."""
+        return Path(self.runs_dir).expanduser().resolve()
 
 
 def source_name(source) -> str:

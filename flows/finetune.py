@@ -1,0 +1,144 @@
+"""The whole pipeline: prepare -> train -> evaluate -> (gate) -> publish.
+
+Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Training, evaluation and publish
+outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
+re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
+published again.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+from flows.prepare import new_run_dir, prepare_stages, write_summary
+from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.store import ArtifactRef, ArtifactStore
+from tasks.evaluate import evaluate_task
+from tasks.publish import CardFacts, SourceFacts, publish_task
+from tasks.train import base_model_fingerprint, train_task
+
+
+@flow(name="finetune", log_prints=True)
+def finetune_flow(config: PipelineConfig) -> dict:
+    """Sources to an evaluated, gated, merged and published model; returns the run summary."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    run_dir = new_run_dir(config)
+
+    # ---- data half
+    summary = prepare_stages(config, run_dir)
+    tokens = ArtifactRef(**summary["tokens"])
+    model_dir = summary["model_dir"]
+    store_root = summary["store"]
+
+    # ---- train: the adapter folder is named by data + base model + training config
+    base_fingerprint = base_model_fingerprint(Path(model_dir))
+    train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
+    trained = train_task(
+        tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
+        store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
+    )
+    summary["train"] = trained.model_dump()
+
+    # ---- evaluate base vs fine-tuned, and decide the gate
+    eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval), str(config.format.system_prompt))
+    evaluation = evaluate_task(
+        tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
+        output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
+        system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
+    )
+    summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "gate": evaluation.gate.model_dump(),
+                       "report": evaluation.report_path, "table": evaluation.table_path}
+
+    # ---- publish, only through the gate, and only once per adapter
+    summary["publish"] = {"gate_passed": evaluation.gate.passed, "gate_reasons": evaluation.gate.reasons,
+                          "adapter_dir": trained.adapter_dir}
+    publish_dir = config.runs_root() / config.name / "published" / f"{config.publish.target}-{trained.fingerprint[:16]}"
+    previous = publish_dir / "publish_result.json"
+    if not evaluation.gate.passed:
+        logger.warning("gate failed, nothing published: %s", "; ".join(evaluation.gate.reasons))
+        summary["publish"]["published"] = False
+    elif previous.exists():
+        logger.info("this adapter was already published (%s): nothing new to publish", publish_dir)
+        summary["publish"].update(json.loads(previous.read_text()), published=False, reused=True)
+    else:
+        published = publish_task(
+            model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
+            output_dir=str(publish_dir), card=card_facts(config, summary, evaluation),
+            verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
+            system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
+        )
+        write_json_atomic(previous, published.model_dump())
+        summary["publish"].update(published.model_dump(), published=True, reused=False)
+        create_link_artifact(key=f"{config.name}-model", link=Path(published.model_dir).as_uri(),
+                             description="merged model folder")
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    write_summary(run_dir, summary)
+    create_markdown_artifact(key=f"{config.name}-summary", markdown=summary_markdown(summary),
+                             description="loraflow run summary")
+    return summary
+
+
+def work_dir(store_root: str, kind: str, *parts: str) -> Path:
+    """A store folder named by the hash of what its contents are made from."""
+    return Path(store_root) / kind / hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def verification_texts(store_root: str, tokens: ArtifactRef, count: int) -> list[str]:
+    """Full validation examples (prompt + answer) whose logits the merge check compares."""
+    frame = ArtifactStore(store_root).read(tokens)
+    rows = frame[frame["split"] == "validation"]
+    rows = rows if len(rows) else frame
+    return [prompt + reference for prompt, reference in zip(rows["prompt"][:count], rows["reference"][:count])]
+
+
+def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
+    """What the model card says, all taken from this run's summary (no secrets are in it)."""
+    return CardFacts(
+        run_name=config.name,
+        base_model=config.model.base,
+        base_revision=config.model.revision,
+        sources=[SourceFacts(name=s["name"], kind=s["kind"], location=s["location"], sha256=s["fingerprint"], rows=s["rows"])
+                 for s in summary["sources"]],
+        rows={name: stage["rows_out"] for name, stage in summary["stages"].items()},
+        synthesizer=config.synthesize.kind,
+        template=config.format.template,
+        system_prompt=config.format.system_prompt,
+        masking="all tokens" if config.tokenize.train_on_inputs else "answer tokens and their end-of-turn only; padding masked by position",
+        tokens_sha256=summary["tokens"]["sha256"],
+        preflight=summary.get("preflight") or {},
+        train_config=config.train.model_dump(mode="json"),
+        train_metrics={k: summary["train"].get(k) for k in (
+            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "device", "quantization",
+            "precision", "optimizer", "seconds")},
+        eval_report_markdown=Path(evaluation.report_path).read_text(),
+        gate=evaluation.gate.model_dump(),
+    )
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run in a few lines, for the Prefect UI."""
+    lines = [f"# {summary['name']}", "", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
+    for name, stage in summary["stages"].items():
+        lines.append(f"| {name} | {stage['rows_in']} | {stage['rows_out']} | {stage['rows_quarantined']} | "
+                     f"{stage['cached']} | {stage['seconds']} |")
+    if "eval" in summary:
+        base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
+        lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
+        for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
+            lines.append(f"| {metric} | {base.get(metric)} | {tuned.get(metric)} |")
+        lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
+                      f"**{summary.get('publish', {}).get('published')}**"]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON via a temp file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".part")
+    temp.write_text(json.dumps(payload, indent=2, default=str))
+    temp.replace(path)
