@@ -45,8 +45,16 @@ def preflight(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, format_
     problems: list[str] = []
     report: dict = {"rows": len(tokens_frame), "template": format_config.template}
 
+    # Flat arrays over all rows: the checks are vectorised (75k rows in well under a second).
+    ids = tokens_frame["id"].to_numpy()
+    lengths = np.fromiter(map(len, tokens_frame["input_ids"]), dtype=np.int64, count=len(tokens_frame))
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat_ids = _flat(tokens_frame["input_ids"])
+    flat_labels = _flat(tokens_frame["labels"])
+
     # ---- something to train in every example
-    untrained = [row.id for row in tokens_frame.itertuples() if not np.any(np.asarray(row.labels) != IGNORE_INDEX)]
+    trained_cumsum = np.concatenate([[0], np.cumsum(flat_labels != IGNORE_INDEX)])
+    untrained = ids[(trained_cumsum[starts[1:]] - trained_cumsum[starts[:-1]]) == 0].tolist()
     report["no_trained_token"] = len(untrained)
     if untrained:
         problems.append(f"{len(untrained)} example(s) have no trained token (e.g. {untrained[:3]}): every label is -100; "
@@ -55,16 +63,15 @@ def preflight(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, format_
     # ---- every kept answer ends with a trained stop token
     stop_ids = stop_token_ids(format_config, tokenizer)
     report["stop_token_ids"] = sorted(int(i) for i in stop_ids)
-    no_stop, answers = [], 0
-    for row in tokens_frame.itertuples():
-        ends = np.asarray(row.answer_ends, dtype=np.int64)
-        ids, labels = np.asarray(row.input_ids), np.asarray(row.labels)
-        answers += len(ends)
-        if len(ends) == 0 and not row.truncated:
-            no_stop.append(row.id)
-        elif len(ends) and not (np.isin(ids[ends], list(stop_ids)).all() and (labels[ends] != IGNORE_INDEX).all()):
-            no_stop.append(row.id)
-    report.update({"answers_checked": answers, "answers_without_trained_eos": len(no_stop)})
+    counts = np.fromiter(map(len, tokens_frame["answer_ends"]), dtype=np.int64, count=len(tokens_frame))
+    ends = _flat(tokens_frame["answer_ends"]).astype(np.int64)
+    rows = np.repeat(np.arange(len(tokens_frame)), counts)
+    inside = ends < lengths[rows]
+    at = starts[rows] + np.where(inside, ends, 0)
+    good = inside & np.isin(flat_ids[at], list(stop_ids)) & (flat_labels[at] != IGNORE_INDEX)
+    bad_rows = set(rows[~good].tolist()) | set(np.flatnonzero((counts == 0) & ~tokens_frame["truncated"].to_numpy()).tolist())
+    no_stop = ids[sorted(bad_rows)].tolist()
+    report.update({"answers_checked": int(len(ends)), "answers_without_trained_eos": len(no_stop)})
     if no_stop:
         problems.append(
             f"{len(no_stop)} example(s) have an answer that does not end with a trained EOS/end-of-turn token "
@@ -74,9 +81,9 @@ def preflight(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, format_
 
     # ---- no double BOS
     bos = tokenizer.bos_token_id
-    double_bos = [] if bos is None else [
-        row.id for row in tokens_frame.itertuples() if len(row.input_ids) >= 2 and row.input_ids[0] == bos and row.input_ids[1] == bos
-    ]
+    two = lengths >= 2
+    first = starts[:-1][two]
+    double_bos = [] if bos is None else ids[two][(flat_ids[first] == bos) & (flat_ids[first + 1] == bos)].tolist()
     report["double_bos"] = len(double_bos)
     if double_bos:
         problems.append(f"{len(double_bos)} example(s) start with two BOS tokens (e.g. {double_bos[:3]}): the template "
@@ -104,6 +111,12 @@ def preflight(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, format_
     if problems:
         raise PreflightError("pre-flight failed:\n- " + "\n- ".join(problems))
     return report
+
+
+def _flat(column) -> np.ndarray:
+    """All rows' arrays of a list column, concatenated."""
+    arrays = [np.asarray(value) for value in column]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
 def check_prompts(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, tokenizer, sample: int,

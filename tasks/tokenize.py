@@ -10,6 +10,7 @@ Order: tokenize -> length policy -> split -> exact-duplicate removal -> leakage 
 """
 
 import hashlib
+from itertools import chain
 
 import numpy as np
 import pandas as pd
@@ -90,7 +91,7 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
     lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    flat_ids = np.fromiter((i for ids in ids_lists for i in ids), dtype=np.int32, count=int(starts[-1]))
+    flat_ids = np.array(list(chain.from_iterable(ids_lists)), dtype=np.int32)  # C-speed flatten
     del ids_lists
 
     # ---- labels: mark trained token ranges with a difference array, one cumsum for all rows
@@ -111,7 +112,7 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
     flat_labels = np.where(trained, flat_ids, IGNORE_INDEX).astype(np.int32)
 
     stats: dict = {"rows_in": len(formatted)}
-    reasons = pd.Series([None] * len(formatted), dtype=object)
+    reasons = np.full(len(formatted), None, dtype=object)  # why a row is set aside; None = kept
 
     # ---- double BOS: a template that wrote BOS text and also got one added
     bos_id = tokenizer.bos_token_id
@@ -135,7 +136,7 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
                 f"{int(lengths.max())} tokens; e.g. ids {examples}): raise max_length, or set truncation to drop or truncate"
             )
         if config.truncation == "drop":
-            reasons[too_long & reasons.isna().to_numpy()] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
+            reasons[too_long & pd.isna(reasons)] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
         else:
             kept_lengths = np.minimum(lengths, config.max_length)
             truncated = too_long
@@ -184,7 +185,7 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
 
     # ---- leakage: an evaluation prompt that also is a training prompt
     prompts = formatted["prompt"].to_numpy()
-    alive = reasons.isna().to_numpy()
+    alive = pd.isna(reasons)
     train_prompts = {p for p, s, ok in zip(prompts, splits, alive) if ok and s == "train"}
     leaked = np.array([ok and s != "train" and p.strip() != "" and p in train_prompts
                        for p, s, ok in zip(prompts, splits, alive)], dtype=bool)
@@ -212,8 +213,8 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
         "reference": formatted["reference"].to_numpy(),
         "facts": formatted["facts"].to_numpy(),
     })
-    bad = reasons.notna().to_numpy()
-    quarantined = quarantine_rows(tokens[bad], reasons[bad], "tokens")
+    bad = ~pd.isna(reasons)
+    quarantined = quarantine_rows(tokens[bad], pd.Series(reasons[bad], index=np.flatnonzero(bad)), "tokens")
     kept = tokens[~bad].reset_index(drop=True)
     stats.update(token_stats(kept))
     return kept, quarantined, stats

@@ -69,6 +69,8 @@ def test_double_bos_fails(prepared, tokenizer):
     tokens, formatted, config = prepared
     broken = copy_tokens(tokens)
     broken.at[0, "input_ids"] = np.concatenate([[tokenizer.bos_token_id], broken.at[0, "input_ids"]])
+    broken.at[0, "labels"] = np.concatenate([[IGNORE_INDEX], broken.at[0, "labels"]])
+    broken["answer_ends"] = [[int(e) + (i == 0) for e in ends] for i, ends in enumerate(broken["answer_ends"])]
     with pytest.raises(PreflightError, match="two BOS"):
         preflight(broken, formatted, config, tokenizer)
 
