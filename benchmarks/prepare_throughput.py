@@ -119,7 +119,7 @@ def flow_way(catalog: pd.DataFrame, work: Path) -> dict:
     csv_path = work / "catalog.csv"
     catalog.to_csv(csv_path, index=False)
     config = PipelineConfig(
-        name="bench", base_dir=str(work), store="store", runs_dir="runs",
+        name="bench", base_dir=str(work), store=str(work / "store"), runs_dir=str(work / "runs"),
         sources=[{"kind": "csv", "name": "anime_catalog", "path": str(csv_path)}],
         synthesize=synth_config(), format=FormatConfig(system_prompt=SYSTEM_PROMPT), tokenize=TokenizeConfig(max_length=512),
     )

@@ -18,6 +18,8 @@ def _all_masked(frame: pd.DataFrame) -> pd.Series:
     return frame["labels"].map(lambda labels: not bool(np.any(np.asarray(labels) != IGNORE_INDEX)))
 
 
+# answer_start / answer_ends / phrasing_set / template are written by tokenize and read by pre-flight; they are
+# optional so that hand-made frames (tests of training code) need only what training reads.
 TOKENS = Contract(
     name="tokens",
     version=2,
@@ -30,10 +32,10 @@ TOKENS = Contract(
         "n_trained": pa.Column(int, nullable=False, description="Tokens with a label."),
         "truncated": pa.Column(bool, nullable=False),
         "split": pa.Column(str, pa.Check.isin(["train", "validation", "heldout"]), nullable=False),
-        "answer_start": pa.Column(int, nullable=False, description="Token index where the final answer starts (prompt = input_ids[:answer_start])."),
-        "answer_ends": pa.Column(object, nullable=False, description="Token index of the last trained token (end marker/EOS) of each answer kept."),
-        "phrasing_set": pa.Column(str, nullable=False, description="train or heldout phrasing (passthrough)."),
-        "template": pa.Column(str, nullable=False, description="Template the text was rendered with."),
+        "answer_start": pa.Column(int, nullable=False, required=False, description="Token index where the final answer starts (prompt = input_ids[:answer_start])."),
+        "answer_ends": pa.Column(object, nullable=False, required=False, description="Token index of the last trained token (end marker/EOS) of each answer kept."),
+        "phrasing_set": pa.Column(str, nullable=False, required=False, description="train or heldout phrasing (passthrough)."),
+        "template": pa.Column(str, nullable=False, required=False, description="Template the text was rendered with."),
         "kind": pa.Column(str, nullable=False),
         "source_id": pa.Column(str, nullable=False),
         "prompt": pa.Column(str, nullable=False),

@@ -44,6 +44,11 @@ def preflight(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, format_
     """Run every check; return the report, or raise PreflightError listing the failures."""
     problems: list[str] = []
     report: dict = {"rows": len(tokens_frame), "template": format_config.template}
+    missing = [c for c in ("id", "input_ids", "labels", "answer_start", "answer_ends", "truncated", "split", "kind", "prompt")
+               if c not in tokens_frame.columns] + [f"formatted.{c}" for c in ("id", "messages") if c not in formatted_frame.columns]
+    if missing:
+        raise PreflightError(f"pre-flight needs the columns the tokenize/format stages write; missing {missing}: "
+                             "re-run format and tokenize with this version of loraflow")
 
     # Flat arrays over all rows: the checks are vectorised (75k rows in well under a second).
     ids = tokens_frame["id"].to_numpy()
