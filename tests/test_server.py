@@ -1,0 +1,93 @@
+"""Operations on a real Prefect server: pools, `prefect deploy --all`, a worker, runs triggered through the
+API exactly as the UI does, caching across runs, schedules. SQLite here; PostgreSQL when the test can start one."""
+
+import json
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from loraflow.server import CPU_POOL, LocalPrefect
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def api(local: LocalPrefect, method: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(
+        f"{local.api_url}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_for_terminal_state(local: LocalPrefect, flow_run_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = api(local, "GET", f"/flow_runs/{flow_run_id}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s; see the worker log")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    local = LocalPrefect(port=free_port(), home=home, log_dir=home / "logs")
+    with local:
+        local.ensure_pools()
+        deployed = local.prefect("deploy", "--all", check=False)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        local.start_worker(CPU_POOL)
+        yield local
+
+
+def small_config(tmp_path: Path) -> dict:
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "name": "server-test",
+        "base_dir": str(repo / "configs"),
+        "store": str(tmp_path / "store"),
+        "runs_dir": str(tmp_path / "runs"),
+        "sources": [{"kind": "csv", "name": "anime_catalog", "path": "../data/sample/anime_catalog.csv", "max_rows": 8}],
+    }
+
+
+def test_deployments_have_typed_forms_and_schedule(server):
+    deployments = {d["name"]: d for d in api(server, "POST", "/deployments/filter", {})}
+    assert {"finetune", "anime-nightly", "prepare-only", "finetune-gpu"} <= set(deployments)
+    schema = deployments["finetune"]["parameter_openapi_schema"]
+    config_schema = json.dumps(schema)
+    assert "Hub repo id or local folder" in config_schema  # field descriptions reach the UI form
+    assert deployments["anime-nightly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    assert deployments["anime-nightly"]["schedules"][0]["schedule"]["timezone"] == "Asia/Tokyo"
+
+
+def test_ui_style_run_on_worker_then_cached(server, tmp_path):
+    deployment = api(server, "GET", "/deployments/name/prepare/prepare-only")
+    parameters = {"config": small_config(tmp_path)}
+    summaries = []
+    for _ in range(2):
+        run = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+        finished = wait_for_terminal_state(server, run["id"])
+        assert finished["state"]["type"] == "COMPLETED", finished["state"]
+        summaries.append(sorted((tmp_path / "runs" / "server-test").glob("*/summary.json"))[-1])
+    first, second = (json.loads(path.read_text()) for path in summaries)
+    assert not first["all_cached"] and second["all_cached"]
+
+
+def test_invalid_parameters_rejected_before_a_run(server, tmp_path):
+    deployment = api(server, "GET", "/deployments/name/prepare/prepare-only")
+    bad = {"config": {**small_config(tmp_path), "tokenize": {"max_length": 3}}}
+    with pytest.raises(urllib.error.HTTPError) as error:
+        api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": bad})
+    assert error.value.code in (409, 422)
