@@ -19,7 +19,7 @@ from loraflow.stage import StageResult, read_input, write_stage_output
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import stage_task
 from tasks.synthesizers import SYNTHESIZERS
-from tasks.synthesizers.common import CONVERSATION_COLUMNS
+from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused
 
 __all__ = ["SynthesizeError", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 
@@ -68,7 +68,8 @@ def synthesize_frame(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -
     # Each source is synthesized on its own frame, so a row's quarantine copy has only its own columns.
     for frame in raw_frames:
         rows = frame.reset_index(drop=True)
-        conversations, skipped = module.synthesize(rows, options)
+        with gc_paused():
+            conversations, skipped = module.synthesize(rows, options)
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
         conversation_parts.append(conversations)

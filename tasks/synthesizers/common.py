@@ -8,6 +8,9 @@ A synthesizer returns two frames:
 Extra counts a synthesizer wants in the stage stats (e.g. trimmed turns) go in `conversations.attrs["stats"]`.
 """
 
+import gc
+from contextlib import contextmanager
+
 import numpy as np
 import pandas as pd
 
@@ -31,7 +34,23 @@ def as_text(value) -> str | None:
 
 def column_text(rows: pd.DataFrame, column: str) -> list[str | None]:
     """A column as a list of text-or-None (one pass, no per-row pandas calls)."""
-    return [as_text(value) for value in rows[column].tolist()]
+    return [value if type(value) is str else as_text(value) for value in rows[column].tolist()]
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while building many small containers.
+
+    Synthesizers create a few dicts and lists per example and no reference cycles; with the collector on,
+    its repeated passes over the growing heap cost about a fifth of the time at 25k rows (measured).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def stripped_or_none(values: list[str | None]) -> list[str | None]:
