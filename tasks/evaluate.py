@@ -406,8 +406,12 @@ def evaluate_adapter(
 
     from tasks.train import _load_tokens
 
+    import torch
+
     log = log or log_default
     started = time.perf_counter()
+    if eval_config.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(eval_config.cpu_threads)
     frame, _ = _load_tokens(tokens, store)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

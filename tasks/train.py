@@ -4,7 +4,8 @@ Supported: peft LoRA (rsLoRA, DoRA) on every linear layer or a named list; base 
 (bitsandbytes NF4, double quant, bf16 compute and storage), 8-bit or 16-bit; gradient checkpointing;
 paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device has it, else fp32 (never fp16); resumable
 checkpoints; a stop on non-finite loss or gradient norm.
-Not supported here: packing (the padding-free collator is being built in loraflow/training), multi-GPU.
+Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
+causal masks. Not supported here: multi-GPU.
 
 Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
 worth it), and the log says so.
@@ -37,7 +38,7 @@ from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
 ADAPTER_MANIFEST = "loraflow-adapter.json"
 CHECKPOINT_MARKER = "loraflow-complete.json"
 # Settings that may change between a crash and its re-run without changing what is trained.
-RESUME_NEUTRAL_SETTINGS = ("allow_resume_mismatch", "checkpoint_every", "keep_checkpoints", "nonfinite_patience")
+RESUME_NEUTRAL_SETTINGS = ("allow_resume_mismatch", "checkpoint_every", "keep_checkpoints", "nonfinite_patience", "cpu_threads")
 
 # = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
 IGNORE_INDEX = -100
@@ -99,12 +100,6 @@ def train_adapter(
     """
     log = log or log_default
     started = time.perf_counter()
-    if train_config.packing:
-        raise NotImplementedError(
-            "train.packing=true is not available yet: the padding-free packing collator with per-document "
-            "attention masking (loraflow/training, issue 3) is not wired into tasks/train.py. Set train.packing=false."
-        )
-
     # ---- validate inputs before loading anything heavy ----
     frame, data_sha = _load_tokens(tokens, store)
     train_rows = frame[frame["split"] == "train"]
@@ -122,6 +117,8 @@ def train_adapter(
     import torch
 
     env = training_environment(train_config)
+    if env["device"] == "cpu" and train_config.cpu_threads:
+        torch.set_num_threads(train_config.cpu_threads)
     if train_config.quantization != "none" and env["quantization"] == "none":
         log.warning(
             "train: no CUDA device, so train.quantization=%s runs unquantized (16-bit base) on CPU; "
@@ -155,9 +152,19 @@ def train_adapter(
     trainable, total = _parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    # ---- data ----
+    # ---- data: padded batches, or packed rows whose documents only attend to themselves ----
     examples = TokenizedExamples(train_rows)
-    collator = PadByPosition(pad_id, pad_to_multiple_of=8 if env["device"] == "cuda" else None)
+    if train_config.packing:
+        from loraflow.training import PackedCollator, enable_document_masking, pack_examples, packing_stats
+
+        max_tokens = max(train_config.pack_max_tokens, int(train_rows["length"].max()))
+        examples = pack_examples(examples.items, max_tokens=max_tokens)
+        log.info("train: packing %s", packing_stats(examples, max_tokens))
+        # The mask hook must see position_ids without an attention_mask: PackedCollator sends exactly that.
+        enable_document_masking(model)
+        collator = PackedCollator(pad_token_id=pad_id, pad_to_multiple_of=128 if env["device"] == "cuda" else None)
+    else:
+        collator = PadByPosition(pad_id, pad_to_multiple_of=8 if env["device"] == "cuda" else None)
 
     # ---- trainer ----
     from transformers import PrinterCallback, ProgressCallback, Trainer
@@ -325,7 +332,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path):
         disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
         use_cpu=env["device"] == "cpu",
     )
-    if config.group_by_length:
+    if config.group_by_length and not config.packing:  # packed rows are already of similar length
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
@@ -424,9 +431,12 @@ def _callback_base():
 
 
 class StepRecorder(_callback_base()):
-    """Records each step's loss, grad norm, lr and tokens/s (the loss curve) and draws the progress bar."""
+    """Records each step's loss, grad norm, lr and tokens/s (the loss curve) and draws the progress bar.
 
-    def __init__(self, collator: PadByPosition):
+    `collator` is anything with a running `tokens_seen` count (PadByPosition, loraflow.training.PackedCollator).
+    """
+
+    def __init__(self, collator):
         self.collator = collator
         self.rows: list[dict] = []
         self.bar = None

@@ -24,7 +24,7 @@ from tasks.evaluate import (
     stop_token_ids,
     summarise,
 )
-from tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
+from tests.tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
 
 
 # ---- pure metrics --------------------------------------------------------------------------------------

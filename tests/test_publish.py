@@ -21,8 +21,8 @@ from tasks.publish import (
     verification_batch,
 )
 from tasks.train import train_adapter
-from hub_standin import HubStandIn
-from tiny_llama import build_tiny_llama, tokens_frame
+from tests.hub_standin import HubStandIn
+from tests.tiny_llama import build_tiny_llama, tokens_frame
 
 SENTINEL_TOKEN = "hf_SENTINEL_do_not_leak_0123456789"
 

@@ -44,4 +44,5 @@ class EvalConfig(StrictModel):
         ),
     )
     seed: int = Field(0, description="Seed of the deterministic question sample.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads when generating on CPU (None = torch's default; 1 on a shared CPU).")
     gate: GateConfig = Field(default_factory=GateConfig, description="Publish gate.")

@@ -24,7 +24,7 @@ def smol_random(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loraflow.models import TOKENIZER_FILES
-    from tiny_llama import smollm2_dir
+    from tests.tiny_llama import smollm2_dir
 
     source, folder = smollm2_dir(), tmp_path_factory.mktemp("smol") / "model"
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def smol_random(tmp_path_factory):
 def tokens(smol_random):
     from transformers import AutoTokenizer
 
-    from tiny_llama import tokens_frame
+    from tests.tiny_llama import tokens_frame
 
     return tokens_frame(AutoTokenizer.from_pretrained(smol_random))
 
