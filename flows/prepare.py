@@ -6,11 +6,13 @@ only what depends on it. Each run writes `summary.json` into its own run folder.
 """
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from loraflow.config.pipeline import PipelineConfig, source_name
@@ -51,6 +53,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         raw_results.append(result)
         name = source_name(source)
         summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds)
+        stage_artifact(config.name, f"ingest-{name}", result, store, cached)
         summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
                                    "location": getattr(source, "path", None) or getattr(source, "repo", None),
                                    "rows": result.rows_out})
@@ -60,6 +63,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         synthesize_task, store, raw_refs=[r.output for r in raw_results], config=config.synthesize, store_root=store.root
     )
     summary["stages"]["synthesize"] = stage_summary(conversations, cached, seconds)
+    stage_artifact(config.name, "synthesize", conversations, store, cached)
 
     # ---- format and tokenize: the tokenizer comes first, its fingerprint is part of both cache keys
     tokenizer_dir = str(resolve_model_dir(config.model, config.base_dir))
@@ -69,11 +73,13 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
     )
     summary["stages"]["format"] = stage_summary(formatted, cached, seconds)
+    stage_artifact(config.name, "format", formatted, store, cached)
     tokens, cached, seconds = run_stage(
         tokenize_task, store, formatted_ref=formatted.output, config=config.tokenize,
         tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
     )
     summary["stages"]["tokenize"] = stage_summary(tokens, cached, seconds)
+    stage_artifact(config.name, "tokenize", tokens, store, cached)
 
     # ---- pre-flight: fail here, not three hours into training
     summary["preflight"] = preflight_task(
@@ -89,6 +95,23 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def stage_artifact(run_name: str, stage_name: str, result, store: ArtifactStore, cached: bool) -> None:
+    """A table artifact per data stage, under a stable key so the UI shows its history across runs."""
+    rows = [{"measure": "rows in", "value": result.rows_in}, {"measure": "rows out", "value": result.rows_out},
+            {"measure": "rows quarantined", "value": result.rows_quarantined}, {"measure": "cached", "value": cached},
+            {"measure": "artifact", "value": result.output.uri}]
+    if result.quarantine is not None:
+        reasons = store.read(result.quarantine)["reason"].str.split(":").str[0].value_counts().head(5)
+        rows += [{"measure": f"quarantine reason: {reason}", "value": int(count)} for reason, count in reasons.items()]
+    for name, value in result.stats.items():
+        if isinstance(value, (int, float, str, bool)):
+            rows.append({"measure": name, "value": value})
+        elif isinstance(value, dict) and all(isinstance(v, (int, float, str)) for v in value.values()):
+            rows += [{"measure": f"{name}: {key}", "value": v} for key, v in value.items()]
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{stage_name}".lower()).strip("-")
+    create_table_artifact(key=key, table=rows, description=f"{stage_name}: rows in/out/quarantined and stage counts")
 
 
 def stage_summary(result, cached: bool, seconds: float) -> dict:
