@@ -35,7 +35,7 @@ def check_columns(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> N
     module, options = SYNTHESIZERS[config.kind], getattr(config, config.kind)
     problems = []
     for position, frame in enumerate(raw_frames):
-        wanted = {**{column: None for column in PROVENANCE}, **{column: key for key, column in module.required_columns(options).items()}}
+        wanted = dict.fromkeys(PROVENANCE) | {column: key for key, column in module.required_columns(options).items()}
         absent = [(column, key) for column, key in wanted.items() if column not in frame.columns]
         if not absent:
             continue
@@ -95,14 +95,19 @@ def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows
             skipped_by_column[kind][column] += 1
     return {
         "synthesizer": config.kind,
-        "conversations_by_kind": {str(k): int(n) for k, n in conversations["kind"].value_counts(sort=False).items()},
-        "conversations_by_phrasing_set": {str(k): int(n) for k, n in conversations["phrasing_set"].value_counts(sort=False).items()},
-        "skipped_by_kind": {str(k): int(n) for k, n in quarantine["kind"].value_counts(sort=False).items()},
+        "conversations_by_kind": counts(conversations["kind"]),
+        "conversations_by_phrasing_set": counts(conversations["phrasing_set"]),
+        "skipped_by_kind": counts(quarantine["kind"]),
         "skipped_by_column": skipped_by_column,
         "skip_reasons": {str(k): int(n) for k, n in quarantine["reason"].value_counts().head(20).items()},
         "rows_expanded": rows_in * (units - 1) + emitted_units * (per_unit - 1),
         **conversations.attrs.get("stats", {}),
     }
+
+
+def counts(values: pd.Series) -> dict[str, int]:
+    """Value counts in first-seen order, as plain JSON types."""
+    return {str(value): int(count) for value, count in values.value_counts(sort=False).items()}
 
 
 def run_synthesize(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore) -> StageResult:

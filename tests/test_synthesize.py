@@ -148,12 +148,16 @@ def test_phrasings_are_deterministic_and_heldout_wordings_differ_from_trained():
     assert set(other_seed["id"]) != set(first["id"])
     reversed_rows = catalog().iloc[::-1].reset_index(drop=True)
     shuffled, _ = synthesize_frame([reversed_rows], config)
-    assignment = lambda frame: {(sid, kind, m[0]["content"], s) for sid, kind, m, s in zip(frame.source_id, frame.kind, frame.messages, frame.phrasing_set)}
+
+    def assignment(frame):
+        return set(zip(frame.source_id, frame.kind, [m[0]["content"] for m in frame.messages], frame.phrasing_set))
+
     assert assignment(shuffled) == assignment(first)
 
 
 def test_question_templates_match_the_config_and_the_config_refuses_too_many():
-    assert {kind: len(templates) for kind, templates in anime_qa.QUESTIONS.items()} == dict.fromkeys(anime_qa.KIND_FIELDS, PHRASINGS_PER_KIND)
+    sizes = {kind: len(templates) for kind, templates in anime_qa.QUESTIONS.items()}
+    assert sizes == dict.fromkeys(anime_qa.KIND_FIELDS, PHRASINGS_PER_KIND)
     assert all(len(set(templates)) == PHRASINGS_PER_KIND for templates in anime_qa.QUESTIONS.values())
     with pytest.raises(ValidationError, match="lower one of them"):
         AnimeQAOptions(trained_phrasings=6, heldout_phrasings=3)
@@ -234,7 +238,8 @@ def test_instruction_system_and_id_columns():
     assert [[m["role"] for m in ms] for ms in conversations["messages"]] == [["system", "user", "assistant"], ["user", "assistant"]]
     assert conversations["source_id"].tolist() == ["a1", "a2"]
     with pytest.raises(SynthesizeError, match=r"'input' \(set synthesize.instruction.input_column\)"):
-        synthesize_frame([rows], config.model_copy(update={"instruction": config.instruction.model_copy(update={"input_column": "input"})}))
+        with_input = config.instruction.model_copy(update={"input_column": "input"})
+        synthesize_frame([rows], config.model_copy(update={"instruction": with_input}))
 
 
 # ---- conversations (ShareGPT)
@@ -261,7 +266,9 @@ def test_sharegpt_multi_turn_trimmed_and_skipped(encoding):
     assert conversations.attrs["stats"] == {"trimmed_to_last_assistant": 1}
     reasons = sorted(quarantine["reason"])
     assert reasons[0] == "conversation skipped: conversations has no assistant turn"
-    assert reasons[1].startswith("conversation skipped: conversations turn 2 has speaker 'bot' -> add it to synthesize.conversations.role_map")
+    assert reasons[1].startswith(
+        "conversation skipped: conversations turn 2 has speaker 'bot' -> add it to synthesize.conversations.role_map"
+    )
 
 
 def test_sharegpt_bad_json_is_skipped_with_its_reason():
@@ -353,7 +360,8 @@ def test_sample_catalog():
 
 @pytest.mark.parametrize("kind", ["instruction", "conversations", "text"])
 def test_sample_generic_sources(kind):
-    path = REPO / "data" / "sample" / {"instruction": "instructions.jsonl", "conversations": "conversations.json", "text": "quotes.jsonl"}[kind]
+    files = {"instruction": "instructions.jsonl", "conversations": "conversations.json", "text": "quotes.jsonl"}
+    path = REPO / "data" / "sample" / files[kind]
     if not path.exists():
         pytest.skip(f"{path} not created yet")
     rows = raw(pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False), path.stem)

@@ -24,7 +24,8 @@ counts = st.one_of(st.integers(0, 10**7).map(str), st.integers(0, 10**4).map(lam
 
 
 def cell(shape: str):
-    value = {"plain": free_text, "count": counts, "list": st.lists(st.one_of(free_text, st.sampled_from(MARKERS[:-2])), min_size=1, max_size=4).map(", ".join)}[shape]
+    items = st.lists(st.one_of(free_text, st.sampled_from(MARKERS[:-2])), min_size=1, max_size=4)  # markers as list items too
+    value = {"plain": free_text, "count": counts, "list": items.map(", ".join)}[shape]
     return st.one_of(value, value, value, value, st.sampled_from(MARKERS))  # a fifth missing: most rows still ask something
 
 

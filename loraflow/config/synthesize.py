@@ -51,7 +51,9 @@ class AnimeQAOptions(StrictModel):
         description="Title fields (english_name, other_name) whose missing value only drops their clause from the "
         "overview answer; listed or not, a missing value in any other field a kind needs skips that kind for the row.",
     )
-    max_synopsis_words: int = Field(60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible).")
+    max_synopsis_words: int = Field(
+        60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible)."
+    )
     seed: int = Field(0, description="Seed for choosing phrasings per row (deterministic).")
 
     @model_validator(mode="after")

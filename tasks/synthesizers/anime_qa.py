@@ -116,8 +116,8 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
 
         # ---- answers, each checked against its row before it is emitted
         candidates = np.flatnonzero(~blocked).tolist()
-        arguments = zip(*([column[row] for row in candidates] for column in
-                          [values[field] for field in KIND_FIELDS[kind]] + [field_facts[field] for field in KIND_FIELDS[kind][1:]]))
+        kind_columns = [values[field] for field in KIND_FIELDS[kind]] + [field_facts[field] for field in KIND_FIELDS[kind][1:]]
+        arguments = zip(*([column[row] for row in candidates] for column in kind_columns))
         answers = [ANSWERS[kind](*row_values) for row_values in arguments]
         good_rows, good_answers = [], []
         for row, (answer, facts) in zip(candidates, answers):
@@ -177,8 +177,10 @@ def clean_field(field: str, raw: list[str | None], missing: set[str], max_synops
     if field in LIST_FIELDS:
         # Catalogs repeat the same genre/studio lists a lot: split each distinct text once.
         split = {}
-        return [None if value is None else split[value] if value in split else split.setdefault(value, split_items(value, missing))
-                for value in collapsed]
+        return [
+            None if value is None else split[value] if value in split else split.setdefault(value, split_items(value, missing))
+            for value in collapsed
+        ]
     if field in COUNT_FIELDS:
         collapsed = [value[: value.index(".")] if value and _INTEGRAL_FLOAT.match(value) else value for value in collapsed]
     if field == "synopsis":

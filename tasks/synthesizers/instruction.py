@@ -47,7 +47,8 @@ def synthesize(rows: pd.DataFrame, options: InstructionOptions) -> tuple[pd.Data
     ids, messages, out_sources, out_rows, out_ids = [], [], [], [], []
     skipped_rows, skipped_columns, skipped_reasons = [], [], []
     for row, (instruction, input_text, output, system) in enumerate(zip(instructions, inputs, outputs, systems)):
-        empty = [column for column, value in ((options.instruction_column, instruction), (options.output_column, output)) if value is None]
+        required = ((options.instruction_column, instruction), (options.output_column, output))
+        empty = [column for column, value in required if value is None]
         if empty:
             skipped_rows.append(row), skipped_columns.append(empty)
             skipped_reasons.append(f"{KIND} skipped: " + ", ".join(f"{column} is empty" for column in empty))
