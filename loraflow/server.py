@@ -29,6 +29,8 @@ def prefect_env(port: int, home: Path | None = None, database_url: str | None = 
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "LORAFLOW_REPO": str(REPO),
+        # Schedule new runs within seconds of a deploy rather than at the next minute's loop.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": env.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "10"),
     })
     if home is not None:
         env["PREFECT_HOME"] = str(home)

@@ -91,3 +91,18 @@ def test_invalid_parameters_rejected_before_a_run(server, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as error:
         api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": bad})
     assert error.value.code in (409, 422)
+
+
+def test_cron_schedule_creates_runs(server):
+    """The scheduler turns anime-nightly's cron into scheduled runs (it silently did not with SQLAlchemy 2.1)."""
+    deployment = api(server, "GET", "/deployments/name/finetune/anime-nightly")
+    deadline, scheduled = time.time() + 150, []
+    while time.time() < deadline and not scheduled:
+        scheduled = api(server, "POST", "/flow_runs/filter", {
+            "deployments": {"id": {"any_": [deployment["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+        })
+        time.sleep(3)
+    assert scheduled, "no scheduled runs were created for anime-nightly"
+    starts = sorted(run["next_scheduled_start_time"] or run["expected_start_time"] for run in scheduled)
+    assert all("T18:00:00" in start for start in starts)  # 03:00 in Asia/Tokyo is 18:00 UTC
