@@ -387,3 +387,12 @@ def test_25k_catalog_rows_make_75k_conversations_quickly():
     assert len(conversations) == 75_000 and len(quarantine) == 0 and conversations["id"].is_unique
     # ≈ 0.6 s of CPU on an idle 2-core dev box; the bound only catches an accidental per-row pandas loop.
     assert seconds < 10, seconds
+
+
+@pytest.mark.parametrize("kind", ["anime_qa", "instruction", "conversations", "text"])
+def test_an_empty_source_gives_empty_frames(kind):
+    frame = {"anime_qa": catalog(), "instruction": jsonl("instructions_ko.jsonl", "ko"),
+             "conversations": jsonl("sharegpt.jsonl", "chat"), "text": raw(pd.DataFrame({"text": ["x"]}))}[kind].head(0)
+    conversations, quarantine = synthesize_frame([frame, frame], SynthesizeConfig(kind=kind))
+    assert len(conversations) == len(quarantine) == 0
+    check_structure(conversations, CONVERSATIONS)
