@@ -57,10 +57,11 @@ class ChatTemplate:
         if not plan:
             return None  # a role sequence the probes did not cover
         marker, cut = self.marker, len(self.marker)
-        pieces, pending = [], [plan[0]]
+        pieces, pending, last_answer = [], [plan[0]], 0
         for message, following in zip(messages, plan[1:]):
             if message["role"] == "assistant":
                 pieces.append(("".join(pending), False))
+                last_answer = len(pieces)
                 pieces.append((message["content"] + marker, True))
                 pending = [following[cut:]]
             else:
@@ -68,7 +69,6 @@ class ChatTemplate:
         tail = "".join(pending)
         if tail:
             pieces.append((tail, False))
-        last_answer = max(i for i, (_, trained) in enumerate(pieces) if trained)
         segments = tuple(p for p in pieces if p[0])
         return Rendered(segments, "".join(text for text, _ in pieces[:last_answer]), messages[-1]["content"])
 
