@@ -240,7 +240,7 @@ def run_loraflow(args, examples, log) -> dict:
     plan = configure_model_for_speed(
         model, train_config, memory_budget_gb=args.memory_budget_gb,
         tokens_per_micro_batch=None if args.checkpointing == "all" else tokens_per_micro_batch,
-        attn_implementation=args.attn, use_liger=not args.no_liger,
+        attn_implementation=args.attn, use_liger=not args.no_liger, fuse_lora=not args.no_fuse_lora,
     )
     log(f"  plan: {plan.as_dict()}")
     batches = _packed_batches(torch, examples, args)
@@ -399,15 +399,20 @@ def parent_main(args, argv: list[str]) -> int:
                 for variant in args.loraflow_variants.split(";"):
                     extra = shlex.split(variant)
                     results[f"loraflow {variant}".strip()] = run_child(args, "loraflow", extra, log_file)
+            elif recipe == "unsloth":
+                for variant in args.unsloth_variants.split(";"):
+                    extra = shlex.split(variant)
+                    results[f"unsloth {variant}".strip()] = run_child(args, "unsloth", extra, log_file)
             else:
-                extra = ["--rows-per-step", str(args.rows_per_step)] if recipe == "unsloth" else []
-                results[recipe] = run_child(args, recipe, extra, log_file)
+                results[recipe] = run_child(args, recipe, [], log_file)
 
     baseline = results.get("baseline")
     loraflow_runs = {k: v for k, v in results.items() if k.startswith("loraflow") and v}
     best_key = max(loraflow_runs, key=lambda k: loraflow_runs[k]["tokens_per_s"]) if loraflow_runs else None
     best = loraflow_runs.get(best_key) if best_key else None
-    unsloth = results.get("unsloth")
+    unsloth_runs = {k: v for k, v in results.items() if k.startswith("unsloth") and v}
+    unsloth_key = max(unsloth_runs, key=lambda k: unsloth_runs[k]["tokens_per_s"]) if unsloth_runs else None
+    unsloth = unsloth_runs.get(unsloth_key) if unsloth_key else None
     record = {
         "gpu": gpu,
         "model": args.model,
@@ -422,6 +427,7 @@ def parent_main(args, argv: list[str]) -> int:
         "unsloth_peak_gb": unsloth and round(unsloth["peak_gb"], 2),
         "document_masking": bool(best and best["document_masking"]),
         "loraflow_best_variant": best_key,
+        "unsloth_best_variant": unsloth_key,
         "runs": results,
         "command": "python benchmarks/train_throughput.py " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -458,10 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-step", type=int, default=2, help="packed rows per micro-batch (loraflow, unsloth)")
     parser.add_argument("--loraflow-variants", default="--rows-per-step 2",
                         help="';'-separated extra argument sets, one loraflow run each")
+    parser.add_argument("--unsloth-variants", default="--rows-per-step 2",
+                        help="';'-separated extra argument sets, one Unsloth run each")
     parser.add_argument("--memory-budget-gb", type=float, default=None)
     parser.add_argument("--checkpointing", choices=["auto", "all", "none"], default="auto")
     parser.add_argument("--attn", default=None, help="attention implementation (default: flex on CUDA)")
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--no-fuse-lora", action="store_true", help="loraflow: keep peft's own LoRA forward")
     parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. -levers)")
     parser.add_argument("--profile", action="store_true", help="loraflow: print the top CUDA kernels of one step")
     parser.add_argument("--child-timeout", type=int, default=420)

@@ -81,3 +81,39 @@ def test_frozen_fp32_params_go_back_to_bf16_but_lora_stays_fp32():
     configure_model_for_speed(model, TrainConfig(quantization="none"), compute_dtype=torch.bfloat16)
     for name, param in model.named_parameters():
         assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+
+
+def test_fused_lora_forward_matches_peft_forward_and_gradients():
+    from loraflow.training import fuse_lora_epilogues
+
+    batch = _batch(seed=1)
+    results = {}
+    for fused in (False, True):
+        model = _lora_llama(layers=2)
+        configure_model_for_speed(model, TrainConfig(quantization="none"), fuse_lora=False)
+        if fused:
+            assert fuse_lora_epilogues(model) == 2 * 7
+            assert fuse_lora_epilogues(model) == 0  # idempotent
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        results[fused] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_lora_falls_back_to_peft_when_adapters_are_disabled():
+    model = _lora_llama(layers=2)
+    plan = configure_model_for_speed(model, TrainConfig(quantization="none"))
+    assert plan.lora_fused_layers == 14
+    batch = _batch(seed=2)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(**batch).logits
+        adapted = model(**batch).logits
+    reference = _lora_llama(layers=2)  # same seed, so the same base weights
+    configure_model_for_speed(reference, TrainConfig(quantization="none"), fuse_lora=False)
+    with torch.no_grad(), reference.disable_adapter():
+        torch.testing.assert_close(base, reference(**batch).logits)
+    assert not torch.allclose(base, adapted)

@@ -8,6 +8,7 @@
 See docs/speed.md for what each setting buys (measured) and why.
 """
 
+from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import document_causal_mask, document_ids, enable_document_masking
 from loraflow.training.packing import IGNORE_INDEX, PackedCollator, pack_examples, packing_stats
 from loraflow.training.speed import SpeedPlan, activation_bytes_per_token, configure_model_for_speed, plan_checkpointing
@@ -22,6 +23,7 @@ __all__ = [
     "document_causal_mask",
     "document_ids",
     "enable_document_masking",
+    "fuse_lora_epilogues",
     "pack_examples",
     "packing_stats",
 ]

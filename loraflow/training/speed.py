@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import _decoder, enable_document_masking
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class SpeedPlan:
     attn_implementation: str
     document_masking: bool
     liger: list[str] = field(default_factory=list)
+    lora_fused_layers: int = 0
     frozen_params_cast_to: str | None = None
     checkpointed_layers: int = 0
     total_layers: int = 0
@@ -172,6 +174,7 @@ def configure_model_for_speed(
     tokens_per_micro_batch: int | None = None,
     attn_implementation: str | None = None,
     use_liger: bool = True,
+    fuse_lora: bool = True,
     compute_dtype: torch.dtype | None = None,
 ) -> SpeedPlan:
     """Set up a (peft-wrapped) causal LM for fast packed training. Call after `get_peft_model`, before Trainer.
@@ -180,6 +183,7 @@ def configure_model_for_speed(
       SDPA elsewhere; documents are kept apart by `enable_document_masking` whatever the implementation.
     - KV cache off (useless in training).
     - Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) on CUDA when installed.
+    - LoRA's scaling and residual add folded into the up-projection GEMM (`fuse_lora_epilogues`).
     - Frozen fp32 parameters (norms, embeddings, head upcast by prepare_model_for_kbit_training) back to
       `compute_dtype` (default bf16 on CUDA).
     - Gradient checkpointing per layer: if `train_config.gradient_checkpointing` is on and
@@ -200,6 +204,10 @@ def configure_model_for_speed(
     liger = _apply_liger(model, skipped) if use_liger else []
     if not use_liger:
         skipped["liger"] = "disabled by the caller"
+
+    fused = fuse_lora_epilogues(model) if fuse_lora else 0
+    if not fuse_lora:
+        skipped["fuse_lora"] = "disabled by the caller"
 
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if on_cuda else None
@@ -230,6 +238,7 @@ def configure_model_for_speed(
         attn_implementation=attn_implementation,
         document_masking=True,
         liger=liger,
+        lora_fused_layers=fused,
         frozen_params_cast_to=cast_to,
         checkpointed_layers=checkpointed,
         total_layers=layers,
