@@ -197,3 +197,15 @@ def test_run_format_writes_a_valid_artifact(tmp_path, model_dir, tokenizer):
     formatted = store.read(result.output)
     enforce(formatted, FORMATTED)
     assert isinstance(build_template("chat_template", tokenizer), ChatTemplate)
+
+
+def test_cache_key_covers_the_template_code(tmp_path):
+    """Editing a template must invalidate cached format results, not only editing tasks/format.py."""
+    from types import SimpleNamespace
+
+    from tasks.format import format_cache_key, format_task, templates_hash
+
+    assert format_task.cache_key_fn is format_cache_key
+    context = SimpleNamespace(task=SimpleNamespace(name="format", fn=format_task.fn))
+    key = format_cache_key(context, {"config": FormatConfig(), "tokenizer_dir": "x", "tokenizer_fingerprint": "f"})
+    assert key.startswith("format-") and key.endswith(templates_hash())
