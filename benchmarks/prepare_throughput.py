@@ -142,6 +142,7 @@ def main() -> None:
 
     from tasks.format import load_tokenizer_dir
 
+    load_before = os.getloadavg()
     tokenizer_dir = str(resolve_model_dir(ModelConfig()))
     tokenizer = load_tokenizer_dir(tokenizer_dir)
     catalog = make_rows(args.rows)
@@ -163,7 +164,10 @@ def main() -> None:
         "command": "python " + " ".join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "note": "2 cores shared with other engineers' work: timings are noisy"},
+                    "load_average_1_5_15_before": [round(x, 2) for x in load_before],
+                    "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+                    "note": "2 cores shared with other engineers' work: a load average above 2 means every timing here "
+                            "is inflated; compare the ratios, which were measured in the same run"},
         "catalog_rows": args.rows, "examples": n, "tokens_total": loraflow["tokenize_stats"]["tokens_total"],
         "recipe": {"seconds": round(recipe_seconds, 3), "examples": recipe_examples},
         "bare_tokenizer": {"seconds": round(bare_seconds, 3)},
