@@ -15,9 +15,6 @@ from pydantic import BaseModel
 
 from loraflow.store import ArtifactRef
 
-CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "data_contracts"
-
-
 class _MissingInput(Exception):
     pass
 
@@ -51,10 +48,29 @@ def _canonical(value):
     return value
 
 
+# Modules whose code shapes a stage's output: the stage itself and what it uses from these packages.
+CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.stage", "loraflow.store", "loraflow.models")
+
+
 @lru_cache(maxsize=None)
 def code_hash(module_name: str) -> str:
-    """Hash of a stage module's source plus the data contracts (both shape its output)."""
-    digest = hashlib.sha256(inspect.getsource(sys.modules[module_name]).encode())
-    for contract_file in sorted(CONTRACTS_DIR.glob("*.py")):
-        digest.update(contract_file.read_bytes())
+    """Hash of a stage module's source and of every project module it reaches (synthesizers, templates,
+    sources, contracts), so editing any of them invalidates that stage's cache and only that stage's."""
+    seen, pending = set(), [module_name]
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in sys.modules:
+            continue
+        seen.add(name)
+        parent = name.rpartition(".")[0]
+        if parent.startswith(CODE_PREFIXES):  # a package's registry names its plug-in modules
+            pending.append(parent)
+        for value in vars(sys.modules[name]).values():
+            used = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(used, str) and used.startswith(CODE_PREFIXES) and used not in seen:
+                pending.append(used)
+    seen |= {name for name in sys.modules if name.startswith("data_contracts")}  # contract objects hide their module
+    digest = hashlib.sha256()
+    for name in sorted(seen):
+        digest.update(name.encode() + inspect.getsource(sys.modules[name]).encode())
     return digest.hexdigest()[:16]

@@ -45,7 +45,7 @@ def write_stage_output(
             all_quarantined, stage=f"{stage}-quarantine", contract=QUARANTINE.name,
             schema_version=QUARANTINE.version, config_hash=config_hash,
         )
-    rows_dropped_silently = rows_in - len(valid) - len(all_quarantined) - (stats or {}).get("rows_expanded", 0)
+    rows_dropped_silently = rows_in + (stats or {}).get("rows_expanded", 0) - len(valid) - len(all_quarantined)
     return StageResult(
         stage=stage, output=output, quarantine=quarantine_ref, rows_in=rows_in, rows_out=len(valid),
         rows_quarantined=len(all_quarantined), stats={**(stats or {}), "unaccounted_rows": rows_dropped_silently},
