@@ -6,9 +6,7 @@ marker after each. `prompt` is the text before the final answer (what inference 
 prompt included), `reference` the final answer. Rows a template cannot render are quarantined.
 """
 
-import hashlib
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,7 +16,6 @@ from data_contracts.base import quarantine_rows
 from loraflow.config.format import FormatConfig
 from loraflow.stage import StageResult, read_input, write_stage_output
 from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.caching import stage_cache_key
 from loraflow.tasking import stage_task
 from tasks.templates import ChatTemplate, build_template, render_text, with_system
 
@@ -111,21 +108,7 @@ def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_d
     )
 
 
-def templates_hash() -> str:
-    """Hash of the template package's source: the rendered text depends on it, not only on this module."""
-    digest = hashlib.sha256()
-    for path in sorted((Path(__file__).parent / "templates").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def format_cache_key(context, parameters: dict) -> str | None:
-    """The stage cache key (inputs, config, tokenizer fingerprint, this module's code) plus the templates' code."""
-    key = stage_cache_key(context, parameters)
-    return None if key is None else f"{key}-{templates_hash()}"
-
-
-@stage_task(name="format", cache_key_fn=format_cache_key)
+@stage_task(name="format")
 def format_task(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
                 store_root: str) -> StageResult:
     """Prefect task around `run_format`; `tokenizer_fingerprint` puts the tokenizer into the cache key."""

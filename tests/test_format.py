@@ -199,13 +199,22 @@ def test_run_format_writes_a_valid_artifact(tmp_path, model_dir, tokenizer):
     assert isinstance(build_template("chat_template", tokenizer), ChatTemplate)
 
 
-def test_cache_key_covers_the_template_code(tmp_path):
+
+
+def test_cache_key_covers_the_template_code(monkeypatch):
     """Editing a template must invalidate cached format results, not only editing tasks/format.py."""
-    from types import SimpleNamespace
+    import inspect
 
-    from tasks.format import format_cache_key, format_task, templates_hash
+    import loraflow.caching as caching
+    from tasks.format import format_task
 
-    assert format_task.cache_key_fn is format_cache_key
-    context = SimpleNamespace(task=SimpleNamespace(name="format", fn=format_task.fn))
-    key = format_cache_key(context, {"config": FormatConfig(), "tokenizer_dir": "x", "tokenizer_fingerprint": "f"})
-    assert key.startswith("format-") and key.endswith(templates_hash())
+    module = format_task.fn.__module__
+    before = caching.code_hash.__wrapped__(module)
+    original = inspect.getsource
+
+    def edited(obj):
+        source = original(obj)
+        return source + "\n# edited" if getattr(obj, "__name__", "") == "tasks.templates.gemma" else source
+
+    monkeypatch.setattr(caching.inspect, "getsource", edited)
+    assert caching.code_hash.__wrapped__(module) != before
