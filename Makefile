@@ -26,7 +26,7 @@ prepare-demo: setup
 	$(BIN)/loraflow prepare configs/anime_demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu and not browser"
+	$(BIN)/python -m pytest -q -m "not gpu"
 
 clean:
 	rm -rf .loraflow
