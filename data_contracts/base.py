@@ -52,7 +52,7 @@ def check_structure(frame: pd.DataFrame, contract: Contract, where: str = "") ->
     """Raise one ContractViolation listing every missing column, wrong type or null where none is allowed."""
     if len(frame) == 0:
         # An empty frame has no values to type-check (its columns are untyped); only names can be wrong.
-        missing = [name for name in contract.columns if name not in frame.columns]
+        missing = [name for name, column in contract.columns.items() if column.required and name not in frame.columns]
         if missing:
             raise ContractViolation(f"{where or contract.name}: missing column(s) {missing} -> {fix_for('column_in_dataframe')}")
         return

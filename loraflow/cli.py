@@ -12,6 +12,8 @@ def quiet_offline_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The ephemeral API server can take longer than Prefect's 20 s default to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def cmd_check(args) -> int:
@@ -145,6 +147,14 @@ def cmd_server(args) -> int:
     return 0
 
 
+def cmd_notify(args) -> int:
+    """Create the failure-notification automation on the server PREFECT_API_URL points at."""
+    from loraflow.automations import ensure_failure_notification
+
+    print(f"automation {ensure_failure_notification(args.webhook_url)}: failed runs are posted to {args.webhook_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.set_defaults(handler=cmd_ask)
+    notify = commands.add_parser("notify-on-failure", help="post failed runs to a webhook (Prefect automation)")
+    notify.add_argument("webhook_url")
+    notify.set_defaults(handler=cmd_notify)
     server = commands.add_parser("server", help="start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200)
     server.add_argument("--database-url", default=None, help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")
