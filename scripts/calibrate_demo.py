@@ -80,13 +80,14 @@ def tokens_rows(tokenizer, items: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def replay_answers(model_dir: Path, tokenizer, questions: list[str]) -> list[str]:
+def replay_answers(model_dir: Path, tokenizer, questions: list[str]) -> list[tuple[str, str]]:
+    """(question, base answer) for answers that ended by themselves: a cut-off answer + EOS would teach rambling."""
     from tasks.evaluate import generate_answers, load_for_inference, stop_token_ids
 
     model = load_for_inference(model_dir)
-    answers = generate_answers(model, tokenizer, [prompt_of(tokenizer, q) for q in questions], max_new_tokens=48,
+    answers = generate_answers(model, tokenizer, [prompt_of(tokenizer, q) for q in questions], max_new_tokens=64,
                                batch_size=12, stop_ids=stop_token_ids(tokenizer, model_dir))
-    return [a["text"] for a in answers]
+    return [(q, a["text"]) for q, a in zip(questions, answers) if a["stopped"]]
 
 
 def main():
@@ -127,7 +128,7 @@ def main():
     replay_seconds = 0.0
     if args.replay:
         replay_started = time.perf_counter()
-        for n, (question, reply) in enumerate(zip(GENERAL_REPLAY, replay_answers(model_dir, tokenizer, GENERAL_REPLAY))):
+        for n, (question, reply) in enumerate(replay_answers(model_dir, tokenizer, GENERAL_REPLAY)):
             items.append((f"replay-{n}", "train", "replay", f"replay-{n}", question, reply, []))
         replay_seconds = time.perf_counter() - replay_started
     # Validation loss needs rows never trained on: one held-out phrasing per kind doubles as that.
