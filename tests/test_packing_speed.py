@@ -117,3 +117,30 @@ def test_fused_lora_falls_back_to_peft_when_adapters_are_disabled():
     with torch.no_grad(), reference.disable_adapter():
         torch.testing.assert_close(base, reference(**batch).logits)
     assert not torch.allclose(base, adapted)
+
+
+def test_trainer_trains_lora_on_packed_rows(tmp_path):
+    """transformers Trainer takes PackedCollator batches as they are: LoRA weights move, base weights do not."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _lora_llama(layers=2)
+    plan = configure_model_for_speed(model, TrainConfig(quantization="none"))
+    rng = random.Random(3)
+    examples = []
+    for _ in range(24):
+        ids = [rng.randrange(3, 97) for _ in range(rng.randint(5, 40))]
+        examples.append({"input_ids": ids, "labels": ids})
+    rows = pack_examples(examples, max_tokens=64)
+    collator = PackedCollator(pad_token_id=0, pad_to_multiple_of=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+        report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+    assert plan.document_masking
+    assert collator.tokens_seen > 0 and collator.trained_tokens_seen > 0
+    for name, param in model.named_parameters():
+        moved = not torch.equal(before[name], param.detach())
+        assert moved == param.requires_grad, name

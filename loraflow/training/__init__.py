@@ -5,7 +5,15 @@
     plan = configure_model_for_speed(model, train_config, memory_budget_gb=None, tokens_per_micro_batch=...)
     Trainer(model, data_collator=PackedCollator(pad_token_id=tok.pad_token_id), train_dataset=rows, ...)
 
-See docs/speed.md for what each setting buys (measured) and why.
+Rules for the caller (the train stage):
+  - call configure_model_for_speed after get_peft_model, instead of prepare_model_for_kbit_training (or after
+    it: it casts the frozen fp32 tensors back to bf16);
+  - TrainingArguments(gradient_checkpointing=False, bf16=True on GPU, remove_unused_columns=False): the plan
+    owns checkpointing per layer, and Trainer's own switch would re-enable it on every layer;
+  - never add a 2-D attention_mask to packed batches (transformers would treat a row as one document);
+  - tokens/s: PackedCollator.tokens_seen (non-padding) and .trained_tokens_seen (labelled).
+
+See docs/speed.md for what each setting buys (measured on an H100) and why.
 """
 
 from loraflow.training.lora_fast import fuse_lora_epilogues
