@@ -60,7 +60,8 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
 
     # ---- synthesize: rows -> conversations
     conversations, cached, seconds = run_stage(
-        synthesize_task, store, raw_refs=[r.output for r in raw_results], config=config.synthesize, store_root=store.root
+        synthesize_task, store, raw_refs=[r.output for r in raw_results], config=config.synthesize, store_root=store.root,
+        kinds=[source.synthesizer for source in config.sources],
     )
     summary["stages"]["synthesize"] = stage_summary(conversations, cached, seconds)
     stage_artifact(config.name, "synthesize", conversations, store, cached)

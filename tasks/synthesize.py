@@ -53,25 +53,34 @@ def check_columns(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> N
         )
 
 
-def synthesize_frame(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthesize_frame(
+    raw_frames: list[pd.DataFrame], config: SynthesizeConfig, kinds: list[str | None] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RAW frames -> (conversations, quarantine rows for every skipped unit). Pure; sources in order.
 
+    `kinds[i]` names the synthesizer for frame i (a source's `synthesizer:`); None uses config.kind.
     The quarantine frame has the QUARANTINE contract's columns plus `kind` and `columns` (the source columns
     that caused the skip); `row_index` is the row's position in the concatenated input.
     """
     if not raw_frames:
         raise SynthesizeError("synthesize: no input artifacts -> configure at least one source")
-    check_columns(raw_frames, config)
-    module, options = SYNTHESIZERS[config.kind], getattr(config, config.kind)
-    conversation_parts, quarantine_parts, extra_stats = [], [], {}
+    frame_configs = [config if not kind or kind == config.kind else config.model_copy(update={"kind": kind})
+                     for kind in (kinds or [None] * len(raw_frames))]
+    for frame, frame_config in zip(raw_frames, frame_configs):
+        check_columns([frame], frame_config)
+    conversation_parts, quarantine_parts, extra_stats = [], [], {"rows_expanded": 0}
     offset = 0
     # Each source is synthesized on its own frame, so a row's quarantine copy has only its own columns.
-    for frame in raw_frames:
+    for frame, frame_config in zip(raw_frames, frame_configs):
+        module, options = SYNTHESIZERS[frame_config.kind], getattr(frame_config, frame_config.kind)
         rows = frame.reset_index(drop=True)
         with gc_paused():
             conversations, skipped = module.synthesize(rows, options)
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
+        units, per_unit = module.expansion(options)
+        emitted_units = len(rows) * units - len(skipped)
+        extra_stats["rows_expanded"] += len(rows) * (units - 1) + emitted_units * (per_unit - 1)
         conversation_parts.append(conversations)
         set_aside = rows.iloc[skipped["row"].to_numpy()].set_axis(skipped["row"].to_numpy() + offset)
         quarantine = quarantine_rows(set_aside, pd.Series(skipped["reason"].tolist(), index=set_aside.index), "synthesize")
@@ -86,13 +95,15 @@ def synthesize_frame(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -
 
 def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
     """Counts for the run summary, including rows_expanded (see module docstring)."""
-    units, per_unit = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
-    emitted_units = rows_in * units - len(quarantine)
     skipped_by_column: dict[str, dict[str, int]] = {}
     for kind, columns in zip(quarantine["kind"].tolist(), quarantine["columns"].tolist()):
         for column in columns:
             skipped_by_column.setdefault(kind, {}).setdefault(column, 0)
             skipped_by_column[kind][column] += 1
+    stats = dict(conversations.attrs.get("stats", {}))
+    if "rows_expanded" not in stats:  # frames built by hand: one synthesizer, the configured one
+        units, per_unit = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
+        stats["rows_expanded"] = rows_in * (units - 1) + (rows_in * units - len(quarantine)) * (per_unit - 1)
     return {
         "synthesizer": config.kind,
         "conversations_by_kind": counts(conversations["kind"]),
@@ -100,8 +111,7 @@ def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows
         "skipped_by_kind": counts(quarantine["kind"]),
         "skipped_by_column": skipped_by_column,
         "skip_reasons": {str(k): int(n) for k, n in quarantine["reason"].value_counts().head(20).items()},
-        "rows_expanded": rows_in * (units - 1) + emitted_units * (per_unit - 1),
-        **conversations.attrs.get("stats", {}),
+        **stats,
     }
 
 
@@ -110,10 +120,12 @@ def counts(values: pd.Series) -> dict[str, int]:
     return {str(value): int(count) for value, count in values.value_counts(sort=False).items()}
 
 
-def run_synthesize(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore) -> StageResult:
+def run_synthesize(
+    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore, kinds: list[str | None] | None = None
+) -> StageResult:
     """Read the RAW artifacts, synthesize, and write CONVERSATIONS plus the quarantine (runs without Prefect)."""
     raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
-    conversations, quarantine = synthesize_frame(raw_frames, config)
+    conversations, quarantine = synthesize_frame(raw_frames, config, kinds)
     rows_in = sum(len(frame) for frame in raw_frames)
     if len(conversations) == 0:
         top = quarantine["reason"].value_counts().head(5).to_dict()
@@ -129,6 +141,8 @@ def run_synthesize(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store:
 
 
 @stage_task(name="synthesize")
-def synthesize_task(raw_refs: list[ArtifactRef], config: SynthesizeConfig, store_root: str) -> StageResult:
+def synthesize_task(
+    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store_root: str, kinds: list[str | None] | None = None
+) -> StageResult:
     """Prefect task around run_synthesize; cached on the input artifacts' hashes, the config and this code."""
-    return run_synthesize(raw_refs, config, ArtifactStore(store_root))
+    return run_synthesize(raw_refs, config, ArtifactStore(store_root), kinds)

@@ -263,7 +263,7 @@ def test_sharegpt_multi_turn_trimmed_and_skipped(encoding):
         [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"}],
     ]
     assert conversations["source_id"].tolist() == ["c1", "c2"]
-    assert conversations.attrs["stats"] == {"trimmed_to_last_assistant": 1}
+    assert conversations.attrs["stats"] == {"rows_expanded": 0, "trimmed_to_last_assistant": 1}
     reasons = sorted(quarantine["reason"])
     assert reasons[0] == "conversation skipped: conversations has no assistant turn"
     assert reasons[1].startswith(

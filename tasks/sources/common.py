@@ -4,12 +4,23 @@ import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
+from pydantic import Field
 
+from loraflow.config.base import StrictModel
 from loraflow.store import file_sha256
 
 UTF8_BOM = codecs.BOM_UTF8
+
+
+class SourceBase(StrictModel):
+    """Fields every source has, whatever its kind."""
+
+    synthesizer: Literal["anime_qa", "instruction", "conversations", "text"] | None = Field(
+        None, description="Synthesizer for this source's rows; None uses synthesize.kind (lets one run mix, e.g., QA with replay data)."
+    )
 
 
 class SourceError(ValueError):

@@ -10,11 +10,10 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from loraflow.config.base import StrictModel
-from tasks.sources.common import SourceError, decode_text, existing_file
+from tasks.sources.common import SourceBase, SourceError, decode_text, existing_file
 
 
-class Config(StrictModel):
+class Config(SourceBase):
     """A CSV file."""
 
     kind: Literal["csv"] = Field("csv", description="Source kind.")

@@ -10,11 +10,10 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from loraflow.config.base import StrictModel
-from tasks.sources.common import SourceError, folder_sha256, resolve_path
+from tasks.sources.common import SourceBase, SourceError, folder_sha256, resolve_path
 
 
-class Config(StrictModel):
+class Config(SourceBase):
     """A dataset on the Hugging Face Hub (or a local folder laid out like one)."""
 
     kind: Literal["hf_hub"] = Field("hf_hub", description="Source kind.")

@@ -11,11 +11,10 @@ from typing import Literal
 import pandas as pd
 from pydantic import Field
 
-from loraflow.config.base import StrictModel
-from tasks.sources.common import Rejected, SourceError, decode_text, existing_file
+from tasks.sources.common import SourceBase, Rejected, SourceError, decode_text, existing_file
 
 
-class Config(StrictModel):
+class Config(SourceBase):
     """A JSON or JSONL file."""
 
     kind: Literal["json"] = Field("json", description="Source kind.")

@@ -7,11 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from loraflow.config.base import StrictModel
-from tasks.sources.common import SourceError, existing_file
+from tasks.sources.common import SourceBase, SourceError, existing_file
 
 
-class Config(StrictModel):
+class Config(SourceBase):
     """A Parquet file."""
 
     kind: Literal["parquet"] = Field("parquet", description="Source kind.")
