@@ -7,6 +7,14 @@ checkpoints; a stop on non-finite loss or gradient norm.
 Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
 causal masks. Not supported here: multi-GPU.
 
+The fast path (default on CUDA: train.packing="auto"): examples packed into rows of train.pack_max_tokens,
+`configure_model_for_speed` after get_peft_model instead of prepare_model_for_kbit_training (flex attention
+with per-document block masks, Liger kernels, fused LoRA epilogues, bf16 frozen tensors, gradient checkpointing
+on only as many layers as train.memory_budget_gb needs), packed rows per micro-batch chosen from the same
+budget, Trainer's own checkpointing off, no 2-D attention_mask. The SpeedPlan (what was applied, and why each
+lever that was not) goes into metrics.json with tokens/s (non-padding tokens) and peak memory; docs/speed.md
+has the measurements behind it.
+
 Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
 worth it), and the log says so.
 
@@ -69,6 +77,14 @@ class TrainResult(BaseModel):
     tokens_per_second: float | None
     peak_memory_bytes: int
     peak_memory_kind: str = Field(..., description="cuda_max_allocated or process_max_rss.")
+    tokens_per_second_after_first_step: float | None = Field(
+        None, description="Non-padding tokens/s from the end of the first step to the last (leaves out compilation/warm-up).",
+    )
+    packing: bool = Field(False, description="Whether examples were packed into rows.")
+    rows_per_micro_batch: int | None = Field(None, description="Packed rows (or examples) per forward pass.")
+    speed_plan: dict | None = Field(
+        None, description="loraflow.training SpeedPlan of the fast path (what was applied, and why not the rest); None off it.",
+    )
     seconds: float
     device: str
     quantization: str = Field(..., description="Quantization actually used (none on CPU).")
@@ -148,20 +164,29 @@ def train_adapter(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code)
+    packing = packing_enabled(train_config, env)
+    fast = fast_path_enabled(packing, env)
+    model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code, fast=fast)
     trainable, total = _parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # ---- data: padded batches, or packed rows whose documents only attend to themselves ----
     examples = TokenizedExamples(train_rows)
-    if train_config.packing:
+    rows_per_micro_batch, plan, pack_stats = train_config.micro_batch_size, None, None
+    if packing:
         from loraflow.training import PackedCollator, enable_document_masking, pack_examples, packing_stats
 
         max_tokens = max(train_config.pack_max_tokens, int(train_rows["length"].max()))
         examples = pack_examples(examples.items, max_tokens=max_tokens)
-        log.info("train: packing %s", packing_stats(examples, max_tokens))
-        # The mask hook must see position_ids without an attention_mask: PackedCollator sends exactly that.
-        enable_document_masking(model)
+        pack_stats = packing_stats(examples, max_tokens)
+        log.info("train: packing %s", pack_stats)
+        if fast:
+            rows_per_micro_batch, plan = configure_fast_path(model, train_config, env, max_tokens, len(examples), log)
+        else:
+            rows_per_micro_batch = train_config.pack_rows_per_micro_batch or train_config.micro_batch_size
+            # The mask hook must see position_ids without an attention_mask: PackedCollator sends exactly that.
+            enable_document_masking(model)
+        # No 2-D attention_mask in these batches: transformers would then treat a row as one document.
         collator = PackedCollator(pad_token_id=pad_id, pad_to_multiple_of=128 if env["device"] == "cuda" else None)
     else:
         collator = PadByPosition(pad_id, pad_to_multiple_of=8 if env["device"] == "cuda" else None)
@@ -174,7 +199,8 @@ def train_adapter(
     marker_writer = CheckpointMarker(identity)
     trainer = Trainer(
         model=model,
-        args=training_arguments(train_config, env, checkpoints_dir),
+        args=training_arguments(train_config, env, checkpoints_dir, rows_per_micro_batch=rows_per_micro_batch,
+                                fast=fast, packing=packing),
         train_dataset=examples,
         data_collator=collator,
         callbacks=[recorder, guard, marker_writer, *(callbacks or [])],
@@ -202,8 +228,12 @@ def train_adapter(
         train_tokens=int(train_rows["length"].sum()),
         final_loss=final_loss,
         tokens_per_second=recorder.tokens_per_second(),
+        tokens_per_second_after_first_step=recorder.tokens_per_second(after_first_step=True),
         peak_memory_bytes=peak_bytes,
         peak_memory_kind=peak_kind,
+        packing=packing,
+        rows_per_micro_batch=rows_per_micro_batch,
+        speed_plan=plan,
         seconds=round(time.perf_counter() - started, 2),
         device=env["device"],
         quantization=env["quantization"],
@@ -219,6 +249,9 @@ def train_adapter(
         **result.model_dump(),
         "train_runtime_s": train_output.metrics.get("train_runtime"),
         "trainable_parameters": trainable,
+        "packing_stats": pack_stats,
+        "tokens_seen": collator.tokens_seen,
+        "trained_tokens_seen": getattr(collator, "trained_tokens_seen", None),
         "total_parameters": total,
         "train_config": train_config.model_dump(mode="json"),
         "identity": identity,
@@ -228,9 +261,12 @@ def train_adapter(
     save_adapter(model, adapter_dir, manifest={"fingerprint": fingerprint, "identity": identity, "result": result.model_dump()})
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     log.info(
-        "train: done in %.0f s, %d steps, final loss %s, %s tokens/s, peak memory %.2f GB (%s); adapter at %s",
+        "train: done in %.0f s, %d steps, final loss %s, %s tokens/s (%s after the first step), peak memory %.2f GB (%s); "
+        "adapter at %s",
         result.seconds, result.global_step, f"{final_loss:.4f}" if final_loss is not None else "n/a",
-        f"{result.tokens_per_second:,.0f}" if result.tokens_per_second else "n/a", peak_bytes / 1e9, peak_kind, adapter_dir,
+        f"{result.tokens_per_second:,.0f}" if result.tokens_per_second else "n/a",
+        f"{result.tokens_per_second_after_first_step:,.0f}" if result.tokens_per_second_after_first_step else "n/a",
+        peak_bytes / 1e9, peak_kind, adapter_dir,
     )
     return result
 
@@ -257,8 +293,84 @@ def training_environment(config: TrainConfig) -> dict:
     return {"device": device, "precision": precision, "quantization": quantization, "optimizer": optimizer}
 
 
-def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_remote_code: bool = False):
-    """The base model (quantized as `env` says) wrapped in a fresh peft LoRA adapter."""
+def packing_enabled(config: TrainConfig, env: dict) -> bool:
+    """train.packing resolved for this machine: "auto" packs on CUDA (the fast path) and not on CPU."""
+    if config.packing == "auto":
+        return env["device"] == "cuda"
+    return bool(config.packing)
+
+
+def fast_path_enabled(packing: bool, env: dict) -> bool:
+    """The packed fast path (configure_model_for_speed) runs on CUDA; packing on CPU keeps the CPU settings."""
+    return packing and env["device"] == "cuda"
+
+
+def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log) -> tuple[int, dict]:
+    """Rows per micro-batch from the memory budget, then `configure_model_for_speed`; returns (rows, plan dict)."""
+    import torch
+
+    from loraflow.training import configure_model_for_speed
+
+    budget = config.memory_budget_gb
+    if budget is None:
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+    rows, reason = choose_rows_per_micro_batch(model, config, max_tokens, packed_rows, budget)
+    plan = configure_model_for_speed(
+        model, config, memory_budget_gb=budget, tokens_per_micro_batch=rows * max_tokens,
+        compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32,
+    ).as_dict()
+    plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
+    log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)
+    return rows, plan
+
+
+def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:
+    """Packed rows per forward pass, and why: train.pack_rows_per_micro_batch, else the most of 8/4/2/1 rows whose
+    activations fit `budget_gb` (GiB) with no layer checkpointed (loraflow.training.plan_checkpointing's memory
+    model; 8B at 4,096 tokens per row peaked at 40 GB with 2 rows and 75 GB with 4 on an H100: docs/speed.md), else 2 rows
+    with the planner checkpointing layers, else 1. Never more rows than the data has."""
+    from loraflow.training import plan_checkpointing
+
+    if config.pack_rows_per_micro_batch:
+        return config.pack_rows_per_micro_batch, "train.pack_rows_per_micro_batch"
+    fused_head = _liger_available_for(model)
+    most = max(1, packed_rows)
+    for rows in (8, 4, 2, 1):
+        if rows > most and rows != 1:
+            continue
+        checkpointed, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
+        if checkpointed == 0:
+            return rows, (f"most rows (of 8/4/2/1, at most the {packed_rows} packed) that fit {budget_gb:.1f} GiB "
+                          f"with no layer checkpointed: estimated peak {estimate:.1f} GiB")
+    if not config.gradient_checkpointing:
+        return 1, f"no row count fits {budget_gb:.1f} GiB whole and train.gradient_checkpointing is off: 1 row"
+    rows = min(2, most)
+    layers, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
+    if estimate <= budget_gb or rows == 1:
+        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with {layers} layers checkpointed "
+                      f"(estimated peak {estimate:.1f} GiB)")
+    return 1, f"2 rows exceed {budget_gb:.1f} GiB even with every layer checkpointed (estimated {estimate:.1f} GiB): 1 row"
+
+
+def _liger_available_for(model) -> bool:
+    """Whether configure_model_for_speed will fuse the LM head with Liger (so the logits are never materialised)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or next(model.parameters()).device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # noqa: BLE001 - an unusable Liger means no fused head
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_remote_code: bool = False, fast: bool = False):
+    """The base model (quantized as `env` says) wrapped in a fresh peft LoRA adapter.
+
+    `fast`: the packed CUDA path; prepare_model_for_kbit_training is skipped (its fp32 upcast of frozen tensors
+    and all-layer checkpointing cost speed): configure_model_for_speed sets the model up after this."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -280,7 +392,7 @@ def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_re
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if env["quantization"] != "none":
+    if env["quantization"] != "none" and not fast:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -298,8 +410,12 @@ def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_re
     return get_peft_model(model, lora)
 
 
-def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path):
-    """transformers TrainingArguments for `config` (works with transformers 5.17 on the GPU image and 5.23 here)."""
+def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *, rows_per_micro_batch: int | None = None,
+                       fast: bool = False, packing: bool = False):
+    """transformers TrainingArguments for `config` (works with transformers 5.17 on the GPU image and 5.23 here).
+
+    `fast` (packed CUDA path): Trainer's gradient checkpointing stays off, since configure_model_for_speed has
+    set it per layer and Trainer's switch would turn it on for every layer."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -307,7 +423,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path):
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs = dict(
         output_dir=str(checkpoints_dir),
-        per_device_train_batch_size=config.micro_batch_size,
+        per_device_train_batch_size=rows_per_micro_batch or config.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -332,14 +448,14 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path):
         disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
         use_cpu=env["device"] == "cpu",
     )
-    if config.group_by_length and not config.packing:  # packed rows are already of similar length
+    if config.group_by_length and not packing:  # packed rows are already of similar length
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
     # transformers 5.23 renamed gradient checkpointing to activation checkpointing; 5.17 (GPU image) has the old name.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[checkpointing] = config.gradient_checkpointing
+    kwargs[checkpointing] = config.gradient_checkpointing and not fast
     kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
     if "warmup_ratio" in fields:
@@ -474,7 +590,15 @@ class StepRecorder(_callback_base()):
         if self.bar is not None:
             self.bar.close()
 
-    def tokens_per_second(self) -> float | None:
+    def tokens_per_second(self, after_first_step: bool = False) -> float | None:
+        """Non-padding tokens per second since (re)start, or from the first logged step to the last
+        (`after_first_step`: leaves out the first step's compilation and warm-up; None with fewer than 2 steps)."""
+        if after_first_step:
+            if len(self.rows) < 2:
+                return None
+            first, last = self.rows[0], self.rows[-1]
+            elapsed = last["elapsed_s"] - first["elapsed_s"]
+            return round((last["tokens_seen"] - first["tokens_seen"]) / elapsed, 1) if elapsed > 0 else None
         if not self.rows:
             return None
         elapsed = self.rows[-1]["elapsed_s"]

@@ -15,7 +15,9 @@ from tasks.train import (
     NonFiniteTrainingError,
     PadByPosition,
     ResumeMismatchError,
+    choose_rows_per_micro_batch,
     identity_differences,
+    packing_enabled,
     train_adapter,
     training_environment,
 )
@@ -99,6 +101,8 @@ def test_training_changes_lora_weights_only_and_loss_decreases(tiny_model, token
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
     assert not (tmp_path / "run" / "checkpoints").exists(), "checkpoints are removed once the adapter is saved"
+    if not torch.cuda.is_available():  # packing="auto" is off on CPU: the padded path, no speed plan
+        assert not result.packing and result.speed_plan is None and metrics["packing_stats"] is None
 
     again = train_adapter(tokens, tiny_model, quick_config(), tmp_path / "run")
     assert again.reused and again.adapter_dir == result.adapter_dir
@@ -162,6 +166,46 @@ def test_packed_training_runs_on_fewer_rows(tiny_model, tokens, tmp_path):
     assert result.global_step == 3 and curve["loss"].map(math.isfinite).all()
     # 6 examples of 34-48 tokens fit into 2-3 rows of 128: tokens/s counts real tokens only.
     assert curve["tokens_seen"].iloc[-1] <= 3 * 2 * 128
+
+
+def test_packing_auto_is_on_for_cuda_only():
+    cuda, cpu = {"device": "cuda"}, {"device": "cpu"}
+    assert TrainConfig().packing == "auto"
+    assert packing_enabled(TrainConfig(), cuda) and not packing_enabled(TrainConfig(), cpu)
+    assert packing_enabled(TrainConfig(packing=True), cpu) and not packing_enabled(TrainConfig(packing=False), cuda)
+
+
+def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.training import plan_checkpointing
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=8, target_modules="all-linear"))
+    config = TrainConfig()
+    whole = lambda rows: plan_checkpointing(model, rows * 4096, 1e6, fused_head=False)[1]  # noqa: E731 - GiB, no layer checkpointed
+    assert whole(1) < whole(2) < whole(4) < whole(8)
+    assert choose_rows_per_micro_batch(model, config, 4096, 100, whole(8) + 0.01)[0] == 8
+    assert choose_rows_per_micro_batch(model, config, 4096, 100, whole(4) + 0.01)[0] == 4
+    rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, (whole(2) + whole(4)) / 2)
+    assert rows == 2 and "no layer checkpointed" in reason
+    assert choose_rows_per_micro_batch(model, config, 4096, 3, 1e6)[0] == 2, "never more rows than the data has"
+    assert choose_rows_per_micro_batch(model, TrainConfig(pack_rows_per_micro_batch=3), 4096, 100, 1e6) == (3, "train.pack_rows_per_micro_batch")
+    # Below what one whole-layer row needs: 2 rows, the plan checkpoints layers; far below: 1 row.
+    rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, whole(1) - 1e-4)
+    assert rows in (1, 2) and "checkpointed" in reason
+    assert choose_rows_per_micro_batch(model, TrainConfig(gradient_checkpointing=False), 4096, 100, 1e-3)[0] == 1
+
+
+def test_fast_path_training_arguments_leave_checkpointing_to_the_plan(tmp_path):
+    from tasks.train import training_arguments
+
+    env = {"device": "cpu", "precision": "bf16", "quantization": "none", "optimizer": "adamw_torch"}
+    fast = training_arguments(TrainConfig(), env, tmp_path, rows_per_micro_batch=4, fast=True, packing=True)
+    plain = training_arguments(TrainConfig(), env, tmp_path)
+    flag = "activation_checkpointing" if hasattr(fast, "activation_checkpointing") else "gradient_checkpointing"
+    assert getattr(fast, flag) is False and getattr(plain, flag) is True
+    assert fast.per_device_train_batch_size == 4 and fast.remove_unused_columns is False and fast.bf16
 
 
 def test_identity_differences_name_each_changed_key():

@@ -19,7 +19,13 @@ class TrainConfig(StrictModel):
     target_modules: str | list[str] = Field("all-linear", description="peft target modules: 'all-linear' or a list of names.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        True,
+        description=(
+            "Recompute activations in backward to save memory. On the packed CUDA path this allows checkpointing: "
+            "only as many layers as memory_budget_gb requires are checkpointed (false: none)."
+        ),
+    )
     optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = Field(
         "auto", description="auto = paged_adamw_8bit on GPU, adamw_torch on CPU."
     )
@@ -28,10 +34,38 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(1.0, gt=0, description="Passes over the train split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass (unpacked batches; see pack_rows_per_micro_batch).")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    packing: bool = Field(False, description="Pack examples into full rows, each attending only to itself.")
-    pack_max_tokens: int = Field(2048, ge=16, description="Row length when packing (raised to the longest example if shorter).")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Pack examples into full rows, each document attending only to itself. auto = on with CUDA (the fast "
+            "path: loraflow.training's packer, PackedCollator, configure_model_for_speed: flex attention, Liger, "
+            "fused LoRA, per-layer checkpointing from memory_budget_gb), off on CPU (padded batches). true on CPU "
+            "packs with document masks but keeps the CPU settings."
+        ),
+    )
+    pack_max_tokens: int = Field(
+        4096, ge=16,
+        description="Row length when packing (raised to the longest example if shorter); docs/speed.md measured 4096.",
+    )
+    pack_rows_per_micro_batch: int | None = Field(
+        None, ge=1,
+        description=(
+            "Packed rows per forward pass. None = on CUDA, chosen from memory_budget_gb: the most rows (1, 2, 4 or 8) "
+            "whose activations fit the budget with no layer checkpointed by the memory model of "
+            "loraflow.training.plan_checkpointing (8B at 4096 tokens: 2 rows at ~40 GB, 4 rows at ~75 GB measured on "
+            "an H100); if none fits, 2 rows with as many layers checkpointed as the budget needs (1 if even that "
+            "does not fit). On CPU, None = micro_batch_size."
+        ),
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0,
+        description=(
+            "GPU memory (GiB) the packed fast path plans for: rows per micro-batch and how many layers are "
+            "checkpointed. None = the GPU's total memory."
+        ),
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length together to limit padding.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 where the device supports it (GPU and CPU), else fp32. fp16 is never used."
