@@ -1,11 +1,17 @@
-"""The model half on a CUDA GPU: 4-bit QLoRA training, resume, evaluation and the fp32 merge check.
+"""The model half on a CUDA GPU: 4-bit QLoRA training (the packed fast path by default, and the padded one),
+resume, evaluation and the fp32 merge check.
 
 SmolLM2's architecture with random weights plus its real tokenizer (nothing can be downloaded on the
 device machine). Run there with:
     export PYTHONPATH=$PWD/.gpu_site:$PWD LORAFLOW_SMOLLM2_FILES=$PWD/.device/smollm2
     python -m pytest tests/gpu -m gpu -q
+.gpu_site from ../shared/gpu/make-carry bitsandbytes==0.50.2 liger-kernel==0.8.5 pydantic pydantic-core
+typing-inspection annotated-types (Liger makes the fast path's fused head; without it the plan says why not).
 """
 
+import importlib.util
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -61,14 +67,75 @@ def test_qlora_4bit_trains_lora_only_with_paged_adamw(smol_random, tokens, tmp_p
             self.changed = sum(not torch.equal(self.lora[n], params[n]) for n in self.lora)
 
     inspect = Inspect()
-    config = TrainConfig(quantization="4bit", max_steps=12, micro_batch_size=4, learning_rate=2e-3, checkpoint_every=5)
+    # The padded (unpacked) path on the GPU; the default packed path is tested below.
+    config = TrainConfig(quantization="4bit", packing=False, max_steps=12, micro_batch_size=4, learning_rate=2e-3,
+                         checkpoint_every=5)
     result = train_adapter(tokens, smol_random, config, tmp_path / "run", callbacks=[inspect])
+    assert result.speed_plan is None and not result.packing
     assert (result.device, result.quantization, result.optimizer, result.precision) == ("cuda", "4bit", "paged_adamw_8bit", "bf16")
     assert inspect.quantized > 100, "base linear weights should be bitsandbytes Params4bit"
     assert inspect.lora and all("lora_" in n for n in inspect.lora) and inspect.changed == len(inspect.lora)
     assert result.final_loss is not None and result.final_loss == result.final_loss  # finite (not NaN)
     assert result.peak_memory_kind == "cuda_max_allocated" and result.peak_memory_bytes > 0
     assert result.tokens_per_second and result.tokens_per_second > 0
+
+
+class LoraInspect:
+    """TrainerCallback factory: counts 4-bit weights and which LoRA tensors changed during training."""
+
+    @staticmethod
+    def make():
+        from transformers import TrainerCallback
+
+        class Inspect(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                self.quantized = sum(type(p).__name__ == "Params4bit" for p in model.parameters())
+                self.lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+            def on_train_end(self, args, state, control, model=None, **kwargs):
+                params = dict(model.named_parameters())
+                self.changed = sum(not torch.equal(self.lora[n], params[n]) for n in self.lora)
+
+        return Inspect()
+
+
+def test_default_train_takes_the_packed_fast_path(smol_random, tokens, tmp_path):
+    """train_adapter with default settings on CUDA: packed rows, configure_model_for_speed, plan recorded."""
+    import pandas as pd
+
+    from loraflow.config.train import TrainConfig
+    from tasks.train import train_adapter
+
+    train = tokens[tokens["split"] == "train"]
+    # ~100 copies of the QA rows: several packed rows of 4,096 tokens, so the rows-per-micro-batch choice is real.
+    many = pd.concat([train.assign(id=train["id"] + f"-{k}") for k in range(100)], ignore_index=True)
+    inspect = LoraInspect.make()
+    config = TrainConfig(max_steps=10, learning_rate=2e-3, lr_scheduler="constant", warmup_ratio=0.0, checkpoint_every=1000)
+    assert config.packing == "auto" and config.memory_budget_gb is None
+    result = train_adapter(many, smol_random, config, tmp_path / "run", callbacks=[inspect])
+
+    plan = result.speed_plan
+    assert result.packing and plan is not None, "CUDA + defaults must take the packed fast path"
+    assert plan["attn_implementation"] == "flex_attention" and plan["document_masking"]
+    assert plan["lora_fused_layers"] > 0 and plan["total_layers"] == 30
+    assert plan["memory_budget_gb"] > 10 and plan["rows_per_micro_batch"] >= 1 and plan["row_tokens"] == 4096
+    assert plan["tokens_per_micro_batch"] == plan["rows_per_micro_batch"] * 4096
+    if importlib.util.find_spec("liger_kernel"):
+        assert "fused_linear_cross_entropy" in plan["liger"]
+    metrics = json.loads(Path(result.metrics_path).read_text())
+    assert metrics["speed_plan"] == plan and metrics["packing_stats"]["documents"] == len(many)
+    # tokens/s counts real tokens: at most what the packed rows hold, never the padding to 128.
+    assert 0 < metrics["tokens_seen"] <= int(many["length"].sum()) * 10
+    assert result.tokens_per_second > 0 and result.tokens_per_second_after_first_step > 0
+    assert result.peak_memory_kind == "cuda_max_allocated" and result.peak_memory_bytes > 0
+
+    curve = pd.read_parquet(result.loss_curve_path)
+    assert len(curve) == 10 and curve["loss"].map(math.isfinite).all()
+    assert curve["loss"].tail(3).mean() < curve["loss"].head(3).mean(), list(curve["loss"])
+    assert inspect.quantized > 100, "base linear weights should be bitsandbytes Params4bit"
+    assert inspect.lora and all("lora_" in n for n in inspect.lora) and inspect.changed == len(inspect.lora)
+    print("fast path:", {k: plan[k] for k in ("rows_per_micro_batch", "checkpointed_layers", "liger", "rows_choice")},
+          "tokens/s", result.tokens_per_second_after_first_step, "peak GB", result.peak_memory_bytes / 1e9)
 
 
 def test_qlora_resume_on_gpu(smol_random, tokens, tmp_path):
