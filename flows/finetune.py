@@ -8,6 +8,7 @@ published again.
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import new_run_dir, prepare_stages, write_summary
 from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.caching import stage_cache_key
 from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.tasking import run_locked
 from tasks.evaluate import evaluate_task
-from tasks.publish import CardFacts, SourceFacts, publish_task
-from tasks.train import base_model_fingerprint, train_task
+from tasks.publish import MODEL_MANIFEST, CardFacts, SourceFacts, publish_task
+from tasks.train import ADAPTER_MANIFEST, base_model_fingerprint, train_task
 
 
 @flow(name="finetune", log_prints=True)
@@ -35,52 +38,69 @@ def finetune_flow(config: PipelineConfig) -> dict:
     model_dir = summary["model_dir"]
     store_root = summary["store"]
 
-    # ---- train: the adapter folder is named by data + base model + training config
+    # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
     train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
-    trained = train_task(
+    trained, cached = run_locked(
+        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(),
         tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
         store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
     )
-    summary["train"] = trained.model_dump()
+    summary["train"] = {**trained.model_dump(), "cached": cached}
 
     # ---- evaluate base vs fine-tuned, and decide the gate
     eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval), str(config.format.system_prompt))
-    evaluation = evaluate_task(
+    evaluation, cached = run_locked(
+        evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(),
         tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
         output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
         system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
     )
     summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "gate": evaluation.gate.model_dump(),
-                       "report": evaluation.report_path, "table": evaluation.table_path}
+                       "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
 
-    # ---- publish, only through the gate, and only once per adapter
+    # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
     summary["publish"] = {"gate_passed": evaluation.gate.passed, "gate_reasons": evaluation.gate.reasons,
                           "adapter_dir": trained.adapter_dir}
-    publish_dir = config.runs_root() / config.name / "published" / f"{config.publish.target}-{trained.fingerprint[:16]}"
-    previous = publish_dir / "publish_result.json"
     if not evaluation.gate.passed:
         logger.warning("gate failed, nothing published: %s", "; ".join(evaluation.gate.reasons))
         summary["publish"]["published"] = False
-    elif previous.exists():
-        logger.info("this adapter was already published (%s): nothing new to publish", publish_dir)
-        summary["publish"].update(json.loads(previous.read_text()), published=False, reused=True)
     else:
-        published = publish_task(
+        publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
+        published, cached = run_locked(
+            publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
+            cache_key_fn=publish_cache_key,
             model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
             output_dir=str(publish_dir), card=card_facts(config, summary, evaluation),
             verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
             system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
         )
-        write_json_atomic(previous, published.model_dump())
-        summary["publish"].update(published.model_dump(), published=True, reused=False)
-        create_link_artifact(key=f"{config.name}-model", link=Path(published.model_dir).as_uri(),
-                             description="merged model folder")
+        summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
+        if cached:
+            logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
+        create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
+                             description="merged model folder (model card: README.md)")
+        card_path = Path(published.model_dir) / "README.md"
+        if card_path.exists():
+            create_markdown_artifact(key=f"{artifact_key(config.name)}-model-card", markdown=card_path.read_text(),
+                                     description="model card")
     summary["seconds"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
-    create_markdown_artifact(key=f"{config.name}-summary", markdown=summary_markdown(summary),
+    create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
     return summary
+
+
+def publish_cache_key(context, parameters: dict) -> str:
+    """Publish once per adapter, base model, publish config and destination (not per run: the card's
+    run-specific text does not make a new model)."""
+    keyed = {name: parameters[name] for name in ("model_dir", "adapter_dir", "publish_config", "output_dir")}
+    return stage_cache_key(context, keyed)
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:
@@ -114,7 +134,7 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
         train_config=config.train.model_dump(mode="json"),
         train_metrics={k: summary["train"].get(k) for k in (
             "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "device", "quantization",
-            "precision", "optimizer", "seconds")},
+            "precision", "optimizer", "seconds", "peak_memory_bytes", "peak_memory_kind")},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=evaluation.gate.model_dump(),
     )
@@ -131,14 +151,10 @@ def summary_markdown(summary: dict) -> str:
         lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
         for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
             lines.append(f"| {metric} | {base.get(metric)} | {tuned.get(metric)} |")
+        train = summary.get("train", {})
+        peak = train.get("peak_memory_bytes") or 0
+        lines += ["", f"Training: {train.get('global_step')} steps, {train.get('tokens_per_second')} tokens/s, "
+                      f"peak memory {peak / 2**30:.2f} GiB ({train.get('peak_memory_kind')}), on {train.get('device')}"]
         lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
                       f"**{summary.get('publish', {}).get('published')}**"]
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON via a temp file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".part")
-    temp.write_text(json.dumps(payload, indent=2, default=str))
-    temp.replace(path)

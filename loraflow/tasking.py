@@ -6,6 +6,8 @@ from functools import partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.locking.filesystem import FileSystemLockManager
 
 from loraflow.caching import stage_cache_key
 from loraflow.stage import StageResult
@@ -39,3 +41,25 @@ def run_stage(stage_task_fn, store: ArtifactStore, **parameters) -> tuple[StageR
         state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
         result, cached = state.result(), False
     return result, cached, time.perf_counter() - started
+
+
+def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_key, **parameters) -> tuple[object, bool]:
+    """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation, file locks in the store).
+
+    A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
+    identical runs never train or publish twice. A cached result that `is_valid` rejects (its folder was
+    deleted) is recomputed. Returns (result, was_cached).
+    """
+    policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(
+        isolation_level="SERIALIZABLE",
+        lock_manager=FileSystemLockManager(lock_files_directory=Path(lock_root).resolve() / "locks"),
+    )
+    configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
+                                      result_storage=result_storage(lock_root))
+    state = configured(**parameters, return_state=True)
+    result, cached = state.result(), state.name == "Cached"
+    if not is_valid(result):
+        get_run_logger().warning("%s: cached result points at missing output; recomputing", task_fn.name)
+        state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
+        result, cached = state.result(), False
+    return result, cached

@@ -294,12 +294,13 @@ def stop_token_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
     return sorted(ids)
 
 
-def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int], batch_size: int,
                      stop_ids: list[int], progress: str | None = None) -> list[dict]:
-    """Greedy answers to fully rendered prompts, batched with left padding (prompts sorted by length).
+    """Greedy answers to fully rendered prompts, batched with left padding (prompts sorted by budget, then length).
 
+    `max_new_tokens` is one budget for all prompts or one per prompt (a batch generates up to its largest).
     Each answer: text (up to the first stop token, special tokens removed), stopped (a stop token was
-    produced within max_new_tokens), n_tokens (generated tokens, the stop token included).
+    produced within the prompt's own budget), n_tokens (generated tokens, the stop token included).
     """
     import torch
     from tqdm.auto import tqdm
@@ -307,7 +308,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
     answers: list[dict | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     stop = torch.tensor(stop_ids, device=device)
@@ -317,12 +319,13 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
         encoded = tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
             output = model.generate(
-                **encoded, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+                **encoded, do_sample=False, max_new_tokens=max(budgets[i] for i in batch), eos_token_id=stop_ids,
+                pad_token_id=pad_id,
                 temperature=None, top_p=None, top_k=None,
             )
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         for row, index in enumerate(batch):
-            tokens = new_tokens[row]
+            tokens = new_tokens[row][: budgets[index]]
             hits = torch.isin(tokens, stop).nonzero()
             end = int(hits[0]) if len(hits) else len(tokens)
             answers[index] = {
@@ -428,6 +431,10 @@ def evaluate_adapter(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     general_prompts = [chat_prompt(tokenizer, q, system_prompt) for q in eval_config.general_questions]
     generation = dict(max_new_tokens=eval_config.max_new_tokens, batch_size=eval_config.batch_size, stop_ids=stop_ids)
+    # A question's budget is its reference's length plus a margin: a model still talking by then is rambling,
+    # and base models that never stop no longer cost the full max_new_tokens on every question.
+    budgets = [min(eval_config.max_new_tokens, len(tokenizer(r, add_special_tokens=False)["input_ids"]) + eval_config.answer_margin_tokens)
+               for r in questions["reference"]]
 
     # One load: the base answers first, then the adapter is merged into the same weights (faster generation).
     model = load_for_inference(model_dir, trust_remote_code=trust_remote_code)
@@ -437,7 +444,8 @@ def evaluate_adapter(
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             model.eval()
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
-        answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}", **generation)
+        answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
+                                   **{**generation, "max_new_tokens": budgets})
         general = generate_answers(model, tokenizer, general_prompts, **generation)
         runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general}
         log.info("evaluate: %s done (loss %s)", name, f"{loss:.4f}" if loss is not None else "n/a")
@@ -506,7 +514,7 @@ if task is not None:
             return None
         return stage_cache_key(context, parameters)
 
-    @task(name="evaluate", cache_key_fn=_evaluate_cache_key, persist_result=True, result_serializer="json")
+    @task(name="evaluate")  # cached and locked by the flow (loraflow.tasking.run_locked)
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
         adapter_fingerprint: str, system_prompt: str | None = None, trust_remote_code: bool = False,

@@ -840,15 +840,26 @@ except ImportError:  # the GPU machine has no Prefect: the plain function above 
 
 if task is not None:
 
-    @task(name="train", cache_key_fn=_train_cache_key, persist_result=True, result_serializer="json")
+    @task(name="train")  # cached and locked by the flow (loraflow.tasking.run_locked)
     def train_task(
         tokens: ArtifactRef, model_dir: str, train_config: TrainConfig, output_dir: str, store_root: str,
         base_fingerprint: str = "", trust_remote_code: bool = False,
     ) -> TrainResult:
-        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key)."""
+        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key); a progress
+        artifact in the UI follows the optimizer steps."""
         from prefect import get_run_logger
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        return train_adapter(
+        progress_id = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done (%)")
+
+        class ProgressArtifact(_callback_base()):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if state.max_steps:
+                    update_progress_artifact(progress_id, progress=round(100.0 * state.global_step / state.max_steps, 1))
+
+        result = train_adapter(
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
-            trust_remote_code=trust_remote_code, log=get_run_logger(),
+            trust_remote_code=trust_remote_code, log=get_run_logger(), callbacks=[ProgressArtifact()],
         )
+        update_progress_artifact(progress_id, progress=100.0)
+        return result

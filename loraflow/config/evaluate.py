@@ -21,7 +21,10 @@ class GateConfig(StrictModel):
 class EvalConfig(StrictModel):
     """Evaluation of the base and the fine-tuned model."""
 
-    max_new_tokens: int = Field(96, ge=1, description="Generation budget per question.")
+    max_new_tokens: int = Field(160, ge=1, description="Most tokens generated for any question.")
+    answer_margin_tokens: int = Field(
+        32, ge=1, description="A question's generation budget: its reference answer's tokens plus this margin (capped by max_new_tokens)."
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     max_questions: int = Field(300, ge=1, description="Cap on generated questions per model (sampled deterministically).")
     general_questions: list[str] = Field(

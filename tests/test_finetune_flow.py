@@ -1,0 +1,76 @@
+"""The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
+an unchanged re-run all cached with nothing new published, and two identical runs at once training once."""
+
+import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(tmp_path: Path) -> Path:
+    """Six titles, two optimizer steps, a handful of questions, a gate that lets the tiny model through."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+name: tiny
+store: {tmp_path / 'store'}
+runs_dir: {tmp_path / 'runs'}
+sources:
+  - {{kind: csv, name: catalog, path: {REPO / 'data/sample/anime_catalog.csv'}, max_rows: 4}}
+synthesize: {{anime_qa: {{trained_phrasings: 1, heldout_phrasings: 1, max_synopsis_words: 8}}}}
+format: {{system_prompt: "You are an anime catalog assistant."}}
+tokenize: {{validation_fraction: 0.25}}
+train: {{max_steps: 2, micro_batch_size: 4, learning_rate: 0.001, gradient_checkpointing: false}}
+eval:
+  max_questions: 4
+  max_new_tokens: 16
+  general_questions: ["What is 2 + 2?"]
+  general_expected: {{"What is 2 + 2?": "4|four"}}
+  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false}}
+""")
+    return path
+
+
+def run_cli(config: Path, home: Path) -> dict:
+    """`loraflow run CONFIG` in its own process (its own ephemeral Prefect API); returns the summary."""
+    env = {**__import__("os").environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+
+
+def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
+    config = tiny_config(tmp_path)
+    first = run_cli(config, tmp_path / "home")
+    for model in ("base", "finetuned"):
+        for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
+            assert metric in first["eval"][model]
+    assert first["publish"]["published"] and first["publish"]["gate_passed"]
+    model_dir = Path(first["publish"]["model_dir"])
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
+    assert first["train"]["global_step"] == 2 and not first["train"]["cached"]
+
+    second = run_cli(config, tmp_path / "home")
+    assert second["all_cached"] and second["train"]["cached"] and second["eval"]["cached"]
+    assert second["publish"]["reused"] and not second["publish"]["published"]
+    assert second["publish"]["model_dir"] == first["publish"]["model_dir"]
+    assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
+
+
+def test_two_identical_runs_at_once_train_and_publish_once(tmp_path):
+    config = tiny_config(tmp_path)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        summaries = pool.starmap(run_cli, [(config, tmp_path / "home-a"), (config, tmp_path / "home-b")])
+    trained = [not s["train"]["cached"] for s in summaries]
+    published = [s["publish"]["published"] for s in summaries]
+    assert sorted(trained) == [False, True], trained
+    assert sorted(published) == [False, True], published
+    assert summaries[0]["publish"]["model_dir"] == summaries[1]["publish"]["model_dir"]
