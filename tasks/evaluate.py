@@ -507,13 +507,6 @@ except ImportError:  # the GPU machine has no Prefect
 
 if task is not None:
 
-    def _evaluate_cache_key(context, parameters: dict) -> str | None:
-        from loraflow.caching import stage_cache_key
-
-        if not (Path(parameters["output_dir"]) / "eval_metrics.json").exists():
-            return None
-        return stage_cache_key(context, parameters)
-
     @task(name="evaluate")  # cached and locked by the flow (loraflow.tasking.run_locked)
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,

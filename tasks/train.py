@@ -824,15 +824,6 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------------
 
-def _train_cache_key(context, parameters: dict) -> str | None:
-    """Content cache key (tokens sha + config + base fingerprint + code); None when the adapter is gone."""
-    from loraflow.caching import stage_cache_key
-
-    if not (Path(parameters["output_dir"]) / "adapter" / ADAPTER_MANIFEST).exists():
-        return None
-    return stage_cache_key(context, parameters)
-
-
 try:
     from prefect import task
 except ImportError:  # the GPU machine has no Prefect: the plain function above is what runs there
