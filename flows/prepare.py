@@ -6,6 +6,7 @@ only what depends on it. Each run writes `summary.json` into its own run folder.
 """
 
 import json
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.config.pipeline import PipelineConfig, source_name
+from loraflow.config.pipeline import PipelineConfig, check_confinement, source_name
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.store import ArtifactStore
 from loraflow.tasking import run_stage
@@ -39,6 +40,8 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     """Run ingest -> synthesize -> format -> tokenize -> pre-flight inside the calling flow."""
     logger = get_run_logger()
     started = time.perf_counter()
+    # A worker's operator may confine every path a (UI-triggered) config can name to some folders.
+    check_confinement(config, os.environ.get("LORAFLOW_DATA_ROOTS"))
     store = ArtifactStore(config.store_root())
     summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
 

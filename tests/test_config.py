@@ -76,3 +76,27 @@ def test_cli_check(tmp_path, capsys):
     bad.write_text("name: d\nsources: [{kind: csv, path: missing.csv}]\n")
     assert main(["check", str(bad)]) == 2
     assert "sources.0.path" in capsys.readouterr().err
+
+
+def test_paths_confined_to_data_roots(tmp_path):
+    from loraflow.config.pipeline import check_confinement
+
+    inside = tmp_path / "data"
+    inside.mkdir()
+    (inside / "rows.csv").write_text("x\n1\n")
+    (tmp_path / "link.csv").symlink_to("/etc/passwd")
+    config = PipelineConfig(
+        name="c", base_dir=str(inside), store=str(inside / "store"), runs_dir=str(inside / "runs"),
+        sources=[{"kind": "csv", "path": "rows.csv"}],
+    )
+    check_confinement(config, None)  # no roots set: nothing to confine (local CLI use)
+    check_confinement(config, str(inside))
+    escaping = config.model_copy(update={"sources": [
+        config.sources[0].model_copy(update={"path": "../../../../etc/passwd"}),
+        config.sources[0].model_copy(update={"path": str(tmp_path / "link.csv"), "name": "link"}),
+    ]})
+    with pytest.raises(ConfigError) as error:
+        check_confinement(escaping, f"{tmp_path / 'elsewhere'}:{inside}")
+    assert "sources.0.path" in str(error.value) and "sources.1.path" in str(error.value)
+    with pytest.raises(ConfigError, match="store"):
+        check_confinement(config.model_copy(update={"store": "/tmp/outside-store"}), str(inside))

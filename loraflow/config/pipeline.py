@@ -75,6 +75,32 @@ class ConfigError(ValueError):
     """A config that does not validate; the message lists every problem with its key and fix."""
 
 
+def confinement_problems(config: PipelineConfig, roots: list[str]) -> list[str]:
+    """Paths of `config` (sources, store, runs) that resolve outside every folder in `roots`.
+
+    Operators set the roots (LORAFLOW_DATA_ROOTS, ':'-separated) on a worker, so a run triggered from the UI
+    cannot read or write outside them (no `../../etc/passwd` as a source). Symlinks are resolved first.
+    """
+    allowed = [Path(root).expanduser().resolve() for root in roots if root]
+    checked = [(f"sources.{i}.path", config.resolve(s.path)) for i, s in enumerate(config.sources) if getattr(s, "path", None)]
+    checked += [(f"sources.{i}.repo", config.resolve(s.repo)) for i, s in enumerate(config.sources)
+                if getattr(s, "repo", None) and config.resolve(s.repo).exists()]
+    if "://" not in config.store:
+        checked.append(("store", Path(config.store_root())))
+    checked.append(("runs_dir", config.runs_root()))
+    return [f"  {key}: {path.resolve()} is outside the allowed data roots {[str(r) for r in allowed]} -> use a path inside them"
+            for key, path in checked if not any(path.resolve().is_relative_to(root) for root in allowed)]
+
+
+def check_confinement(config: PipelineConfig, roots: str | None) -> None:
+    """Raise ConfigError when roots are set (':'-separated) and a config path escapes them."""
+    if not roots:
+        return
+    problems = confinement_problems(config, roots.split(":"))
+    if problems:
+        raise ConfigError(f"config '{config.name}': {len(problems)} path(s) outside LORAFLOW_DATA_ROOTS\n" + "\n".join(problems))
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     """Load and validate a YAML config; relative paths resolve against the file's folder."""
     path = Path(path)
