@@ -146,8 +146,10 @@ def train_adapter(
     # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
     checkpoints_dir = output_dir / "checkpoints"
     resume_from = latest_complete_checkpoint(checkpoints_dir, log)
+    resumed_from_step = None  # read now: Trainer rotates old checkpoints away while it trains
     if resume_from is not None:
         marker = json.loads((resume_from / CHECKPOINT_MARKER).read_text())
+        resumed_from_step = marker["step"]
         differences = identity_differences(marker["identity"], identity)
         if differences and not train_config.allow_resume_mismatch:
             raise ResumeMismatchError(
@@ -223,7 +225,7 @@ def train_adapter(
         loss_curve_path=str(output_dir / "loss_curve.parquet"),
         loss_plot_path=str(output_dir / "loss_curve.png"),
         global_step=trainer.state.global_step,
-        resumed_from_step=json.loads((resume_from / CHECKPOINT_MARKER).read_text())["step"] if resume_from else None,
+        resumed_from_step=resumed_from_step,
         train_rows=len(train_rows),
         train_tokens=int(train_rows["length"].sum()),
         final_loss=final_loss,
