@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from loraflow.config.model import EMBEDDED_MODEL_ID, ModelConfig
+from loraflow.store import file_sha256
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -64,7 +65,7 @@ def ensure_embedded_model() -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        manifest = {"source": str(gguf), "gguf_sha256": _sha256(gguf), "dtype": "bfloat16"}
+        manifest = {"source": str(gguf), "gguf_sha256": file_sha256(gguf), "dtype": "bfloat16"}
         (staging / "loraflow-manifest.json").write_text(json.dumps(manifest, indent=1))
         if target.exists():
             shutil.rmtree(target)
@@ -115,11 +116,3 @@ def tokenizer_fingerprint(model_dir: str | Path) -> str:
         if path.exists():
             digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -27,6 +27,7 @@ from typing import Iterator
 from pydantic import BaseModel, Field
 
 from loraflow.config.publish import PublishConfig
+from loraflow.store import file_sha256
 
 MODEL_MANIFEST = "loraflow-manifest.json"
 RUN_INFO = "loraflow.json"
@@ -172,7 +173,7 @@ def save_merged(merged, tokenizer, folder: Path, *, model_dir: Path, adapter_dir
     (staging / RUN_INFO).write_text(json.dumps(run_info, indent=1))
     files = folder_hashes(staging)
     (staging / MODEL_MANIFEST).write_text(json.dumps({"files": files, "saved_dtype": saved_dtype}, indent=1))
-    files[MODEL_MANIFEST] = _sha256(staging / MODEL_MANIFEST)
+    files[MODEL_MANIFEST] = file_sha256(staging / MODEL_MANIFEST)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
@@ -203,7 +204,7 @@ def _base_dtype(model_dir: Path) -> str:
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ---- model card ----------------------------------------------------------------------------------------
@@ -436,14 +437,6 @@ def ask(model_dir: str | Path, question: str, stream: bool = True, *, max_new_to
         worker.join()
 
     return pieces() if stream else "".join(pieces()).strip()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------------

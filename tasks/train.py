@@ -41,7 +41,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from loraflow.config.train import TrainConfig
-from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
+from loraflow.store import ArtifactRef, ArtifactStore, file_sha256, table_bytes
 
 ADAPTER_MANIFEST = "loraflow-adapter.json"
 CHECKPOINT_MARKER = "loraflow-complete.json"
@@ -727,7 +727,7 @@ def save_adapter(model, adapter_dir: Path, manifest: dict) -> None:
     staging = adapter_dir.with_name(f".{adapter_dir.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
-    files = {p.name: _file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+    files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
     _write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
@@ -804,14 +804,6 @@ def _finite(value: float | None) -> bool:
 
 def _hash(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
