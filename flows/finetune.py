@@ -8,14 +8,13 @@ published again.
 
 import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from flows.prepare import new_run_dir, prepare_stages, write_summary
+from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.caching import stage_cache_key
 from loraflow.store import ArtifactRef, ArtifactStore
@@ -96,11 +95,6 @@ def publish_cache_key(context, parameters: dict) -> str:
     run-specific text does not make a new model)."""
     keyed = {name: parameters[name] for name in ("model_dir", "adapter_dir", "publish_config", "output_dir")}
     return stage_cache_key(context, keyed)
-
-
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:

@@ -114,8 +114,12 @@ def stage_artifact(run_name: str, stage_name: str, result, store: ArtifactStore,
             rows.append({"measure": name, "value": value})
         elif isinstance(value, dict) and all(isinstance(v, (int, float, str)) for v in value.values()):
             rows += [{"measure": f"{name}: {key}", "value": v} for key, v in value.items()]
-    key = re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{stage_name}".lower()).strip("-")
-    create_table_artifact(key=key, table=rows, description=f"{stage_name}: rows in/out/quarantined and stage counts")
+    create_table_artifact(key=artifact_key(f"{run_name}-{stage_name}"), table=rows, description=f"{stage_name}: rows in/out/quarantined and stage counts")
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
 def stage_summary(result, cached: bool, seconds: float) -> dict:

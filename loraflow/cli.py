@@ -16,14 +16,21 @@ def quiet_offline_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def cmd_check(args) -> int:
-    """Validate a config and the things it points to; print every problem with its key and fix."""
+def load_or_report(path: str):
+    """The validated config, or None after printing every problem (key and fix) to stderr."""
     from loraflow.config.pipeline import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as error:
         print(error, file=sys.stderr)
+        return None
+
+
+def cmd_check(args) -> int:
+    """Validate a config and the things it points to; print every problem with its key and fix."""
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     problems = []
     for index, source in enumerate(config.sources):
@@ -48,12 +55,8 @@ def cmd_schema(args) -> int:
 
 def cmd_prepare(args) -> int:
     """Run the data half with Prefect's ephemeral API; print the summary path last."""
-    from loraflow.config.pipeline import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     from flows.prepare import prepare_flow
 
@@ -73,12 +76,8 @@ def print_stage_table(summary: dict) -> None:
 
 def cmd_run(args) -> int:
     """Run the whole pipeline with Prefect's ephemeral API; print the summary path last."""
-    from loraflow.config.pipeline import ConfigError, load_config
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    config = load_or_report(args.config)
+    if config is None:
         return 2
     from flows.finetune import finetune_flow
 
