@@ -3,12 +3,19 @@
 Layout: `<root>/artifacts/<stage>/<sha256>.parquet` plus `<sha256>.manifest.json`, the manifest written last
 so its existence proves the Parquet file is complete. Local writes go to a temp file in the same folder,
 are fsynced and renamed; readers verify the manifest's sha256 and row count before using a file.
+
+On an object store (`s3://bucket/prefix`, with `pip install loraflow[s3]`) each file is one PUT, which S3
+makes visible whole or not at all (a multipart upload appears only when completed), so the same two rules
+hold: manifest last, hash checked on every read. Credentials and the endpoint never appear in the URL or the
+config: fsspec's backend reads them from the environment (docs/scaling.md, "Storage on S3").
 """
 
+import errno
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +44,21 @@ class CorruptArtifact(RuntimeError):
     """An artifact whose bytes or manifest do not match: never used, recomputed by the flow."""
 
 
+class DiskFullError(OSError):
+    """A store write ran out of space (ENOSPC, EDQUOT, or EFBIG from a file-size limit); nothing partial is left."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECONDS = 24 * 3600  # a temp file from another machine is left alone for this long
+
+
 class ArtifactStore:
     """Write and read Parquet artifacts by content hash."""
 
     def __init__(self, root: str | Path):
         self.root = str(root)
+        check_no_credentials(self.root)
         self.fs, self.base = fsspec.core.url_to_fs(self.root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -58,7 +75,12 @@ class ArtifactStore:
         manifest = json.dumps({**ref.model_dump(), "bytes": len(payload), "written_at": time.time()}, indent=1)
         self._write_atomic(data_path, payload)
         # The manifest goes last: a reader that finds it knows the Parquet file is whole.
-        self._write_atomic(manifest_path, manifest.encode())
+        try:
+            self._write_atomic(manifest_path, manifest.encode())
+        except DiskFullError:
+            if self.is_local and not os.path.exists(manifest_path):  # a new artifact: leave no manifest-less file
+                os.unlink(data_path)
+            raise
         return ref
 
     def read(self, ref: ArtifactRef, *, verify: bool = True) -> pd.DataFrame:
@@ -81,15 +103,17 @@ class ArtifactStore:
     def _read_verified(self, ref: ArtifactRef) -> bytes:
         data_path = self._path(ref.uri)
         manifest_path = data_path[: -len(".parquet")] + ".manifest.json"
-        if not self.fs.exists(manifest_path):
-            raise CorruptArtifact(f"{ref.uri}: no manifest (partial or foreign write); it will be recomputed")
+        # Read, then catch "missing": one request per file on an object store instead of an existence check first.
         try:
             manifest = json.loads(self._cat(manifest_path))
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{ref.uri}: no manifest (partial or foreign write); it will be recomputed") from None
         except (ValueError, OSError) as error:
             raise CorruptArtifact(f"{manifest_path}: unreadable manifest ({error})") from None
-        if not self.fs.exists(data_path):
-            raise CorruptArtifact(f"{ref.uri}: file missing")
-        payload = self._cat(data_path)
+        try:
+            payload = self._cat(data_path)
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{ref.uri}: file missing") from None
         actual = hashlib.sha256(payload).hexdigest()
         if actual != ref.sha256 or manifest.get("sha256") != ref.sha256:
             raise CorruptArtifact(
@@ -107,16 +131,24 @@ class ArtifactStore:
             return
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        handle, temp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+        remove_stale_temp_files(folder)
+        # The temp name carries host and pid, so a later write can tell a dead writer's leftover from a live one.
+        prefix = f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+        try:
+            handle, temp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".part")
+        except OSError as error:
+            raise _disk_full(error, path, len(payload)) from error
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(payload)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp_path, path)
-        except BaseException:
+        except BaseException as error:
             if os.path.exists(temp_path):
                 os.unlink(temp_path)
+            if isinstance(error, OSError):
+                raise _disk_full(error, path, len(payload)) from error
             raise
 
     def _cat(self, path: str) -> bytes:
@@ -127,6 +159,45 @@ class ArtifactStore:
 
     def _path(self, uri: str) -> str:
         return uri if self.is_local else self.fs._strip_protocol(uri)
+
+
+def _disk_full(error: OSError, path: str, size: int) -> OSError:
+    """A DiskFullError naming the path for an out-of-space error; any other OSError unchanged."""
+    if error.errno not in DISK_FULL_ERRNOS:
+        return error
+    return DiskFullError(
+        error.errno,
+        f"disk full writing {path} ({size:,} bytes; {os.strerror(error.errno)}): free space on that disk or move "
+        f"the store, then re-run. Nothing partial was left and earlier artifacts are intact",
+        path,
+    )
+
+
+def remove_stale_temp_files(folder: str) -> None:
+    """Remove temp files a killed writer left: this host's whose process is gone, any host's after a day."""
+    for name in os.listdir(folder):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        temp_path = os.path.join(folder, name)
+        try:
+            if _writer_gone(name) or time.time() - os.path.getmtime(temp_path) > STALE_TEMP_SECONDS:
+                os.unlink(temp_path)
+        except FileNotFoundError:  # its writer finished (renamed it) or another cleaner got there first
+            pass
+
+
+def _writer_gone(temp_name: str) -> bool:
+    """True when `temp_name` (.tmp-<host>-<pid>-<random>.part) was made on this host by a process that has exited."""
+    host, pid, _ = temp_name[len(TEMP_PREFIX):].rsplit("-", 2) if temp_name.count("-") >= 3 else ("", "", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        pass
+    return False
 
 
 def table_bytes(frame: pd.DataFrame) -> bytes:
@@ -144,3 +215,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_url(location: str) -> bool:
+    """True for an fsspec URL other than a local file (`s3://...`, `gs://...`, `memory://...`)."""
+    return "://" in str(location) and fsspec.utils.get_protocol(str(location)) not in ("file", "local")
+
+
+def artifact_exists(uri: str) -> bool:
+    """True when the file at `uri` (a local path or an fsspec URL) exists, asked through its own filesystem."""
+    if "://" not in uri:
+        return os.path.exists(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def check_no_credentials(location: str) -> None:
+    """Refuse a store URL that carries a password or key (`s3://KEY:SECRET@bucket`): the URL is a flow parameter,
+    a cache-key input and a summary/model-card line, so a secret in it would be shown and logged."""
+    netloc = location.split("://", 1)[1].split("/", 1)[0] if "://" in location else ""
+    if ":" in netloc.rpartition("@")[0]:  # user:secret@host; a bare `user@host` (key-based sftp) is fine
+        raise ValueError(
+            f"store URL {location.split('://', 1)[0]}://***@...: credentials in the URL are refused (it ends up in "
+            "Prefect parameters, logs and the model card); set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE) in the worker's environment instead (docs/scaling.md)"
+        )
