@@ -1,7 +1,8 @@
 """Prefect cache keys for stages: input artifact hashes + config + fingerprints + the stage's own code.
 
 Never the run id, so an unchanged re-run is a cache hit in a new run. Returns None (no caching) when an
-input artifact is missing, so a deleted upstream file forces a recompute instead of a stale hit.
+input artifact is missing (a local file or an object in an fsspec store such as S3, asked through the store's
+own filesystem), so a deleted upstream file forces a recompute instead of a stale hit.
 """
 
 import hashlib
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraflow.store import ArtifactRef
+from loraflow.store import ArtifactRef, artifact_exists
 
 class _MissingInput(Exception):
     pass
@@ -34,7 +35,7 @@ def stage_cache_key(context, parameters: dict) -> str | None:
 
 def _canonical(value):
     if isinstance(value, ArtifactRef):
-        if not Path(value.uri).exists() and "://" not in value.uri:
+        if not artifact_exists(value.uri):
             raise _MissingInput(value.uri)
         return {"artifact": value.sha256}
     if isinstance(value, BaseModel):

@@ -1,25 +1,55 @@
 """The thin Prefect layer every stage shares: a task decorator with content-based caching, and
 `run_stage`, which calls a stage task, verifies its output artifact and recomputes it if corrupt."""
 
+import hashlib
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.filesystems import RemoteFileSystem
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.settings import PREFECT_API_URL
 
 from loraflow.caching import stage_cache_key
+from loraflow.models import cache_dir
 from loraflow.stage import StageResult
-from loraflow.store import ArtifactStore
+from loraflow.store import ArtifactStore, is_url
 
 # JSON results keep cached StageResults readable and portable (not cloudpickle blobs tied to one machine).
 stage_task = partial(task, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
 
 
-def result_storage(store_root: str) -> Path:
-    """Where Prefect keeps cached stage results: next to the artifacts they point to."""
-    return Path(store_root).resolve() / "prefect-results"
+def result_storage(store_root: str) -> Path | RemoteFileSystem:
+    """Where Prefect keeps cached stage results: next to the artifacts they point to.
+
+    For a URL store (`s3://bucket/prefix`) that is Prefect's fsspec-backed `RemoteFileSystem` block on
+    `<store>/prefect-results`, so every worker that shares the bucket shares the cache. Its `settings` stay
+    empty on purpose: fsspec takes credentials and endpoint from the environment, never from this block.
+    """
+    if is_url(store_root):
+        return _saved_remote_storage(f"{store_root.rstrip('/')}/prefect-results", PREFECT_API_URL.value())
+    return Path(store_root.removeprefix("file://")).resolve() / "prefect-results"
+
+
+@lru_cache(maxsize=None)
+def _saved_remote_storage(basepath: str, api_url: str | None) -> RemoteFileSystem:
+    """The `RemoteFileSystem` block for `basepath`, saved on the API once per process and API (Prefect 3.8
+    refuses an unsaved block as task result storage; a saved one also lets any worker read the results back).
+    The block holds only the URL, so it is safe to show in the UI's Blocks page."""
+    name = "loraflow-results-" + hashlib.sha256(basepath.encode()).hexdigest()[:16]
+    block = RemoteFileSystem(basepath=basepath)
+    block.save(name, overwrite=True)
+    return block
+
+
+def lock_folder(store_root: str) -> Path:
+    """Lock files for `run_locked`: in a local store, next to its results; for a URL store, in this host's
+    loraflow cache (an object store has no file locks), so twin runs are serialised per host only."""
+    if is_url(store_root):
+        return cache_dir() / "locks" / hashlib.sha256(store_root.rstrip("/").encode()).hexdigest()[:16]
+    return Path(store_root.removeprefix("file://")).resolve() / "locks"
 
 
 def run_stage(stage_task_fn, store: ArtifactStore, **parameters) -> tuple[StageResult, bool, float]:
@@ -52,7 +82,7 @@ def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_ke
     """
     policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(
         isolation_level="SERIALIZABLE",
-        lock_manager=FileSystemLockManager(lock_files_directory=Path(lock_root).resolve() / "locks"),
+        lock_manager=FileSystemLockManager(lock_files_directory=lock_folder(lock_root)),
     )
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))
