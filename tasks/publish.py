@@ -8,7 +8,10 @@
    facts) + loraflow.json; re-read the saved weights and compare them bit for bit; manifest written last.
 3. target=hf_hub: one commit with every file to a run branch, check the remote list and hashes, then one
    commit to publish.branch (parent = the head seen before, so a concurrent push fails instead of mixing)
-   and check again. The token comes from a Prefect Secret block or HF_TOKEN, and goes only to the client.
+   and check again. A request that fails in transit (connection, timeout, 408/429/5xx) is sent again with
+   backoff (publish.hub_retries); a commit is skipped when its branch already holds the files, so a retry or
+   a re-run after a push that failed half-way commits once. The token comes from a Prefect Secret block or
+   HF_TOKEN, and goes only to the client.
 
 `ask` answers a question with a published folder, streaming tokens (for `loraflow ask`).
 """
@@ -27,6 +30,7 @@ from typing import Iterator
 from pydantic import BaseModel, Field
 
 from loraflow.config.publish import PublishConfig
+from loraflow.retrying import with_io_retries
 from loraflow.store import file_sha256
 
 MODEL_MANIFEST = "loraflow-manifest.json"
@@ -286,32 +290,50 @@ def resolve_hub_token(secret_name: str | None) -> str:
 
 
 def push_folder(folder: Path, files: dict[str, str], *, repo_id: str, token: str, private: bool, branch: str,
-                run_branch: str, message: str, log=log_default) -> dict:
-    """Upload `folder` as one commit to `run_branch`, verify it, then make `branch` match in one commit."""
+                run_branch: str, message: str, retries: int = 3, retry_delay: float = 2.0, log=log_default) -> dict:
+    """Upload `folder` as one commit to `run_branch`, verify it, then make `branch` match in one commit.
+
+    Every request is sent again after a transient failure (loraflow.retrying). A commit is made only when its
+    branch does not already hold the files, so a retry after a lost answer, or a re-run after a push that
+    failed half-way, commits once; `branch` changes only after the run branch holds every file, verified.
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    # Read HF_ENDPOINT now rather than at import, so tests (and users) can point it anywhere.
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    head = api.repo_info(repo_id, revision=branch).sha
-    api.create_branch(repo_id, branch=run_branch, revision=head, exist_ok=True)
+    def request(what: str, call):
+        return with_io_retries(call, f"publish: hub {what} ({repo_id})", retries=retries, delay=retry_delay, log=log)
 
     def additions():
         return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in sorted(files)]
 
-    run_commit = api.create_commit(repo_id, operations=additions(), commit_message=message, revision=run_branch)
-    verify_remote(api, repo_id, run_commit.oid, folder, files)
-    log.info("publish: %s@%s verified (%d files, commit %s)", repo_id, run_branch, len(files), run_commit.oid[:10])
+    def commit_once(revision: str, operations, commit_message: str, parent: str | None, exact: bool) -> str:
+        def attempt() -> str:
+            current = api.repo_info(repo_id, revision=revision).sha
+            if not remote_problems(api, repo_id, current, folder, files, exact):
+                return current  # an earlier attempt landed (its answer was lost) or an earlier run pushed it
+            return api.create_commit(repo_id, operations=operations(), commit_message=commit_message, revision=revision,
+                                     parent_commit=parent).oid
+        return request(f"commit to {revision}", attempt)
 
-    stale = [path for path in remote_files(api, repo_id, head) if path not in files and path != ".gitattributes"]
-    main_commit = api.create_commit(
-        repo_id, operations=additions() + [CommitOperationDelete(path_in_repo=p) for p in stale],
-        commit_message=f"{message} (verified on {run_branch})", revision=branch, parent_commit=head,
+    # Read HF_ENDPOINT now rather than at import, so tests (and users) can point it anywhere.
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    request("create_repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    head = request("repo_info", lambda: api.repo_info(repo_id, revision=branch).sha)
+    request("create_branch", lambda: api.create_branch(repo_id, branch=run_branch, revision=head, exist_ok=True))
+
+    run_commit = commit_once(run_branch, additions, message, parent=None, exact=False)
+    request("verify", lambda: verify_remote(api, repo_id, run_commit, folder, files))
+    log.info("publish: %s@%s verified (%d files, commit %s)", repo_id, run_branch, len(files), run_commit[:10])
+
+    stale = [path for path in request("list files", lambda: remote_files(api, repo_id, head))
+             if path not in files and path != ".gitattributes"]
+    main_commit = commit_once(
+        branch, lambda: additions() + [CommitOperationDelete(path_in_repo=p) for p in stale],
+        f"{message} (verified on {run_branch})", parent=head, exact=True,
     )
-    verify_remote(api, repo_id, main_commit.oid, folder, files, exact=True)
-    log.info("publish: %s@%s updated to %s", repo_id, branch, main_commit.oid[:10])
-    return {"hub_repo": repo_id, "hub_run_branch": run_branch, "hub_run_commit": run_commit.oid,
-            "hub_branch": branch, "hub_commit": main_commit.oid}
+    request("verify", lambda: verify_remote(api, repo_id, main_commit, folder, files, exact=True))
+    log.info("publish: %s@%s is %s%s", repo_id, branch, main_commit[:10], " (unchanged: already published)" if main_commit == head else "")
+    return {"hub_repo": repo_id, "hub_run_branch": run_branch, "hub_run_commit": run_commit,
+            "hub_branch": branch, "hub_commit": main_commit}
 
 
 def remote_files(api, repo_id: str, revision: str) -> dict:
@@ -320,8 +342,8 @@ def remote_files(api, repo_id: str, revision: str) -> dict:
     return {f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)}
 
 
-def verify_remote(api, repo_id: str, revision: str, folder: Path, files: dict[str, str], exact: bool = False) -> None:
-    """Every local file is on the remote revision with the same size and hash (LFS sha256 or git blob sha1)."""
+def remote_problems(api, repo_id: str, revision: str, folder: Path, files: dict[str, str], exact: bool = False) -> list[str]:
+    """How the remote revision differs from the local files (size and LFS sha256 or git blob sha1); [] if it holds them."""
     remote = remote_files(api, repo_id, revision)
     problems = []
     for name, sha256 in files.items():
@@ -337,6 +359,12 @@ def verify_remote(api, repo_id: str, revision: str, folder: Path, files: dict[st
             problems.append(f"{name}: git blob id differs")
     if exact:
         problems += [f"{name}: unexpected file on the remote" for name in remote if name not in files and name != ".gitattributes"]
+    return problems
+
+
+def verify_remote(api, repo_id: str, revision: str, folder: Path, files: dict[str, str], exact: bool = False) -> None:
+    """PublishError unless every local file is on the remote revision with the same size and hash."""
+    problems = remote_problems(api, repo_id, revision, folder, files, exact)
     if problems:
         raise PublishError(f"{repo_id}@{revision[:12]}: uploaded files do not match:\n  " + "\n  ".join(problems))
 
@@ -398,7 +426,8 @@ def publish_model(
         result |= push_folder(
             folder, files, repo_id=publish_config.repo_id, token=token, private=publish_config.private,
             branch=publish_config.branch, run_branch=f"loraflow-{card.run_name}-{digest}",
-            message=f"loraflow: {card.run_name}", log=log,
+            message=f"loraflow: {card.run_name}", retries=publish_config.hub_retries,
+            retry_delay=publish_config.hub_retry_delay, log=log,
         )
     return PublishResult(**result, seconds=round(time.perf_counter() - started, 2))
 

@@ -4,7 +4,9 @@ Point HF_ENDPOINT at `HubStandIn().start()` and the real `huggingface_hub` clien
 against it: create_repo, create_branch, repo_info, validate-yaml (README metadata), preupload (every
 file is answered "regular", i.e. inline base64, no LFS), commit (NDJSON, with parentCommit checks) and
 list_repo_tree. Repos live in memory as commits of {path: bytes}; every request's headers are recorded
-so tests can check that the token was sent (and nowhere else).
+so tests can check that the token was sent (and nowhere else). `fail()` makes chosen requests fail the way
+networks do: the connection dropped half-way through the upload, the answer lost after the commit landed,
+or an HTTP error status.
 """
 
 import base64
@@ -26,6 +28,8 @@ class HubStandIn:
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.server = None
+        self.faults: list[dict] = []
+        self.faults_hit = 0
 
     # ---- lifecycle ----
     def start(self) -> str:
@@ -54,6 +58,36 @@ class HubStandIn:
             self.server.shutdown()
             self.server.server_close()
 
+    # ---- faults ----
+    def fail(self, action: str, revision: str, how: str | int = "drop_request", times: int = 1) -> None:
+        """Make the next `times` POSTs of `action` (commit, branch, ...) to a revision starting with `revision` fail.
+
+        how="drop_request": half the upload is read, then the connection is closed (nothing is applied);
+        "drop_response": the request is applied, then the connection is closed before the answer;
+        an int: that HTTP status is answered (nothing is applied).
+        """
+        self.faults.append({"action": action, "revision": revision, "how": how, "left": times})
+
+    def _fault_for(self, method: str, path: str) -> dict | None:
+        match = re.fullmatch(r"/api/models/[^/]+/[^/]+/([^/]+)/([^/]+)(/.*)?", path)
+        if method != "POST" or not match:
+            return None
+        for fault in self.faults:
+            if fault["left"] and fault["action"] == match.group(1) and unquote(match.group(2)).startswith(fault["revision"]):
+                fault["left"] -= 1
+                self.faults_hit += 1
+                return fault
+        return None
+
+    def commits_on(self, repo_id: str, revision: str) -> list[str]:
+        """Commit ids from `revision`'s head back to the first commit."""
+        repo = self.repos[repo_id]
+        oid, chain = repo["branches"].get(revision, revision), []
+        while oid:
+            chain.append(oid)
+            oid = repo["commits"][oid]["parent"]
+        return chain
+
     # ---- state helpers for tests ----
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]
@@ -68,13 +102,25 @@ class HubStandIn:
     def _handle(self, handler: BaseHTTPRequestHandler, method: str):
         url = urlparse(handler.path)
         length = int(handler.headers.get("Content-Length") or 0)
+        with self.lock:
+            fault = self._fault_for(method, url.path)
+        if fault and fault["how"] == "drop_request":
+            handler.rfile.read(length // 2)
+            handler.close_connection = True  # no answer: the client sees the connection drop mid-upload
+            return
         body = handler.rfile.read(length) if length else b""
         with self.lock:
             self.requests.append({"method": method, "path": url.path, "headers": {k.lower(): v for k, v in handler.headers.items()}})
             try:
-                status, payload = self._route(method, url.path, parse_qs(url.query), body, handler.headers)
+                if fault and isinstance(fault["how"], int):
+                    status, payload = fault["how"], {"error": f"stand-in fault: HTTP {fault['how']}"}
+                else:
+                    status, payload = self._route(method, url.path, parse_qs(url.query), body, handler.headers)
             except KeyError as missing:
                 status, payload = 404, {"error": f"not found: {missing}"}
+        if fault and fault["how"] == "drop_response":
+            handler.close_connection = True  # applied, but the answer is lost
+            return
         data = json.dumps(payload).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")

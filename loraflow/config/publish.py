@@ -27,6 +27,11 @@ class PublishConfig(StrictModel):
         ),
     )
     verify_prompts: int = Field(4, ge=1, le=64, description="Validation examples whose logits the merge check compares.")
+    hub_retries: int = Field(
+        3, ge=0, le=10,
+        description="Times a hub request is sent again after a connection error, timeout or 408/429/5xx (never after 4xx).",
+    )
+    hub_retry_delay: float = Field(2.0, ge=0, le=120, description="Seconds before the first hub retry; doubled for each next one.")
 
     @model_validator(mode="after")
     def _hub_needs_repo(self):
