@@ -5,7 +5,10 @@ Supported: peft LoRA (rsLoRA, DoRA) on every linear layer or a named list; base 
 paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device has it, else fp32 (never fp16); resumable
 checkpoints; a stop on non-finite loss or gradient norm.
 Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
-causal masks. Not supported here: multi-GPU.
+causal masks. Several GPUs (train.distributed = ddp | fsdp): train_adapter hands over to
+loraflow.training.launch, which runs this same function in train.num_processes processes with `accelerate launch`
+and returns rank 0's TrainResult; in those processes only rank 0 writes the adapter, metrics, loss curve and
+checkpoint markers (docs/scaling.md). FSDP runs without the fast path's model surgery (below).
 
 The fast path (default on CUDA: train.packing="auto"): examples packed into rows of train.pack_max_tokens,
 `configure_model_for_speed` after get_peft_model instead of prepare_model_for_kbit_training (flex attention
@@ -50,6 +53,8 @@ RESUME_NEUTRAL_SETTINGS = ("allow_resume_mismatch", "checkpoint_every", "keep_ch
 
 # = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
 IGNORE_INDEX = -100
+# = loraflow.training.launch.LAUNCHED_ENV (set in launched processes), kept here so this module imports no torch.
+LAUNCHED_ENV = "LORAFLOW_TRAIN_LAUNCHED"
 log_default = logging.getLogger("loraflow.train")
 
 
@@ -105,6 +110,7 @@ def train_adapter(
     store: ArtifactStore | None = None,
     trust_remote_code: bool = False,
     callbacks: list | None = None,
+    on_step=None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame).
@@ -112,10 +118,17 @@ def train_adapter(
     Re-running after a crash continues from the newest complete checkpoint in `output_dir`; it refuses
     (ResumeMismatchError, listing what differs) when the data, base model or config changed, unless
     `train_config.allow_resume_mismatch`. A finished adapter for the same inputs is returned as is.
-    `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash).
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash); they run in this
+    process, so train.distributed (several processes) refuses them. `on_step(step, max_steps, loss)` is called
+    after each optimizer step, here or from rank 0's report (the Prefect progress artifact).
     """
     log = log or log_default
     started = time.perf_counter()
+    launching = train_config.distributed != "none" and not os.environ.get(LAUNCHED_ENV)
+    if launching and callbacks:
+        raise ValueError("train.distributed runs training in launched processes, where callbacks from this "
+                         "process cannot run: drop callbacks, or set train.distributed=none")
+    main_process = int(os.environ.get("RANK", 0)) == 0  # rank 0 of a launch, or the only process
     # ---- validate inputs before loading anything heavy ----
     frame, data_sha = _load_tokens(tokens, store)
     train_rows = frame[frame["split"] == "train"]
@@ -129,6 +142,11 @@ def train_adapter(
     if done is not None:
         log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", adapter_dir, fingerprint)
         return done
+    if launching:
+        from loraflow.training.launch import launch_training
+
+        return launch_training(tokens, model_dir, train_config, output_dir, store=store,
+                               trust_remote_code=trust_remote_code, log=log, on_step=on_step)
 
     import torch
 
@@ -167,7 +185,7 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     packing = packing_enabled(train_config, env)
-    fast = fast_path_enabled(packing, env)
+    fast = fast_path_enabled(packing, env, train_config.distributed)
     # Seeded before the adapter exists: LoRA's A matrices are drawn from the global RNG, and a resumed run
     # must rebuild the same model the checkpoint was made from.
     from transformers import set_seed
@@ -204,17 +222,20 @@ def train_adapter(
     Trainer = resumable_trainer_class()
     recorder = StepRecorder(collator)
     guard = NonFiniteGuard(train_config.nonfinite_patience)
-    marker_writer = CheckpointMarker(identity)
+    marker_writer = CheckpointMarker(identity, main_process)
     trainer = Trainer(
         model=model,
         args=training_arguments(train_config, env, checkpoints_dir, rows_per_micro_batch=rows_per_micro_batch,
                                 fast=fast, packing=packing),
         train_dataset=examples,
         data_collator=collator,
-        callbacks=[recorder, guard, marker_writer, *(callbacks or [])],
+        callbacks=[recorder, guard, marker_writer, *([StepReport(on_step)] if on_step else []), *(callbacks or [])],
     )
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
+    if train_config.distributed == "fsdp" and not trainer.is_fsdp_enabled:
+        raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type}: "
+                           "launch through train_adapter (accelerate launch with loraflow's FSDP config) on CUDA GPUs")
     if env["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -222,6 +243,16 @@ def train_adapter(
     recorder.close()
 
     # ---- save: adapter (manifest last), curve, metrics; then drop the checkpoints ----
+    # Collectives first, on every process: token counts are summed over processes, and under FSDP the adapter
+    # is gathered whole (each process holds a shard of it).
+    tokens_seen = sum_over_processes(collator.tokens_seen)
+    trained_tokens_seen = getattr(collator, "trained_tokens_seen", None)
+    if trained_tokens_seen is not None:
+        trained_tokens_seen = sum_over_processes(trained_tokens_seen)
+    adapter_state = None
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        adapter_state = trainer.accelerator.get_state_dict(trainer.model)
     peak_bytes, peak_kind = peak_memory(env["device"])
     curve = pd.DataFrame(recorder.rows)
     final_loss = next((r["loss"] for r in reversed(recorder.rows) if r.get("loss") is not None), None)
@@ -250,6 +281,8 @@ def train_adapter(
         data_sha256=data_sha,
         fingerprint=fingerprint,
     )
+    if not main_process:  # rank 0 writes; the others' result is never read
+        return result
     output_dir.mkdir(parents=True, exist_ok=True)
     curve.to_parquet(result.loss_curve_path, index=False)
     result.loss_plot_path = plot_loss_curve(curve, output_dir / "loss_curve.png")
@@ -258,15 +291,19 @@ def train_adapter(
         "train_runtime_s": train_output.metrics.get("train_runtime"),
         "trainable_parameters": trainable,
         "packing_stats": pack_stats,
-        "tokens_seen": collator.tokens_seen,
-        "trained_tokens_seen": getattr(collator, "trained_tokens_seen", None),
+        "tokens_seen": tokens_seen,
+        "trained_tokens_seen": trained_tokens_seen,
+        # What actually ran: accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, FSDP) and the process count.
+        "distributed": {"strategy": train_config.distributed, "processes": world_size(),
+                        "accelerate_distributed_type": str(trainer.accelerator.distributed_type)},
         "total_parameters": total,
         "train_config": train_config.model_dump(mode="json"),
         "identity": identity,
         "library_versions": library_versions(),
     }
     _write_json_atomic(Path(result.metrics_path), metrics)
-    save_adapter(model, adapter_dir, manifest={"fingerprint": fingerprint, "identity": identity, "result": result.model_dump()})
+    save_adapter(model, adapter_dir, manifest={"fingerprint": fingerprint, "identity": identity, "result": result.model_dump()},
+                 state_dict=adapter_state)
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     log.info(
         "train: done in %.0f s, %d steps, final loss %s, %s tokens/s (%s after the first step), peak memory %.2f GB (%s); "
@@ -297,7 +334,9 @@ def training_environment(config: TrainConfig) -> dict:
     if config.precision == "bf16" and precision != "bf16":
         raise ValueError("train.precision=bf16 but this GPU has no bf16 support: set train.precision=auto or fp32")
     quantization = config.quantization if cuda else "none"
-    optimizer = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
+    # Under FSDP paged 8-bit AdamW fails when a checkpoint is saved (peft's FSDP-QLoRA caveats).
+    paged = cuda and config.distributed != "fsdp"
+    optimizer = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if paged else "adamw_torch")
     return {"device": device, "precision": precision, "quantization": quantization, "optimizer": optimizer}
 
 
@@ -308,9 +347,11 @@ def packing_enabled(config: TrainConfig, env: dict) -> bool:
     return bool(config.packing)
 
 
-def fast_path_enabled(packing: bool, env: dict) -> bool:
-    """The packed fast path (configure_model_for_speed) runs on CUDA; packing on CPU keeps the CPU settings."""
-    return packing and env["device"] == "cuda"
+def fast_path_enabled(packing: bool, env: dict, distributed: str = "none") -> bool:
+    """The packed fast path (configure_model_for_speed) runs on CUDA; packing on CPU keeps the CPU settings.
+    Not under FSDP: its fused LoRA epilogues and per-layer checkpointing reach into modules FSDP has flattened
+    and wrapped (measured nowhere yet), so FSDP packs with document masks and Trainer's checkpointing."""
+    return packing and env["device"] == "cuda" and distributed != "fsdp"
 
 
 def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log) -> tuple[int, dict]:
@@ -396,11 +437,15 @@ def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_re
         )
     elif env["quantization"] == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if env["device"] == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if env["device"] == "cuda" and config.distributed != "fsdp":
+        # One whole model per process (DDP): on this process's GPU, {"": local_rank}.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    # FSDP (peft's FSDP-QLoRA recipe): no device_map; with cpu_ram_efficient_loading rank 0 reads the weights and
+    # FSDP broadcasts them, and bitsandbytes puts the 4-bit weights on the current device (set per rank).
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if env["quantization"] != "none" and not fast:
+    # Not under FSDP: its fp32 upcast of norms and embeddings would mix dtypes inside FSDP's flat parameters.
+    if env["quantization"] != "none" and not fast and config.distributed != "fsdp":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -456,6 +501,9 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
         use_cpu=env["device"] == "cpu",
     )
+    if config.distributed == "ddp":
+        # Every LoRA weight gets a gradient each step; searching for unused ones costs a graph walk and a warning.
+        kwargs["ddp_find_unused_parameters"] = False
     if config.group_by_length and not packing:  # packed rows are already of similar length
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
@@ -522,7 +570,9 @@ def resumable_trainer_class():
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is not LengthGroupedSampler:
                 return sampler
-            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            # Grouped by global batch: every process draws the same order, and accelerate deals its micro-batches
+            # out in turn, so N processes see the same examples per optimizer step as one process would.
+            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             return EpochSeededLengthGroupedSampler(batch_size, list(sampler.lengths), self.args.data_seed or self.args.seed)
 
     return ResumableTrainer
@@ -603,13 +653,14 @@ class StepRecorder(_callback_base()):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
-        self._started = (time.perf_counter(), self.collator.tokens_seen)
+        self._started = (time.perf_counter(), sum_over_processes(self.collator.tokens_seen))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
         # The dataloader fetches ahead, so per-step token counts jitter; the rate is averaged since the start.
-        now, seen = time.perf_counter(), self.collator.tokens_seen
+        # Summed over launched processes (every process logs each step, so the collective lines up): global tokens/s.
+        now, seen = time.perf_counter(), sum_over_processes(self.collator.tokens_seen)
         elapsed = now - self._started[0]
         tokens_per_s = (seen - self._started[1]) / elapsed if elapsed > 0 else None
         row = {
@@ -647,6 +698,17 @@ class StepRecorder(_callback_base()):
         return round(tokens / elapsed, 1) if elapsed > 0 else None
 
 
+class StepReport(_callback_base()):
+    """Calls `on_step(step, max_steps, loss)` for each logged optimizer step."""
+
+    def __init__(self, on_step):
+        self.on_step = on_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.on_step(state.global_step, state.max_steps, _float(logs.get("loss")))
+
+
 class NonFiniteGuard(_callback_base()):
     """Stops training with NonFiniteTrainingError after `patience` consecutive non-finite steps."""
 
@@ -675,12 +737,15 @@ class CheckpointMarker(_callback_base()):
     `checkpoint-N`; only folders with this marker, whose listed files still have their sizes, are resumed from.
     """
 
-    def __init__(self, identity: dict):
+    def __init__(self, identity: dict, main_process: bool = True):
         self.identity = identity
+        self.main_process = main_process
 
     def on_save(self, args, state, control, **kwargs):
+        # Launched: each process writes its part (RNG state, FSDP shards); the marker waits for all of them.
+        barrier()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
+        if not self.main_process or not folder.is_dir():
             return
         files = {
             str(path.relative_to(folder)): path.stat().st_size
@@ -761,16 +826,54 @@ def _finished_result(output_dir: Path, fingerprint: str) -> TrainResult | None:
     return TrainResult(**{**manifest["result"], "reused": True})
 
 
-def save_adapter(model, adapter_dir: Path, manifest: dict) -> None:
-    """Save the adapter into a staging folder, write its manifest last, then swap it into place."""
+def save_adapter(model, adapter_dir: Path, manifest: dict, state_dict: dict | None = None) -> None:
+    """Save the adapter into a staging folder, write its manifest last, then swap it into place.
+    `state_dict`: the whole model's, gathered from FSDP shards (peft keeps the adapter's keys)."""
     staging = adapter_dir.with_name(f".{adapter_dir.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
     _write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
+
+
+# ---- several processes ---------------------------------------------------------------------------------
+
+def _distributed_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    if not _distributed_ready():
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every launched process (nothing to wait for in one process)."""
+    if _distributed_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sum_over_processes(value: int) -> int:
+    """`value` summed over the launched processes (a collective: every process must call it); itself in one."""
+    if not _distributed_ready():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 # ---- reporting -----------------------------------------------------------------------------------------
@@ -870,20 +973,20 @@ if task is not None:
         base_fingerprint: str = "", trust_remote_code: bool = False,
     ) -> TrainResult:
         """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key); a progress
-        artifact in the UI follows the optimizer steps."""
+        artifact in the UI follows the optimizer steps. With train.distributed the launched processes' output
+        streams into this task's log, and rank 0's result is this task's result."""
         from prefect import get_run_logger
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
         progress_id = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done (%)")
 
-        class ProgressArtifact(_callback_base()):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if state.max_steps:
-                    update_progress_artifact(progress_id, progress=round(100.0 * state.global_step / state.max_steps, 1))
+        def report_progress(step: int, max_steps: int, loss: float | None) -> None:
+            if max_steps:
+                update_progress_artifact(progress_id, progress=round(100.0 * step / max_steps, 1))
 
         result = train_adapter(
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
-            trust_remote_code=trust_remote_code, log=get_run_logger(), callbacks=[ProgressArtifact()],
+            trust_remote_code=trust_remote_code, log=get_run_logger(), on_step=report_progress,
         )
         update_progress_artifact(progress_id, progress=100.0)
         return result

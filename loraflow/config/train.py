@@ -35,7 +35,13 @@ class TrainConfig(StrictModel):
     epochs: float = Field(1.0, gt=0, description="Passes over the train split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass (unpacked batches; see pack_rows_per_micro_batch).")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation: int = Field(
+        1, ge=1,
+        description=(
+            "Micro-batches per optimizer step in each process. Global batch = micro-batch (micro_batch_size, or packed "
+            "rows) x gradient_accumulation x processes: 1 process with 2 here equals 2 processes with 1."
+        ),
+    )
     packing: bool | Literal["auto"] = Field(
         "auto",
         description=(
@@ -66,6 +72,23 @@ class TrainConfig(StrictModel):
             "checkpointed. None = the GPU's total memory."
         ),
     )
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none",
+        description=(
+            "none = train in this process. ddp = `accelerate launch` runs the same training in num_processes "
+            "processes, each with a whole model (adapters on models that fit one GPU). fsdp = the same with the "
+            "base model sharded across processes (FSDP + QLoRA, 4-bit weights stored as bf16, for models that do "
+            "not fit one GPU; CUDA only). Rank 0 writes the adapter, metrics and checkpoint markers; the caller gets one "
+            "TrainResult. docs/scaling.md."
+        ),
+    )
+    num_processes: int | None = Field(
+        None, ge=1,
+        description=(
+            "Processes for ddp/fsdp, one per GPU. None = every visible GPU (CUDA_VISIBLE_DEVICES); without CUDA "
+            "it must be given (CPU processes over gloo, used by the tests)."
+        ),
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length together to limit padding.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto = bf16 where the device supports it (GPU and CPU), else fp32. fp16 is never used."
@@ -89,4 +112,23 @@ class TrainConfig(StrictModel):
     def _dora_needs_unquantized_merge(self):
         if self.use_dora and self.quantization == "8bit":
             raise ValueError("train.use_dora does not support train.quantization=8bit: use 4bit or none")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_settings_fit(self):
+        if self.num_processes is not None and self.distributed == "none":
+            raise ValueError(
+                f"train.num_processes={self.num_processes} needs train.distributed=ddp or fsdp "
+                "(with distributed=none training runs in this one process): set distributed, or drop num_processes"
+            )
+        if self.distributed == "fsdp" and self.quantization == "8bit":
+            raise ValueError(
+                "train.distributed=fsdp cannot shard 8-bit weights (FSDP shards float storage only): use "
+                "train.quantization=4bit (stored as bf16) or none, or train.distributed=ddp"
+            )
+        if self.distributed == "fsdp" and self.optimizer == "paged_adamw_8bit":
+            raise ValueError(
+                "train.distributed=fsdp with train.optimizer=paged_adamw_8bit fails when a checkpoint is saved "
+                "(peft's FSDP-QLoRA caveat): use train.optimizer=auto (adamw_torch under FSDP) or adamw_torch"
+            )
         return self
