@@ -44,12 +44,13 @@ def _saved_remote_storage(basepath: str, api_url: str | None) -> RemoteFileSyste
     return block
 
 
-def lock_folder(store_root: str) -> Path:
-    """Lock files for `run_locked`: in a local store, next to its results; for a URL store, in this host's
-    loraflow cache (an object store has no file locks), so twin runs are serialised per host only."""
+def local_root(store_root: str) -> Path:
+    """The local folder for what cannot live in an object store (lock files, folders that transformers writes
+    and reads by path): the store itself when it is local, else a folder of this host's loraflow cache named
+    after the URL. Lock files there serialise twin runs on this host only."""
     if is_url(store_root):
-        return cache_dir() / "locks" / hashlib.sha256(store_root.rstrip("/").encode()).hexdigest()[:16]
-    return Path(store_root.removeprefix("file://")).resolve() / "locks"
+        return cache_dir() / "stores" / hashlib.sha256(store_root.rstrip("/").encode()).hexdigest()[:16]
+    return Path(store_root.removeprefix("file://")).resolve()
 
 
 def run_stage(stage_task_fn, store: ArtifactStore, **parameters) -> tuple[StageResult, bool, float]:
@@ -82,7 +83,7 @@ def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_ke
     """
     policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(
         isolation_level="SERIALIZABLE",
-        lock_manager=FileSystemLockManager(lock_files_directory=lock_folder(lock_root)),
+        lock_manager=FileSystemLockManager(lock_files_directory=local_root(lock_root) / "locks"),
     )
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))

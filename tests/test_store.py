@@ -53,3 +53,11 @@ def test_fsspec_memory_store(frame):
     ref = write(store, frame)
     assert ref.uri.startswith("memory://")
     assert store.read(ref)["id"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("url", ["s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/prefix", "sftp://deploy:hunter2@host/store"])
+def test_credentials_in_a_store_url_are_refused(url):
+    """The store URL is a flow parameter and a summary line: a key or password in it is refused, unshown."""
+    with pytest.raises(ValueError, match="credentials in the URL are refused") as refused:
+        ArtifactStore(url)
+    assert "wJalrXUtnFEMI" not in str(refused.value) and "hunter2" not in str(refused.value)

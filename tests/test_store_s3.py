@@ -7,7 +7,10 @@ inspected with a separate boto3 client, so what the tests see is what is really 
 
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,8 +24,12 @@ boto3 = pytest.importorskip("boto3")
 from loraflow.caching import stage_cache_key  # noqa: E402
 from loraflow.config.pipeline import load_config  # noqa: E402
 from loraflow.store import ArtifactStore, CorruptArtifact  # noqa: E402
+from loraflow.tasking import local_root, run_locked  # noqa: E402
+from prefect import flow, task  # noqa: E402
 
-CATALOG = Path(__file__).resolve().parent.parent / "data" / "sample" / "anime_catalog.csv"
+REPO = Path(__file__).resolve().parent.parent
+CATALOG = REPO / "data" / "sample" / "anime_catalog.csv"
+SECRET = f"loraflow-test-secret-{uuid.uuid4().hex}"  # a sentinel: must never show up in anything loraflow writes
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def bucket(s3_endpoint, monkeypatch):
     import s3fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "loraflow-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "loraflow-test-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
@@ -51,7 +58,7 @@ def bucket(s3_endpoint, monkeypatch):
     name = f"loraflow-{uuid.uuid4().hex[:12]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
-    yield SimpleNamespace(name=name, client=client)
+    yield SimpleNamespace(name=name, client=client, endpoint=s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -116,6 +123,46 @@ def test_cache_key_is_none_when_an_input_object_is_gone(bucket):
     assert stage_cache_key(context, parameters) is None
 
 
+def test_endpoint_from_fsspec_config_variable(bucket, monkeypatch):
+    """FSSPEC_S3_ENDPOINT_URL (fsspec's own config, read when fsspec is imported) works instead of
+    AWS_ENDPOINT_URL: a fresh process writes and reads an artifact with only that variable set."""
+    env = {**os.environ, "FSSPEC_S3_ENDPOINT_URL": bucket.endpoint}
+    env.pop("AWS_ENDPOINT_URL")
+    script = (
+        "import pandas as pd\n"
+        "from loraflow.store import ArtifactStore\n"
+        f"store = ArtifactStore('s3://{bucket.name}/fsspec-config')\n"
+        "ref = store.write(pd.DataFrame({'id': ['x']}), stage='t', contract='c', schema_version=1, config_hash='h')\n"
+        "print(ref.uri, store.read(ref)['id'].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['x']" in done.stdout
+    assert len(keys(bucket, "fsspec-config/artifacts/t/")) == 2  # the Parquet object and its manifest
+
+
+@task(name="s3-locked-square")
+def locked_square(value: int) -> int:
+    return value * value
+
+
+@flow(name="s3-locked-twice")
+def locked_twice(store_root: str) -> list:
+    return [run_locked(locked_square, store_root, lambda result: True, value=3) for _ in range(2)]
+
+
+def test_run_locked_on_a_url_store(prefect_api, bucket, tmp_path, monkeypatch):
+    """The train/evaluate/publish wrapper: results in the bucket (the second call is a cache hit), lock files in
+    this host's loraflow cache, nothing in a folder named after the URL."""
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert locked_twice(f"s3://{bucket.name}/locked") == [(9, False), (9, True)]
+    assert [key for key in keys(bucket, "locked/") if key.startswith("locked/prefect-results/s3-locked-square-")]
+    assert local_root(f"s3://{bucket.name}/locked").is_relative_to(tmp_path / "cache" / "stores")
+    assert (local_root(f"s3://{bucket.name}/locked") / "locks").is_dir()
+    assert not Path("s3:").exists()
+
+
 # ---- the real prepare flow with `store: s3://...`
 
 
@@ -175,3 +222,16 @@ def test_prepare_flow_on_s3_caches_and_recomputes_a_corrupt_object(prefect_api, 
     assert all(third["stages"][name]["cached"] for name in ("ingest:catalog", "synthesize", "format"))
     assert third["tokens"]["sha256"] == first["tokens"]["sha256"]
     assert hashlib.sha256(object_bytes(bucket, tokens_uri)).hexdigest() == first["tokens"]["sha256"]
+
+    # The secret key reached S3 only through the environment: not the bucket, the summary, Prefect's flow run
+    # parameters or its block documents (the result-storage block holds the URL alone).
+    from prefect.client.orchestration import get_client
+
+    written = [object_bytes(bucket, f"s3://{bucket.name}/{key}") for key in keys(bucket, "team/")]
+    written.append((Path(third["run_dir"]) / "summary.json").read_bytes())
+    with get_client(sync_client=True) as client:
+        blocks = client.read_block_documents(include_secrets=True)
+        written.append(json.dumps([block.model_dump(mode="json") for block in blocks]).encode())
+        written.append(json.dumps([run.parameters for run in client.read_flow_runs()], default=str).encode())
+    assert any(f"s3://{bucket.name}/team/store/prefect-results".encode() in blob for blob in written[-2:-1])
+    assert not [blob[:80] for blob in written if SECRET.encode() in blob]
