@@ -3,7 +3,8 @@
 Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Training, evaluation and publish
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
-published again.
+published again. A retrained adapter is evaluated beside the model published last under the same run name
+(`<store>/published/<name>.json`), and the gate refuses it if it is worse, so a regression is never published.
 """
 
 import hashlib
@@ -47,15 +48,20 @@ def finetune_flow(config: PipelineConfig) -> dict:
     )
     summary["train"] = {**trained.model_dump(), "cached": cached}
 
-    # ---- evaluate base vs fine-tuned, and decide the gate
-    eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval), str(config.format.system_prompt))
+    # ---- evaluate base vs fine-tuned (and vs the model published last, if another adapter made it); gate
+    previous = previously_published(store_root, config.name, exclude_fingerprint=trained.fingerprint)
+    previous_model_dir = previous["model_dir"] if previous else None
+    eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval), str(config.format.system_prompt),
+                        previous["adapter_fingerprint"] if previous else "")
     evaluation, cached = run_locked(
         evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(),
         tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
         output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
-        system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
+        system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
+        trust_remote_code=config.model.trust_remote_code,
     )
-    summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "gate": evaluation.gate.model_dump(),
+    summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
+                       "previous_model_dir": previous_model_dir, "gate": evaluation.gate.model_dump(),
                        "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
@@ -77,6 +83,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
         summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
         if cached:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
+        else:
+            record_published(store_root, config.name, trained.fingerprint, published.model_dump())
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
         card_path = Path(published.model_dir) / "README.md"
@@ -95,6 +103,33 @@ def publish_cache_key(context, parameters: dict) -> str:
     run-specific text does not make a new model)."""
     keyed = {name: parameters[name] for name in ("model_dir", "adapter_dir", "publish_config", "output_dir")}
     return stage_cache_key(context, keyed)
+
+
+def published_record_path(store_root: str, run_name: str) -> Path:
+    """The pointer to the model published last under `run_name`."""
+    return Path(store_root) / "published" / f"{run_name}.json"
+
+
+def previously_published(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
+    """The record of the model published last under `run_name`, unless it came from this very adapter (an
+    unchanged re-run) or its folder is gone."""
+    path = published_record_path(store_root, run_name)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record["adapter_fingerprint"] == exclude_fingerprint or not (Path(record["model_dir"]) / MODEL_MANIFEST).exists():
+        return None
+    return record
+
+
+def record_published(store_root: str, run_name: str, adapter_fingerprint: str, published: dict) -> None:
+    """Point `run_name`'s record at the model just published (written to a temp file, then renamed)."""
+    path = published_record_path(store_root, run_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published}
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(record, indent=1))
+    temp.replace(path)
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:
@@ -143,8 +178,11 @@ def summary_markdown(summary: dict) -> str:
     if "eval" in summary:
         base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
         lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
+        previous = summary["eval"].get("previous")
+        if previous:
+            lines[-2:] = ["| metric | base | fine-tuned | previously published |", "|---|---|---|---|"]
         for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
-            lines.append(f"| {metric} | {base.get(metric)} | {tuned.get(metric)} |")
+            lines.append(f"| {metric} | {base.get(metric)} | {tuned.get(metric)} |" + (f" {previous.get(metric)} |" if previous else ""))
         train = summary.get("train", {})
         peak = train.get("peak_memory_bytes") or 0
         lines += ["", f"Training: {train.get('global_step')} steps, {train.get('tokens_per_second')} tokens/s, "

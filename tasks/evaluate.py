@@ -7,7 +7,9 @@ Measured for both models:
   fact accuracy per question kind (every fact value of the row appears in the answer, after normalising
   case, whitespace and thousands separators), ROUGE-L F1 against the reference, stop rate (the answer
   ended with EOS / end-of-turn before max_new_tokens) and answer length vs. reference length;
-- general-knowledge questions: both answers are kept; a right base answer that turns wrong is a regression.
+- general-knowledge questions: both answers are kept; a right base answer that turns wrong is a regression;
+- with `previous_model_dir` (the model published last under this run name), the same for that model, and
+  the gate refuses a new model that is worse than it (a retraining regression is never published).
 
 Writes eval_table.parquet (metric, base, finetuned), eval_answers.parquet (every answer side by side),
 eval_report.md and eval_metrics.json; returns an EvalResult with the gate decision and its reasons.
@@ -50,6 +52,7 @@ class EvalResult(BaseModel):
 
     base: dict = Field(..., description="Metrics of the base model.")
     finetuned: dict = Field(..., description="Metrics of base + adapter.")
+    previous: dict | None = Field(None, description="Metrics of the previously published model, when there is one.")
     gate: GateDecision
     table_path: str = Field(..., description="eval_table.parquet: metric, base, finetuned, delta.")
     answers_path: str = Field(..., description="eval_answers.parquet: every question with both answers.")
@@ -186,8 +189,11 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
     return summary
 
 
-def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int = 0) -> GateDecision:
-    """Apply the gate's thresholds; every check adds a PASS/FAIL line, and any FAIL blocks publish."""
+def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int = 0,
+                previous: dict | None = None) -> GateDecision:
+    """Apply the gate's thresholds; every check adds a PASS/FAIL line, and any FAIL blocks publish.
+
+    `previous`: metrics of the previously published model on the same questions (None: first publish)."""
     reasons, passed = [], True
 
     def check(ok: bool, text: str):
@@ -210,6 +216,16 @@ def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressio
             reasons.append(f"SKIP: {metric} missing, so must_beat_base is not checked")
         else:
             check(ours > theirs, f"{metric} {ours:.3f} beats base {theirs:.3f}")
+    if previous is not None and gate.must_not_regress_previous:
+        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
+        ours, theirs = finetuned.get(metric), previous.get(metric)
+        if ours is not None and theirs is not None:
+            check(ours >= theirs - gate.previous_tolerance,
+                  f"{metric} {ours:.3f} >= previous model's {theirs:.3f} - {gate.previous_tolerance:.3f}")
+        ours, theirs = finetuned.get("eval_loss"), previous.get("eval_loss")
+        if ours is not None and theirs is not None:
+            limit = theirs * (1 + gate.previous_loss_tolerance)
+            check(ours <= limit, f"validation loss {ours:.4f} <= previous model's {theirs:.4f} + {gate.previous_loss_tolerance:.0%}")
     if gate.max_general_regressions is not None:
         check(general_regressions <= gate.max_general_regressions,
               f"{general_regressions} general answer(s) went from right to wrong (allowed {gate.max_general_regressions})")
@@ -218,19 +234,20 @@ def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressio
     return GateDecision(passed=passed, reasons=reasons)
 
 
-def comparison_table(base: dict, finetuned: dict) -> pd.DataFrame:
-    """metric | base | finetuned | delta, flattening the per-kind accuracies."""
+def comparison_table(base: dict, finetuned: dict, previous: dict | None = None) -> pd.DataFrame:
+    """metric | base | finetuned | delta (| previous), flattening the per-kind accuracies."""
+    models = {"base": base, "finetuned": finetuned, **({"previous": previous} if previous is not None else {})}
     rows = []
     for key in base:
         if isinstance(base[key], dict):
-            for kind in sorted(set(base[key]) | set(finetuned.get(key, {}))):
-                rows.append((f"{key}[{kind}]", base[key].get(kind), finetuned.get(key, {}).get(kind)))
+            for kind in sorted(set().union(*(set(m.get(key, {})) for m in models.values()))):
+                rows.append((f"{key}[{kind}]", *(m.get(key, {}).get(kind) for m in models.values())))
         else:
-            rows.append((key, base[key], finetuned.get(key)))
-    table = pd.DataFrame(rows, columns=["metric", "base", "finetuned"])
-    table["base"] = pd.to_numeric(table["base"], errors="coerce")
-    table["finetuned"] = pd.to_numeric(table["finetuned"], errors="coerce")
-    table["delta"] = table["finetuned"] - table["base"]
+            rows.append((key, *(m.get(key) for m in models.values())))
+    table = pd.DataFrame(rows, columns=["metric", *models])
+    for name in models:
+        table[name] = pd.to_numeric(table[name], errors="coerce")
+    table.insert(3, "delta", table["finetuned"] - table["base"])
     return table
 
 
@@ -238,9 +255,12 @@ def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFr
                   examples: int = 4) -> str:
     """Markdown: gate decision, metric table, general answers, a few answers side by side."""
     lines = [f"## Evaluation: gate {'passed' if decision.passed else 'FAILED'}", ""]
-    lines += [f"- {reason}" for reason in decision.reasons] + ["", "| metric | base | fine-tuned | delta |", "|---|---|---|---|"]
+    previous = "previous" in table.columns
+    header = "| metric | base | fine-tuned | delta |" + (" previously published |" if previous else "")
+    lines += [f"- {reason}" for reason in decision.reasons] + ["", header, "|---" * header.count(" |") + "|"]
     for row in table.itertuples():
-        lines.append(f"| {row.metric} | {_fmt(row.base)} | {_fmt(row.finetuned)} | {_fmt(row.delta, signed=True)} |")
+        lines.append(f"| {row.metric} | {_fmt(row.base)} | {_fmt(row.finetuned)} | {_fmt(row.delta, signed=True)} |"
+                     + (f" {_fmt(row.previous)} |" if previous else ""))
     if len(general):
         lines += ["", "### General questions", "", "| question | base | fine-tuned | kept |", "|---|---|---|---|"]
         for row in general.itertuples():
@@ -396,13 +416,15 @@ def evaluate_adapter(
     *,
     store: ArtifactStore | None = None,
     system_prompt: str | None = None,
+    previous_model_dir: str | Path | None = None,
     trust_remote_code: bool = False,
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> EvalResult:
     """Evaluate the base model and base + adapter on the TOKENS artifact's questions; decide the gate.
 
     `system_prompt` must be the one the format stage used (None = the template's default), so general
-    questions are asked the way the trained questions were.
+    questions are asked the way the trained questions were. `previous_model_dir`: the merged model published
+    last for this run, evaluated on the same questions so the gate can refuse a regression.
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -439,10 +461,13 @@ def evaluate_adapter(
     # One load: the base answers first, then the adapter is merged into the same weights (faster generation).
     model = load_for_inference(model_dir, trust_remote_code=trust_remote_code)
     runs = {}
-    for name in ("base", "finetuned"):
+    for name in ("base", "finetuned", "previous") if previous_model_dir else ("base", "finetuned"):
         if name == "finetuned":
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             model.eval()
+        if name == "previous":
+            del model  # one model in memory at a time
+            model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code)
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
         answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
                                    **{**generation, "max_new_tokens": budgets})
@@ -453,14 +478,14 @@ def evaluate_adapter(
     general = pd.DataFrame({
         "question": eval_config.general_questions,
         "expected": [eval_config.general_expected.get(q) for q in eval_config.general_questions],
-        "base_answer": [g["text"] for g in runs["base"]["general"]],
-        "finetuned_answer": [g["text"] for g in runs["finetuned"]["general"]],
+        **{f"{name}_answer": [g["text"] for g in run["general"]] for name, run in runs.items()},
     })
     general["base_ok"] = [general_answer_ok(a, e) if e else True for a, e in zip(general["base_answer"], general["expected"])]
-    general["finetuned_ok"] = [
-        general_answer_ok(a, e) if e else rouge_l_f1(a, b) >= 0.5
-        for a, b, e in zip(general["finetuned_answer"], general["base_answer"], general["expected"])
-    ]
+    for name in set(runs) - {"base"}:
+        general[f"{name}_ok"] = [
+            general_answer_ok(a, e) if e else rouge_l_f1(a, b) >= 0.5
+            for a, b, e in zip(general[f"{name}_answer"], general["base_answer"], general["expected"])
+        ]
     general["regression"] = general["base_ok"] & ~general["finetuned_ok"]
     summaries = {
         name: summarise(run["scored"], run["loss"], [{"ok": ok} for ok in general[f"{name}_ok"]])
@@ -468,7 +493,8 @@ def evaluate_adapter(
     }
     for name in summaries:
         summaries[name]["eval_loss_split"] = loss_split
-    decision = decide_gate(summaries["base"], summaries["finetuned"], eval_config.gate, int(general["regression"].sum()))
+    decision = decide_gate(summaries["base"], summaries["finetuned"], eval_config.gate, int(general["regression"].sum()),
+                           previous=summaries.get("previous"))
 
     base_scored, tuned_scored = runs["base"]["scored"], runs["finetuned"]["scored"]
     answers = base_scored[["id", "set", "kind", "prompt", "reference"]].copy()
@@ -476,10 +502,8 @@ def evaluate_adapter(
         for column in ("answer", "fact_hit", "rouge_l", "stopped", "answer_tokens"):
             answers[f"{prefix}_{column}"] = scored[column].values
     answers["facts"] = base_scored["facts"].map(lambda f: json.dumps(_fact_list(f)))
-    table = comparison_table(
-        {k: v for k, v in summaries["base"].items() if k != "eval_loss_split"},
-        {k: v for k, v in summaries["finetuned"].items() if k != "eval_loss_split"},
-    )
+    table = comparison_table(*({k: v for k, v in summaries[name].items() if k != "eval_loss_split"}
+                               for name in ("base", "finetuned", "previous") if name in summaries))
     report = render_report(table, answers, general, decision)
 
     paths = {name: output_dir / name for name in ("eval_table.parquet", "eval_answers.parquet", "eval_report.md", "eval_metrics.json")}
@@ -488,7 +512,7 @@ def evaluate_adapter(
     general.to_parquet(output_dir / "eval_general.parquet", index=False)
     paths["eval_report.md"].write_text(report)
     result = EvalResult(
-        base=summaries["base"], finetuned=summaries["finetuned"], gate=decision,
+        base=summaries["base"], finetuned=summaries["finetuned"], previous=summaries.get("previous"), gate=decision,
         table_path=str(paths["eval_table.parquet"]), answers_path=str(paths["eval_answers.parquet"]),
         report_path=str(paths["eval_report.md"]), metrics_path=str(paths["eval_metrics.json"]),
         questions=len(questions), seconds=round(time.perf_counter() - started, 2),
@@ -510,7 +534,8 @@ if task is not None:
     @task(name="evaluate")  # cached and locked by the flow (loraflow.tasking.run_locked)
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
-        adapter_fingerprint: str, system_prompt: str | None = None, trust_remote_code: bool = False,
+        adapter_fingerprint: str, system_prompt: str | None = None, previous_model_dir: str | None = None,
+        trust_remote_code: bool = False,
     ) -> EvalResult:
         """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact.
 
@@ -521,7 +546,8 @@ if task is not None:
 
         result = evaluate_adapter(
             tokens, model_dir, adapter_dir, eval_config, output_dir, store=ArtifactStore(store_root),
-            system_prompt=system_prompt, trust_remote_code=trust_remote_code, log=get_run_logger(),
+            system_prompt=system_prompt, previous_model_dir=previous_model_dir, trust_remote_code=trust_remote_code,
+            log=get_run_logger(),
         )
         create_markdown_artifact(Path(result.report_path).read_text(), key="evaluation", description="base vs fine-tuned")
         table = pd.read_parquet(result.table_path)

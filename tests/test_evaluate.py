@@ -10,6 +10,7 @@ from loraflow.config.evaluate import EvalConfig, GateConfig
 from loraflow.config.train import TrainConfig
 from tasks.evaluate import (
     chat_prompt,
+    comparison_table,
     decide_gate,
     evaluate_adapter,
     facts_present,
@@ -111,6 +112,30 @@ def test_gate_decisions_with_reasons():
     assert no_facts.passed and no_facts.reasons[0].startswith("SKIP")
 
 
+def test_gate_refuses_a_regression_against_the_previously_published_model():
+    base = {"fact_accuracy": 0.0, "stop_rate": 0.2, "eval_loss": 3.0}
+    previous = {"fact_accuracy": 0.9, "stop_rate": 1.0, "eval_loss": 1.0}
+    gate = GateConfig(min_fact_accuracy=0.5, min_stop_rate=0.9, previous_tolerance=0.02, previous_loss_tolerance=0.05)
+    better = decide_gate(base, {"fact_accuracy": 0.89, "stop_rate": 1.0, "eval_loss": 1.04}, gate, previous=previous)
+    assert better.passed, better.reasons
+    assert "PASS: fact_accuracy 0.890 >= previous model's 0.900 - 0.020" in better.reasons
+    worse = decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, gate, previous=previous)
+    assert not worse.passed
+    assert [r for r in worse.reasons if r.startswith("FAIL")] == [
+        "FAIL: fact_accuracy 0.850 >= previous model's 0.900 - 0.020",
+        "FAIL: validation loss 1.2000 <= previous model's 1.0000 + 5%",
+    ]
+    # Switched off, or nothing published before: the same model passes.
+    off = GateConfig(min_fact_accuracy=0.5, min_stop_rate=0.9, must_not_regress_previous=False)
+    assert decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, off, previous=previous).passed
+    assert decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, gate).passed
+
+    table = comparison_table({"fact_accuracy": 0.0, "by_kind": {"a": 0.0}}, {"fact_accuracy": 0.85, "by_kind": {"a": 1.0}},
+                             {"fact_accuracy": 0.9, "by_kind": {"a": 0.5}})
+    assert list(table.columns) == ["metric", "base", "finetuned", "delta", "previous"]
+    assert table.set_index("metric").loc["by_kind[a]", "previous"] == 0.5
+
+
 def test_question_sample_is_deterministic_and_capped():
     frame = pd.DataFrame({
         "id": [f"r{i}" for i in range(30)],
@@ -164,3 +189,12 @@ def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
     report = open(result.report_path).read()
     assert "| metric | base | fine-tuned | delta |" in report and "### General questions" in report
     assert json.loads(open(result.metrics_path).read())["gate"]["passed"] is False
+
+    # Beside a previously published model (here the base folder itself, so its metrics must equal the base's):
+    beside = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval-previous",
+                              previous_model_dir=model_dir)
+    assert beside.finetuned == result.finetuned
+    assert {k: beside.previous[k] for k in ("fact_accuracy", "rouge_l", "eval_loss")} == \
+        {k: result.base[k] for k in ("fact_accuracy", "rouge_l", "eval_loss")}
+    assert any("previous model's" in reason for reason in beside.gate.reasons)
+    assert "previously published |" in open(beside.report_path).read()

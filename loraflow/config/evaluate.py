@@ -13,6 +13,18 @@ class GateConfig(StrictModel):
     must_beat_base: bool = Field(
         True, description="The fine-tuned model must beat the base on the main metric (fact accuracy, else ROUGE-L)."
     )
+    must_not_regress_previous: bool = Field(
+        True,
+        description=(
+            "When a model was published before under this run name, the new one is evaluated beside it on the same "
+            "questions and must not be worse: main metric (fact accuracy, else ROUGE-L) at least the previous one's "
+            "minus previous_tolerance, and validation loss at most the previous one's times (1 + previous_loss_tolerance)."
+        ),
+    )
+    previous_tolerance: float = Field(0.02, ge=0, le=1, description="Drop in the main metric allowed against the previous model.")
+    previous_loss_tolerance: float = Field(
+        0.05, ge=0, description="Relative rise in validation loss allowed against the previous model (0.05 = 5 %).",
+    )
     max_general_regressions: int | None = Field(
         None, ge=0, description="Most general-knowledge answers allowed to go from right to wrong (None: reported, not gated).",
     )
