@@ -566,8 +566,8 @@ def resumable_trainer_class():
             return super().__iter__()
 
     class ResumableTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
+        def _get_train_sampler(self, *args, **kwargs):  # (self, train_dataset=None) in 5.23, (self) in older releases
+            sampler = super()._get_train_sampler(*args, **kwargs)
             if type(sampler) is not LengthGroupedSampler:
                 return sampler
             # Grouped by global batch: every process draws the same order, and accelerate deals its micro-batches
