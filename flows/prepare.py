@@ -3,6 +3,13 @@
 Every stage is a cached Prefect task whose key covers its input artifacts' hashes, its config, the tokenizer
 fingerprint and its own code, so an unchanged re-run is all cache hits and a changed source row recomputes
 only what depends on it. Each run writes `summary.json` into its own run folder.
+
+With `prepare.shards > 1` the rows are split after ingest by a hash of their id (tasks/shard.py);
+synthesize -> format -> tokenize run per shard as mapped tasks of a subflow on the configured task runner
+(prefect-dask's DaskTaskRunner for `task_runner: dask`), each shard with its own artifacts and cache keys, so
+a changed row recomputes its shard only. The steps that need every row (duplicates, leakage, pre-flight) then
+run once, on the shards' outputs put back into source order: the final formatted and tokens artifacts are
+the same bytes as the single-process path's, so training's cache keys do not change with the sharding.
 """
 
 import json
@@ -16,15 +23,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.config.pipeline import PipelineConfig, check_confinement, source_name
+from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
-from loraflow.store import ArtifactStore
+from loraflow.sharding import build_task_runner, map_stage, run_checked
+from loraflow.stage import StageResult
+from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
 from tasks.ingest import ingest_task, source_fingerprint
 from tasks.preflight import preflight_task
+from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
-from tasks.tokenize import tokenize_task
+from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
 
 
 @flow(name="prepare", log_prints=True)
@@ -37,7 +47,7 @@ def prepare_flow(config: PipelineConfig) -> dict:
 
 
 def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
-    """Run ingest -> synthesize -> format -> tokenize -> pre-flight inside the calling flow."""
+    """Run ingest -> synthesize -> format -> tokenize -> pre-flight inside the calling flow (sharded: see the module)."""
     logger = get_run_logger()
     started = time.perf_counter()
     # A worker's operator may confine every path a (UI-triggered) config can name to some folders.
@@ -61,44 +71,158 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
                                    "location": getattr(source, "path", None) or getattr(source, "repo", None),
                                    "rows": result.rows_out})
 
-    # ---- synthesize: rows -> conversations
-    conversations, cached, seconds = run_stage(
-        synthesize_task, store, raw_refs=[r.output for r in raw_results], config=config.synthesize, store_root=store.root,
-        kinds=[source.synthesizer for source in config.sources],
-    )
-    summary["stages"]["synthesize"] = stage_summary(conversations, cached, seconds)
-    stage_artifact(config.name, "synthesize", conversations, store, cached)
-
-    # ---- format and tokenize: the tokenizer comes first, its fingerprint is part of both cache keys
+    # ---- the tokenizer comes before format and tokenize: its fingerprint is part of both cache keys
     tokenizer_dir = str(resolve_model_dir(config.model, config.base_dir))
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    formatted, cached, seconds = run_stage(
-        format_task, store, conversations_ref=conversations.output, config=config.format,
-        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
-    )
-    summary["stages"]["format"] = stage_summary(formatted, cached, seconds)
-    stage_artifact(config.name, "format", formatted, store, cached)
-    tokens, cached, seconds = run_stage(
-        tokenize_task, store, formatted_ref=formatted.output, config=config.tokenize,
-        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
-    )
-    summary["stages"]["tokenize"] = stage_summary(tokens, cached, seconds)
-    stage_artifact(config.name, "tokenize", tokens, store, cached)
+
+    # ---- synthesize -> format -> tokenize: in this process, or per shard on the configured task runner
+    raw_refs = [r.output for r in raw_results]
+    stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
+    formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
 
     # ---- pre-flight: fail here, not three hours into training
     summary["preflight"] = preflight_task(
-        tokens_ref=tokens.output, formatted_ref=formatted.output, format_config=config.format,
+        tokens_ref=tokens, formatted_ref=formatted, format_config=config.format,
         tokenizer_dir=tokenizer_dir, store_root=store.root,
     )
 
-    summary["tokens"] = tokens.output.model_dump()
-    summary["formatted"] = formatted.output.model_dump()
+    summary["tokens"] = tokens.model_dump()
+    summary["formatted"] = formatted.model_dump()
     summary["model_dir"] = tokenizer_dir
     summary["prepare_seconds"] = round(time.perf_counter() - started, 3)
     summary["all_cached"] = all(stage["cached"] for stage in summary["stages"].values())
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
+                          fingerprint: str, summary: dict) -> tuple[ArtifactRef, ArtifactRef]:
+    """synthesize -> format -> tokenize, one task each over all rows; returns (formatted, tokens)."""
+    conversations, cached, seconds = run_stage(
+        synthesize_task, store, raw_refs=raw_refs, config=config.synthesize, store_root=store.root,
+        kinds=[source.synthesizer for source in config.sources],
+    )
+    record_stage(summary, config.name, "synthesize", conversations, cached, seconds, store)
+    formatted, cached, seconds = run_stage(
+        format_task, store, conversations_ref=conversations.output, config=config.format,
+        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    record_stage(summary, config.name, "format", formatted, cached, seconds, store)
+    tokens, cached, seconds = run_stage(
+        tokenize_task, store, formatted_ref=formatted.output, config=config.tokenize,
+        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    record_stage(summary, config.name, "tokenize", tokens, cached, seconds, store)
+    return formatted.output, tokens.output
+
+
+def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
+                   fingerprint: str, summary: dict) -> tuple[ArtifactRef, ArtifactRef]:
+    """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens)."""
+    kinds = [source.synthesizer for source in config.sources]
+    source_names = [source_name(source) for source in config.sources]
+
+    # ---- shard: every row to blake2b(row id) mod shards, one RAW artifact per (shard, source)
+    plan, cached, seconds = run_checked(
+        shard_task, store, ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
+        id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
+        store_root=store.root,
+    )
+    summary["stages"]["shard"] = {"rows_in": plan.rows_in, "rows_out": plan.rows_out, "rows_quarantined": 0,
+                                  "cached": cached, "seconds": round(seconds, 3),
+                                  "stats": {**plan.stats, "unaccounted_rows": plan.rows_in - plan.rows_out}}
+
+    # ---- per shard, on the task runner (a Dask cluster lives as long as this subflow)
+    per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
+        plan=plan, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    shard_numbers = [shard.number for shard in plan.shards]
+    for stage_name, (outcomes, seconds) in per_shard.items():
+        summary["stages"][stage_name] = shards_summary(outcomes, shard_numbers, seconds)
+        shards_artifact(config.name, stage_name, summary["stages"][stage_name])
+    conversations_refs = [result.output for result, _ in per_shard["synthesize"][0]]
+
+    # ---- dataset-level, once over all rows in source order: one formatted artifact, then duplicates and leakage
+    formatted, cached, seconds = run_stage(
+        merge_formatted_task, store, conversations_refs=conversations_refs,
+        formatted_refs=[result.output for result, _ in per_shard["format"][0]], source_names=source_names,
+        format_config_hash=config_hash(config.format), store_root=store.root,
+    )
+    record_stage(summary, config.name, "format:merge", formatted, cached, seconds, store)
+    tokens, cached, seconds = run_stage(
+        tokenize_merge_task, store, conversations_refs=conversations_refs,
+        tokens_refs=[result.output for result, _ in per_shard["tokenize"][0]], source_names=source_names,
+        config=config.tokenize, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+    )
+    record_stage(summary, config.name, "tokenize:merge", tokens, cached, seconds, store)
+    return formatted.output, tokens.output
+
+
+@flow(name="prepare-shards")
+def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
+                store_root: str) -> dict[str, tuple[list[tuple[StageResult, bool]], float]]:
+    """synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time."""
+    store = ArtifactStore(store_root)
+    tokenizer = {"tokenizer_dir": tokenizer_dir, "tokenizer_fingerprint": tokenizer_fingerprint}
+    conversations = map_stage(synthesize_task, store, [{"raw_refs": shard.raw_refs, "kinds": shard.kinds} for shard in plan.shards],
+                              config=config.synthesize, store_root=store_root)
+    formatted = map_stage(format_task, store, [{"conversations_ref": result.output} for result, _ in conversations[0]],
+                          config=config.format, store_root=store_root, **tokenizer)
+    tokens = map_stage(tokenize_shard_task, store, [{"formatted_ref": result.output} for result, _ in formatted[0]],
+                       config=config.tokenize, store_root=store_root, **tokenizer)
+    return {"synthesize": conversations, "format": formatted, "tokenize": tokens}
+
+
+def record_stage(summary: dict, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,
+                 store: ArtifactStore) -> None:
+    """A stage's line in summary.json and its table artifact."""
+    summary["stages"][stage_name] = stage_summary(result, cached, seconds)
+    stage_artifact(run_name, stage_name.replace(":", "-"), result, store, cached)
+
+
+def shards_summary(outcomes: list[tuple[StageResult, bool]], shard_numbers: list[int], seconds: float) -> dict:
+    """A sharded stage's line in summary.json: totals over its shards (in = out + quarantined holds for the sums),
+    and one entry per shard."""
+    results = [result for result, _ in outcomes]
+    return {
+        "rows_in": sum(r.rows_in for r in results),
+        "rows_out": sum(r.rows_out for r in results),
+        "rows_quarantined": sum(r.rows_quarantined for r in results),
+        "cached": all(cached for _, cached in outcomes),
+        "seconds": round(seconds, 3),
+        "stats": summed_stats([r.stats for r in results]),
+        "shards": [{"shard": number, "rows_in": r.rows_in, "rows_out": r.rows_out, "rows_quarantined": r.rows_quarantined,
+                    "artifact": r.output.uri, "sha256": r.output.sha256,
+                    "quarantine": r.quarantine.uri if r.quarantine else None, "cached": cached}
+                   for number, (r, cached) in zip(shard_numbers, outcomes)],
+    }
+
+
+def summed_stats(stats: list[dict]) -> dict:
+    """Shards' stage counts added up (nested dicts key by key); a text value shared by every shard is kept,
+    differing ones are listed."""
+    total: dict = {}
+    for key in dict.fromkeys(key for shard_stats in stats for key in shard_stats):
+        values = [shard_stats[key] for shard_stats in stats if key in shard_stats]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            total[key] = sum(values)
+        elif all(isinstance(v, dict) for v in values):
+            total[key] = summed_stats(values)
+        else:
+            distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True, default=str) for v in values))
+            total[key] = values[0] if len(distinct) == 1 else [json.loads(v) for v in distinct]
+    return total
+
+
+def shards_artifact(run_name: str, stage_name: str, stage: dict) -> None:
+    """A table artifact per sharded stage: totals, then rows per shard."""
+    rows = [{"shard": "all", "rows in": stage["rows_in"], "rows out": stage["rows_out"],
+             "rows quarantined": stage["rows_quarantined"], "cached": stage["cached"]}]
+    rows += [{"shard": shard["shard"], "rows in": shard["rows_in"], "rows out": shard["rows_out"],
+              "rows quarantined": shard["rows_quarantined"], "cached": shard["cached"]} for shard in stage["shards"]]
+    create_table_artifact(key=artifact_key(f"{run_name}-{stage_name}"), table=rows,
+                          description=f"{stage_name} per shard: rows in/out/quarantined, cached")
 
 
 def stage_artifact(run_name: str, stage_name: str, result, store: ArtifactStore, cached: bool) -> None:

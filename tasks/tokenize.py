@@ -15,7 +15,7 @@ from itertools import chain
 import numpy as np
 import pandas as pd
 
-from data_contracts import FORMATTED, TOKENS
+from data_contracts import CONVERSATIONS, FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
@@ -82,6 +82,18 @@ def trained_token_ranges(encoding, spans) -> list[tuple[int, int]]:
 
 def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Tokenize, label, split, dedupe and leakage-check; returns (tokens rows, quarantined rows, stats)."""
+    tokens, reasons, stats = tokenize_rows(formatted, config, tokenizer)
+    stats.update(set_aside_duplicates_and_leaks(tokens, reasons, config, tokenizer))
+    kept, quarantined = split_off_quarantine(tokens, reasons)
+    return kept, quarantined, {**stats, **token_stats(kept)}
+
+
+def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) -> tuple[pd.DataFrame, np.ndarray, dict]:
+    """The per-row half of tokenize (ids, labels, double BOS, length policy, split): (every row, reasons, stats).
+
+    `reasons[i]` says why row i is set aside (None = kept). Nothing here looks at other rows, so shards of the
+    formatted rows can be tokenized apart and concatenated (flows/prepare.py, prepare.shards > 1).
+    """
     formatted = formatted.reset_index(drop=True)
     texts, spans = texts_and_spans(formatted["segments"])
     encodings = encode(texts, tokenizer)
@@ -166,34 +178,6 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
         splits.append(split_cache[key])
     splits = np.asarray(splits, dtype=object)
 
-    # ---- exact duplicates (same input_ids): keep evaluation copies first, then the first occurrence
-    duplicates = 0
-    if config.dedupe:
-        ranks = np.fromiter((SPLIT_RANK[s] for s in splits), dtype=np.int8, count=len(splits))
-        seen: dict[bytes, str] = {}
-        ids_column = formatted["id"].to_numpy()
-        for row in np.lexsort((np.arange(len(splits)), ranks)):
-            if reasons[row] is not None:
-                continue
-            key = hashlib.blake2b(input_ids[row].tobytes(), digest_size=16).digest()
-            if key in seen:
-                reasons[row] = f"duplicate: same input_ids as example {seen[key]!r}"
-                duplicates += 1
-            else:
-                seen[key] = ids_column[row]
-    stats["duplicates"] = duplicates
-
-    # ---- leakage: an evaluation prompt that also is a training prompt
-    prompts = formatted["prompt"].to_numpy()
-    alive = pd.isna(reasons)
-    train_prompts = {p for p, s, ok in zip(prompts, splits, alive) if ok and s == "train"}
-    leaked = np.array([ok and s != "train" and p.strip() != "" and p in train_prompts
-                       for p, s, ok in zip(prompts, splits, alive)], dtype=bool)
-    if bos_id is not None and tokenizer.bos_token:
-        leaked &= prompts != tokenizer.bos_token  # kind=text rows: the prompt is only BOS
-    reasons[leaked] = "leakage: this evaluation example's prompt is also a training prompt"
-    stats["leaked"] = int(leaked.sum())
-
     tokens = pd.DataFrame({
         "id": formatted["id"].to_numpy(),
         "input_ids": input_ids,
@@ -209,15 +193,54 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
         "source_id": formatted["source_id"].to_numpy(),
         "phrasing_set": formatted["phrasing_set"].to_numpy(),
         "template": formatted["template"].to_numpy(),
-        "prompt": prompts,
+        "prompt": formatted["prompt"].to_numpy(),
         "reference": formatted["reference"].to_numpy(),
         "facts": formatted["facts"].to_numpy(),
     })
+    return tokens, reasons, stats
+
+
+def set_aside_duplicates_and_leaks(tokens: pd.DataFrame, reasons: np.ndarray, config: TokenizeConfig, tokenizer) -> dict:
+    """The dataset-level half of tokenize: mark exact duplicates and leaked evaluation prompts in `reasons`.
+
+    Needs every row at once and in their source order (which copy of a duplicate is kept depends on it).
+    """
+    splits = tokens["split"].to_numpy()
+
+    # ---- exact duplicates (same input_ids): keep evaluation copies first, then the first occurrence
+    duplicates = 0
+    if config.dedupe:
+        ranks = np.fromiter((SPLIT_RANK[s] for s in splits), dtype=np.int8, count=len(splits))
+        seen: dict[bytes, str] = {}
+        ids_column = tokens["id"].to_numpy()
+        input_ids = tokens["input_ids"].to_numpy()
+        for row in np.lexsort((np.arange(len(splits)), ranks)):
+            if reasons[row] is not None:
+                continue
+            key = hashlib.blake2b(np.asarray(input_ids[row], dtype=np.int32).tobytes(), digest_size=16).digest()
+            if key in seen:
+                reasons[row] = f"duplicate: same input_ids as example {seen[key]!r}"
+                duplicates += 1
+            else:
+                seen[key] = ids_column[row]
+
+    # ---- leakage: an evaluation prompt that also is a training prompt
+    prompts = tokens["prompt"].to_numpy()
+    alive = pd.isna(reasons)
+    train_prompts = {p for p, s, ok in zip(prompts, splits, alive) if ok and s == "train"}
+    leaked = np.array([ok and s != "train" and p.strip() != "" and p in train_prompts
+                       for p, s, ok in zip(prompts, splits, alive)], dtype=bool)
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token:
+        leaked &= prompts != tokenizer.bos_token  # kind=text rows: the prompt is only BOS
+    reasons[leaked] = "leakage: this evaluation example's prompt is also a training prompt"
+    return {"duplicates": duplicates, "leaked": int(leaked.sum())}
+
+
+def split_off_quarantine(tokens: pd.DataFrame, reasons: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept rows, quarantined rows with their reasons)."""
     bad = ~pd.isna(reasons)
     quarantined = quarantine_rows(tokens[bad], pd.Series(reasons[bad], index=np.flatnonzero(bad)), "tokens")
-    kept = tokens[~bad].reset_index(drop=True)
-    stats.update(token_stats(kept))
-    return kept, quarantined, stats
+    return tokens[~bad].reset_index(drop=True), quarantined
 
 
 def token_stats(tokens: pd.DataFrame) -> dict:
@@ -249,3 +272,52 @@ def tokenize_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_
                   store_root: str) -> StageResult:
     """Prefect task around `run_tokenize`; `tokenizer_fingerprint` puts the tokenizer into the cache key."""
     return run_tokenize(formatted_ref, config, tokenizer_dir, ArtifactStore(store_root))
+
+
+# ---- the sharded path (prepare.shards > 1): the per-row half per shard, the dataset-level half once
+
+
+def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
+    """One shard's formatted rows -> its TOKENS artifact, before duplicates and leakage are looked for."""
+    from loraflow.config.pipeline import config_hash
+
+    formatted = read_input(store, formatted_ref, FORMATTED)
+    tokens, reasons, stats = tokenize_rows(formatted, config, load_tokenizer_dir(str(tokenizer_dir)))
+    kept, quarantined = split_off_quarantine(tokens, reasons)  # counts only: they add up over shards
+    return write_stage_output(
+        store, stage="tokenize-shard", contract=TOKENS, frame=kept, rows_in=len(formatted),
+        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
+    )
+
+
+@stage_task(name="tokenize-shard")
+def tokenize_shard_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
+                        store_root: str) -> StageResult:
+    """Prefect task around `run_tokenize_shard`, mapped over the shards."""
+    return run_tokenize_shard(formatted_ref, config, tokenizer_dir, ArtifactStore(store_root))
+
+
+def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
+                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
+    """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact
+    training reads (the same bytes as the single-process path's)."""
+    from loraflow.config.pipeline import config_hash
+    from tasks.shard import in_source_order
+
+    conversations = [read_input(store, ref, CONVERSATIONS) for ref in conversations_refs]
+    tokens = in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], conversations, source_names)
+    reasons = np.full(len(tokens), None, dtype=object)
+    stats = {"rows_in": len(tokens), **set_aside_duplicates_and_leaks(tokens, reasons, config, load_tokenizer_dir(str(tokenizer_dir)))}
+    kept, quarantined = split_off_quarantine(tokens, reasons)
+    stats.update(token_stats(kept))
+    return write_stage_output(
+        store, stage="tokenize", contract=TOKENS, frame=kept, rows_in=len(tokens),
+        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
+    )
+
+
+@stage_task(name="tokenize-merge")
+def tokenize_merge_task(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
+                        config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str, store_root: str) -> StageResult:
+    """Prefect task around `run_tokenize_merge`; runs once, in the flow's process."""
+    return run_tokenize_merge(conversations_refs, tokens_refs, source_names, config, tokenizer_dir, ArtifactStore(store_root))

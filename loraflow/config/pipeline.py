@@ -11,6 +11,7 @@ from loraflow.config.base import StrictModel
 from loraflow.config.evaluate import EvalConfig
 from loraflow.config.format import FormatConfig
 from loraflow.config.model import ModelConfig
+from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.tokenize import TokenizeConfig
@@ -33,6 +34,7 @@ class PipelineConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="LoRA / QLoRA training.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and publish gate.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Merged model output.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="How the data stages run: one process, or sharded over workers.")
 
     @field_validator("sources")
     @classmethod

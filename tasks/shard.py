@@ -1,0 +1,146 @@
+"""Shard: the RAW rows of every source -> `shards` sets of RAW artifacts, by a stable hash of each row's id;
+and the way shard outputs are put back into the single-process order.
+
+A row's shard is blake2b(row id) mod shards. The row id is the value of the id column its synthesizer groups
+questions by (anime_qa `columns.id`, the others' `id_column`), else `<source>:<_row>`. So all questions of a
+row are made in one shard, a row keeps its shard when rows are added, and a changed row changes only its
+shard's artifacts: the other shards' synthesize/format/tokenize tasks are cache hits.
+
+Merging: inside a shard, rows keep their source order, and every stage keeps its rows' order. Sorting the
+concatenated shard outputs by (source position in the config, `source_row`), stably, therefore gives exactly
+the order the single-process path produces, which the dataset-level steps (which copy of a duplicate is
+kept) and the artifact bytes depend on.
+"""
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from data_contracts import CONVERSATIONS, FORMATTED, RAW
+from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.stage import StageResult, read_input, write_stage_output
+from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.tasking import stage_task
+from tasks.synthesizers.common import column_text
+
+__all__ = ["Shard", "ShardPlan", "id_column_for", "shard_numbers", "shard_frames", "run_shard", "shard_task",
+           "in_source_order", "run_merge_formatted", "merge_formatted_task"]
+
+
+class Shard(BaseModel):
+    """One shard's input: a RAW artifact per source that has rows in it."""
+
+    number: int = Field(..., description="The shard's hash bucket (0 .. shards-1).")
+    raw_refs: list[ArtifactRef] = Field(..., description="RAW artifacts, in config source order.")
+    kinds: list[str | None] = Field(..., description="The synthesizer of each artifact's source (None = synthesize.kind).")
+    rows: int = Field(..., description="Source rows in the shard.")
+
+
+class ShardPlan(BaseModel):
+    """What the shard stage returns: the non-empty shards and the row accounting."""
+
+    shards: list[Shard]
+    rows_in: int
+    rows_out: int
+    stats: dict = Field(default_factory=dict)
+
+    def refs(self) -> list[ArtifactRef]:
+        return [ref for shard in self.shards for ref in shard.raw_refs]
+
+
+def id_column_for(config: SynthesizeConfig, kind: str | None) -> str | None:
+    """The column the source's synthesizer takes its row id from (None: it uses source + row position)."""
+    options = getattr(config, kind or config.kind)
+    columns = getattr(options, "columns", None)
+    return getattr(options, "id_column", None) or getattr(columns, "id", None)
+
+
+def row_ids(raw: pd.DataFrame, id_column: str | None) -> list[str]:
+    """Each row's shard key: its id column's value (trimmed, non-empty), else '<source>:<_row>'."""
+    fallback = [f"{source}:{row}" for source, row in zip(raw["_source"].tolist(), raw["_row"].tolist())]
+    if id_column is None or id_column not in raw.columns:  # a wrong column name fails in synthesize, with the fix
+        return fallback
+    given = column_text(raw, id_column)
+    return [value.strip() if value is not None and value.strip() else default for value, default in zip(given, fallback)]
+
+
+def shard_numbers(ids: list[str], shards: int) -> np.ndarray:
+    """blake2b of each id, mod `shards`: the same id gets the same shard on every machine and run."""
+    digests = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") for value in ids),
+        dtype=np.uint64, count=len(ids),
+    )
+    return (digests % np.uint64(shards)).astype(np.int64)
+
+
+def shard_frames(raw_frames: list[pd.DataFrame], id_columns: list[str | None], shards: int) -> list[list[pd.DataFrame]]:
+    """Per shard, per source: that source's rows in the shard, in source order. Pure."""
+    per_shard: list[list[pd.DataFrame]] = [[] for _ in range(shards)]
+    for raw, id_column in zip(raw_frames, id_columns):
+        numbers = shard_numbers(row_ids(raw, id_column), shards)
+        for number in range(shards):
+            per_shard[number].append(raw[numbers == number].reset_index(drop=True))
+    return per_shard
+
+
+def run_shard(raw_refs: list[ArtifactRef], kinds: list[str | None], id_columns: list[str | None], shards: int,
+              store: ArtifactStore) -> ShardPlan:
+    """Read the RAW artifacts, write one RAW artifact per (shard, source with rows there), return the plan."""
+    raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
+    plan, rows_out = [], 0
+    for number, frames in enumerate(shard_frames(raw_frames, id_columns, shards)):
+        refs, shard_kinds = [], []
+        for frame, kind in zip(frames, kinds):
+            if len(frame):
+                written = write_stage_output(store, stage="shard", contract=RAW, frame=frame, rows_in=len(frame),
+                                             config_hash=f"shard-{number}-of-{shards}")
+                refs.append(written.output)
+                shard_kinds.append(kind)
+                rows_out += written.rows_out
+        if refs:
+            plan.append(Shard(number=number, raw_refs=refs, kinds=shard_kinds, rows=sum(ref.rows for ref in refs)))
+    rows = [shard.rows for shard in plan]
+    return ShardPlan(shards=plan, rows_in=sum(len(frame) for frame in raw_frames), rows_out=rows_out,
+                     stats={"shards": shards, "non_empty_shards": len(plan), "rows_per_shard_min": min(rows, default=0),
+                            "rows_per_shard_max": max(rows, default=0)})
+
+
+@stage_task(name="shard")
+def shard_task(raw_refs: list[ArtifactRef], kinds: list[str | None], id_columns: list[str | None], shards: int,
+               store_root: str) -> ShardPlan:
+    """Prefect task around run_shard; cached on the RAW artifacts' hashes, the shard count and this code."""
+    return run_shard(raw_refs, kinds, id_columns, shards, ArtifactStore(store_root))
+
+
+# ---- back to one artifact, in the single-process order
+
+
+def in_source_order(frames: list[pd.DataFrame], conversations: list[pd.DataFrame], source_names: list[str]) -> pd.DataFrame:
+    """Concatenate shard outputs and sort them into the single-process order (see the module docstring).
+
+    `conversations` are the shards' CONVERSATIONS frames: they map each example id to its source and row.
+    """
+    origin = pd.concat([frame[["id", "source", "source_row"]] for frame in conversations], ignore_index=True)
+    position = {name: index for index, name in enumerate(source_names)}
+    keys = origin["source"].map(position).to_numpy(dtype=np.int64) * (1 << 40) + origin["source_row"].to_numpy(dtype=np.int64)
+    merged = pd.concat(frames, ignore_index=True)
+    order_keys = keys[pd.Index(origin["id"]).get_indexer(merged["id"])]
+    return merged.take(np.argsort(order_keys, kind="stable")).reset_index(drop=True)
+
+
+def run_merge_formatted(conversations_refs: list[ArtifactRef], formatted_refs: list[ArtifactRef], source_names: list[str],
+                        format_config_hash: str, store: ArtifactStore) -> StageResult:
+    """The shards' FORMATTED artifacts as one, in single-process order (what pre-flight and evaluation read)."""
+    conversations = [read_input(store, ref, CONVERSATIONS) for ref in conversations_refs]
+    formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], conversations, source_names)
+    return write_stage_output(store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(formatted),
+                              config_hash=format_config_hash, stats={"shards": len(formatted_refs)})
+
+
+@stage_task(name="format-merge")
+def merge_formatted_task(conversations_refs: list[ArtifactRef], formatted_refs: list[ArtifactRef], source_names: list[str],
+                         format_config_hash: str, store_root: str) -> StageResult:
+    """Prefect task around run_merge_formatted; cached on the shard artifacts' hashes and this code."""
+    return run_merge_formatted(conversations_refs, formatted_refs, source_names, format_config_hash, ArtifactStore(store_root))
