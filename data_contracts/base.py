@@ -34,10 +34,12 @@ class Contract:
     row_rules: tuple[RowRule, ...] = ()
     unique: tuple[str, ...] = ()
     allow_empty: bool = False
+    extra_columns: bool = False  # True: columns beyond `columns` are allowed (raw rows, quarantine extras)
     schema: pa.DataFrameSchema = field(init=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "schema", pa.DataFrameSchema(self.columns, strict=False, coerce=False))
+        schema = pa.DataFrameSchema(self.columns, strict=not self.extra_columns, coerce=False)
+        object.__setattr__(self, "schema", schema)
 
 
 class ContractViolation(ValueError):
@@ -49,31 +51,55 @@ class ContractViolation(ValueError):
 
 
 def check_structure(frame: pd.DataFrame, contract: Contract, where: str = "") -> None:
-    """Raise one ContractViolation listing every missing column, wrong type or null where none is allowed."""
+    """Raise one ContractViolation listing every missing column, unexpected column, wrong type and null
+    where none is allowed, each with its fix."""
+    where = where or contract.name
     if len(frame) == 0:
         # An empty frame has no values to type-check (its columns are untyped); only names can be wrong.
         missing = [name for name, column in contract.columns.items() if column.required and name not in frame.columns]
-        if missing:
-            raise ContractViolation(f"{where or contract.name}: missing column(s) {missing} -> {fix_for('column_in_dataframe')}")
+        unexpected = [] if contract.extra_columns else [name for name in frame.columns if name not in contract.columns]
+        lines = [f"  missing column '{name}' -> {fix_for('column_in_dataframe', contract)}" for name in missing]
+        lines += [f"  unexpected column '{name}' -> {fix_for('column_in_schema', contract)}" for name in unexpected]
+        if lines:
+            raise ContractViolation("\n".join([f"{where}: {len(lines)} contract failure(s) against '{contract.name}' "
+                                               f"v{contract.version}:"] + lines))
         return
     try:
         contract.schema.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as errors:
-        cases = errors.failure_cases
-        lines = [f"{where or contract.name}: {len(cases)} contract failure(s) against '{contract.name}' v{contract.version}:"]
-        for case in cases.head(50).itertuples():
-            column = case.column if case.column is not None else case.failure_case
-            row = "" if case.index is None or pd.isna(case.index) else f" row {int(case.index)}"
-            lines.append(f"  column '{column}'{row}: {case.check} (found {case.failure_case!r}) -> {fix_for(case.check)}")
-        if len(cases) > 50:
-            lines.append(f"  ... and {len(cases) - 50} more")
-        raise ContractViolation("\n".join(lines), failures=cases) from None
+        lines = failure_lines(errors.failure_cases, frame, contract)
+        header = f"{where}: {len(lines)} contract failure(s) against '{contract.name}' v{contract.version}:"
+        more = [f"  ... and {len(lines) - 50} more"] if len(lines) > 50 else []
+        raise ContractViolation("\n".join([header] + lines[:50] + more), failures=errors.failure_cases) from None
 
 
-def fix_for(check: str) -> str:
+def failure_lines(cases: pd.DataFrame, frame: pd.DataFrame, contract: Contract) -> list[str]:
+    """One line, with its fix, per missing column, unexpected column, wrongly typed column and failing value."""
+    checks = cases["check"].astype(str)
+    lines = [f"  missing column '{name}' -> {fix_for('column_in_dataframe', contract)}"
+             for name in cases.loc[checks == "column_in_dataframe", "failure_case"]]
+    lines += [f"  unexpected column '{name}' -> {fix_for('column_in_schema', contract)}"
+              for name in cases.loc[checks == "column_in_schema", "failure_case"]]
+    typed = checks.str.startswith("dtype(")
+    for column, group in cases[typed].groupby("column", sort=False):
+        rows = [int(i) for i in group["index"] if i is not None and not pd.isna(i)]
+        at = f" (rows {rows[:5]}{' ...' if len(rows) > 5 else ''})" if rows else ""
+        expected = str(group["check"].iloc[0])[len("dtype("):-1].strip("'")
+        lines.append(f"  column '{column}': wrong type, expected {expected}, found {frame[column].dtype}{at} -> "
+                     f"{fix_for('dtype', contract)}")
+    for case in cases[~(typed | checks.isin(["column_in_dataframe", "column_in_schema"]))].itertuples():
+        row = "" if case.index is None or pd.isna(case.index) else f" row {int(case.index)}"
+        column = case.column if case.column is not None else case.failure_case
+        lines.append(f"  column '{column}'{row}: {case.check} (found {case.failure_case!r}) -> {fix_for(str(case.check), contract)}")
+    return lines
+
+
+def fix_for(check: str, contract: Contract | None = None) -> str:
     """A hint for a pandera check name."""
     if "column_in_dataframe" in check:
         return "add the column, or map the config's column names to the ones in your data"
+    if "column_in_schema" in check and contract is not None:
+        return f"drop the column, or declare it in the '{contract.name}' contract (data_contracts/{contract.name}.py)"
     if "nullable" in check:
         return "fill or remove the empty values"
     if "dtype" in check:

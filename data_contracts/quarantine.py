@@ -14,4 +14,5 @@ QUARANTINE = Contract(
         "row_json": pa.Column(str, description="The row itself, as JSON."),
     },
     allow_empty=True,
+    extra_columns=True,  # stages add context columns (kind, columns, ...)
 )

@@ -12,4 +12,5 @@ RAW = Contract(
         "_row": pa.Column(int, nullable=False, description="Row index within the source (provenance)."),
     },
     unique=(),
+    extra_columns=True,  # a source's own columns, whatever they are
 )
