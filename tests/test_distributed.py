@@ -262,3 +262,19 @@ def test_kill_minus_nine_of_the_launch_then_resume_continues_the_curve(ddp_run, 
     steps = list(range(result["resumed_from_step"] + 1, 7))
     assert list(curve.index) == steps
     pd.testing.assert_series_equal(curve["loss"], uninterrupted["loss"].loc[steps], rtol=0, atol=PARITY_ATOL)
+
+
+# ---- the GPU benchmark's plan (its CPU-safe part) --------------------------------------------------------
+
+def test_multigpu_benchmark_dry_run_plans_every_strategy_with_its_launch_files(tmp_path):
+    planned = subprocess.run([sys.executable, "benchmarks/train_multigpu.py", "--dry-run", "--work", str(tmp_path)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    plan = json.loads(planned.stdout[planned.stdout.index("{"):])
+    assert [(run["strategy"], run["gpus"]) for run in plan["runs"]] == [("none", 1), ("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+    assert plan["shape"]["hidden_size"] == 4096 and plan["shape"]["num_hidden_layers"] == 32  # Llama-3-8B
+    fsdp_two = plan["runs"][-1]
+    assert fsdp_two["accelerate_config"]["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp_two["accelerate_config"]["num_processes"] == 2 and fsdp_two["global_batch_rows"] == 4
+    assert fsdp_two["train_config"]["num_processes"] == 2 and plan["runs"][0]["train_config"]["distributed"] == "none"
+    assert plan["launched_environment"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
