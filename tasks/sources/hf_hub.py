@@ -50,6 +50,15 @@ def read(config: Config, base_dir) -> pd.DataFrame:
             f"hf_hub {location!r}: cannot reach the Hub ({error}) -> go online (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), "
             f"or download the dataset once and point `repo:` at its local folder"
         ) from None
+    except RuntimeError as error:
+        if "Dataset scripts are no longer supported" not in str(error):
+            raise
+        # datasets refuses the whole folder or repo before running anything; say how to load its data files.
+        raise SourceError(
+            f"hf_hub {location!r}: has a dataset loading script ({str(error).rsplit('found ', 1)[-1]}), and loraflow "
+            f"never runs code from a dataset -> point `repo:` at the folder holding its data files (Parquet, JSON "
+            f"Lines, CSV), or use a revision of the dataset that ships them"
+        ) from None
     except ValueError as error:
         # Unknown split or config name: datasets lists the ones that exist in its message.
         raise SourceError(f"hf_hub {location!r}: {error} -> set `split:` / `config_name:` to one that exists") from None
