@@ -126,6 +126,16 @@ def test_launched_processes_keep_nvlink_multicast_off_and_find_the_repo():
     assert env[LAUNCHED_ENV] == "1" and LAUNCHED_ENV == TRAIN_LAUNCHED_ENV
 
 
+def test_callbacks_cannot_cross_into_launched_processes(tiny_model, tokens, tmp_path):
+    from transformers import TrainerCallback
+
+    from tasks.train import train_adapter
+
+    with pytest.raises(ValueError, match="callbacks from this process cannot run: drop callbacks"):
+        train_adapter(tokens, tiny_model, parity_config(**DDP_2), tmp_path / "run", callbacks=[TrainerCallback()])
+    assert not (tmp_path / "run").exists(), "refused before anything was written or launched"
+
+
 # ---- DDP, 2 CPU processes ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -250,6 +260,12 @@ def test_kill_minus_nine_of_the_launch_then_resume_continues_the_curve(ddp_run, 
             pass
     caller.wait(timeout=30)
     assert not (out / "adapter").exists()
+
+    # A changed config is refused in the launched processes, and the refusal reaches the caller as itself.
+    from tasks.train import ResumeMismatchError, train_adapter
+
+    with pytest.raises(ResumeMismatchError, match=r"train.learning_rate: 0.01 \(checkpoint\) -> 0.005 \(now\)"):
+        train_adapter(tokens, tiny_model, parity_config(**DDP_2, learning_rate=5e-3), out)
 
     resumed = subprocess.run([sys.executable, "-c", LAUNCH, str(tiny_model), str(tokens_path), str(out)], cwd=REPO,
                              capture_output=True, text=True, timeout=300)

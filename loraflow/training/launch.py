@@ -187,8 +187,9 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
     log.info("train: %s on %d %s process(es): %s", train_config.distributed, processes,
              "GPU" if cuda_devices else "CPU", " ".join(command))
     tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as launched:
+    launched = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
         for line in launched.stdout:
             line = line.rstrip()
             if not line:
@@ -202,6 +203,17 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
             else:
                 log.info("%s", line)
         returncode = launched.wait()
+    except BaseException:
+        # The caller is going away (cancelled run, Ctrl-C, a failing on_step): accelerate launch forwards SIGTERM
+        # to the training processes, which would otherwise keep the GPUs.
+        launched.terminate()
+        try:
+            launched.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+        raise
+    finally:
+        launched.stdout.close()
 
     if returncode != 0 or not result_path.exists():
         if error_path.exists():
