@@ -161,16 +161,20 @@ class ArtifactStore:
         return uri if self.is_local else self.fs._strip_protocol(uri)
 
 
-def _disk_full(error: OSError, path: str, size: int) -> OSError:
-    """A DiskFullError naming the path for an out-of-space error; any other OSError unchanged."""
+def disk_full(error: OSError, path: str, writing: str, kept: str) -> "DiskFullError | None":
+    """A DiskFullError naming `path` when `error` means out of space (ENOSPC, EDQUOT, EFBIG), else None."""
     if error.errno not in DISK_FULL_ERRNOS:
-        return error
+        return None
     return DiskFullError(
         error.errno,
-        f"disk full writing {path} ({size:,} bytes; {os.strerror(error.errno)}): free space on that disk or move "
-        f"the store, then re-run. Nothing partial was left and earlier artifacts are intact",
+        f"disk full writing {writing} {path} ({os.strerror(error.errno)}): free space on that disk or move it, then "
+        f"re-run. {kept}",
         path,
     )
+
+
+def _disk_full(error: OSError, path: str, size: int) -> OSError:
+    return disk_full(error, path, f"{size:,} bytes to", "Nothing partial was left and earlier artifacts are intact") or error
 
 
 def remove_stale_temp_files(folder: str) -> None:

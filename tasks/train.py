@@ -44,7 +44,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from loraflow.config.train import TrainConfig
-from loraflow.store import ArtifactRef, ArtifactStore, file_sha256, table_bytes
+from loraflow.store import DISK_FULL_ERRNOS, ArtifactRef, ArtifactStore, disk_full, file_sha256, table_bytes
 
 ADAPTER_MANIFEST = "loraflow-adapter.json"
 CHECKPOINT_MARKER = "loraflow-complete.json"
@@ -239,7 +239,14 @@ def train_adapter(
     if env["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as error:  # out of space while saving a checkpoint: say so, and what a re-run resumes from
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        kept = latest_complete_checkpoint(checkpoints_dir, log)  # also removes the partial one, freeing its space
+        raise disk_full(error, error.filename or str(checkpoints_dir), "a checkpoint in",
+                        f"{kept.name} is intact and a re-run resumes from it" if kept else "No checkpoint was complete yet") from error
     recorder.close()
 
     # ---- save: adapter (manifest last), curve, metrics; then drop the checkpoints ----
