@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from data_contracts import CONVERSATIONS, FORMATTED, RAW
+from data_contracts import FORMATTED, RAW
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.stage import StageResult, read_input, write_stage_output
 from loraflow.store import ArtifactRef, ArtifactStore
@@ -26,7 +26,7 @@ from loraflow.tasking import stage_task
 from tasks.synthesizers.common import column_text
 
 __all__ = ["Shard", "ShardPlan", "id_column_for", "shard_numbers", "shard_frames", "run_shard", "shard_task",
-           "in_source_order", "run_merge_formatted", "merge_formatted_task"]
+           "example_origins", "in_source_order", "run_merge_formatted", "merge_formatted_task"]
 
 
 class Shard(BaseModel):
@@ -117,12 +117,18 @@ def shard_task(raw_refs: list[ArtifactRef], kinds: list[str | None], id_columns:
 # ---- back to one artifact, in the single-process order
 
 
-def in_source_order(frames: list[pd.DataFrame], conversations: list[pd.DataFrame], source_names: list[str]) -> pd.DataFrame:
+def example_origins(store: ArtifactStore, conversations_refs: list[ArtifactRef]) -> pd.DataFrame:
+    """id, source and source_row of every conversation of the shards (hash-verified; Arrow keeps the
+    messages column compact, and only these three columns become pandas)."""
+    return pd.concat([store.read_arrow(ref).select(["id", "source", "source_row"]).to_pandas() for ref in conversations_refs],
+                     ignore_index=True)
+
+
+def in_source_order(frames: list[pd.DataFrame], origin: pd.DataFrame, source_names: list[str]) -> pd.DataFrame:
     """Concatenate shard outputs and sort them into the single-process order (see the module docstring).
 
-    `conversations` are the shards' CONVERSATIONS frames: they map each example id to its source and row.
+    `origin` maps each example id to its source and row (`example_origins`).
     """
-    origin = pd.concat([frame[["id", "source", "source_row"]] for frame in conversations], ignore_index=True)
     position = {name: index for index, name in enumerate(source_names)}
     keys = origin["source"].map(position).to_numpy(dtype=np.int64) * (1 << 40) + origin["source_row"].to_numpy(dtype=np.int64)
     merged = pd.concat(frames, ignore_index=True)
@@ -133,8 +139,8 @@ def in_source_order(frames: list[pd.DataFrame], conversations: list[pd.DataFrame
 def run_merge_formatted(conversations_refs: list[ArtifactRef], formatted_refs: list[ArtifactRef], source_names: list[str],
                         format_config_hash: str, store: ArtifactStore) -> StageResult:
     """The shards' FORMATTED artifacts as one, in single-process order (what pre-flight and evaluation read)."""
-    conversations = [read_input(store, ref, CONVERSATIONS) for ref in conversations_refs]
-    formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], conversations, source_names)
+    origin = example_origins(store, conversations_refs)
+    formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], origin, source_names)
     return write_stage_output(store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(formatted),
                               config_hash=format_config_hash, stats={"shards": len(formatted_refs)})
 

@@ -15,7 +15,7 @@ from itertools import chain
 import numpy as np
 import pandas as pd
 
-from data_contracts import CONVERSATIONS, FORMATTED, TOKENS
+from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
@@ -302,10 +302,9 @@ def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[
     """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact
     training reads (the same bytes as the single-process path's)."""
     from loraflow.config.pipeline import config_hash
-    from tasks.shard import in_source_order
+    from tasks.shard import example_origins, in_source_order
 
-    conversations = [read_input(store, ref, CONVERSATIONS) for ref in conversations_refs]
-    tokens = in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], conversations, source_names)
+    tokens = in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], example_origins(store, conversations_refs), source_names)
     reasons = np.full(len(tokens), None, dtype=object)
     stats = {"rows_in": len(tokens), **set_aside_duplicates_and_leaks(tokens, reasons, config, load_tokenizer_dir(str(tokenizer_dir)))}
     kept, quarantined = split_off_quarantine(tokens, reasons)
