@@ -257,8 +257,7 @@ def train_adapter(
     if trained_tokens_seen is not None:
         trained_tokens_seen = sum_over_processes(trained_tokens_seen)
     adapter_state = None
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if trainer.is_fsdp_enabled:  # a full state dict, gathered onto rank 0's CPU (accelerate's FSDP branch)
         adapter_state = trainer.accelerator.get_state_dict(trainer.model)
     peak_bytes, peak_kind = peak_memory(env["device"])
     curve = pd.DataFrame(recorder.rows)

@@ -136,6 +136,16 @@ def test_callbacks_cannot_cross_into_launched_processes(tiny_model, tokens, tmp_
     assert not (tmp_path / "run").exists(), "refused before anything was written or launched"
 
 
+def test_a_process_told_fsdp_refuses_to_train_without_it(tiny_model, tokens, tmp_path, monkeypatch):
+    """Inside a launch (LAUNCHED_ENV set) but without accelerate's FSDP: stop before the first step."""
+    from tasks.train import LAUNCHED_ENV, train_adapter
+
+    monkeypatch.setenv(LAUNCHED_ENV, "1")
+    with pytest.raises(RuntimeError, match="train.distributed=fsdp but accelerate set up DistributedType.NO"):
+        train_adapter(tokens, tiny_model, parity_config(distributed="fsdp", num_processes=1), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 # ---- DDP, 2 CPU processes ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -74,13 +74,15 @@ def test_ddp_one_process_takes_the_packed_fast_path(smol_random, tokens, tmp_pat
     assert result.global_step == 4 and math.isfinite(result.final_loss) and lora_b_moved(result.adapter_dir)
 
 
-def test_fsdp_qlora_one_process_wraps_saves_and_gathers_the_adapter(smol_random, tokens, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])  # padded first: FSDP itself
+def test_fsdp_qlora_one_process_wraps_saves_and_gathers_the_adapter(smol_random, tokens, tmp_path, packing):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tasks.train import train_adapter
 
-    result = train_adapter(tokens, smol_random, config(distributed="fsdp", num_processes=1), tmp_path / "run")
+    result = train_adapter(tokens, smol_random, config(distributed="fsdp", num_processes=1, packing=packing), tmp_path / "run")
+    assert result.packing is packing
     metrics = json.loads(Path(result.metrics_path).read_text())
     assert metrics["distributed"] == {"strategy": "fsdp", "processes": 1, "accelerate_distributed_type": "DistributedType.FSDP"}
     assert (result.quantization, result.optimizer, result.precision) == ("4bit", "adamw_torch", "bf16")

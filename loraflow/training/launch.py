@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -187,6 +188,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
     log.info("train: %s on %d %s process(es): %s", train_config.distributed, processes,
              "GPU" if cuda_devices else "CPU", " ".join(command))
     tail: deque[str] = deque(maxlen=40)
+    started = time.perf_counter()
     launched = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
@@ -226,7 +228,10 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
             f"train: the launched processes exited with {returncode}; config {config_path}, job {job_path}. "
             "Last lines:\n  " + "\n  ".join(tail)
         )
-    return TrainResult(**json.loads(result_path.read_text()))
+    result = TrainResult(**json.loads(result_path.read_text()))
+    log.info("train: the launch took %.0f s in all (%.0f s of it in rank 0's train_adapter)",
+             time.perf_counter() - started, result.seconds)
+    return result
 
 
 # ---- the launched side -----------------------------------------------------------------------------------
@@ -257,6 +262,11 @@ def worker_main(job_path: str) -> None:
     if torch.cuda.is_available():
         # Before the model loads: bitsandbytes and device_map {"": current device} place weights by it.
         torch.cuda.set_device(local_rank)
+    from accelerate import PartialState
+
+    # The process group before the model loads: only then does transformers see FSDP's cpu_ram_efficient_loading
+    # (is_fsdp_enabled) and load the full weights on rank 0 alone. Trainer reuses this state.
+    PartialState(cpu=not torch.cuda.is_available())
     if "parquet" in job["tokens"]:
         tokens, store = pd.read_parquet(job["tokens"]["parquet"]), None
     else:
