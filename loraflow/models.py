@@ -19,6 +19,7 @@ from loraflow.store import file_sha256
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+DOWNLOAD_RETRIES, DOWNLOAD_RETRY_DELAY = 3, 2.0  # a hub download that failed in transit: 3 more tries, 2 s, 4 s, 8 s
 
 
 class ModelSourceError(RuntimeError):
@@ -87,10 +88,16 @@ def resolve_model_dir(model: ModelConfig, base_dir: str | Path = ".") -> Path:
         return ensure_embedded_model()
     from huggingface_hub import snapshot_download
 
+    from loraflow.retrying import with_io_retries
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py" if model.trust_remote_code else "*.json"]
     try:
-        return Path(snapshot_download(model.base, revision=model.revision, allow_patterns=[
-            "*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py" if model.trust_remote_code else "*.json",
-        ]))
+        return Path(with_io_retries(  # files already downloaded stay in the hub cache: a retry fetches the rest
+            # HF_ENDPOINT read now, not at import (as publish does), so a mirror set later is used
+            lambda: snapshot_download(model.base, revision=model.revision, allow_patterns=patterns,
+                                      endpoint=os.environ.get("HF_ENDPOINT") or None),
+            f"download of {model.base}", retries=DOWNLOAD_RETRIES, delay=DOWNLOAD_RETRY_DELAY,
+        ))
     except Exception as error:  # the hub client raises many types; all mean "not reachable or not found"
         raise ModelSourceError(
             f"model.base={model.base!r} (revision {model.revision}) is neither a local folder nor downloadable: "

@@ -2,8 +2,8 @@
 
 Point HF_ENDPOINT at `HubStandIn().start()` and the real `huggingface_hub` client runs its real code path
 against it: create_repo, create_branch, repo_info, validate-yaml (README metadata), preupload (every
-file is answered "regular", i.e. inline base64, no LFS), commit (NDJSON, with parentCommit checks) and
-list_repo_tree. Repos live in memory as commits of {path: bytes}; every request's headers are recorded
+file is answered "regular", i.e. inline base64, no LFS), commit (NDJSON, with parentCommit checks),
+list_repo_tree, and file downloads (HEAD/GET resolve, what snapshot_download uses). Repos live in memory as commits of {path: bytes}; every request's headers are recorded
 so tests can check that the token was sent (and nowhere else). `fail()` makes chosen requests fail the way
 networks do: the connection dropped half-way through the upload, the answer lost after the commit landed,
 or an HTTP error status.
@@ -45,6 +45,9 @@ class HubStandIn:
             def do_POST(self):
                 standin._handle(self, "POST")
 
+            def do_HEAD(self):
+                standin._handle(self, "HEAD")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self.endpoint
@@ -59,21 +62,23 @@ class HubStandIn:
             self.server.server_close()
 
     # ---- faults ----
-    def fail(self, action: str, revision: str, how: str | int = "drop_request", times: int = 1) -> None:
-        """Make the next `times` POSTs of `action` (commit, branch, ...) to a revision starting with `revision` fail.
+    def fail(self, action: str, revision: str, how: str | int = "drop_request", times: int = 1, method: str = "POST") -> None:
+        """Make the next `times` requests of `action` (commit, branch, revision, resolve ...) to a revision
+        starting with `revision` fail.
 
         how="drop_request": half the upload is read, then the connection is closed (nothing is applied);
         "drop_response": the request is applied, then the connection is closed before the answer;
         an int: that HTTP status is answered (nothing is applied).
         """
-        self.faults.append({"action": action, "revision": revision, "how": how, "left": times})
+        self.faults.append({"action": action, "revision": revision, "how": how, "left": times, "method": method})
 
     def _fault_for(self, method: str, path: str) -> dict | None:
-        match = re.fullmatch(r"/api/models/[^/]+/[^/]+/([^/]+)/([^/]+)(/.*)?", path)
-        if method != "POST" or not match:
+        match = re.fullmatch(r"(?:/api/models)?/[^/]+/[^/]+/([^/]+)/([^/]+)(/.*)?", path)
+        if not match:
             return None
         for fault in self.faults:
-            if fault["left"] and fault["action"] == match.group(1) and unquote(match.group(2)).startswith(fault["revision"]):
+            if fault["left"] and fault["method"] == method and fault["action"] == match.group(1) \
+                    and unquote(match.group(2)).startswith(fault["revision"]):
                 fault["left"] -= 1
                 self.faults_hit += 1
                 return fault
@@ -109,6 +114,9 @@ class HubStandIn:
             handler.close_connection = True  # no answer: the client sees the connection drop mid-upload
             return
         body = handler.rfile.read(length) if length else b""
+        download = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.path)
+        if download and method in ("GET", "HEAD") and not (fault and isinstance(fault["how"], int)):
+            return self._download(handler, method, download.group(1), unquote(download.group(2)), unquote(download.group(3)))
         with self.lock:
             self.requests.append({"method": method, "path": url.path, "headers": {k.lower(): v for k, v in handler.headers.items()}})
             try:
@@ -129,6 +137,26 @@ class HubStandIn:
             handler.send_header("X-Error-Message", payload.get("error", ""))
         handler.end_headers()
         handler.wfile.write(data)
+
+    def _download(self, handler, method: str, repo_id: str, revision: str, file_path: str):
+        with self.lock:
+            self.requests.append({"method": method, "path": handler.path, "headers": {k.lower(): v for k, v in handler.headers.items()}})
+            repo = self.repos.get(repo_id)
+            head = repo and repo["branches"].get(revision, revision if revision in repo["commits"] else None)
+            content = repo["commits"][head]["files"].get(file_path) if head else None
+        if content is None:
+            handler.send_response(404)
+            handler.send_header("X-Error-Code", "EntryNotFound")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        handler.send_header("X-Repo-Commit", head)
+        handler.send_header("ETag", f'"{git_blob_sha1(content)}"')
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        if method == "GET":
+            handler.wfile.write(content)
 
     def _route(self, method, path, query, body, headers):
         if not headers.get("Authorization", "").startswith("Bearer "):

@@ -1,5 +1,6 @@
 """A hub push that fails half-way: nothing half-uploaded reaches main, a retry publishes once; retries happen
-only for hub I/O, never for 4xx answers, contract violations or training.
+only for hub I/O (publish's requests, base model downloads), never for 4xx answers, contract violations or
+training.
 
 The real huggingface_hub client talks to the local stand-in (tests/hub_standin.py), which drops connections
 mid-upload, loses answers after a commit landed, or answers an HTTP error, on the request the test picks.
@@ -128,3 +129,45 @@ def test_a_contract_violation_is_not_retried():
     with pytest.raises(ContractViolation):
         with_io_retries(check, "check", retries=3, delay=0)
     assert len(calls) == 1
+
+
+# ---- downloads: the base model from the hub
+
+
+@pytest.fixture
+def model_repo(hub, monkeypatch, tmp_path):
+    """A model repo on the stand-in, an empty hub cache, and quick download retries."""
+    import huggingface_hub.constants
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import loraflow.models
+
+    monkeypatch.setenv("HF_TOKEN", SENTINEL_TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # read at import
+    monkeypatch.setattr(loraflow.models, "DOWNLOAD_RETRY_DELAY", 0.01)
+    api = HfApi(endpoint=hub.endpoint, token=SENTINEL_TOKEN)
+    api.create_repo("loraflow-test/base")
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights", "notes.bin": b"not wanted"}
+    api.create_commit("loraflow-test/base", operations=[CommitOperationAdd(n, c) for n, c in files.items()], commit_message="base")
+    return files
+
+
+@pytest.mark.parametrize("how", ["drop_request", 503])
+def test_a_model_download_that_fails_in_transit_is_retried(hub, model_repo, how):
+    from loraflow.config.model import ModelConfig
+    from loraflow.models import resolve_model_dir
+
+    hub.fail("resolve", "", how=how, method="GET")  # snapshot_download resolves files by commit id
+    folder = resolve_model_dir(ModelConfig(base="loraflow-test/base"))
+    assert hub.faults_hit == 1
+    assert (folder / "model.safetensors").read_bytes() == b"weights" and not (folder / "notes.bin").exists()
+
+
+def test_a_missing_model_is_not_retried(hub, model_repo):
+    from loraflow.config.model import ModelConfig
+    from loraflow.models import ModelSourceError, resolve_model_dir
+
+    hub.fail("revision", "main", how=404, method="GET", times=5)
+    with pytest.raises(ModelSourceError, match="neither a local folder nor downloadable"):
+        resolve_model_dir(ModelConfig(base="loraflow-test/base"))
+    assert hub.faults_hit == 1
