@@ -137,7 +137,10 @@ class ArtifactStore:
         try:
             handle, temp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".part")
         except OSError as error:
-            raise _disk_full(error, path, len(payload)) from error
+            full = _disk_full(error, path, len(payload))
+            if full is None:
+                raise
+            raise full from error
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(payload)
@@ -147,8 +150,9 @@ class ArtifactStore:
         except BaseException as error:
             if os.path.exists(temp_path):
                 os.unlink(temp_path)
-            if isinstance(error, OSError):
-                raise _disk_full(error, path, len(payload)) from error
+            full = _disk_full(error, path, len(payload)) if isinstance(error, OSError) else None
+            if full is not None:
+                raise full from error
             raise
 
     def _cat(self, path: str) -> bytes:
@@ -173,8 +177,8 @@ def disk_full(error: OSError, path: str, writing: str, kept: str) -> "DiskFullEr
     )
 
 
-def _disk_full(error: OSError, path: str, size: int) -> OSError:
-    return disk_full(error, path, f"{size:,} bytes to", "Nothing partial was left and earlier artifacts are intact") or error
+def _disk_full(error: OSError, path: str, size: int) -> "DiskFullError | None":
+    return disk_full(error, path, f"{size:,} bytes to", "Nothing partial was left and earlier artifacts are intact")
 
 
 def remove_stale_temp_files(folder: str) -> None:
