@@ -19,7 +19,7 @@ from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summa
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.caching import stage_cache_key
 from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import run_locked
+from loraflow.tasking import local_root, run_locked
 from tasks.evaluate import evaluate_task
 from tasks.publish import MODEL_MANIFEST, CardFacts, SourceFacts, publish_task
 from tasks.train import ADAPTER_MANIFEST, base_model_fingerprint, train_task
@@ -107,7 +107,7 @@ def publish_cache_key(context, parameters: dict) -> str:
 
 def published_record_path(store_root: str, run_name: str) -> Path:
     """The pointer to the model published last under `run_name`."""
-    return Path(store_root) / "published" / f"{run_name}.json"
+    return local_root(store_root) / "published" / f"{run_name}.json"
 
 
 def previously_published(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
@@ -134,7 +134,7 @@ def record_published(store_root: str, run_name: str, adapter_fingerprint: str, p
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:
     """A store folder named by the hash of what its contents are made from."""
-    return Path(store_root) / kind / hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return local_root(store_root) / kind / hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def verification_texts(store_root: str, tokens: ArtifactRef, count: int) -> list[str]:
