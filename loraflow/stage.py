@@ -3,7 +3,7 @@
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from data_contracts import QUARANTINE, Contract, enforce
+from data_contracts import QUARANTINE, Contract, ContractViolation, enforce
 from loraflow.store import ArtifactRef, ArtifactStore
 
 
@@ -35,6 +35,8 @@ def write_stage_output(
     `quarantined` holds rows the stage itself set aside (same columns as the quarantine contract); rows that
     break the contract's row rules are added to them.
     """
+    if len(frame) == 0 and quarantined is not None and len(quarantined) and not contract.allow_empty:
+        raise_emptied(store, stage, quarantined, rows_in, config_hash)
     valid, broken = enforce(frame, contract, where=f"stage '{stage}'")
     all_quarantined = pd.concat([q for q in (quarantined, broken) if q is not None and len(q)], ignore_index=True) \
         if (quarantined is not None and len(quarantined)) or len(broken) else broken
@@ -49,6 +51,17 @@ def write_stage_output(
     return StageResult(
         stage=stage, output=output, quarantine=quarantine_ref, rows_in=rows_in, rows_out=len(valid),
         rows_quarantined=len(all_quarantined), stats={**(stats or {}), "unaccounted_rows": rows_dropped_silently},
+    )
+
+
+def raise_emptied(store: ArtifactStore, stage: str, quarantined: pd.DataFrame, rows_in: int, config_hash: str) -> None:
+    """The stage set every row aside: keep them in its quarantine artifact and stop here, saying why."""
+    ref = store.write(quarantined, stage=f"{stage}-quarantine", contract=QUARANTINE.name,
+                      schema_version=QUARANTINE.version, config_hash=config_hash)
+    top = "; ".join(f"{count} x {reason}" for reason, count in quarantined["reason"].value_counts().head(3).items())
+    raise ContractViolation(
+        f"stage '{stage}': no rows left: all {rows_in} input rows were set aside ({top}); they are in {ref.uri} "
+        f"-> change the data, or the {stage} settings that set them aside"
     )
 
 

@@ -118,7 +118,8 @@ CATALOG_ROWS = pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(3)
     ("every fact unknown", CATALOG_ROWS.assign(**{c: "UNKNOWN" for c in CATALOG_ROWS.columns if c != "anime_id"}), {},
      "synthesize", "synthesize (anime_qa): all 3 input rows were skipped"),
     ("every example too long", CATALOG_ROWS, {"tokenize": {"max_length": 16, "truncation": "drop"}},
-     "tokenize", "no valid rows left"),
+     "tokenize", "stage 'tokenize': no rows left: all 18 input rows were set aside (18 x too_long: more than "
+                 "max_length=16 tokens (truncation=drop))"),
     ("nothing left to train on", CATALOG_ROWS, {"tokenize": {"validation_fraction": 0.99}},
      "preflight", "the train split is empty"),
 ])
