@@ -247,21 +247,21 @@ print("RESULT", result.model_dump_json(), flush=True)
 """
 
 
-@pytest.mark.slow
-def test_kill_minus_nine_of_the_launch_then_resume_continues_the_curve(ddp_run, tiny_model, tokens, tmp_path):
+@pytest.fixture(scope="module")
+def killed_launch(tiny_model, tokens, tmp_path_factory):
+    """A DDP launch killed with -9 (the caller, accelerate launch and both training processes, each by its pid)
+    once checkpoint-2 is complete; returns the tokens file and the run folder it left."""
     import psutil
 
-    tokens_path = tmp_path / "tokens.parquet"
+    root = tmp_path_factory.mktemp("killed")
+    tokens_path, out = root / "tokens.parquet", root / "run"
     tokens.to_parquet(tokens_path, index=False)
-    out = tmp_path / "run"
     caller = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tiny_model), str(tokens_path), str(out)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER
     deadline = time.time() + 120
     while not marker.exists() and caller.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), "checkpoint-2 was never completed"
-    # The caller, accelerate launch, torchrun and both training processes, each by its pid.
     family = [caller.pid] + [child.pid for child in psutil.Process(caller.pid).children(recursive=True)]
     for pid in family:
         try:
@@ -269,16 +269,24 @@ def test_kill_minus_nine_of_the_launch_then_resume_continues_the_curve(ddp_run, 
         except ProcessLookupError:
             pass
     caller.wait(timeout=30)
+    assert marker.exists(), "checkpoint-2 was never completed"
     assert not (out / "adapter").exists()
+    return {"tokens_path": tokens_path, "out": out}
 
-    # A changed config is refused in the launched processes, and the refusal reaches the caller as itself.
+
+@pytest.mark.slow
+def test_changed_config_after_a_kill_is_refused_in_the_launch_and_raised_in_the_caller(killed_launch, tiny_model, tokens):
     from tasks.train import ResumeMismatchError, train_adapter
 
     with pytest.raises(ResumeMismatchError, match=r"train.learning_rate: 0.01 \(checkpoint\) -> 0.005 \(now\)"):
-        train_adapter(tokens, tiny_model, parity_config(**DDP_2, learning_rate=5e-3), out)
+        train_adapter(tokens, tiny_model, parity_config(**DDP_2, learning_rate=5e-3), killed_launch["out"])
+    assert (killed_launch["out"] / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER).exists(), "a refusal keeps the checkpoint"
 
-    resumed = subprocess.run([sys.executable, "-c", LAUNCH, str(tiny_model), str(tokens_path), str(out)], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+
+@pytest.mark.slow
+def test_kill_minus_nine_of_the_launch_then_resume_continues_the_curve(killed_launch, ddp_run, tiny_model):
+    resumed = subprocess.run([sys.executable, "-c", LAUNCH, str(tiny_model), str(killed_launch["tokens_path"]),
+                              str(killed_launch["out"])], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1].split(" ", 1)[1])
     # Steps take ~0.3 s here: the kill lands after checkpoint-2, at the latest during step 5 (the next save is 6).
