@@ -1,10 +1,11 @@
-"""The disk fills up while training saves a checkpoint (tiny model, real Trainer, in a subprocess whose file
-size limit drops to 4 kB after the step-2 checkpoint, so the step-4 save fails with EFBIG): one clear error
-naming the checkpoint folder and the full disk; the partial checkpoint is removed, checkpoint-2 is intact,
-and once there is room again the re-run resumes from it and finishes.
+"""A checkpoint save that does not finish (tiny model, real Trainer, in subprocesses), after checkpoint-2 was
+saved whole:
 
-A kill -9 in the middle of a checkpoint save leaves the same state (a folder without its completion marker):
-test_train.py removes such a folder on resume, test_kill_resume.py kills real training processes.
+- kill -9 in the middle of the step-4 save (paused inside it, after the weights, before the optimizer state):
+  the re-run removes the partial checkpoint-4, resumes from checkpoint-2 and finishes;
+- the disk fills up (the file size limit drops to 4 kB after step 3, so the step-4 save fails with EFBIG):
+  one clear error naming the checkpoint folder and the full disk; the partial checkpoint is removed,
+  checkpoint-2 is intact, and once there is room again the re-run resumes from it and finishes.
 """
 
 import os
@@ -16,18 +17,48 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-TRAIN = """
-import resource, signal, sys
+SETUP = """
+import sys
 from pathlib import Path
-from transformers import AutoTokenizer, TrainerCallback
+from transformers import AutoTokenizer
 from loraflow.config.train import TrainConfig
-from loraflow.store import DiskFullError
-from tasks.train import checkpoint_is_complete, train_adapter
 from tests.tiny_llama import build_tiny_llama, tokens_frame
 
 root = Path(sys.argv[1])
 model_dir = build_tiny_llama(root / "model")
 tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
+config = TrainConfig(max_steps=4, micro_batch_size=2, learning_rate=1e-2, lr_scheduler="constant", warmup_ratio=0.0,
+                     checkpoint_every=2, lora_r=8, lora_alpha=16, cpu_threads=1, precision="fp32")
+checkpoints = root / "train" / "checkpoints"
+"""
+
+KILLED_IN_SAVE = SETUP + """
+import torch
+from tasks.train import train_adapter
+
+real_save = torch.save
+def save_then_wait(obj, path, *args, **kwargs):
+    if "checkpoint-4" in str(path) and str(path).endswith("optimizer.pt"):
+        print("PAUSED", sorted(p.name for p in (checkpoints / "checkpoint-4").iterdir()), flush=True)
+        sys.stdin.read()  # until killed
+    return real_save(obj, path, *args, **kwargs)
+torch.save = save_then_wait
+train_adapter(tokens, model_dir, config, root / "train")
+"""
+
+RESUME = SETUP + """
+from tasks.train import CHECKPOINT_MARKER, train_adapter
+print("BEFORE", sorted(p.name for p in checkpoints.iterdir()), (checkpoints / "checkpoint-4" / CHECKPOINT_MARKER).exists())
+result = train_adapter(tokens, model_dir, config, root / "train")
+print("RESUMED", result.resumed_from_step, result.global_step)
+"""
+
+DISK_FILLS_IN_SAVE = SETUP + """
+import resource, signal
+from transformers import TrainerCallback
+from loraflow.store import DiskFullError
+from tasks.train import checkpoint_is_complete, train_adapter
+
 _, hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
 
 class FillTheDiskAfterStep3(TrainerCallback):
@@ -36,9 +67,6 @@ class FillTheDiskAfterStep3(TrainerCallback):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, not a signal
             resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard_limit))
 
-config = TrainConfig(max_steps=4, micro_batch_size=2, learning_rate=1e-2, lr_scheduler="constant", warmup_ratio=0.0,
-                     checkpoint_every=2, lora_r=8, lora_alpha=16, cpu_threads=1, precision="fp32")
-checkpoints = root / "train" / "checkpoints"
 try:
     train_adapter(tokens, model_dir, config, root / "train", callbacks=[FillTheDiskAfterStep3()])
     print("NO ERROR")
@@ -52,9 +80,30 @@ print("RESUMED", result.resumed_from_step, result.global_step)
 """
 
 
+def python(script: str, root: Path, **kwargs):
+    return subprocess.Popen([sys.executable, "-c", script, str(root)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_kill_9_during_a_checkpoint_save(tmp_path):
+    trainer = python(KILLED_IN_SAVE, tmp_path)
+    paused = trainer.stdout.readline().strip()
+    if not paused.startswith("PAUSED"):
+        trainer.kill()
+        pytest.fail("training never reached the step-4 save: " + trainer.communicate()[1][-3000:])
+    assert "adapter_model.safetensors" in paused and "optimizer.pt" not in paused  # caught half-way
+    trainer.kill()
+    trainer.wait()
+
+    out, err = python(RESUME, tmp_path).communicate(timeout=300)
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if line.split(" ", 1)[0] in ("BEFORE", "RESUMED"))
+    assert lines.get("BEFORE") == "['checkpoint-2', 'checkpoint-4'] False", out + err[-3000:]  # checkpoint-4 is partial
+    assert lines.get("RESUMED") == "2 4", out + err[-3000:]  # resumed from checkpoint-2, not the partial one
+
+
 def test_disk_full_during_a_checkpoint_save(tmp_path):
-    done = subprocess.run([sys.executable, "-c", TRAIN, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    done = subprocess.run([sys.executable, "-c", DISK_FILLS_IN_SAVE, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in done.stdout.splitlines()
              if line.split(" ", 1)[0] in ("ERROR", "NO", "LEFT", "RESUMED")}
