@@ -5,8 +5,8 @@
 
 One command, one GPU session. The model is a random-init Llama of the named shape (benchmarks/train_throughput.py's
 SHAPES, default Llama-3-8B), built on GPU 0 and saved once in bf16; every run loads it through train_adapter in
-4-bit (NF4, stored as bf16), LoRA r=16 on all linear layers. Each run is a child process (`--run-one`), so the
-parent holds no GPU memory while the launched processes train. Data: synthetic QA documents (lognormal lengths,
+4-bit (NF4, stored as bf16), LoRA r=16 on all linear layers. The build and each run are child processes
+(`--build-model`, `--run-one`), so the parent never holds a CUDA context (memory on GPU 0) while others train. Data: synthetic QA documents (lognormal lengths,
 median ~190 tokens, a third prompt), packed into rows of --seq tokens.
 
 Runs: none on 1 GPU (the in-process baseline), then ddp and fsdp on 1 and 2 GPUs. Every run uses the same
@@ -15,6 +15,10 @@ scaling, the usual way to state data-parallel speedup). tokens/s counts non-padd
 from the end of the first step to the last (leaves out compilation and warm-up). `speedup_vs_1gpu` divides by the
 same strategy on 1 GPU; `speedup_vs_none` by the in-process baseline. FSDP runs without the fast path's model
 surgery (tasks/train.py), so fsdp vs ddp on 1 GPU shows that cost.
+
+Time: not measured yet; estimated 6-9 minutes on 2 H200s (8B build and save ~50 s, then 5 runs of ~1 min: launch,
+4-bit load, 8 steps). `--strategies ddp --gpus 2` and the like split it over several calls (the model is kept in
+--work between calls on the same machine).
 
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1): set here and again by loraflow.training.launch for the launched processes.
@@ -73,6 +77,8 @@ def build_model(model: str, folder: Path, tokenizer_dir: Path | None) -> Path:
 
     if (folder / "config.json").exists() and list(folder.glob("*.safetensors")):
         return folder
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").exists():
+        raise SystemExit("train_adapter needs tokenizer files in the model folder: pass --tokenizer-dir (SmolLM2's)")
     config = LlamaConfig(**SHAPES[model], bos_token_id=1, eos_token_id=2, pad_token_id=2)
     with torch.device("cuda:0"):
         weights = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -80,10 +86,8 @@ def build_model(model: str, folder: Path, tokenizer_dir: Path | None) -> Path:
     del weights
     torch.cuda.empty_cache()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if tokenizer_dir is not None and (tokenizer_dir / name).exists():
+        if (tokenizer_dir / name).exists():  # training reads token ids; the tokenizer only gives the pad id
             shutil.copy(tokenizer_dir / name, folder / name)
-    if not (folder / "tokenizer.json").exists():
-        raise SystemExit("train_adapter needs tokenizer files in the model folder: pass --tokenizer-dir (SmolLM2's)")
     return folder
 
 
@@ -114,7 +118,10 @@ def run_one(args) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     result = train_adapter(tokens, args.model_dir, config, out)
     metrics = json.loads(Path(result.metrics_path).read_text())
+    import torch
+
     return {
+        "gpu": torch.cuda.get_device_name(0),  # after training: a CUDA context here would sit on GPU 0 meanwhile
         "strategy": args.strategy, "gpus": args.gpus, "model": args.model,
         "tokens_per_s": result.tokens_per_second_after_first_step, "tokens_per_s_whole_run": result.tokens_per_second,
         "steps": result.global_step, "rows_per_micro_batch": result.rows_per_micro_batch, "row_tokens": args.seq,
@@ -138,12 +145,16 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"))
     parser.add_argument("--dry-run", action="store_true", help="print the runs, configs and launch files; train nothing")
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
         args.gpus = int(args.gpus)
         print("ROW " + json.dumps(run_one(args)), flush=True)
+        return
+    if args.build_model:
+        build_model(args.model, Path(args.model_dir), args.tokenizer_dir)
         return
 
     strategies = [s for s in args.strategies.split(",") if s]
@@ -159,11 +170,14 @@ def main():
 
     import torch
 
-    visible = torch.cuda.device_count()
+    visible = torch.cuda.device_count()  # no CUDA context (NVML)
     if max(run["gpus"] for run in runs) > visible:
         raise SystemExit(f"the plan needs {max(run['gpus'] for run in runs)} GPUs, {visible} visible")
-    gpu = torch.cuda.get_device_name(0)
-    model_dir = build_model(args.model, work / f"{args.model}-random", args.tokenizer_dir)
+    model_dir = work / f"{args.model}-random"
+    build = [sys.executable, __file__, "--build-model", "--model", args.model, "--model-dir", str(model_dir)]
+    if args.tokenizer_dir:
+        build += ["--tokenizer-dir", str(args.tokenizer_dir)]
+    subprocess.run(build, cwd=REPO, check=True)
     rows = []
     for run in runs:
         command = [sys.executable, __file__, "--run-one", "--strategy", run["strategy"], "--gpus", str(run["gpus"]),
@@ -188,13 +202,14 @@ def main():
         row["speedup_vs_1gpu"] = round(mine / one_gpu, 3) if mine and one_gpu else None
         row["speedup_vs_none"] = round(mine / baseline, 3) if mine and baseline else None
         row.update(command=command_line, date=date)
+    gpu = next((row["gpu"] for row in rows if row.get("gpu")), None)
     report = {"benchmark": "train_multigpu", "gpu": gpu, "gpus_visible": visible, "model": args.model,
               "seq": args.seq, "rows_per_gpu": args.rows, "steps": args.steps, "runs": rows,
               "command": command_line, "date": date}
     print(json.dumps(report, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu_tag = gpu.lower().replace("nvidia ", "").split()[0]
+    gpu_tag = (gpu or "unknown-gpu").lower().replace("nvidia ", "").split()[0]
     (out / f"train_multigpu_{gpu_tag}_{args.model}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -150,8 +150,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
     import pandas as pd
     import torch
 
-    from tasks.train import (NonFiniteTrainingError, ResumeMismatchError, TrainResult, _write_json_atomic, log_default,
-                             training_environment)
+    from tasks.train import NonFiniteTrainingError, ResumeMismatchError, TrainResult, _write_json_atomic, log_default
 
     log = log or log_default
     output_dir = Path(output_dir)
@@ -159,7 +158,9 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
     launch_dir.mkdir(parents=True, exist_ok=True)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     processes = resolve_num_processes(train_config, cuda_devices)
-    precision = training_environment(train_config)["precision"]  # what each launched process will compute
+    # Only the config file's default: each process's Trainer sets its precision from training_environment. Asking
+    # torch here whether the GPU has bf16 would create a CUDA context in this process for the whole training.
+    precision = "fp32" if train_config.precision == "fp32" else "bf16"
     layers = decoder_layer_classes(model_dir) if train_config.distributed == "fsdp" else None
     config_path = launch_dir / "accelerate_config.yaml"
     _write_yaml(config_path, accelerate_config(train_config, processes, precision=precision, layer_classes=layers))
