@@ -234,7 +234,7 @@ def train_adapter(
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
     if train_config.distributed == "fsdp" and not trainer.is_fsdp_enabled:
-        raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type}: "
+        raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type.value}: "
                            "launch through train_adapter (accelerate launch with loraflow's FSDP config) on CUDA GPUs")
     if env["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -301,7 +301,7 @@ def train_adapter(
         "trained_tokens_seen": trained_tokens_seen,
         # What actually ran: accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, FSDP) and the process count.
         "distributed": {"strategy": train_config.distributed, "processes": world_size(),
-                        "accelerate_distributed_type": str(trainer.accelerator.distributed_type)},
+                        "accelerate_distributed_type": trainer.accelerator.distributed_type.value},
         "total_parameters": total,
         "train_config": train_config.model_dump(mode="json"),
         "identity": identity,

@@ -84,7 +84,7 @@ def test_fsdp_qlora_one_process_wraps_saves_and_gathers_the_adapter(smol_random,
     result = train_adapter(tokens, smol_random, config(distributed="fsdp", num_processes=1, packing=packing), tmp_path / "run")
     assert result.packing is packing
     metrics = json.loads(Path(result.metrics_path).read_text())
-    assert metrics["distributed"] == {"strategy": "fsdp", "processes": 1, "accelerate_distributed_type": "DistributedType.FSDP"}
+    assert metrics["distributed"] == {"strategy": "fsdp", "processes": 1, "accelerate_distributed_type": "FSDP"}
     assert (result.quantization, result.optimizer, result.precision) == ("4bit", "adamw_torch", "bf16")
     assert result.speed_plan is None, "FSDP runs without the fast path's model surgery"
     assert result.global_step == 4 and math.isfinite(result.final_loss) and lora_b_moved(result.adapter_dir)
