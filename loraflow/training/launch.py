@@ -29,7 +29,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-LAUNCHED_ENV = "LORAFLOW_TRAIN_LAUNCHED"  # set in the children: train_adapter trains instead of launching again (= tasks.train)
+# Set in the launched processes: there train_adapter trains instead of launching again (= tasks.train.LAUNCHED_ENV).
+LAUNCHED_ENV = "LORAFLOW_TRAIN_LAUNCHED"
 PROGRESS_PREFIX = "LORAFLOW_PROGRESS "
 REPO = Path(__file__).resolve().parents[2]
 # NVLink multicast (NVLS) must stay off on the lent GPU machines (device README); harmless elsewhere.
@@ -75,7 +76,8 @@ def decoder_layer_classes(model_dir: str | Path) -> list[str]:
     return layers
 
 
-def accelerate_config(train_config, num_processes: int, *, precision: str, layer_classes: list[str] | None = None) -> dict:
+def accelerate_config(train_config, num_processes: int, *, precision: str,
+                      layer_classes: list[str] | None = None) -> dict:
     """The accelerate config file (what `accelerate config` would write) for train.distributed.
 
     fsdp follows peft's "FSDP + QLoRA" recipe (docs/source/accelerate/fsdp.md) with FSDP1: full sharding, one
