@@ -66,6 +66,20 @@ def encode(texts: list[str], tokenizer):
     return backend.encode_batch(texts, add_special_tokens=False)
 
 
+def unrepresentable_bytes(tokenizer) -> set[int]:
+    """Bytes a byte-level BPE vocabulary has no token for (SmolLM2 lacks 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1,
+    0xf2: text holding them tokenizes lossily); empty for other tokenizers, which fall back to <unk> or bytes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or "ByteLevel" not in type(backend.pre_tokenizer).__name__:
+        return set()
+    # GPT-2's byte -> character table, which every byte-level BPE vocabulary is written in.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    as_char = {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+    vocabulary = backend.get_vocab()
+    return {b for b, char in as_char.items() if char not in vocabulary}
+
+
 def trained_token_ranges(encoding, spans) -> list[tuple[int, int]]:
     """Token index ranges [first, last] holding the trained characters of each span."""
     ranges = []
@@ -125,6 +139,18 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
 
     stats: dict = {"rows_in": len(formatted)}
     reasons = np.full(len(formatted), None, dtype=object)  # why a row is set aside; None = kept
+
+    # ---- characters the vocabulary cannot spell would be trained as other tokens: set the rows aside
+    missing = unrepresentable_bytes(tokenizer)
+    if missing:
+        keep_missing_only = bytes(set(range(256)) - missing)
+        for row, text in enumerate(texts):
+            found = text.encode("utf-8", "surrogatepass").translate(None, keep_missing_only)
+            if found:
+                reasons[row] = (f"unrepresentable: the tokenizer has no token for byte(s) {sorted(set(found))} (e.g. "
+                                f"character {next(c for c in text if set(c.encode('utf-8', 'surrogatepass')) & missing)!r}); "
+                                "remove or replace those characters")
+        stats["unrepresentable"] = int(sum(r is not None and r.startswith("unrepresentable") for r in reasons))
 
     # ---- double BOS: a template that wrote BOS text and also got one added
     bos_id = tokenizer.bos_token_id

@@ -1,11 +1,12 @@
-"""Properties of format and tokenize on random conversations (any assigned unicode, several turns, every
-template, with or without a system prompt): every row is formatted or quarantined with a reason; the
-segments are the full text, prompt then answer; tokens decode back to exactly that text; labels are the token
-or -100, every answer and the end-of-turn after it are trained; the output passes the contracts and pre-flight.
+"""Properties of format and tokenize on random conversations (any unicode but lone surrogates, several turns,
+every template, with or without a system prompt): every row is formatted or quarantined with a reason; the
+segments are the full text, prompt then answer; every kept row's tokens decode back to exactly that text;
+labels are the token or -100, every answer and the end-of-turn after it are trained; the output passes the
+contracts and pre-flight.
 
-Found while writing this: SmolLM2's vocabulary has no byte tokens for 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d and
-0xf1/0xf2, so those control characters and code points U+40000-U+BFFFF (all unassigned) tokenize lossily.
-The strategy leaves them out (categories Cc but newline/tab, and Cn); the tokenize stage does not detect them.
+This test found that SmolLM2's vocabulary has no token for bytes 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1 and
+0xf2, so text holding those control characters or code points U+40000-U+BFFFF tokenized lossily and trained
+on garbled tokens; tokenize now sets such rows aside ("unrepresentable").
 """
 
 import numpy as np
@@ -22,9 +23,8 @@ from tasks.preflight import preflight
 from tasks.templates import TEMPLATES
 from tasks.tokenize import tokenize_formatted
 
-# Any assigned, non-control unicode (plus newline and tab), and some real multilingual text.
-text = st.text(st.characters(exclude_categories=("Cs", "Cc", "Cn"), include_characters="\n\t"), min_size=1,
-               max_size=30).filter(str.strip)
+# Any unicode but lone surrogates (control characters and unassigned code points included), and real text.
+text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=30).filter(str.strip)
 content = st.one_of(text, st.sampled_from(["안녕하세요, 세계!", "日本語のテキスト。", "emoji 🎉🚀 ok", "Ünïcödé straße", "a\nb\n\nc"]))
 
 
@@ -76,6 +76,8 @@ def test_format_and_tokenize_hold_their_invariants_on_random_conversations(token
 
     tokens, set_aside, _ = tokenize_formatted(formatted, TokenizeConfig(max_length=4096, validation_fraction=0.0), tokenizer)
     assert len(tokens) + len(set_aside) == len(formatted)
+    assert all(reason.split(":")[0] in ("unrepresentable", "duplicate", "leakage") for reason in set_aside["reason"]), \
+        set_aside["reason"].tolist()
     for row in tokens.itertuples():
         ids, labels = np.asarray(row.input_ids), np.asarray(row.labels)
         assert len(ids) == len(labels) == len(row.attention_mask) == row.length
@@ -89,3 +91,17 @@ def test_format_and_tokenize_hold_their_invariants_on_random_conversations(token
         valid, broken = enforce(tokens, TOKENS)
         assert len(broken) == 0, broken["reason"].tolist()
         preflight(tokens.assign(split="train"), formatted, format_config, tokenizer)
+
+
+def test_text_the_vocabulary_cannot_spell_is_set_aside_with_the_bytes(tokenizer):
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+             "kind": "k", "source": "s", "source_row": i, "source_id": str(i), "phrasing_set": "train", "facts": []}
+            for i, (question, answer) in enumerate([("plain?", "yes"), ("ctrl\x04?", "yes"), ("q", "plane 4 \U00040000")])]
+    formatted, _, _ = format_conversations(pd.DataFrame(rows), FormatConfig(), tokenizer)
+    tokens, set_aside, stats = tokenize_formatted(formatted, TokenizeConfig(validation_fraction=0.0), tokenizer)
+    assert tokens["id"].tolist() == ["r0"] and stats["unrepresentable"] == 2
+    assert set_aside["reason"].tolist() == [
+        "unrepresentable: the tokenizer has no token for byte(s) [4] (e.g. character '\\x04'); remove or replace those characters",
+        "unrepresentable: the tokenizer has no token for byte(s) [241] (e.g. character '\\U00040000'); remove or replace "
+        "those characters",
+    ]
