@@ -10,17 +10,19 @@ local cluster (`local_cluster_kwargs`): starting 2 worker processes and importin
 more than the runs themselves, and CI pays it once instead of three times.
 """
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from data_contracts import RAW, TOKENS, check_structure
 from loraflow.config.pipeline import load_config
 from loraflow.config.prepare import PrepareConfig
 from loraflow.store import ArtifactRef, ArtifactStore
-from pydantic import ValidationError
 from tasks.shard import row_ids, shard_frames, shard_numbers
 
-from tests.test_prepare_flow import CATALOG
+CATALOG = Path(__file__).resolve().parent.parent / "data" / "sample" / "anime_catalog.csv"
 
 PER_SHARD_STAGES = ("synthesize", "format", "tokenize")
 
