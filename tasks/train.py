@@ -256,9 +256,15 @@ def train_adapter(
     trained_tokens_seen = getattr(collator, "trained_tokens_seen", None)
     if trained_tokens_seen is not None:
         trained_tokens_seen = sum_over_processes(trained_tokens_seen)
-    adapter_state = None
-    if trainer.is_fsdp_enabled:  # a full state dict, gathered onto rank 0's CPU (accelerate's FSDP branch)
-        adapter_state = trainer.accelerator.get_state_dict(trainer.model)
+    fsdp_saved = None
+    if trainer.is_fsdp_enabled:
+        # peft's FSDP-QLoRA recipe: switch to a full state dict and let Trainer gather and save the adapter (every
+        # process takes part; rank 0 writes). Known broken (H200, 1 process, transformers 5.17, 2026-12-01): training
+        # runs and its loss falls, but this save, like accelerator.get_state_dict before it, yields an adapter with
+        # no LoRA tensors, which save_adapter refuses (docs/scaling.md).
+        fsdp_saved = output_dir / ".adapter-fsdp"
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(fsdp_saved))
     peak_bytes, peak_kind = peak_memory(env["device"])
     curve = pd.DataFrame(recorder.rows)
     final_loss = next((r["loss"] for r in reversed(recorder.rows) if r.get("loss") is not None), None)
@@ -309,7 +315,7 @@ def train_adapter(
     }
     _write_json_atomic(Path(result.metrics_path), metrics)
     save_adapter(model, adapter_dir, manifest={"fingerprint": fingerprint, "identity": identity, "result": result.model_dump()},
-                 state_dict=adapter_state)
+                 saved_by_trainer=fsdp_saved)
     shutil.rmtree(checkpoints_dir, ignore_errors=True)
     log.info(
         "train: done in %.0f s, %d steps, final loss %s, %s tokens/s (%s after the first step), peak memory %.2f GB (%s); "
@@ -832,17 +838,39 @@ def _finished_result(output_dir: Path, fingerprint: str) -> TrainResult | None:
     return TrainResult(**{**manifest["result"], "reused": True})
 
 
-def save_adapter(model, adapter_dir: Path, manifest: dict, state_dict: dict | None = None) -> None:
+def save_adapter(model, adapter_dir: Path, manifest: dict, saved_by_trainer: Path | None = None) -> None:
     """Save the adapter into a staging folder, write its manifest last, then swap it into place.
-    `state_dict`: the whole model's, gathered from FSDP shards (peft keeps the adapter's keys)."""
+    `saved_by_trainer`: a folder Trainer.save_model already wrote (FSDP); only its safetensors and configs are kept."""
     staging = adapter_dir.with_name(f".{adapter_dir.name}-staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    if saved_by_trainer is None:
+        model.save_pretrained(staging, safe_serialization=True)
+    else:
+        os.replace(saved_by_trainer, staging)
+        for path in staging.iterdir():  # training_args.bin is a pickle: never shipped
+            if path.is_file() and path.suffix not in (".safetensors", ".json", ".md"):
+                path.unlink()
+    _check_has_lora_tensors(staging)
     files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
     _write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     os.replace(staging, adapter_dir)
+
+
+def _check_has_lora_tensors(folder: Path) -> None:
+    """Refuse an adapter file without LoRA weights (an empty gather), so it is never evaluated or published."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    names = []
+    if weights.exists():
+        with safe_open(str(weights), framework="pt") as handle:
+            names = [name for name in handle.keys() if "lora_" in name]
+    if not names:
+        raise RuntimeError(f"{weights}: the saved adapter holds no LoRA tensors; refusing it (nothing was gathered "
+                           "from the training processes). Train without train.distributed=fsdp until docs/scaling.md "
+                           "says FSDP saving works.")
 
 
 # ---- several processes ---------------------------------------------------------------------------------
