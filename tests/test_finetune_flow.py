@@ -1,5 +1,6 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
-an unchanged re-run all cached with nothing new published, and two identical runs at once training once."""
+an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
+one refused by the gate, and two identical runs at once training once."""
 
 import json
 import multiprocessing
@@ -63,6 +64,19 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert second["publish"]["reused"] and not second["publish"]["published"]
     assert second["publish"]["model_dir"] == first["publish"]["model_dir"]
     assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
+    assert second["eval"]["previous"] is None  # the published model is this very adapter's
+
+    # A source row more and a learning rate too small to learn anything: retrained, evaluated beside the model
+    # published by the first run, and refused (its validation loss is the base's, above the published model's).
+    config.write_text(config.read_text().replace("max_rows: 4", "max_rows: 5").replace("learning_rate: 0.001", "learning_rate: 1.0e-9"))
+    third = run_cli(config, tmp_path / "home")
+    assert not third["train"]["cached"] and third["tokens"]["sha256"] != first["tokens"]["sha256"]
+    assert third["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
+    assert third["eval"]["previous"]["eval_loss"] < third["eval"]["finetuned"]["eval_loss"], third["eval"]
+    assert not third["publish"]["gate_passed"] and not third["publish"]["published"]
+    assert any(r.startswith("FAIL: validation loss") for r in third["publish"]["gate_reasons"]), third["publish"]["gate_reasons"]
+    record = json.loads((tmp_path / "store" / "published" / "tiny.json").read_text())
+    assert record["model_dir"] == first["publish"]["model_dir"]
 
 
 def test_two_identical_runs_at_once_train_and_publish_once(tmp_path):
