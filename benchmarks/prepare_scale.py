@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -137,7 +138,7 @@ def main() -> None:
     baseline = results.get("single", {}).get("seconds")
     finished = {name: r for name, r in results.items() if "seconds" in r}
     result = {
-        "command": "python " + " ".join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
+        "command": "python " + shlex.join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
