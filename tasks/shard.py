@@ -80,8 +80,10 @@ def shard_frames(raw_frames: list[pd.DataFrame], id_columns: list[str | None], s
     per_shard: list[list[pd.DataFrame]] = [[] for _ in range(shards)]
     for raw, id_column in zip(raw_frames, id_columns):
         numbers = shard_numbers(row_ids(raw, id_column), shards)
+        order = np.argsort(numbers, kind="stable")  # by shard, source order inside each: one pass for any shard count
+        bounds = np.searchsorted(numbers[order], np.arange(shards + 1))
         for number in range(shards):
-            per_shard[number].append(raw[numbers == number].reset_index(drop=True))
+            per_shard[number].append(raw.take(order[bounds[number]:bounds[number + 1]]).reset_index(drop=True))
     return per_shard
 
 

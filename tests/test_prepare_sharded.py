@@ -2,8 +2,8 @@
 
 One test runs the flow four times on the shipped sample catalog (305 rows, plus copies of 6 rows under new ids,
 so exact duplicates fall into different shards and which copy is kept depends on the merge order):
-single process; 3 shards on 2 Dask workers (same formatted and tokens bytes); again (all cached); with one
-source row changed (only that row's shard recomputes).
+single process; 3 shards on 2 Dask workers (same formatted and tokens bytes); again, shards in process (all
+cached); on the workers with one source row changed (only that row's shard recomputes).
 
 The cluster is started once for the module (`prepare.address`), with the arguments a flow run gives its own
 local cluster (`local_cluster_kwargs`): starting 2 worker processes and importing the stages into them costs
@@ -61,8 +61,8 @@ def test_sharded_equals_single_process_then_cached_then_one_shard_recomputes(pre
     from flows.prepare import prepare_flow
 
     single = prepare_flow(write_config(tmp_path, "single"))
-    sharded_config = write_config(tmp_path, "sharded", f"prepare: {{shards: 3, task_runner: dask, address: '{dask_address}'}}\n")
-    first = prepare_flow(sharded_config)
+    dask_shards = f"prepare: {{shards: 3, task_runner: dask, address: '{dask_address}'}}\n"
+    first = prepare_flow(write_config(tmp_path, "sharded", dask_shards))
 
     # ---- same examples, same split, same bytes: training's cache key does not see the sharding
     assert first["tokens"]["sha256"] == single["tokens"]["sha256"]
@@ -86,8 +86,9 @@ def test_sharded_equals_single_process_then_cached_then_one_shard_recomputes(pre
         check_structure(store.read(ref), TOKENS, where=shard["artifact"])
     assert first["stages"]["shard"]["rows_out"] == len(pd.read_csv(catalog, dtype=str))
 
-    # ---- an unchanged re-run: every stage and every shard is a cache hit
-    again = prepare_flow(sharded_config)
+    # ---- an unchanged re-run, its shards one after another in this process: the task runner is in no cache key,
+    # so every stage and every shard is a cache hit
+    again = prepare_flow(write_config(tmp_path, "sharded", "prepare: {shards: 3, task_runner: none}\n"))
     assert again["all_cached"], {name: stage["cached"] for name, stage in again["stages"].items()}
     assert all(shard["cached"] for name in PER_SHARD_STAGES for shard in again["stages"][name]["shards"])
     assert again["tokens"]["sha256"] == first["tokens"]["sha256"]
@@ -98,7 +99,7 @@ def test_sharded_equals_single_process_then_cached_then_one_shard_recomputes(pre
     rows.loc[10, "Score"] = "1.23"
     rows.to_csv(catalog, index=False)
     changed_shard = int(shard_numbers([changed_id], 3)[0])
-    third = prepare_flow(sharded_config)
+    third = prepare_flow(write_config(tmp_path, "sharded", dask_shards))
     for name in PER_SHARD_STAGES:
         recomputed = [shard["shard"] for shard in third["stages"][name]["shards"] if not shard["cached"]]
         assert recomputed == [changed_shard], (name, recomputed)
