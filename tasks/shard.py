@@ -134,13 +134,18 @@ def in_source_order(frames: list[pd.DataFrame], origin: pd.DataFrame, source_nam
     position = {name: index for index, name in enumerate(source_names)}
     keys = origin["source"].map(position).to_numpy(dtype=np.int64) * (1 << 40) + origin["source_row"].to_numpy(dtype=np.int64)
     merged = pd.concat(frames, ignore_index=True)
-    order_keys = keys[pd.Index(origin["id"]).get_indexer(merged["id"])]
-    return merged.take(np.argsort(order_keys, kind="stable")).reset_index(drop=True)
+    found = pd.Index(origin["id"]).get_indexer(merged["id"])
+    if (found < 0).any():
+        unknown = merged["id"][found < 0].head(3).tolist()
+        raise ValueError(f"merge: {int((found < 0).sum())} example(s) (e.g. {unknown}) come from no conversation of these "
+                         "shards: the shard artifacts are from different runs; re-run prepare with a fresh store folder")
+    return merged.take(np.argsort(keys[found], kind="stable")).reset_index(drop=True)
 
 
 def run_merge_formatted(conversations_refs: list[ArtifactRef], formatted_refs: list[ArtifactRef], source_names: list[str],
                         format_config_hash: str, store: ArtifactStore) -> StageResult:
-    """The shards' FORMATTED artifacts as one, in single-process order (what pre-flight and evaluation read)."""
+    """The shards' FORMATTED artifacts as one, in single-process order: what pre-flight reads, the same bytes as
+    the single-process path's."""
     origin = example_origins(store, conversations_refs)
     formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], origin, source_names)
     return write_stage_output(store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(formatted),
