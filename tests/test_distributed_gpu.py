@@ -10,7 +10,6 @@ benchmarks/train_multigpu.py.
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smol_random(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """SmolLM2-135M's config with random bf16 weights, and its tokenizer files."""
+    from tests.tiny_llama import build_random_smollm2
 
-    from loraflow.models import TOKENIZER_FILES
-    from tests.tiny_llama import smollm2_dir
-
-    source, folder = smollm2_dir(), tmp_path_factory.mktemp("smol") / "model"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    return folder
+    return build_random_smollm2(tmp_path_factory.mktemp("smol") / "model")
 
 
 @pytest.fixture(scope="module")

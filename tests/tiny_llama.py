@@ -72,6 +72,21 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_random_smollm2(folder: Path, seed: int = 0) -> Path:
+    """SmolLM2-135M's config with random bf16 weights, and its tokenizer files, saved into `folder` (GPU tests)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, folder = smollm2_dir(), Path(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
 def prompt_text(tokenizer, question: str, system_prompt: str | None = SYSTEM_PROMPT) -> str:
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
