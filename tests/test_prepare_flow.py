@@ -13,24 +13,27 @@ REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "data" / "sample" / "anime_catalog.csv"
 
 
-@pytest.fixture
-def demo_config(tmp_path):
-    """A copy of the demo config and the first catalog rows in a temp folder, with its own store."""
-    lines = CATALOG.read_text(encoding="utf-8").splitlines(keepends=True)
+def write_prepare_config(folder: Path, *, name: str, store: str, catalog_rows: int) -> Path:
+    """The first `catalog_rows` of the sample catalog and a small prepare config using them, in `folder`."""
     import pandas as pd
 
-    rows = pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(12)
-    rows.to_csv(tmp_path / "catalog.csv", index=False)
-    assert lines  # the shipped sample exists
-    (tmp_path / "config.yaml").write_text(
-        "name: flow-test\n"
-        f"store: {tmp_path / 'store'}\nruns_dir: {tmp_path / 'runs'}\n"
+    pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(catalog_rows).to_csv(folder / "catalog.csv", index=False)
+    (folder / "config.yaml").write_text(
+        f"name: {name}\n"
+        f"store: {store}\nruns_dir: {folder / 'runs'}\n"
         "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
         "synthesize: {kind: anime_qa}\n"
         "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
         "tokenize: {max_length: 384, validation_fraction: 0.2}\n"
     )
-    return tmp_path / "config.yaml"
+    return folder / "config.yaml"
+
+
+@pytest.fixture
+def demo_config(tmp_path):
+    """A copy of the demo config and the first catalog rows in a temp folder, with its own store."""
+    assert CATALOG.read_text(encoding="utf-8").splitlines()  # the shipped sample exists
+    return write_prepare_config(tmp_path, name="flow-test", store=str(tmp_path / "store"), catalog_rows=12)
 
 
 def run_prepare(path):

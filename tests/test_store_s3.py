@@ -22,13 +22,12 @@ moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
 from loraflow.caching import stage_cache_key  # noqa: E402
-from loraflow.config.pipeline import load_config  # noqa: E402
 from loraflow.store import ArtifactStore, CorruptArtifact  # noqa: E402
 from loraflow.tasking import local_root, run_locked  # noqa: E402
+from tests.test_prepare_flow import run_prepare, write_prepare_config  # noqa: E402
 from prefect import flow, task  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CATALOG = REPO / "data" / "sample" / "anime_catalog.csv"
 SECRET = f"loraflow-test-secret-{uuid.uuid4().hex}"  # a sentinel: must never show up in anything loraflow writes
 
 
@@ -168,24 +167,7 @@ def test_run_locked_on_a_url_store(prefect_api, bucket, tmp_path, monkeypatch):
 
 @pytest.fixture
 def s3_config(tmp_path, bucket):
-    import pandas as pd
-
-    pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(8).to_csv(tmp_path / "catalog.csv", index=False)
-    (tmp_path / "config.yaml").write_text(
-        "name: s3-test\n"
-        f"store: s3://{bucket.name}/team/store\nruns_dir: {tmp_path / 'runs'}\n"
-        "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
-        "synthesize: {kind: anime_qa}\n"
-        "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
-        "tokenize: {max_length: 384, validation_fraction: 0.2}\n"
-    )
-    return tmp_path / "config.yaml"
-
-
-def run_prepare(path):
-    from flows.prepare import prepare_flow
-
-    return prepare_flow(load_config(path))
+    return write_prepare_config(tmp_path, name="s3-test", store=f"s3://{bucket.name}/team/store", catalog_rows=8)
 
 
 def test_prepare_flow_on_s3_caches_and_recomputes_a_corrupt_object(prefect_api, bucket, s3_config, monkeypatch):
