@@ -176,13 +176,12 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {name} | {stage['rows_in']} | {stage['rows_out']} | {stage['rows_quarantined']} | "
                      f"{stage['cached']} | {stage['seconds']} |")
     if "eval" in summary:
-        base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
-        lines += ["", "| metric | base | fine-tuned |", "|---|---|---|"]
-        previous = summary["eval"].get("previous")
-        if previous:
-            lines[-2:] = ["| metric | base | fine-tuned | previously published |", "|---|---|---|---|"]
+        models = {"base": summary["eval"]["base"], "fine-tuned": summary["eval"]["finetuned"]}
+        if summary["eval"].get("previous"):
+            models["previously published"] = summary["eval"]["previous"]
+        lines += ["", "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
         for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
-            lines.append(f"| {metric} | {base.get(metric)} | {tuned.get(metric)} |" + (f" {previous.get(metric)} |" if previous else ""))
+            lines.append(f"| {metric} | " + " | ".join(str(m.get(metric)) for m in models.values()) + " |")
         train = summary.get("train", {})
         peak = train.get("peak_memory_bytes") or 0
         lines += ["", f"Training: {train.get('global_step')} steps, {train.get('tokens_per_second')} tokens/s, "
