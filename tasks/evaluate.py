@@ -481,7 +481,7 @@ def evaluate_adapter(
         **{f"{name}_answer": [g["text"] for g in run["general"]] for name, run in runs.items()},
     })
     general["base_ok"] = [general_answer_ok(a, e) if e else True for a, e in zip(general["base_answer"], general["expected"])]
-    for name in set(runs) - {"base"}:
+    for name in [name for name in runs if name != "base"]:  # in run order: a stable column order
         general[f"{name}_ok"] = [
             general_answer_ok(a, e) if e else rouge_l_f1(a, b) >= 0.5
             for a, b, e in zip(general[f"{name}_answer"], general["base_answer"], general["expected"])
