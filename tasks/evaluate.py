@@ -31,6 +31,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from loraflow.config.evaluate import EvalConfig, GateConfig
+from loraflow.precision import choose_precision
 from loraflow.store import ArtifactRef, ArtifactStore
 
 # = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
@@ -60,6 +61,8 @@ class EvalResult(BaseModel):
     metrics_path: str = Field(..., description="eval_metrics.json.")
     questions: int
     seconds: float
+    precision: str | None = Field(None, description="bf16 or fp32, as loraflow.precision chose for this device.")
+    precision_reason: str | None = None
 
 
 # ---- metrics: pure functions ---------------------------------------------------------------------------
@@ -391,13 +394,15 @@ def chat_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def load_for_inference(model_dir: str | Path, *, trust_remote_code: bool = False):
-    """A 16-bit model (bf16 where supported, else fp32) on the GPU if there is one, in eval mode."""
+def load_for_inference(model_dir: str | Path, *, trust_remote_code: bool = False, precision: str | None = None):
+    """The model on the GPU if there is one, in eval mode, in `precision` (bf16 | fp32; default: what this
+    device computes fast, loraflow.precision)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if (not cuda or torch.cuda.is_bf16_supported()) else torch.float32
+    precision = precision or choose_precision("auto", "cuda" if cuda else "cpu").precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": 0} if cuda else None,
     )
@@ -458,8 +463,10 @@ def evaluate_adapter(
     budgets = [min(eval_config.max_new_tokens, len(tokenizer(r, add_special_tokens=False)["input_ids"]) + eval_config.answer_margin_tokens)
                for r in questions["reference"]]
 
+    choice = choose_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    log.info("evaluate: precision %s (%s)", choice.precision, choice.reason)
     # One load: the base answers first, then the adapter is merged into the same weights (faster generation).
-    model = load_for_inference(model_dir, trust_remote_code=trust_remote_code)
+    model = load_for_inference(model_dir, trust_remote_code=trust_remote_code, precision=choice.precision)
     runs = {}
     for name in ("base", "finetuned", "previous") if previous_model_dir else ("base", "finetuned"):
         if name == "finetuned":
@@ -467,7 +474,7 @@ def evaluate_adapter(
             model.eval()
         if name == "previous":
             del model  # one model in memory at a time
-            model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code)
+            model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code, precision=choice.precision)
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
         answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
                                    **{**generation, "max_new_tokens": budgets})
@@ -516,6 +523,7 @@ def evaluate_adapter(
         table_path=str(paths["eval_table.parquet"]), answers_path=str(paths["eval_answers.parquet"]),
         report_path=str(paths["eval_report.md"]), metrics_path=str(paths["eval_metrics.json"]),
         questions=len(questions), seconds=round(time.perf_counter() - started, 2),
+        precision=choice.precision, precision_reason=choice.reason,
     )
     paths["eval_metrics.json"].write_text(json.dumps({**result.model_dump(), "general": general.to_dict("records")}, indent=1, default=str))
     log.info("evaluate: gate %s in %.0f s — %s", "passed" if decision.passed else "FAILED", result.seconds, "; ".join(decision.reasons))

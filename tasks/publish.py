@@ -450,7 +450,11 @@ def ask(model_dir: str | Path, question: str, stream: bool = True, *, max_new_to
     if system_prompt is None and (model_dir / RUN_INFO).exists():
         system_prompt = json.loads((model_dir / RUN_INFO).read_text()).get("system_prompt")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": 0} if torch.cuda.is_available() else None)
+    from loraflow.precision import choose_precision
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if choose_precision("auto", "cuda" if cuda else "cpu").precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": 0} if cuda else None)
     model.eval()
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)

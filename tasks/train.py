@@ -2,7 +2,8 @@
 
 Supported: peft LoRA (rsLoRA, DoRA) on every linear layer or a named list; base weights in 4-bit
 (bitsandbytes NF4, double quant, bf16 compute and storage), 8-bit or 16-bit; gradient checkpointing;
-paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device has it, else fp32 (never fp16); resumable
+paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device computes it fast, else fp32 (never fp16;
+loraflow.precision); resumable
 checkpoints; a stop on non-finite loss or gradient norm.
 Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
 causal masks. Several GPUs (train.distributed = ddp | fsdp): train_adapter hands over to
@@ -94,6 +95,7 @@ class TrainResult(BaseModel):
     device: str
     quantization: str = Field(..., description="Quantization actually used (none on CPU).")
     precision: str
+    precision_reason: str | None = Field(None, description="Why this precision (loraflow.precision: CPU bf16 support, benchmark).")
     optimizer: str
     data_sha256: str
     fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")
@@ -158,8 +160,8 @@ def train_adapter(
             "train: no CUDA device, so train.quantization=%s runs unquantized (16-bit base) on CPU; "
             "the code path is otherwise the same", train_config.quantization,
         )
-    log.info("train: device=%s precision=%s quantization=%s optimizer=%s", env["device"], env["precision"],
-             env["quantization"], env["optimizer"])
+    log.info("train: device=%s precision=%s (%s) quantization=%s optimizer=%s", env["device"], env["precision"],
+             env["precision_reason"], env["quantization"], env["optimizer"])
 
     # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
     checkpoints_dir = output_dir / "checkpoints"
@@ -220,7 +222,7 @@ def train_adapter(
     from transformers import PrinterCallback, ProgressCallback
 
     Trainer = resumable_trainer_class()
-    recorder = StepRecorder(collator)
+    recorder = StepRecorder(collator, log if main_process else None)
     guard = NonFiniteGuard(train_config.nonfinite_patience)
     marker_writer = CheckpointMarker(identity, main_process)
     trainer = Trainer(
@@ -289,6 +291,7 @@ def train_adapter(
         device=env["device"],
         quantization=env["quantization"],
         precision=env["precision"],
+        precision_reason=env["precision_reason"],
         optimizer=env["optimizer"],
         data_sha256=data_sha,
         fingerprint=fingerprint,
@@ -334,22 +337,20 @@ def training_environment(config: TrainConfig) -> dict:
     """Device, precision, quantization and optimizer this machine will actually use for `config`."""
     import torch
 
+    from loraflow.precision import choose_precision
+
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    if config.precision == "fp32":
-        precision = "fp32"
-    elif cuda:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        # bf16 autocast exists on every CPU torch build; on this machine it was ~2.5x faster than fp32 (NOTES).
-        precision = "bf16"
-    if config.precision == "bf16" and precision != "bf16":
-        raise ValueError("train.precision=bf16 but this GPU has no bf16 support: set train.precision=auto or fp32")
+    try:
+        choice = choose_precision(config.precision, device)
+    except ValueError as error:
+        raise ValueError(f"train.precision: {error}") from None
     quantization = config.quantization if cuda else "none"
     # Under FSDP paged 8-bit AdamW fails when a checkpoint is saved (peft's FSDP-QLoRA caveats).
     paged = cuda and config.distributed != "fsdp"
     optimizer = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if paged else "adamw_torch")
-    return {"device": device, "precision": precision, "quantization": quantization, "optimizer": optimizer}
+    return {"device": device, "precision": choice.precision, "precision_reason": choice.reason,
+            "quantization": quantization, "optimizer": optimizer}
 
 
 def packing_enabled(config: TrainConfig, env: dict) -> bool:
@@ -650,16 +651,21 @@ def _callback_base():
 
 
 class StepRecorder(_callback_base()):
-    """Records each step's loss, grad norm, lr and tokens/s (the loss curve) and draws the progress bar.
+    """Records each step's loss, grad norm, lr and tokens/s (the loss curve), draws the progress bar and logs
+    an ETA after the first few steps (then at every tenth of the run).
 
     `collator` is anything with a running `tokens_seen` count (PadByPosition, loraflow.training.PackedCollator).
     """
 
-    def __init__(self, collator):
+    ETA_AFTER_STEPS = 3
+
+    def __init__(self, collator, log=None):
         self.collator = collator
+        self.log = log
         self.rows: list[dict] = []
         self.bar = None
         self._started = (time.perf_counter(), 0)  # (time, tokens_seen) when training (re)started
+        self._next_eta = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
@@ -689,6 +695,21 @@ class StepRecorder(_callback_base()):
         if self.bar is not None:
             self.bar.n = state.global_step
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s or 0:,.0f}", refresh=True)
+        self._log_eta(state.global_step, state.max_steps)
+
+    def _log_eta(self, step: int, max_steps: int) -> None:
+        """After ETA_AFTER_STEPS steps, then every tenth of the run: seconds per step (first step left out: it
+        holds warm-up) and the time left."""
+        if self.log is None or len(self.rows) <= self.ETA_AFTER_STEPS or step >= max_steps:
+            return
+        if self._next_eta is not None and step < self._next_eta:
+            return
+        self._next_eta = step + max(1, max_steps // 10)
+        first, last = self.rows[0], self.rows[-1]
+        per_step = (last["elapsed_s"] - first["elapsed_s"]) / max(1, last["step"] - first["step"])
+        left = per_step * (max_steps - step)
+        self.log.info("train: step %d/%d, %.1f s/step, about %s left (ETA %s)", step, max_steps, per_step,
+                      _duration(left), time.strftime("%H:%M:%S", time.localtime(time.time() + left)))
 
     def close(self):
         if self.bar is not None:
@@ -963,6 +984,11 @@ def _parameter_counts(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def _float(value) -> float | None:

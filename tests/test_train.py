@@ -77,7 +77,11 @@ def test_padding_is_masked_by_position_so_eos_stays_a_target():
 def test_cpu_runs_the_same_path_unquantized():
     env = training_environment(TrainConfig(quantization="4bit"))
     if not torch.cuda.is_available():
-        assert env == {"device": "cpu", "precision": "bf16", "quantization": "none", "optimizer": "adamw_torch"}
+        from loraflow.precision import choose_precision
+
+        assert env == {"device": "cpu", "precision": choose_precision("auto", "cpu").precision,
+                       "precision_reason": choose_precision("auto", "cpu").reason,
+                       "quantization": "none", "optimizer": "adamw_torch"}
 
 
 def test_training_changes_lora_weights_only_and_loss_decreases(tiny_model, tokens, tmp_path):
