@@ -143,3 +143,58 @@ def test_heartbeat_keeps_a_long_holders_lease_alive(tmp_path):
     assert datetime.fromisoformat(renewed["expiration"]) > datetime.now(timezone.utc)
     assert child.wait(timeout=30) == 0 and child.stdout.read().strip() == "RELEASED"
     assert not lock_file.exists()  # released, and the heartbeat did not write it back
+
+
+# ---- through run_locked and Prefect's transaction, as train/evaluate/publish use it
+
+from prefect import flow, task  # noqa: E402
+
+from loraflow.tasking import run_locked  # noqa: E402
+
+
+@task(name="lock-test-double")
+def slow_double(value: int, hang: bool) -> int:
+    if hang:
+        print("WORKING", flush=True)
+        time.sleep(600)
+    return value * 2
+
+
+@flow(name="lock-test-flow")
+def double_locked(store_root: str, hang: bool) -> tuple:
+    # the key ignores `hang`: the killed run and the re-run are the same stage with the same inputs
+    return run_locked(slow_double, store_root, lambda result: True,
+                      cache_key_fn=lambda context, parameters: f"lock-test-double-{parameters['value']}",
+                      value=21, hang=hang)
+
+
+RUN_LOCKED = """
+import sys
+from tests.test_locks import double_locked
+double_locked(sys.argv[1], hang=True)
+"""
+
+
+def test_run_locked_takes_over_the_lock_of_a_killed_run(prefect_api, tmp_path, lock_log):
+    from prefect.settings import PREFECT_API_URL
+
+    lock_log.set_level(logging.INFO)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    killed = subprocess.Popen([sys.executable, "-c", RUN_LOCKED, str(store)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in killed.stdout:  # the task runs, so its lock is held
+        if "WORKING" in line:
+            break
+    lock_file = store / "locks" / "lock-test-double-21.lock"
+    assert read_lock(lock_file)["pid"] == killed.pid
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert lock_file.exists()
+
+    started = time.monotonic()
+    assert double_locked(str(store), hang=False) == (42, False)
+    assert time.monotonic() - started < 30  # the flow run's own overhead; before the fix it waited forever
+    taken = [r.getMessage() for r in lock_log.records if "taking over" in r.getMessage()]
+    assert len(taken) == 1 and str(lock_file) in taken[0] and f"pid {killed.pid}" in taken[0]
+    assert not lock_file.exists()
