@@ -198,3 +198,46 @@ def test_run_locked_takes_over_the_lock_of_a_killed_run(prefect_api, tmp_path, l
     taken = [r.getMessage() for r in lock_log.records if "taking over" in r.getMessage()]
     assert len(taken) == 1 and str(lock_file) in taken[0] and f"pid {killed.pid}" in taken[0]
     assert not lock_file.exists()
+
+
+# ---- end to end: kill -9 a real `loraflow run` mid-training, then re-run it
+
+
+@pytest.mark.slow
+def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
+    from tasks.train import CHECKPOINT_MARKER
+    from tests.test_finetune_flow import tiny_config
+
+    config = tiny_config(tmp_path)
+    config.write_text(config.read_text().replace("max_steps: 2,", "max_steps: 12, checkpoint_every: 2,"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    command = [sys.executable, "-m", "loraflow.cli", "run", str(config)]
+    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not list((tmp_path / "store").glob(f"**/checkpoints/checkpoint-*/{CHECKPOINT_MARKER}")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    lock_files = list((tmp_path / "store" / "locks").glob("train-*.lock"))
+    assert len(lock_files) == 1 and read_lock(lock_files[0])["pid"] == killed.pid  # the lock of the bug report
+
+    started = time.monotonic()
+    rerun = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    taken_after, lines = None, []
+    for line in rerun.stdout:
+        lines.append(line)
+        if taken_after is None and "taking over lock" in line:
+            taken_after = time.monotonic() - started
+    assert rerun.wait(timeout=600) == 0, "".join(lines[-60:])
+    # Prefect's API start and the cached prepare stages come first; then the lock is taken over at once.
+    assert taken_after is not None and taken_after < 120, "".join(lines[-60:])
+    taken = next(line for line in lines if "taking over lock" in line)
+    assert str(lock_files[0]) in taken and f"pid {killed.pid}" in taken
+    print(f"lock taken over {taken_after:.1f} s after the re-run started")
+    summary_path = next(line.strip() for line in reversed(lines) if line.strip().endswith(".json"))  # stdout's last
+    summary = json.loads(Path(summary_path).read_text())
+    assert summary["train"]["resumed_from_step"] >= 2 and summary["train"]["global_step"] == 12
+    assert not lock_files[0].exists()
