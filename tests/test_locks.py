@@ -241,3 +241,23 @@ def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
     summary = json.loads(Path(summary_path).read_text())
     assert summary["train"]["resumed_from_step"] >= 2 and summary["train"]["global_step"] == 12
     assert not lock_files[0].exists()
+
+
+def test_run_locked_waits_for_a_live_run_and_fails_clearly_after_the_bound(prefect_api, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    live = subprocess.Popen([sys.executable, "-c", RUN_LOCKED, str(store)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in live.stdout:
+            if "WORKING" in line:
+                break
+        monkeypatch.setenv("LORAFLOW_LOCK_WAIT_S", "2")
+        with pytest.raises(LockWaitTimeout, match=f"pid {live.pid}"):
+            double_locked(str(store), hang=False)
+        assert read_lock(store / "locks" / "lock-test-double-21.lock")["pid"] == live.pid
+    finally:
+        live.kill()
+        live.wait()
