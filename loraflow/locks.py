@@ -188,6 +188,7 @@ class LeaseLockManager(FileSystemLockManager):
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
         """Take the lock for `key`, taking over a dead holder's and waiting (bounded) for a live one's."""
+        # `hold_timeout` is ignored: the renewed lease replaces a fixed hold time (Prefect passes None anyway).
         self._ensure_lock_files_directory_exists()
         path = self._lock_path_for_key(key)
         bound = acquire_timeout if acquire_timeout is not None else self.wait_seconds
