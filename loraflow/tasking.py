@@ -9,10 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_API_URL
 
 from loraflow.caching import stage_cache_key
+from loraflow.locks import LeaseLockManager
 from loraflow.models import cache_dir
 from loraflow.stage import StageResult
 from loraflow.store import ArtifactStore, is_url
@@ -78,12 +78,13 @@ def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_ke
     """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation, file locks in the store).
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
-    identical runs never train or publish twice. A cached result that `is_valid` rejects (its folder was
-    deleted) is recomputed. Returns (result, was_cached).
+    identical runs never train or publish twice. A lock whose holder died (kill -9) is taken over, and a live
+    holder is waited for with a log line and a bound (`loraflow.locks`). A cached result that `is_valid`
+    rejects (its folder was deleted) is recomputed. Returns (result, was_cached).
     """
     policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(
         isolation_level="SERIALIZABLE",
-        lock_manager=FileSystemLockManager(lock_files_directory=local_root(lock_root) / "locks"),
+        lock_manager=LeaseLockManager(local_root(lock_root) / "locks"),
     )
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))
