@@ -42,10 +42,25 @@ def embedded_gguf() -> Path | None:
 
 
 def ensure_embedded_model() -> Path:
-    """Convert the embedded GGUF into an HF folder once (≈ 35 s) and return the folder."""
+    """Convert the embedded GGUF into an HF folder once (≈ 35 s) and return the folder.
+
+    Processes that need it at the same moment (parallel test workers, two runs) convert it once: the first
+    converts under a file lock, the others wait on the lock and then find the finished folder.
+    """
+    from filelock import FileLock
+
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "loraflow-manifest.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "loraflow-manifest.json").exists():
+            _convert_embedded_model(target)
+    return target
+
+
+def _convert_embedded_model(target: Path) -> None:
+    """Dequantize the embedded GGUF into `target` (staged in a temp folder, manifest last, renamed)."""
     gguf = embedded_gguf()
     if gguf is None:
         raise ModelSourceError(
@@ -61,7 +76,6 @@ def ensure_embedded_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
         model.save_pretrained(staging)
@@ -74,7 +88,6 @@ def ensure_embedded_model() -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve_model_dir(model: ModelConfig, base_dir: str | Path = ".") -> Path:
