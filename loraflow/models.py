@@ -55,8 +55,11 @@ def ensure_embedded_model() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loraflow.noise import gguf_dtype_notice_dropped
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    with gguf_dtype_notice_dropped():  # bfloat16 on purpose: the folder is saved in bfloat16
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     # A GGUF-loaded model refuses save_pretrained; once dequantized it is a plain bf16 model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
