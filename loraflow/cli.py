@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that run flows: their user errors are printed once (see loraflow/errors.py).
+# Commands that run flows: their user errors (user_error_types) are printed once (see loraflow/errors.py).
 REPORTED = ("prepare", "run")
 
 
@@ -220,7 +220,7 @@ def run_reported(args) -> int:
 
     import prefect  # noqa: F401 - configures Prefect's console logging, which the filter goes on
 
-    from loraflow.errors import log_file, plain_message, quiet_console, record_traceback, user_error_types
+    from loraflow.errors import log_file, plain_message, quiet_console, record_traceback
 
     types = user_error_types()
     quiet = quiet_console(types)
@@ -236,6 +236,24 @@ def run_reported(args) -> int:
         handler.close()
         for console in logging.getLogger().handlers:
             console.removeFilter(quiet)
+
+
+def user_error_types() -> tuple[type, ...]:
+    """The exception types whose message already says what is wrong and how to fix it.
+
+    Listed here, in the entry point, because the stages define most of them and the library never imports a stage.
+    """
+    from data_contracts.base import ContractViolation
+    from loraflow.config.pipeline import ConfigError
+    from loraflow.errors import GateFailed
+    from loraflow.models import ModelSourceError
+    from tasks.preflight import PreflightError
+    from tasks.sources.common import SourceError
+    from tasks.synthesize import SynthesizeError
+    from tasks.tokenize import TruncationError
+
+    return (ConfigError, SourceError, SynthesizeError, ContractViolation, TruncationError, PreflightError,
+            ModelSourceError, GateFailed)
 
 
 def log_folder(config_path: str) -> Path:

@@ -16,20 +16,6 @@ class GateFailed(RuntimeError):
     """The evaluation gate refused the fine-tuned model; the message lists the gate's reasons."""
 
 
-def user_error_types() -> tuple[type, ...]:
-    """The exception types whose message already says what is wrong and how to fix it."""
-    from data_contracts.base import ContractViolation
-    from loraflow.config.pipeline import ConfigError
-    from loraflow.models import ModelSourceError
-    from tasks.preflight import PreflightError
-    from tasks.sources.common import SourceError
-    from tasks.synthesize import SynthesizeError
-    from tasks.tokenize import TruncationError
-
-    return (ConfigError, SourceError, SynthesizeError, ContractViolation, TruncationError, PreflightError,
-            ModelSourceError, GateFailed)
-
-
 class QuietUserErrors(logging.Filter):
     """A console-handler filter: drops records that carry or repeat a user error (its class name in Prefect's
     'Finished in state Failed(...SourceError: ...)' lines); everything else passes."""
