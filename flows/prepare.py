@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
-from loraflow.stage import StageResult
+from loraflow.stage import StageResult, quarantine_reasons
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
@@ -65,7 +65,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         )
         raw_results.append(result)
         name = source_name(source)
-        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds)
+        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
         stage_artifact(config.name, f"ingest-{name}", result, store, cached)
         summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
                                    "location": getattr(source, "path", None) or getattr(source, "repo", None),
@@ -79,6 +79,10 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     raw_refs = [r.output for r in raw_results]
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
+
+    summary["warnings"] = split_warnings(summary["stages"], config)
+    for warning in summary["warnings"]:
+        logger.warning(warning)
 
     # ---- pre-flight: fail here, not three hours into training
     summary["preflight"] = preflight_task(
@@ -94,6 +98,17 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
+    """What the user should know about the split before training: an empty validation split (unless asked for)."""
+    tokenize = stages.get("tokenize") or stages.get("tokenize:merge") or {}
+    splits = tokenize.get("stats", {}).get("splits", {})
+    if not splits or splits.get("validation", 0) > 0 or config.tokenize.validation_fraction == 0:
+        return []
+    return [f"the validation split is empty ({splits.get('train', 0)} train examples, tokenize.validation_fraction="
+            f"{config.tokenize.validation_fraction}; the split goes by source id, so few rows can all land in train): "
+            f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
 
 
 def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
@@ -177,7 +192,7 @@ def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tok
 def record_stage(summary: dict, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,
                  store: ArtifactStore) -> None:
     """A stage's line in summary.json and its table artifact."""
-    summary["stages"][stage_name] = stage_summary(result, cached, seconds)
+    summary["stages"][stage_name] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
     stage_artifact(run_name, stage_name.replace(":", "-"), result, store, cached)
 
 
@@ -246,8 +261,8 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def stage_summary(result, cached: bool, seconds: float) -> dict:
-    """The per-stage line of summary.json."""
+def stage_summary(result, cached: bool, seconds: float, reasons: list[dict] | None = None) -> dict:
+    """The per-stage line of summary.json (`quarantine_reasons`: the top kinds of reason, see top_reasons)."""
     return {
         "rows_in": result.rows_in,
         "rows_out": result.rows_out,
@@ -255,6 +270,7 @@ def stage_summary(result, cached: bool, seconds: float) -> dict:
         "artifact": result.output.uri,
         "sha256": result.output.sha256,
         "quarantine": result.quarantine.uri if result.quarantine else None,
+        "quarantine_reasons": reasons or [],
         "cached": cached,
         "seconds": round(seconds, 3),
         "stats": result.stats,

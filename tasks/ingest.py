@@ -66,9 +66,11 @@ def check_arrow_types(rows: pd.DataFrame, name: str) -> None:
             pa.array(rows[column], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
             kinds = rows[column].dropna().map(lambda value: type(value).__name__).value_counts().to_dict()
+            nested = {"list", "dict"} & set(kinds)
+            hint = "make every value a list (or every value text)" if nested else "quote the numbers so every value is text"
             raise SourceError(
-                f"source {name!r}: column {column!r} mixes value types {kinds} ({error}) -> give the column one "
-                f"type in the data (e.g. quote the numbers so every value is text)"
+                f"source {name!r}: column {column!r} mixes value types {kinds} with no kind held by most rows "
+                f"({error}) -> give the column one type in the data (e.g. {hint})"
             ) from None
 
 

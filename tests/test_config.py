@@ -39,6 +39,24 @@ def test_every_problem_is_listed_with_key_and_fix(tmp_path):
     assert "use one of the allowed values" in message
 
 
+def test_a_misspelled_key_gets_did_you_mean_at_every_depth(tmp_path):
+    path = write(tmp_path, (
+        "name: demo\ntokenise: {max_length: 10}\n"
+        "sources:\n  - {kind: csv, path: a.csv, encodng: utf-8}\n  - {kind: json, path: b.jsonl, max_row: 3}\n"
+        "synthesize: {anime_qa: {trained_phrasing: 2, columns: {nmae: Title}}}\n"
+        "train: {learning_rte: 1, zzzz: 1}\n"
+    ))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    lines = str(error.value).splitlines()
+    expected = {"tokenise": "tokenize", "sources.0.csv.encodng": "encoding", "sources.1.json.max_row": "max_rows",
+                "synthesize.anime_qa.trained_phrasing": "trained_phrasings", "synthesize.anime_qa.columns.nmae": "name",
+                "train.learning_rte": "learning_rate"}
+    for key, meant in expected.items():
+        assert any(line.startswith(f"  {key}:") and f"did you mean `{meant}`?" in line for line in lines), (key, lines)
+    assert any(line.startswith("  train.zzzz:") and "did you mean" not in line for line in lines)
+
+
 def test_cross_field_rules_say_how_to_fix(tmp_path):
     with pytest.raises(ConfigError, match="needs model.revision pinned"):
         load_config(write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\nmodel: {trust_remote_code: true}\n"))

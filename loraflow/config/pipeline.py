@@ -1,7 +1,9 @@
 """The pipeline config: one pydantic model for the CLI, the Prefect UI form, YAML files and tests."""
 
+import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 
 import yaml
@@ -121,6 +123,33 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(describe_errors(path, error)) from None
 
 
+def allowed_keys(loc: tuple) -> list[str]:
+    """The keys a config allows at `loc` (a pydantic error location such as ('sources', 0, 'csv')); [] if unknown."""
+    models = [PipelineConfig]
+    for part in loc:
+        if isinstance(part, int):  # a list item
+            continue
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        # a field leads to the models it holds; anything else is a tagged union's tag, e.g. the source kind 'csv'
+        models = models_in(fields[0].annotation) if fields else [model for model in models if kind_tag(model) == part]
+        if not models:
+            return []
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def models_in(annotation) -> list[type]:
+    """The pydantic models an annotation holds (itself, list items, union members, Annotated's type)."""
+    if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+        return [annotation]
+    return [model for argument in typing.get_args(annotation) for model in models_in(argument)]
+
+
+def kind_tag(model: type) -> str | None:
+    """A tagged-union member's `kind` default (the source kind)."""
+    field = model.model_fields.get("kind")
+    return field.default if field is not None else None
+
+
 def describe_errors(path, error: ValidationError) -> str:
     """One line per problem: the dotted key, what is wrong, and how to fix it."""
     lines = [f"{path}: {error.error_count()} problem(s)"]
@@ -128,7 +157,9 @@ def describe_errors(path, error: ValidationError) -> str:
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         kind = problem["type"]
         if kind == "extra_forbidden":
-            fix = "remove it or check its spelling (run `loraflow schema` for every key)"
+            close = difflib.get_close_matches(str(problem["loc"][-1]), allowed_keys(problem["loc"][:-1]), n=1, cutoff=0.6)
+            fix = (f"did you mean `{close[0]}`? " if close else "") + \
+                "remove it or check its spelling (run `loraflow schema` for every key)"
         elif kind == "missing":
             fix = "add this key"
         elif kind in ("literal_error", "union_tag_invalid"):

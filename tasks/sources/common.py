@@ -36,6 +36,42 @@ class Rejected:
     text: str  # the record as it stood in the file
 
 
+# How a JSON value is named in reasons; int and float share "number" (Parquet stores them in one column).
+VALUE_KINDS = {str: "text", int: "number", float: "number", bool: "true/false", list: "list", dict: "object"}
+
+
+def value_kind(value) -> str | None:
+    """The kind of a parsed JSON value ("text", "number", "list", ...), None for null."""
+    return None if value is None else VALUE_KINDS.get(type(value), type(value).__name__)
+
+
+def odd_typed_records(records: list[dict]) -> dict[int, str]:
+    """Records whose value in some field has another kind than most records have there: index -> reason.
+
+    A field's kind is the one more than half of its non-null values have; a field without such a majority
+    is left alone (ingest then refuses the column by name). Parquet cannot store, e.g., a list beside text.
+    """
+    kinds_by_field: dict[str, list[tuple[int, str]]] = {}
+    for index, record in enumerate(records):
+        for field, value in record.items():
+            kind = value_kind(value)
+            if kind is not None:
+                kinds_by_field.setdefault(field, []).append((index, kind))
+    odd: dict[int, str] = {}
+    for field, kinds in kinds_by_field.items():
+        counts: dict[str, int] = {}
+        for _, kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+        majority, count = max(counts.items(), key=lambda item: item[1])
+        if len(counts) == 1 or count * 2 <= len(kinds):
+            continue
+        for index, kind in kinds:
+            if kind != majority and index not in odd:
+                odd[index] = (f"field {field!r} is {kind}, but {count} other record(s) have {majority} there "
+                              f"-> make it {majority} like the others")
+    return odd
+
+
 def resolve_path(path: str, base_dir) -> Path:
     """A config path, resolved against base_dir (the config file's folder) unless absolute."""
     candidate = Path(path).expanduser()

@@ -13,6 +13,10 @@ import pandas as pd
 
 from loraflow.config.synthesize import ConversationsOptions
 from tasks.synthesizers.common import conversations_frame, provenance, row_ids, skipped_frame
+from tasks.synthesizers.facts import FactType
+
+# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "conversation"
 

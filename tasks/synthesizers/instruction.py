@@ -13,6 +13,10 @@ from loraflow.config.synthesize import InstructionOptions
 from tasks.synthesizers.common import (
     column_text, conversations_frame, provenance, row_ids, skipped_frame, stripped_or_none,
 )
+from tasks.synthesizers.facts import FactType
+
+# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "instruction"
 
