@@ -43,8 +43,9 @@ import pandas as pd
 
 from loraflow.config.train import TrainConfig
 from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.tokens_input import load_tokens
 from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
-from loraflow.training.data import load_tokens, plan_batches
+from loraflow.training.data import plan_batches
 from loraflow.training.distributed import is_main_process
 from loraflow.training.launch import LAUNCHED_ENV, launch_training
 from loraflow.training.model_loading import load_lora_model, load_tokenizer, parameter_counts

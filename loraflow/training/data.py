@@ -1,6 +1,5 @@
-"""The train stage's data: the TOKENS artifact read, its rows as a dataset, and the batches Trainer draws.
+"""The train stage's data: the train rows as a dataset, and the batches Trainer draws from them.
 
-    frame, data_sha = load_tokens(tokens, store)                 # an ArtifactRef (verified) or a DataFrame
     batches = plan_batches(model, train_rows, train_config, env, pad_id, packing=..., fast=..., log=log)
 
 Without packing, examples are right-padded per batch (PadByPosition); with it, examples are packed into rows
@@ -10,13 +9,11 @@ rows per micro-batch come from the memory budget (loraflow.training.planning.con
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import pandas as pd
 
 from loraflow.config.train import TrainConfig
-from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
 from loraflow.training.planning import configure_fast_path
 
 # = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
@@ -60,25 +57,6 @@ def plan_batches(model, train_rows: pd.DataFrame, config: TrainConfig, env: dict
     else:
         collator = PadByPosition(pad_id, pad_to_multiple_of=8 if env["device"] == "cuda" else None)
     return BatchPlan(examples, collator, packing, fast, rows_per_micro_batch, plan, pack_stats)
-
-
-def load_tokens(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None) -> tuple[pd.DataFrame, str]:
-    """The tokens frame and the hash that identifies it (the artifact's sha256, or that of the frame)."""
-    if isinstance(tokens, pd.DataFrame):
-        return tokens, hashlib.sha256(table_bytes(tokens[["id", "input_ids", "labels", "split"]])).hexdigest()
-    from data_contracts import TOKENS
-    from loraflow.stage import read_input
-
-    store = store or store_for(tokens)
-    return read_input(store, tokens, TOKENS), tokens.sha256
-
-
-def store_for(ref: ArtifactRef) -> ArtifactStore:
-    """The store an artifact lives in, from its uri (`<root>/artifacts/<stage>/<sha>.parquet`)."""
-    marker = "/artifacts/"
-    if marker not in ref.uri:
-        raise ValueError(f"{ref.uri}: not inside an artifact store (no /artifacts/ in the path); pass store=")
-    return ArtifactStore(ref.uri.rsplit(marker, 1)[0])
 
 
 class TokenizedExamples:

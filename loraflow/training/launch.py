@@ -181,7 +181,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
         os.replace(staging, tokens_path)
         tokens_job = {"parquet": str(tokens_path)}
     else:
-        from loraflow.training.data import store_for
+        from loraflow.tokens_input import store_for
 
         tokens_job = {"ref": tokens.model_dump(mode="json"), "store_root": str((store or store_for(tokens)).root)}
     result_path, error_path = launch_dir / "result.json", launch_dir / "error-rank0.json"
