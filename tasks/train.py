@@ -22,9 +22,10 @@ has the measurements behind it.
 Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
 worth it), and the log says so.
 
-Where each step lives: loraflow.training.data (tokens, datasets, batches), .model_loading, .planning (device,
-precision, packing, the fast path), .trainer (Trainer and its callbacks), .checkpoints (identity, resume, the
-saved adapter), .outputs (curve, metrics), .distributed, .launch (several processes).
+Where each step lives: loraflow.tokens_input (the TOKENS read); in loraflow.training: .data (datasets, batches),
+.model_loading, .planning (device, precision, packing, the fast path), .trainer (Trainer and its callbacks),
+.checkpoints (identity, resume, the saved adapter), .outputs (curve, metrics), .distributed, .launch (several
+processes). This module is the recipe and the Prefect task.
 
 Output folder:
     adapter/                      adapter_model.safetensors + adapter_config.json + loraflow-adapter.json (last)

@@ -109,4 +109,3 @@ class PadByPosition:
             labels[row, :n] = torch.tensor(feature["labels"])
         self.tokens_seen += int(attention_mask.sum())
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-

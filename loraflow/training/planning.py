@@ -126,4 +126,3 @@ def _liger_available_for(model) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
-

@@ -49,4 +49,3 @@ class TrainResult(BaseModel):
     optimizer: str
     data_sha256: str
     fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")
-
