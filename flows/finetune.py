@@ -16,13 +16,17 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
-from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.atomic import write_json_atomic
 from loraflow.caching import stage_cache_key
+from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.merging import MODEL_MANIFEST
+from loraflow.model_card import CardFacts, SourceFacts
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import local_root, run_locked
+from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
-from tasks.publish import MODEL_MANIFEST, CardFacts, SourceFacts, publish_task
-from tasks.train import ADAPTER_MANIFEST, base_model_fingerprint, train_task
+from tasks.publish import publish_task
+from tasks.train import train_task
 
 
 @flow(name="finetune", log_prints=True)
@@ -123,13 +127,9 @@ def previously_published(store_root: str, run_name: str, exclude_fingerprint: st
 
 
 def record_published(store_root: str, run_name: str, adapter_fingerprint: str, published: dict) -> None:
-    """Point `run_name`'s record at the model just published (written to a temp file, then renamed)."""
-    path = published_record_path(store_root, run_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Point `run_name`'s record at the model just published (written atomically)."""
     record = {"adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published}
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(record, indent=1))
-    temp.replace(path)
+    write_json_atomic(published_record_path(store_root, run_name), record)
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:

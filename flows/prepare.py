@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
+from loraflow.atomic import write_json_atomic
 from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
@@ -287,8 +288,4 @@ def new_run_dir(config: PipelineConfig) -> Path:
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically into the run folder."""
-    path = run_dir / "summary.json"
-    temp = path.with_suffix(".json.part")
-    temp.write_text(json.dumps(summary, indent=2, default=str))
-    temp.replace(path)
-    return path
+    return write_json_atomic(run_dir / "summary.json", summary, indent=2)

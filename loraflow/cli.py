@@ -126,7 +126,7 @@ def cmd_ask(args) -> int:
     if not model_dir:
         print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
         return 2
-    from tasks.publish import ask
+    from loraflow.inference import ask
 
     for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)

@@ -8,23 +8,20 @@ from transformers import AutoTokenizer
 
 from loraflow.config.evaluate import EvalConfig, GateConfig
 from loraflow.config.train import TrainConfig
-from tasks.evaluate import (
-    chat_prompt,
+from loraflow.evaluation.generation import chat_prompt, generate_answers, load_for_inference, stop_token_ids
+from loraflow.evaluation.metrics import (
     comparison_table,
     decide_gate,
-    evaluate_adapter,
     facts_present,
     general_answer_ok,
-    generate_answers,
     lcs_length,
-    load_for_inference,
     normalise,
     rouge_l_f1,
     score_answers,
     select_questions,
-    stop_token_ids,
     summarise,
 )
+from tasks.evaluate import evaluate_adapter
 from tests.tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
 
 

@@ -205,7 +205,7 @@ def test_run_locked_takes_over_the_lock_of_a_killed_run(prefect_api, tmp_path, l
 
 @pytest.mark.slow
 def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
-    from tasks.train import CHECKPOINT_MARKER
+    from loraflow.training.checkpoints import CHECKPOINT_MARKER
     from tests.test_finetune_flow import tiny_config
     from tests.tiny_llama import build_tiny_llama
 

@@ -9,17 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.config.publish import PublishConfig
 from loraflow.config.train import TrainConfig
-from tasks.publish import (
-    CardFacts,
-    MergeVerificationError,
-    PublishError,
-    SourceFacts,
-    ask,
-    check_merge,
-    publish_model,
-    render_model_card,
-    verification_batch,
-)
+from loraflow.inference import ask
+from loraflow.merging import MergeVerificationError, PublishError, check_merge, verification_batch
+from loraflow.model_card import CardFacts, SourceFacts, render_model_card
+from tasks.publish import publish_model
 from tasks.train import train_adapter
 from tests.hub_standin import HubStandIn
 from tests.tiny_llama import build_tiny_llama, tokens_frame
