@@ -94,7 +94,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for cpu_train_step_<capability>.json")
     args = parser.parse_args()
 
-    from tasks.train import load_lora_model, training_environment
+    from loraflow.training.model_loading import load_lora_model
+    from loraflow.training.planning import training_environment
 
     config = load_config(args.config)
     model_dir = resolve_model_dir(config.model, config.base_dir)
