@@ -23,17 +23,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
+from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
 from loraflow.stage import StageResult, quarantine_reasons
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
-from tasks.ingest import ingest_task, source_fingerprint
+from tasks.ingest import ingest_task
 from tasks.preflight import preflight_task
 from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
+from tasks.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
 
 
@@ -55,7 +56,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     store = ArtifactStore(config.store_root())
     summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
 
-    # ---- ingest: one artifact per source, keyed by the source file's content hash
+    # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []
     for source in config.sources:
         fingerprint = source_fingerprint(source, config.base_dir)
@@ -68,7 +69,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
         stage_artifact(config.name, f"ingest-{name}", result, store, cached)
         summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
-                                   "location": getattr(source, "path", None) or getattr(source, "repo", None),
+                                   "location": ", ".join(l.address for l in source_locations(source, config.base_dir)),
                                    "rows": result.rows_out})
 
     # ---- the tokenizer comes before format and tokenize: its fingerprint is part of both cache keys
