@@ -81,7 +81,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
 
-    summary["warnings"] = split_warnings(summary["stages"], config)
+    summary["warnings"] = split_warnings(summary["stages"], config) + control_text_warnings(summary["stages"])
     for warning in summary["warnings"]:
         logger.warning(warning)
 
@@ -99,6 +99,17 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def control_text_warnings(stages: dict) -> list[str]:
+    """Rows whose data spells a control token of the tokenizer (`<|im_end|>` in an answer): kept as plain text."""
+    format_stage = stages.get("format") or stages.get("format:merge") or {}
+    count = format_stage.get("stats", {}).get("control_text_rows", 0)
+    if not count:
+        return []
+    return [f"{count} row(s) contain the text of a control token (e.g. <|im_end|>) in a message: it is trained as plain "
+            f"characters, never as the control token (format.stats.control_text_rows) -> check those rows if that text "
+            f"is not meant to be there"]
 
 
 def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
