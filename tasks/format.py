@@ -47,8 +47,14 @@ def format_conversations(conversations: pd.DataFrame, config: FormatConfig, toke
     """Render every conversation; returns (formatted rows, quarantined rows, stats)."""
     template = build_template(config.template, tokenizer)
     messages = [with_system(m, config.system_prompt) for m in conversations["messages"]]
+    # Whitespace at a turn's edges is data unless the config says otherwise; either way it is counted, never silent.
+    edge_turns = sum(m["content"] != m["content"].strip() for conversation in messages for m in conversation)
+    if config.strip_whitespace:
+        messages = [[{**m, **{key: m[key].strip() for key in ("content", "input") if isinstance(m.get(key), str)}}
+                     for m in conversation] for conversation in messages]
     kinds = conversations["kind"].tolist()
-    stats = {"template": config.template}
+    stats = {"template": config.template, "strip_whitespace": config.strip_whitespace,
+             "whitespace_stripped_turns" if config.strip_whitespace else "turns_with_edge_whitespace_kept": edge_turns}
     if isinstance(template, ChatTemplate):
         stats.update(_check_fast_render(template, messages, kinds, config.verify_sample))
 
