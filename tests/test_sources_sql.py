@@ -134,3 +134,9 @@ def test_a_missing_driver_or_dialect_is_a_check_problem_with_its_fix(tmp_path):
     assert "not installed" in driver or "connection" in driver.lower() or "connect" in driver.lower()
     [dialect] = check_source(sql.Config(url="nosuchdb://loader@host/catalog", table="shows"), tmp_path)
     assert "no dialect 'nosuchdb'" in dialect
+
+
+def test_a_password_in_the_url_is_not_echoed_by_the_pipeline_config_either():
+    with pytest.raises(ValidationError) as error:
+        PipelineConfig(name="c", sources=[{"kind": "sql", "url": "postgresql://u:Hunter2Sentinel@db/x", "table": "t"}])
+    assert "password_env" in str(error.value) and "Hunter2Sentinel" not in str(error.value)

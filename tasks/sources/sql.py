@@ -29,8 +29,8 @@ from tasks.sources.common import Location, SourceBase, SourceError, resolve_path
 class Config(SourceBase):
     """Rows from a SQL database: a query or a table, through SQLAlchemy."""
 
-    # hide_input_in_errors: a refused URL holds a password, and pydantic would print it in the error.
-    model_config = ConfigDict(title="SQL query", hide_input_in_errors=True)
+    # StrictModel's hide_input_in_errors keeps a refused URL (it holds a password) out of the error message.
+    model_config = ConfigDict(title="SQL query")
     kind: Literal["sql"] = Field("sql", description="Source kind.")
     name: str | None = Field(None, description="Source name in provenance columns (default: the table, else the database name).")
     url: str = Field(..., description=(
