@@ -24,17 +24,18 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from loraflow.atomic import write_json_atomic
-from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
+from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
 from loraflow.stage import StageResult, quarantine_reasons
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
-from tasks.ingest import ingest_task, source_fingerprint
+from tasks.ingest import ingest_task
 from tasks.preflight import preflight_task
 from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
+from tasks.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
 
 
@@ -56,7 +57,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     store = ArtifactStore(config.store_root())
     summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
 
-    # ---- ingest: one artifact per source, keyed by the source file's content hash
+    # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []
     for source in config.sources:
         fingerprint = source_fingerprint(source, config.base_dir)
@@ -69,7 +70,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
         stage_artifact(config.name, f"ingest-{name}", result, store, cached)
         summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
-                                   "location": getattr(source, "path", None) or getattr(source, "repo", None),
+                                   "location": ", ".join(l.address for l in source_locations(source, config.base_dir)),
                                    "rows": result.rows_out})
 
     # ---- the tokenizer comes before format and tokenize: its fingerprint is part of both cache keys
@@ -81,7 +82,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
 
-    summary["warnings"] = split_warnings(summary["stages"], config)
+    summary["warnings"] = split_warnings(summary["stages"], config) + control_text_warnings(summary["stages"])
     for warning in summary["warnings"]:
         logger.warning(warning)
 
@@ -99,6 +100,17 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def control_text_warnings(stages: dict) -> list[str]:
+    """Rows whose data spells a control token of the tokenizer (`<|im_end|>` in an answer): kept as plain text."""
+    format_stage = stages.get("format") or stages.get("format:merge") or {}
+    count = format_stage.get("stats", {}).get("control_text_rows", 0)
+    if not count:
+        return []
+    return [f"{count} row(s) contain the text of a control token (e.g. <|im_end|>) in a message: it is trained as plain "
+            f"characters, never as the control token (format.stats.control_text_rows) -> check those rows if that text "
+            f"is not meant to be there"]
 
 
 def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:

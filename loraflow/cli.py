@@ -32,11 +32,13 @@ def cmd_check(args) -> int:
     config = load_or_report(args.config)
     if config is None:
         return 2
+    from tasks.sources import check_source, source_locations
+
+    # Each source checks itself: the file is there and readable, the database answers, the Hub dataset exists.
     problems = []
     for index, source in enumerate(config.sources):
-        path = getattr(source, "path", None)
-        if path and not config.resolve(path).exists():
-            problems.append(f"  sources.{index}.path: {config.resolve(path)} does not exist -> fix the path (relative paths start at the config's folder)")
+        key = ".".join(["sources", str(index), *(l.key for l in source_locations(source, config.base_dir)[:1])])
+        problems += [f"  {key}: {problem}" for problem in check_source(source, config.base_dir)]
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)\n" + "\n".join(problems), file=sys.stderr)
         return 2

@@ -246,3 +246,16 @@ def test_the_format_stage_in_a_fresh_process_loads_no_torch_and_the_same_tokeniz
     assert type(fast) is type(auto) and fast.all_special_tokens == auto.all_special_tokens
     assert fast.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(messages, tokenize=False)
     assert fast("Moon Rabbit 月うさぎ")["input_ids"] == auto("Moon Rabbit 月うさぎ")["input_ids"]
+
+
+def test_whitespace_at_turn_edges_is_kept_by_default_and_stripped_only_when_asked(tokenizer):
+    code = "    return 42\n"  # a code answer whose first line is indented
+    rows = pd.DataFrame([conversation("code", [{"role": "user", "content": "  Indent it?  "},
+                                               {"role": "assistant", "content": code}])])
+    kept, _, stats = format_conversations(rows, FormatConfig(template="chatml"), tokenizer)
+    text = "".join(s["text"] for s in kept.at[0, "segments"])
+    assert "<|im_start|>assistant\n    return 42\n<|im_end|>" in text and "user\n  Indent it?  <|im_end|>" in text
+    assert kept.at[0, "reference"] == code and stats["turns_with_edge_whitespace_kept"] == 2
+    stripped, _, stats = format_conversations(rows, FormatConfig(template="chatml", strip_whitespace=True), tokenizer)
+    assert "<|im_start|>assistant\nreturn 42<|im_end|>" in "".join(s["text"] for s in stripped.at[0, "segments"])
+    assert stats["whitespace_stripped_turns"] == 2

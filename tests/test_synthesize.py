@@ -268,7 +268,7 @@ def test_instruction_rows_with_and_without_input_in_korean():
     config = SynthesizeConfig(kind="instruction")
     conversations, quarantine = synthesize_frame([jsonl("instructions_ko.jsonl", "ko")], config)
     assert list(conversations["source_row"]) == [0, 1, 4]
-    with_input, without_input, trimmed = conversations["messages"]
+    with_input, without_input, padded = conversations["messages"]
     assert with_input == [
         {"role": "user", "content": "다음 문장을 영어로 번역하세요.\n\n오늘 날씨가 정말 좋네요.", "input": "오늘 날씨가 정말 좋네요."},
         {"role": "assistant", "content": "The weather is really nice today."},
@@ -277,10 +277,11 @@ def test_instruction_rows_with_and_without_input_in_korean():
         {"role": "user", "content": "대한민국의 수도는 어디인가요?"},
         {"role": "assistant", "content": "대한민국의 수도는 서울입니다."},
     ]
-    # What a template with its own input section does (data_contracts/conversations.py).
-    user = trimmed[0]
-    assert user["content"][: -len(user["input"]) - 2] == "문장을 요약하세요."
-    assert user["input"] == "인공지능은 데이터를 학습하여 예측을 수행하는 기술입니다."
+    # What a template with its own input section does (data_contracts/conversations.py). Whitespace at the
+    # edges is data, kept as written (format.strip_whitespace strips it, counted).
+    user = padded[0]
+    assert user["content"][: -len(user["input"]) - 2] == "  문장을 요약하세요.\n"
+    assert user["input"] == "  인공지능은 데이터를 학습하여 예측을 수행하는 기술입니다.  "
     assert conversations["facts"].map(len).eq(0).all() and set(conversations["kind"]) == {"instruction"}
     assert conversations["source_id"].tolist() == ["ko:0", "ko:1", "ko:4"]
     assert sorted(quarantine["reason"]) == ["instruction skipped: instruction is empty", "instruction skipped: output is empty"]
@@ -455,3 +456,17 @@ def test_an_empty_source_gives_empty_frames(kind):
     conversations, quarantine = synthesize_frame([frame, frame], SynthesizeConfig(kind=kind))
     assert len(conversations) == len(quarantine) == 0
     check_structure(conversations, CONVERSATIONS)
+
+
+def test_instruction_and_conversations_keep_whitespace_at_the_edges():
+    from loraflow.config.synthesize import ConversationsOptions, InstructionOptions
+    from tasks.synthesizers import conversations as conversations_kind, instruction
+
+    rows = pd.DataFrame({"_source": ["s", "s"], "_row": [0, 1], "instruction": ["Indent:", "   "],
+                         "output": ["    return 42\n", "x"]})
+    made, skipped = instruction.synthesize(rows, InstructionOptions(input_column=None))
+    assert made.at[0, "messages"][-1]["content"] == "    return 42\n" and len(skipped) == 1  # whitespace-only is empty
+    turns = [{"from": "human", "value": "  hi\n"}, {"from": "gpt", "value": "\tindented\n"}]
+    made, _ = conversations_kind.synthesize(pd.DataFrame({"_source": ["s"], "_row": [0], "conversations": [turns]}),
+                                            ConversationsOptions())
+    assert [m["content"] for m in made.at[0, "messages"]] == ["  hi\n", "\tindented\n"]

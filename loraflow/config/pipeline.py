@@ -18,7 +18,7 @@ from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
-from tasks.sources import SourceConfig
+from tasks.sources import SourceConfig, source_locations, source_name
 
 
 class PipelineConfig(StrictModel):
@@ -61,14 +61,6 @@ class PipelineConfig(StrictModel):
         return Path(self.runs_dir).expanduser().resolve()
 
 
-def source_name(source) -> str:
-    """The provenance name of a source: its `name`, else its file name or repo id."""
-    if source.name:
-        return source.name
-    location = getattr(source, "path", None) or getattr(source, "repo")
-    return Path(location).name if getattr(source, "path", None) else location
-
-
 def config_hash(model: StrictModel) -> str:
     """A short stable hash of a config model (or sub-model)."""
     payload = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
@@ -80,15 +72,15 @@ class ConfigError(ValueError):
 
 
 def confinement_problems(config: PipelineConfig, roots: list[str]) -> list[str]:
-    """Paths of `config` (sources, store, runs) that resolve outside every folder in `roots`.
+    """Paths of `config` (what the sources read, store, runs) that resolve outside every folder in `roots`.
 
     Operators set the roots (LORAFLOW_DATA_ROOTS, ':'-separated) on a worker, so a run triggered from the UI
     cannot read or write outside them (no `../../etc/passwd` as a source). Symlinks are resolved first.
     """
     allowed = [Path(root).expanduser().resolve() for root in roots if root]
-    checked = [(f"sources.{i}.path", config.resolve(s.path)) for i, s in enumerate(config.sources) if getattr(s, "path", None)]
-    checked += [(f"sources.{i}.repo", config.resolve(s.repo)) for i, s in enumerate(config.sources)
-                if getattr(s, "repo", None) and config.resolve(s.repo).exists()]
+    # Each source says which local files and folders it reads (a CSV's path, a SQLite database, a dataset folder).
+    checked = [(f"sources.{i}.{location.key}", location.local) for i, source in enumerate(config.sources)
+               for location in source_locations(source, config.base_dir) if location.local is not None]
     if "://" not in config.store:
         checked.append(("store", Path(config.store_root())))
     checked.append(("runs_dir", config.runs_root()))

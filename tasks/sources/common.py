@@ -1,4 +1,18 @@
-"""What every source shares: path resolution, the error type, and how a source sets bad records aside."""
+"""What every source shares: the interface core code relies on, path resolution, the error type, and how a
+source sets bad records aside.
+
+Core code (config validation, confinement, `loraflow check`, the cache key, the run summary) never guesses
+from field names: it asks the source's module, which defines (tasks/sources/__init__.py checks it on import):
+
+- `Config`: the pydantic model, with `kind`, `name`, `max_rows` and a schema `title` (the Prefect UI's label).
+- `read(config, base_dir)`: the rows (or `(rows, rejected)`).
+- `default_name(config)`: the provenance name when `name:` is not set.
+- `locations(config, base_dir)`: every place it reads, as `Location`s (local ones are confined).
+- `fingerprint(config, base_dir)`: a string that changes whenever the data read would change.
+- `check(config, base_dir)`: problems (exists, reachable, readable) as messages with their fix; [] = fine.
+
+File sources share the `file_*` implementations below.
+"""
 
 import codecs
 import hashlib
@@ -13,6 +27,15 @@ from loraflow.config.base import StrictModel
 from loraflow.store import file_sha256
 
 UTF8_BOM = codecs.BOM_UTF8
+
+
+@dataclass(frozen=True)
+class Location:
+    """One place a source reads: a local file or folder (confined to LORAFLOW_DATA_ROOTS) or a remote address."""
+
+    key: str  # the config key that names it ("path", "repo", "url"), for error messages
+    address: str  # what the run summary and model card show: the path as configured, or a URL without credentials
+    local: Path | None = None  # the file or folder on this machine it reads; None when remote
 
 
 class SourceBase(StrictModel):
@@ -125,3 +148,32 @@ def folder_sha256(folder: Path) -> str:
             continue
         digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+# ---- the interface for sources that read one local file (csv, json, parquet)
+def file_default_name(config) -> str:
+    """The file name of `path:`."""
+    return Path(config.path).name
+
+
+def file_locations(config, base_dir) -> list[Location]:
+    """The one file `path:` names (resolved against the config's folder for confinement)."""
+    return [Location("path", config.path, resolve_path(config.path, base_dir))]
+
+
+def file_fingerprint(config, base_dir) -> str:
+    """sha256 of the file's bytes."""
+    return file_sha256(existing_file(config.path, base_dir))
+
+
+def file_check(config, base_dir) -> list[str]:
+    """The file exists and can be opened for reading."""
+    try:
+        path = existing_file(config.path, base_dir)
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except SourceError as error:
+        return [str(error)]
+    except OSError as error:
+        return [f"{resolve_path(config.path, base_dir)}: cannot be read ({error.strerror}) -> give the worker read access, or fix `path:`"]
+    return []

@@ -63,7 +63,7 @@ def to_messages(turns: list, options: ConversationsOptions) -> list[dict]:
         content = turn.get(options.content_key)
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"turn {number} ({speaker}) has no text in {options.content_key!r}")
-        messages.append({"role": role, "content": content.strip()})
+        messages.append({"role": role, "content": content})  # as written; format.strip_whitespace decides
     return messages
 
 
