@@ -34,3 +34,12 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch: int | torch.Tensor
     if torch.is_tensor(count):
         count = count.to(total.device)
     return total / count
+
+
+def has_answer_only_loss(model) -> bool:
+    """Whether `model` exposes the decoder and output projection this loss needs (every causal LM in transformers)."""
+    causal_lm = _causal_lm(model)
+    try:
+        return causal_lm.get_decoder() is not None and causal_lm.get_output_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
