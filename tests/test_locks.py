@@ -216,12 +216,14 @@ def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     command = [sys.executable, "-m", "loraflow.cli", "run", str(config)]
-    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, killed whole (as the OOM killer or a preempted VM would): no orphaned API server.
+    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.monotonic() + 600
     while not list((tmp_path / "store").glob(f"**/checkpoints/checkpoint-*/{CHECKPOINT_MARKER}")):
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.1)
-    os.kill(killed.pid, signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     lock_files = list((tmp_path / "store" / "locks").glob("train-*.lock"))
     assert len(lock_files) == 1 and read_lock(lock_files[0])["pid"] == killed.pid  # the lock of the bug report
