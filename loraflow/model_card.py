@@ -37,8 +37,11 @@ class CardFacts(BaseModel):
 
 
 def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, tolerance: float | None = None,
-                      merge_dtype: str | None = None) -> str:
-    """README.md of the published model, written only from pipeline facts."""
+                      merge_dtype: str | None = None, model_ref: str | None = None) -> str:
+    """README.md of the published model, written only from pipeline facts.
+
+    `model_ref`: what the "Use" snippet loads (the Hub repo id, or the folder's path; "." when not given).
+    """
     from loraflow.training.outputs import library_versions
 
     versions = facts.library_versions or library_versions()
@@ -82,10 +85,23 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
         lines += ["", "## Merge check", "",
                   f"The adapter was merged into the unquantized base ({merge_dtype}); the merged model's logits differ "
                   f"from base + adapter by at most {max_logit_diff:.3g} (tolerance {tolerance:g}) on validation texts."]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tokenizer = AutoTokenizer.from_pretrained(MODEL)", "model = AutoModelForCausalLM.from_pretrained(MODEL)",
-              "messages = [{'role': 'user', 'content': 'Who made ...?'}]",
-              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=96)[0][ids.shape[1]:], skip_special_tokens=True))",
-              "```", "", "The LoRA adapter alone is in `adapter/`."]
+    lines += ["", "## Use", "", "```python", *use_snippet(model_ref or ".", facts.system_prompt), "```", "",
+              "The LoRA adapter alone is in `adapter/`."]
     return "\n".join(lines) + "\n"
+
+
+def use_snippet(model_ref: str, system_prompt: str | None) -> list[str]:
+    """Python lines that load the model and answer one question (tests/test_publish.py runs them)."""
+    system = [f"{{'role': 'system', 'content': {system_prompt!r}}}, "] if system_prompt else [""]
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"MODEL = {model_ref!r}  # this folder, or the Hub repo it was pushed to",
+        "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
+        "model = AutoModelForCausalLM.from_pretrained(MODEL)",
+        f"messages = [{system[0]}{{'role': 'user', 'content': 'Who made ...?'}}]",
+        "# return_dict=True: input_ids and attention_mask (apply_chat_template returns a BatchEncoding)",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=96, do_sample=False)",
+        "print(tokenizer.decode(output[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+    ]

@@ -101,6 +101,25 @@ def test_local_publish_loads_back_and_answers(trained, tmp_path):
     assert len(pieces) >= 1 and isinstance(ask(folder, "Who made Starlit Ferry?", stream=False, max_new_tokens=4), str)
 
 
+def card_snippet(card_text: str) -> str:
+    """The python code block of a model card."""
+    return card_text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_model_card_use_snippet_runs_against_the_published_folder(trained, tmp_path, capsys):
+    """The card's "Use" code, run as a user would copy it, loads the published folder and prints an answer."""
+    model_dir, adapter_dir, texts = trained
+    result = publish_model(model_dir, adapter_dir, PublishConfig(), tmp_path / "out", card=card_facts(),
+                           verify_texts=texts, system_prompt="Answer briefly.")
+    snippet = card_snippet((tmp_path / "out" / "model" / "README.md").read_text())
+    assert repr(result.model_dir) in snippet and "'Answer briefly.'" in snippet
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.strip() != ""
+    hub_card = render_model_card(card_facts(), model_ref="my-org/anime-demo")
+    assert "MODEL = 'my-org/anime-demo'" in card_snippet(hub_card)
+
+
 @pytest.fixture
 def hub(monkeypatch):
     import huggingface_hub.constants
