@@ -20,7 +20,7 @@ from loraflow.atomic import write_json_atomic
 from loraflow.caching import stage_cache_key
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.merging import MODEL_MANIFEST
-from loraflow.model_card import CardFacts, SourceFacts
+from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import local_root, run_locked
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
@@ -162,8 +162,9 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
         preflight=summary.get("preflight") or {},
         train_config=config.train.model_dump(mode="json"),
         train_metrics={k: summary["train"].get(k) for k in (
-            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "device", "quantization",
-            "precision", "optimizer", "seconds", "peak_memory_bytes", "peak_memory_kind")},
+            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
+            "peak_memory_bytes", "peak_memory_kind")},
+        train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=evaluation.gate.model_dump(),
     )

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+RAN_SETTINGS = ("device", "precision", "quantization", "optimizer")  # TrainResult fields that train_config also names
+TRAIN_RAN_FIELDS = ("device", "device_name", "precision", "precision_reason", "quantization", "quantization_reason", "optimizer")
+
+
 class SourceFacts(BaseModel):
     """One data source, as the model card lists it."""
 
@@ -31,6 +35,11 @@ class CardFacts(BaseModel):
     preflight: dict = Field(default_factory=dict)
     train_config: dict = Field(default_factory=dict)
     train_metrics: dict = Field(default_factory=dict, description="TrainResult fields worth showing.")
+    train_ran: dict = Field(
+        default_factory=dict,
+        description="What the train stage actually ran (TrainResult's device, precision, quantization and their reasons): "
+                    "the card reports these, not the configured values.",
+    )
     eval_report_markdown: str | None = Field(None, description="EvalResult's report (table + examples).")
     gate: dict | None = Field(None, description="GateDecision: passed + reasons.")
     library_versions: dict = Field(default_factory=dict, description="Filled in automatically when empty.")
@@ -74,8 +83,14 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     if facts.preflight:
         lines += ["", "## Pre-flight checks", ""] + [f"- {k}: {v}" for k, v in facts.preflight.items()]
     lines += ["", "## Training", ""]
+    ran = facts.train_ran
+    if ran:
+        lines += [f"Trained on {ran.get('device')}" + (f" ({ran['device_name']})" if ran.get("device_name") else "")
+                  + f", {ran.get('precision')}" + (f" ({ran['precision_reason']})" if ran.get("precision_reason") else "")
+                  + f", quantization {ran.get('quantization')}"
+                  + (f" ({ran['quantization_reason']})" if ran.get("quantization_reason") else "") + ".", ""]
     if facts.train_config:
-        lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts.train_config.items()]
+        lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {_setting(k, v, ran)} |" for k, v in facts.train_config.items()]
     if facts.train_metrics:
         lines += [""] + [f"- {k}: {v}" for k, v in facts.train_metrics.items()]
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
@@ -88,6 +103,13 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     lines += ["", "## Use", "", "```python", *use_snippet(model_ref or ".", facts.system_prompt), "```", "",
               "The LoRA adapter alone is in `adapter/`."]
     return "\n".join(lines) + "\n"
+
+
+def _setting(name: str, configured, ran: dict) -> str:
+    """A training setting as it ran: "none (configured: 4bit)" where the machine changed it."""
+    if name in RAN_SETTINGS and ran.get(name) is not None and str(ran[name]) != str(configured):
+        return f"{ran[name]} (configured: {configured})"
+    return str(configured)
 
 
 def use_snippet(model_ref: str, system_prompt: str | None) -> list[str]:
