@@ -20,7 +20,8 @@ from loraflow.atomic import write_json_atomic
 from loraflow.caching import stage_cache_key
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.merging import MODEL_MANIFEST
-from loraflow.model_card import CardFacts, SourceFacts
+from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
+from loraflow.run_folder import link_model
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import local_root, run_locked
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
@@ -89,6 +90,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
         else:
             record_published(store_root, config.name, trained.fingerprint, published.model_dump())
+        summary["publish"]["run_model_link"] = str(link_model(run_dir, published.model_dir))
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
         card_path = Path(published.model_dir) / "README.md"
@@ -162,8 +164,9 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
         preflight=summary.get("preflight") or {},
         train_config=config.train.model_dump(mode="json"),
         train_metrics={k: summary["train"].get(k) for k in (
-            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "device", "quantization",
-            "precision", "optimizer", "seconds", "peak_memory_bytes", "peak_memory_kind")},
+            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
+            "peak_memory_bytes", "peak_memory_kind")},
+        train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=evaluation.gate.model_dump(),
     )

@@ -111,7 +111,7 @@ def print_eval_table(summary: dict) -> None:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
     publish = summary["publish"]
     print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
-          f"model: {publish.get('model_dir', 'not published')}")
+          f"model: {publish.get('run_model_link') or publish.get('model_dir', 'not published')}")
 
 
 def _num(value) -> str:
@@ -120,12 +120,14 @@ def _num(value) -> str:
 
 def cmd_ask(args) -> int:
     """Answer a question with the model a run published (streamed)."""
-    summary_path = Path(args.run_dir) / "summary.json"
-    if not summary_path.exists():
-        print(f"{summary_path}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
+    from loraflow.run_folder import published_model_dir
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists():
+        print(f"{run_dir / 'summary.json'}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
         return 2
-    model_dir = json.loads(summary_path.read_text()).get("publish", {}).get("model_dir")
-    if not model_dir:
+    model_dir = published_model_dir(run_dir)
+    if model_dir is None:
         print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
         return 2
     from loraflow.inference import ask
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", cmd_run, "run the whole pipeline (prepare, train, evaluate, publish); prints the summary path last") \
         .add_argument("config", help=config_help)
     ask = command("ask", cmd_ask, "ask the model a run published (the answer is streamed)")
-    ask.add_argument("run_dir", help="the run folder `loraflow run` printed (the folder holding summary.json)")
+    ask.add_argument("run_dir", help="the run folder `loraflow run` printed (summary.json, model/), or a model folder")
     ask.add_argument("question", help="the question, quoted")
     ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     notify = command("notify-on-failure", cmd_notify, "post failed runs to a webhook (Prefect automation)")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+RAN_SETTINGS = ("device", "precision", "quantization", "optimizer")  # TrainResult fields that train_config also names
+TRAIN_RAN_FIELDS = ("device", "device_name", "precision", "precision_reason", "quantization", "quantization_reason", "optimizer")
+
+
 class SourceFacts(BaseModel):
     """One data source, as the model card lists it."""
 
@@ -31,14 +35,22 @@ class CardFacts(BaseModel):
     preflight: dict = Field(default_factory=dict)
     train_config: dict = Field(default_factory=dict)
     train_metrics: dict = Field(default_factory=dict, description="TrainResult fields worth showing.")
+    train_ran: dict = Field(
+        default_factory=dict,
+        description="What the train stage actually ran (TrainResult's device, precision, quantization and their reasons): "
+                    "the card reports these, not the configured values.",
+    )
     eval_report_markdown: str | None = Field(None, description="EvalResult's report (table + examples).")
     gate: dict | None = Field(None, description="GateDecision: passed + reasons.")
     library_versions: dict = Field(default_factory=dict, description="Filled in automatically when empty.")
 
 
 def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, tolerance: float | None = None,
-                      merge_dtype: str | None = None) -> str:
-    """README.md of the published model, written only from pipeline facts."""
+                      merge_dtype: str | None = None, model_ref: str | None = None) -> str:
+    """README.md of the published model, written only from pipeline facts.
+
+    `model_ref`: what the "Use" snippet loads (the Hub repo id, or the folder's path; "." when not given).
+    """
     from loraflow.training.outputs import library_versions
 
     versions = facts.library_versions or library_versions()
@@ -71,8 +83,14 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     if facts.preflight:
         lines += ["", "## Pre-flight checks", ""] + [f"- {k}: {v}" for k, v in facts.preflight.items()]
     lines += ["", "## Training", ""]
+    ran = facts.train_ran
+    if ran:
+        lines += [f"Trained on {ran.get('device')}" + (f" ({ran['device_name']})" if ran.get("device_name") else "")
+                  + f", {ran.get('precision')}" + (f" ({ran['precision_reason']})" if ran.get("precision_reason") else "")
+                  + f", quantization {ran.get('quantization')}"
+                  + (f" ({ran['quantization_reason']})" if ran.get("quantization_reason") else "") + ".", ""]
     if facts.train_config:
-        lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts.train_config.items()]
+        lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {_setting(k, v, ran)} |" for k, v in facts.train_config.items()]
     if facts.train_metrics:
         lines += [""] + [f"- {k}: {v}" for k, v in facts.train_metrics.items()]
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
@@ -82,10 +100,30 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
         lines += ["", "## Merge check", "",
                   f"The adapter was merged into the unquantized base ({merge_dtype}); the merged model's logits differ "
                   f"from base + adapter by at most {max_logit_diff:.3g} (tolerance {tolerance:g}) on validation texts."]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tokenizer = AutoTokenizer.from_pretrained(MODEL)", "model = AutoModelForCausalLM.from_pretrained(MODEL)",
-              "messages = [{'role': 'user', 'content': 'Who made ...?'}]",
-              "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=96)[0][ids.shape[1]:], skip_special_tokens=True))",
-              "```", "", "The LoRA adapter alone is in `adapter/`."]
+    lines += ["", "## Use", "", "```python", *use_snippet(model_ref or ".", facts.system_prompt), "```", "",
+              "The LoRA adapter alone is in `adapter/`."]
     return "\n".join(lines) + "\n"
+
+
+def _setting(name: str, configured, ran: dict) -> str:
+    """A training setting as it ran: "none (configured: 4bit)" where the machine changed it."""
+    if name in RAN_SETTINGS and ran.get(name) is not None and str(ran[name]) != str(configured):
+        return f"{ran[name]} (configured: {configured})"
+    return str(configured)
+
+
+def use_snippet(model_ref: str, system_prompt: str | None) -> list[str]:
+    """Python lines that load the model and answer one question (tests/test_publish.py runs them)."""
+    system = [f"{{'role': 'system', 'content': {system_prompt!r}}}, "] if system_prompt else [""]
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"MODEL = {model_ref!r}  # this folder, or the Hub repo it was pushed to",
+        "tokenizer = AutoTokenizer.from_pretrained(MODEL)",
+        "model = AutoModelForCausalLM.from_pretrained(MODEL)",
+        f"messages = [{system[0]}{{'role': 'user', 'content': 'Who made ...?'}}]",
+        "# return_dict=True: input_ids and attention_mask (apply_chat_template returns a BatchEncoding)",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=96, do_sample=False)",
+        "print(tokenizer.decode(output[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
+    ]

@@ -81,11 +81,12 @@ def publish_model(
     )
     log.info("publish: merge verified, max |logit difference| %.3g <= %g (%s)", max_diff, publish_config.merge_tolerance,
              publish_config.merge_dtype)
+    folder = output_dir / "model"
     card_text = render_model_card(card, max_logit_diff=max_diff, tolerance=publish_config.merge_tolerance,
-                                  merge_dtype=publish_config.merge_dtype)
+                                  merge_dtype=publish_config.merge_dtype,
+                                  model_ref=publish_config.repo_id if publish_config.target == "hf_hub" else str(folder.resolve()))
     run_info = {"run_name": card.run_name, "base_model": card.base_model, "system_prompt": system_prompt,
                 "gate": card.gate, "max_logit_diff": max_diff}
-    folder = output_dir / "model"
     saved_dtype, files = save_merged(merged, tokenizer, folder, model_dir=model_dir, adapter_dir=adapter_dir,
                                      card=card_text, run_info=run_info)
     log.info("publish: saved %d files (%s) to %s", len(files), saved_dtype, folder)

@@ -51,7 +51,9 @@ from loraflow.training.distributed import is_main_process
 from loraflow.training.launch import LAUNCHED_ENV, launch_training
 from loraflow.training.model_loading import load_lora_model, load_tokenizer, parameter_counts
 from loraflow.training.outputs import gather_after_training, peak_memory, save_outputs
-from loraflow.training.planning import apply_training_environment, fast_path_enabled, packing_enabled
+from loraflow.training.planning import (
+    apply_training_environment, device_name, fast_path_enabled, packing_enabled, quantization_reason,
+)
 from loraflow.training.result import TrainResult
 from loraflow.training.trainer import build_trainer, train_resuming
 
@@ -132,7 +134,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
         tokens_per_second_after_first_step=recorder.tokens_per_second(after_first_step=True),
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, packing=batches.packing,
         rows_per_micro_batch=batches.rows_per_micro_batch, speed_plan=batches.speed_plan,
-        seconds=round(time.perf_counter() - started, 2), device=env["device"], quantization=env["quantization"],
+        seconds=round(time.perf_counter() - started, 2), device=env["device"], device_name=device_name(env["device"]),
+        quantization=env["quantization"], quantization_reason=quantization_reason(train_config, env),
         precision=env["precision"], precision_reason=env["precision_reason"], optimizer=env["optimizer"],
         data_sha256=data_sha, fingerprint=fingerprint,
     )

@@ -64,11 +64,13 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     model_dir = Path(first["publish"]["model_dir"])
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
     assert first["train"]["global_step"] == 2 and not first["train"]["cached"]
+    assert (Path(first["run_dir"]) / "model").resolve() == model_dir.resolve()  # the run folder is where a user looks
 
     second = run_cli(config, tmp_path / "home")
     assert second["all_cached"] and second["train"]["cached"] and second["eval"]["cached"]
     assert second["publish"]["reused"] and not second["publish"]["published"]
     assert second["publish"]["model_dir"] == first["publish"]["model_dir"]
+    assert (Path(second["run_dir"]) / "model" / "model.safetensors").exists()  # a reused publish is linked too
     assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
     assert second["eval"]["previous"] is None  # the published model is this very adapter's
 

@@ -85,10 +85,43 @@ def rouge_l_f1(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def general_answer_ok(answer: str, expected: str) -> bool:
-    """Any '|'-separated alternative of `expected` appears in the answer as a whole word (any case)."""
+NUMBER_WORDS = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUM = r"(?:(?<![\w.])\d+(?:\.\d+)?(?!\w)|\b(?:" + "|".join(NUMBER_WORDS) + r")\b)"
+_NUMBER = re.compile(_NUM)
+# "2 + 2", "two plus two": the question restated, not an answer (its operands are not answer values).
+_EXPRESSION = re.compile(_NUM + r"(?:\s*(?:[-+*/×÷^]|\bx\b|plus|minus|times|multiplied by|divided by)\s*" + _NUM + ")+")
+_CLAIM_END = re.compile(r"[.!?;\n]|,?\s+\b(?:but|however|although|though|whereas|while|or)\b")
+
+
+def general_answer_ok(answer: str, expected: str, question: str = "") -> bool:
+    """Whether `answer` gives `expected` ('|'-separated alternatives) as *the* answer, judged strictly.
+
+    Numeric expectations ("4|four"): the answer's numbers (digits or number words, arithmetic expressions such as
+    "2 + 2" left out) must be there and all equal the expected value, so "2 + 2 = 5 in Japanese, but ... 4" is
+    wrong (its first value is 5, and it conflicts). Word expectations ("Paris"): the first claim (the text up to
+    the first sentence end or "but"/"however"/"or"), after an echo of `question`, must hold an alternative as a
+    whole word (any case).
+    """
+    options = [normalise(option) for option in expected.split("|") if option.strip()]
     text = normalise(answer)
-    return any(re.search(rf"\b{re.escape(normalise(option))}\b", text) for option in expected.split("|") if option.strip())
+    asked = normalise(question)
+    if asked and text.startswith(asked):
+        text = text[len(asked):].lstrip()
+    expected_values = {value for value in map(_number_value, options) if value is not None}
+    if expected_values:
+        values = [_number_value(match.group()) for match in _NUMBER.finditer(_EXPRESSION.sub(" ", text))]
+        return bool(values) and all(value in expected_values for value in values)
+    first_claim = _CLAIM_END.split(text, maxsplit=1)[0]
+    return any(re.search(rf"\b{re.escape(option)}\b", first_claim) for option in options)
+
+
+def _number_value(token: str) -> float | None:
+    """A digit string or a number word as a number (None for anything else)."""
+    if token in NUMBER_WORDS:
+        return float(NUMBER_WORDS[token])
+    return float(token) if re.fullmatch(r"\d+(?:\.\d+)?", token) else None
 
 
 def select_questions(frame: pd.DataFrame, max_questions: int, seed: int = 0) -> pd.DataFrame:
@@ -173,11 +206,12 @@ def general_table(eval_config: EvalConfig, runs: dict) -> pd.DataFrame:
         "expected": [eval_config.general_expected.get(q) for q in eval_config.general_questions],
         **{f"{name}_answer": [g["text"] for g in run["general"]] for name, run in runs.items()},
     })
-    general["base_ok"] = [general_answer_ok(a, e) if e else True for a, e in zip(general["base_answer"], general["expected"])]
+    general["base_ok"] = [general_answer_ok(a, e, q) if e else True
+                         for a, e, q in zip(general["base_answer"], general["expected"], general["question"])]
     for name in [name for name in runs if name != "base"]:  # in run order: a stable column order
         general[f"{name}_ok"] = [
-            general_answer_ok(a, e) if e else rouge_l_f1(a, b) >= 0.5
-            for a, b, e in zip(general[f"{name}_answer"], general["base_answer"], general["expected"])
+            general_answer_ok(a, e, q) if e else rouge_l_f1(a, b) >= 0.5
+            for a, b, e, q in zip(general[f"{name}_answer"], general["base_answer"], general["expected"], general["question"])
         ]
     general["regression"] = general["base_ok"] & ~general["finetuned_ok"]
     return general

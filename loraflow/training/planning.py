@@ -43,14 +43,27 @@ def apply_training_environment(config: TrainConfig, log) -> dict:
     env = training_environment(config)
     if env["device"] == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    if config.quantization != "none" and env["quantization"] == "none":
-        log.warning(
-            "train: no CUDA device, so train.quantization=%s runs unquantized (16-bit base) on CPU; "
-            "the code path is otherwise the same", config.quantization,
-        )
+    if quantization_reason(config, env):
+        log.warning("train: %s; the code path is otherwise the same", quantization_reason(config, env))
     log.info("train: device=%s precision=%s (%s) quantization=%s optimizer=%s", env["device"], env["precision"],
              env["precision_reason"], env["quantization"], env["optimizer"])
     return env
+
+
+def quantization_reason(config: TrainConfig, env: dict) -> str | None:
+    """Why the quantization that runs is not train.quantization (None when it is)."""
+    if config.quantization != env["quantization"]:
+        return f"no CUDA device, so train.quantization={config.quantization} runs unquantized (16-bit base) on CPU"
+    return None
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name on CUDA ("NVIDIA H200"), else the CPU with torch's thread count."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def packing_enabled(config: TrainConfig, env: dict) -> bool:

@@ -42,8 +42,12 @@ class TrainResult(BaseModel):
         None, description="loraflow.training SpeedPlan of the fast path (what was applied, and why not the rest); None off it.",
     )
     seconds: float
-    device: str
+    device: str = Field(..., description="cuda or cpu: where training ran.")
+    device_name: str | None = Field(None, description="The GPU's name on CUDA, else the CPU and its torch threads.")
     quantization: str = Field(..., description="Quantization actually used (none on CPU).")
+    quantization_reason: str | None = Field(
+        None, description="Why it is not train.quantization (no CUDA device: CPU trains unquantized); None when it is.",
+    )
     precision: str
     precision_reason: str | None = Field(None, description="Why this precision (loraflow.precision: CPU bf16 support, benchmark).")
     optimizer: str
