@@ -14,6 +14,9 @@ padded to the longest in the batch), after --warmup steps. It reports seconds pe
   mb8 / mb16   answer-only with micro-batches of 8 / 16 rows: fewer, larger steps per epoch
 
 The precision is the one loraflow chooses on this CPU (fp32 on AVX2-only CPUs).
+
+--threads-study measures answer_only at 1 and at all cores' torch threads, on a quiet machine and beside one
+busy process (a Python busy loop: another job on the machine), to see what loraflow/cpu_threads.py should pick.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import multiprocessing
 import platform
 import statistics
 import time
@@ -33,6 +37,8 @@ from loraflow.config.pipeline import load_config
 from loraflow.models import resolve_model_dir
 from loraflow.precision import choose_precision
 from loraflow.training.answer_loss import answer_only_loss
+from loraflow.training.model_loading import load_lora_model
+from loraflow.training.planning import training_environment
 
 VARIANTS = {"baseline": (4, False), "answer_only": (4, True), "mb8": (8, True), "mb16": (16, True)}
 
@@ -85,17 +91,46 @@ def measure(model, batches: list[dict], answer_only: bool, steps: int, warmup: i
     return {"s_per_step": statistics.median(times), "trained_tokens_per_s": tokens / sum(times)}
 
 
+def _busy_loop() -> None:
+    while True:
+        pass
+
+
+def thread_study(model_dir, config, env, rows, steps: int, warmup: int) -> dict:
+    """answer_only seconds per step at 1 and at every core's thread, with 0 and 1 busy processes beside it."""
+    cores = torch.get_num_threads()
+    study = {}
+    for busy in (0, 1):
+        others = [multiprocessing.Process(target=_busy_loop, daemon=True) for _ in range(busy)]
+        for other in others:
+            other.start()
+        try:
+            for threads in sorted({1, cores}):
+                torch.set_num_threads(threads)
+                torch.manual_seed(0)
+                model = load_lora_model(model_dir, config.train, env).train()
+                batches = length_grouped_batches(rows, 4, 0)
+                result = measure(model, batches, True, steps, warmup, env["precision"] == "bf16")
+                study[f"busy{busy}_threads{threads}"] = result
+                print(f"busy processes {busy}, torch threads {threads}: {result['s_per_step']:.2f} s/step")
+                del model
+        finally:
+            for other in others:
+                other.terminate()
+    torch.set_num_threads(cores)
+    return study
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/anime_demo.yaml")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads-study", action="store_true", help="1 vs all threads, quiet and beside a busy process")
     parser.add_argument("--out", default=None, help="folder for cpu_train_step_<capability>.json")
     args = parser.parse_args()
 
-    from loraflow.training.model_loading import load_lora_model
-    from loraflow.training.planning import training_environment
 
     config = load_config(args.config)
     model_dir = resolve_model_dir(config.model, config.base_dir)
@@ -123,6 +158,7 @@ def main() -> None:
         results[name] = {"micro_batch": batch_size, "answer_only": answer_only, **result}
         print(f"{name:12s} mb={batch_size:2d} {result['s_per_step']:.2f} s/step  {result['s_per_epoch']:.1f} s/epoch  "
               f"{result['trained_tokens_per_s']:.0f} trained tok/s")
+    study = thread_study(model_dir, config, env, rows, args.steps, args.warmup) if args.threads_study else None
     base = results.get("baseline")
     if base:
         for name, result in results.items():
@@ -131,7 +167,8 @@ def main() -> None:
     if args.out:
         record = {"date": dt.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
                   "capability": capability, "threads": torch.get_num_threads(), "precision": env["precision"],
-                  "train_rows": len(rows), "steps": args.steps, "warmup": args.warmup, "results": results}
+                  "train_rows": len(rows), "steps": args.steps, "warmup": args.warmup, "results": results,
+                  "threads_study": study, "command": " ".join(["python", *__import__("sys").argv])}
         path = Path(args.out) / f"cpu_train_step_{capability.lower()}.json"
         path.write_text(json.dumps(record, indent=1))
         print(f"wrote {path}")

@@ -53,7 +53,7 @@ def test_answer_only_loss_equals_the_full_logits_loss_and_its_gradients(tiny_lor
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-4 * expected[name].abs().max().item(), msg=name)
 
 
-def train_three_steps(folder, tmp_path, answer_only: bool) -> list[float]:
+def train_three_steps(folder, tmp_path, answer_only: bool, check_callbacks: bool = False) -> list[float]:
     """Three Trainer steps on the tiny model's TOKENS rows; the logged losses."""
     import logging
 
@@ -73,6 +73,10 @@ def train_three_steps(folder, tmp_path, answer_only: bool) -> list[float]:
     trainer, _ = build_trainer(model, batches, config, env, tmp_path / f"ckpt-{answer_only}", identity={})
     assert trainer.answer_only_logits  # the CPU default
     trainer.answer_only_logits = answer_only
+    if check_callbacks:
+        from loraflow.cpu_threads import ThreadsForLoad
+
+        assert any(isinstance(c, ThreadsForLoad) for c in trainer.callback_handler.callbacks)
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

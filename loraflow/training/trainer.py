@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from loraflow.config.train import TrainConfig
+from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
 from loraflow.training.answer_loss import answer_only_loss, has_answer_only_loss
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
@@ -43,6 +44,8 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
         data_collator=batches.collator,
         callbacks=[recorder, guard, marker_writer, *([StepReport(on_step)] if on_step else []), *(callbacks or [])],
     )
+    if env["device"] == "cpu" and trainer.args.world_size == 1:  # the cores other processes leave free
+        trainer.add_callback(ThreadsForLoad(log if main_process else None))
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
     # The fast path's Liger loss already skips the full logits; elsewhere, in one process, only trained positions
