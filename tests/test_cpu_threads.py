@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad, threads_for_load
+from loraflow.training.model_loading import load_lora_model
 
 
 @pytest.mark.parametrize("cores, load, own, expected", [
@@ -39,8 +41,29 @@ def test_the_callback_follows_the_load_average(monkeypatch):
 
 
 def test_cpu_training_gets_the_callback(tmp_path):
-    from tests.test_answer_loss import train_three_steps
     from tests.tiny_llama import build_tiny_llama
 
-    losses = train_three_steps(build_tiny_llama(tmp_path / "tiny"), tmp_path, True, check_callbacks=True)
-    assert len(losses) == 3
+    losses, callbacks = train_three_steps(build_tiny_llama(tmp_path / "tiny"), tmp_path)
+    assert len(losses) == 3 and any(isinstance(callback, ThreadsForLoad) for callback in callbacks)
+
+
+def train_three_steps(folder, tmp_path) -> tuple[list[float], list]:
+    """Three Trainer steps on the tiny model's TOKENS rows (CPU); the logged losses and the callbacks."""
+    import logging
+
+    from transformers import AutoTokenizer, set_seed
+
+    from loraflow.training.data import plan_batches
+    from loraflow.training.trainer import build_trainer
+    from tests.tiny_llama import tokens_frame
+
+    config = TrainConfig(max_steps=3, micro_batch_size=2, learning_rate=1e-2, lora_dropout=0.0)
+    env = {"device": "cpu", "precision": "fp32", "quantization": "none", "optimizer": "adamw_torch"}
+    rows = tokens_frame(AutoTokenizer.from_pretrained(folder))
+    set_seed(0)
+    model = load_lora_model(folder, config, env)
+    batches = plan_batches(model, rows[rows["split"] == "train"], config, env, pad_id=2, packing=False, fast=False,
+                           log=logging.getLogger("test"))
+    trainer, _ = build_trainer(model, batches, config, env, tmp_path / "ckpt", identity={})
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer.callback_handler.callbacks

@@ -18,7 +18,6 @@ from pathlib import Path
 from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
-from loraflow.training.answer_loss import answer_only_loss, has_answer_only_loss
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.result import NonFiniteTrainingError
@@ -48,9 +47,6 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
         trainer.add_callback(ThreadsForLoad(log if main_process else None))
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
-    # The fast path's Liger loss already skips the full logits; elsewhere, in one process, only trained positions
-    # get logits (several processes keep transformers' loss: DDP's wrapper must run the forward).
-    trainer.answer_only_logits = not batches.fast and trainer.args.world_size == 1 and has_answer_only_loss(model)
     if config.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type.value}: "
                            "launch through train_adapter (accelerate launch with loraflow's FSDP config) on CUDA GPUs")
@@ -153,15 +149,6 @@ def resumable_trainer_class():
             return super().__iter__()
 
     class ResumableTrainer(Trainer):
-        answer_only_logits = False  # set by build_trainer: logits only at trained positions (answer_loss.py)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # A wrapped model (DDP, FSDP) must be called through its wrapper, whose forward syncs gradients.
-            wrapped = self.accelerator.unwrap_model(model) is not model
-            if not self.answer_only_logits or wrapped or return_outputs or "labels" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return answer_only_loss(model, inputs, num_items_in_batch)
-
         def _get_train_sampler(self, *args, **kwargs):  # (self, train_dataset=None) in 5.23, (self) in older releases
             sampler = super()._get_train_sampler(*args, **kwargs)
             if type(sampler) is not LengthGroupedSampler:
