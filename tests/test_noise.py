@@ -27,17 +27,24 @@ def test_the_is_gradient_checkpointing_deprecation_is_silenced_and_other_warning
     assert done.stdout.strip() == "['another FutureWarning']", done.stdout + done.stderr[-2000:]
 
 
-def test_the_gguf_float32_advice_is_dropped_only_inside_our_conversion(capfd):
+def test_the_gguf_float32_advice_is_dropped_only_inside_our_conversion():
+    import io
+    import logging
+
     from transformers.quantizers import quantizer_gguf
-    from transformers.utils import logging as hf_logging
 
     from loraflow.noise import GGUF_DTYPE_NOTICE, gguf_dtype_notice_dropped
 
-    hf_logging.enable_default_handler()
-    message = f"{GGUF_DTYPE_NOTICE}, and this one was asked for in torch.bfloat16."
-    with gguf_dtype_notice_dropped():
+    # Our own handler: transformers' default one keeps whichever stderr it first saw (pytest's, under xdist).
+    printed = io.StringIO()
+    handler = logging.StreamHandler(printed)
+    quantizer_gguf.logger.addHandler(handler)
+    try:
+        message = f"{GGUF_DTYPE_NOTICE}, and this one was asked for in torch.bfloat16."
+        with gguf_dtype_notice_dropped():
+            quantizer_gguf.logger.warning(message)
+            quantizer_gguf.logger.warning("some other GGUF warning")
         quantizer_gguf.logger.warning(message)
-        quantizer_gguf.logger.warning("some other GGUF warning")
-    quantizer_gguf.logger.warning(message)
-    printed = capfd.readouterr().err
-    assert printed.count(GGUF_DTYPE_NOTICE) == 1 and "some other GGUF warning" in printed
+    finally:
+        quantizer_gguf.logger.removeHandler(handler)
+    assert printed.getvalue().count(GGUF_DTYPE_NOTICE) == 1 and "some other GGUF warning" in printed.getvalue()
