@@ -193,6 +193,8 @@ def train_adapter(
     from transformers import set_seed
 
     set_seed(train_config.seed)
+    if fast:
+        check_budget_before_loading(model_dir, train_config, env, int(train_rows["length"].max()))
     model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code, fast=fast)
     trainable, total = _parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -384,6 +386,26 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
     plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
     log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)
     return rows, plan
+
+
+def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict, longest_example: int) -> None:
+    """Refuse (MemoryBudgetError, naming the smallest budget that works) a train.memory_budget_gb that even one
+    packed row with every layer checkpointed cannot keep: read from config.json, before any weights load."""
+    import importlib.util
+
+    from loraflow.training.speed import check_memory_budget
+
+    config_file = model_dir / "config.json"
+    if config.memory_budget_gb is None or not config_file.exists():
+        return
+    try:
+        check_memory_budget(
+            json.loads(config_file.read_text()), max(config.pack_max_tokens, longest_example), config.memory_budget_gb,
+            lora_r=config.lora_r, target_modules=config.target_modules, quantization=env["quantization"],
+            fused_head=importlib.util.find_spec("liger_kernel") is not None,
+        )
+    except (AttributeError, KeyError, TypeError):  # not a Llama-style config: the plan after loading decides alone
+        return
 
 
 def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:
