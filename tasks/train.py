@@ -433,6 +433,15 @@ def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, pac
     if estimate <= budget_gb or rows == 1:
         return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with {layers} layers checkpointed "
                       f"(estimated peak {estimate:.1f} GiB)")
+    # The estimate above keeps a 3 GiB reserve; the measured peaks of every-layer-checkpointed plans stayed within
+    # minimum_budget_gb (docs/speed.md, the frontier): 2 rows all checkpointed beat 1 row where that minimum fits.
+    from loraflow.training.speed import minimum_budget_gb
+
+    needed = minimum_budget_gb(model.config, rows * max_tokens, lora_r=config.lora_r, target_modules=config.target_modules,
+                               quantization=config.quantization, fused_head=fused_head)
+    if needed <= budget_gb:
+        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with every layer checkpointed "
+                      f"(calibrated minimum {needed:.1f} GiB; the plan's estimate with its reserve {estimate:.1f} GiB)")
     return 1, f"2 rows exceed {budget_gb:.1f} GiB even with every layer checkpointed (estimated {estimate:.1f} GiB): 1 row"
 
 

@@ -85,3 +85,15 @@ def test_the_train_stage_refuses_before_loading(tmp_path, monkeypatch):
     check_budget_before_loading(tmp_path, TrainConfig(pack_max_tokens=32768), env, 100)  # no budget set
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "other"}))
     check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=1), env, 100)  # unknown shape: no refusal
+
+
+def test_small_budgets_take_two_checkpointed_rows_where_the_calibrated_minimum_fits():
+    from tasks.train import choose_rows_per_micro_batch
+
+    model = _lora_model(TINY)
+    config = TrainConfig(quantization="none")
+    two_rows = minimum_budget_gb(TINY, 2 * 4096, quantization="none", fused_head=False)
+    # Below the 3 GiB reserve of the plan's own estimate, above the calibrated minimum: 2 rows, all checkpointed.
+    rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, two_rows + 0.01)
+    assert rows == 2 and "every layer checkpointed" in reason
+    assert choose_rows_per_micro_batch(model, config, 4096, 100, two_rows - 0.01)[0] == 1
