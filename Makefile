@@ -25,8 +25,9 @@ demo: setup
 prepare-demo: setup
 	$(BIN)/loraflow prepare configs/anime_demo.yaml
 
+# One worker per core (pytest-xdist); tests sharing a module fixture stay together (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadgroup
 
 clean:
 	rm -rf .loraflow

@@ -74,11 +74,10 @@ def _examples(args) -> list[dict]:
 
 
 def _stage_functions():
-    """The stage's setup functions; they may move from tasks/train.py into loraflow.training (the split)."""
-    try:
-        from tasks.train import configure_fast_path, load_lora_model, training_environment
-    except ImportError:  # after the move
-        from loraflow.training.setup import configure_fast_path, load_lora_model, training_environment  # type: ignore
+    """The train stage's own setup functions (loraflow.training)."""
+    from loraflow.training.model_loading import load_lora_model
+    from loraflow.training.planning import configure_fast_path, training_environment
+
     return load_lora_model, configure_fast_path, training_environment
 
 

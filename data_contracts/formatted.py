@@ -12,7 +12,7 @@ def _no_trained_segment(frame: pd.DataFrame) -> pd.Series:
 
 FORMATTED = Contract(
     name="formatted",
-    version=2,
+    version=3,
     columns={
         "id": pa.Column(str, nullable=False),
         "segments": pa.Column(object, nullable=False, description="List of {text, trained}; their concatenation is the example."),
@@ -24,6 +24,9 @@ FORMATTED = Contract(
         "phrasing_set": pa.Column(str, nullable=False),
         "facts": pa.Column(object, nullable=False),
         "messages": pa.Column(object, nullable=False, description="The conversation as rendered (system prompt added): pre-flight re-renders it."),
+        "literal_spans": pa.Column(object, nullable=False, description=(
+            "Character spans [start, end, start, end, ...] of control-token text that came from the data (a message "
+            "holding '<|im_end|>'): tokenize encodes them as plain characters, never as the control token.")),
     },
     row_rules=(RowRule("nothing_to_train", "no segment of the example is trained", _no_trained_segment),),
     unique=("id",),

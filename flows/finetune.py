@@ -16,13 +16,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
-from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.atomic import write_json_atomic
 from loraflow.caching import stage_cache_key
+from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.merging import MODEL_MANIFEST
+from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
+from loraflow.run_folder import link_model
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import local_root, run_locked
+from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
-from tasks.publish import MODEL_MANIFEST, CardFacts, SourceFacts, publish_task
-from tasks.train import ADAPTER_MANIFEST, base_model_fingerprint, train_task
+from tasks.publish import publish_task
+from tasks.train import train_task
 
 
 @flow(name="finetune", log_prints=True)
@@ -85,6 +90,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
         else:
             record_published(store_root, config.name, trained.fingerprint, published.model_dump())
+        summary["publish"]["run_model_link"] = str(link_model(run_dir, published.model_dir))
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
         card_path = Path(published.model_dir) / "README.md"
@@ -123,13 +129,9 @@ def previously_published(store_root: str, run_name: str, exclude_fingerprint: st
 
 
 def record_published(store_root: str, run_name: str, adapter_fingerprint: str, published: dict) -> None:
-    """Point `run_name`'s record at the model just published (written to a temp file, then renamed)."""
-    path = published_record_path(store_root, run_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Point `run_name`'s record at the model just published (written atomically)."""
     record = {"adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published}
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(record, indent=1))
-    temp.replace(path)
+    write_json_atomic(published_record_path(store_root, run_name), record)
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:
@@ -162,8 +164,9 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
         preflight=summary.get("preflight") or {},
         train_config=config.train.model_dump(mode="json"),
         train_metrics={k: summary["train"].get(k) for k in (
-            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "device", "quantization",
-            "precision", "optimizer", "seconds", "peak_memory_bytes", "peak_memory_kind")},
+            "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
+            "peak_memory_bytes", "peak_memory_kind")},
+        train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=evaluation.gate.model_dump(),
     )

@@ -23,17 +23,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash, source_name
+from loraflow.atomic import write_json_atomic
+from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
-from loraflow.stage import StageResult
+from loraflow.stage import StageResult, quarantine_reasons
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
-from tasks.ingest import ingest_task, source_fingerprint
+from tasks.ingest import ingest_task
 from tasks.preflight import preflight_task
 from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
+from tasks.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
 
 
@@ -55,7 +57,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     store = ArtifactStore(config.store_root())
     summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
 
-    # ---- ingest: one artifact per source, keyed by the source file's content hash
+    # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []
     for source in config.sources:
         fingerprint = source_fingerprint(source, config.base_dir)
@@ -65,10 +67,10 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         )
         raw_results.append(result)
         name = source_name(source)
-        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds)
+        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
         stage_artifact(config.name, f"ingest-{name}", result, store, cached)
         summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
-                                   "location": getattr(source, "path", None) or getattr(source, "repo", None),
+                                   "location": ", ".join(l.address for l in source_locations(source, config.base_dir)),
                                    "rows": result.rows_out})
 
     # ---- the tokenizer comes before format and tokenize: its fingerprint is part of both cache keys
@@ -79,6 +81,10 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     raw_refs = [r.output for r in raw_results]
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
+
+    summary["warnings"] = split_warnings(summary["stages"], config) + control_text_warnings(summary["stages"])
+    for warning in summary["warnings"]:
+        logger.warning(warning)
 
     # ---- pre-flight: fail here, not three hours into training
     summary["preflight"] = preflight_task(
@@ -94,6 +100,28 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
                 summary["prepare_seconds"])
     return summary
+
+
+def control_text_warnings(stages: dict) -> list[str]:
+    """Rows whose data spells a control token of the tokenizer (`<|im_end|>` in an answer): kept as plain text."""
+    format_stage = stages.get("format") or stages.get("format:merge") or {}
+    count = format_stage.get("stats", {}).get("control_text_rows", 0)
+    if not count:
+        return []
+    return [f"{count} row(s) contain the text of a control token (e.g. <|im_end|>) in a message: it is trained as plain "
+            f"characters, never as the control token (format.stats.control_text_rows) -> check those rows if that text "
+            f"is not meant to be there"]
+
+
+def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
+    """What the user should know about the split before training: an empty validation split (unless asked for)."""
+    tokenize = stages.get("tokenize") or stages.get("tokenize:merge") or {}
+    splits = tokenize.get("stats", {}).get("splits", {})
+    if not splits or splits.get("validation", 0) > 0 or config.tokenize.validation_fraction == 0:
+        return []
+    return [f"the validation split is empty ({splits.get('train', 0)} train examples, tokenize.validation_fraction="
+            f"{config.tokenize.validation_fraction}; the split goes by source id, so few rows can all land in train): "
+            f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
 
 
 def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
@@ -177,7 +205,7 @@ def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tok
 def record_stage(summary: dict, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,
                  store: ArtifactStore) -> None:
     """A stage's line in summary.json and its table artifact."""
-    summary["stages"][stage_name] = stage_summary(result, cached, seconds)
+    summary["stages"][stage_name] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
     stage_artifact(run_name, stage_name.replace(":", "-"), result, store, cached)
 
 
@@ -246,8 +274,8 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def stage_summary(result, cached: bool, seconds: float) -> dict:
-    """The per-stage line of summary.json."""
+def stage_summary(result, cached: bool, seconds: float, reasons: list[dict] | None = None) -> dict:
+    """The per-stage line of summary.json (`quarantine_reasons`: the top kinds of reason, see top_reasons)."""
     return {
         "rows_in": result.rows_in,
         "rows_out": result.rows_out,
@@ -255,6 +283,7 @@ def stage_summary(result, cached: bool, seconds: float) -> dict:
         "artifact": result.output.uri,
         "sha256": result.output.sha256,
         "quarantine": result.quarantine.uri if result.quarantine else None,
+        "quarantine_reasons": reasons or [],
         "cached": cached,
         "seconds": round(seconds, 3),
         "stats": result.stats,
@@ -271,8 +300,4 @@ def new_run_dir(config: PipelineConfig) -> Path:
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
     """Write summary.json atomically into the run folder."""
-    path = run_dir / "summary.json"
-    temp = path.with_suffix(".json.part")
-    temp.write_text(json.dumps(summary, indent=2, default=str))
-    temp.replace(path)
-    return path
+    return write_json_atomic(run_dir / "summary.json", summary, indent=2)

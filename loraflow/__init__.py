@@ -1,3 +1,7 @@
 """loraflow: sources -> instruction data -> tokens -> QLoRA adapter -> evaluated, merged, published model."""
 
 __version__ = "0.1.0"
+
+from loraflow.noise import quiet_library_warnings
+
+quiet_library_warnings()

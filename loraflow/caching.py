@@ -49,8 +49,11 @@ def _canonical(value):
     return value
 
 
-# Modules whose code shapes a stage's output: the stage itself and what it uses from these packages.
-CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.stage", "loraflow.store", "loraflow.models")
+# Modules whose code shapes a stage's output: the stage itself and what it uses from these packages (the train,
+# evaluate and publish stages keep their recipe in tasks/ and the work in the library modules named here).
+CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.stage", "loraflow.store", "loraflow.models",
+                 "loraflow.training", "loraflow.evaluation", "loraflow.merging", "loraflow.model_card", "loraflow.hub",
+                 "loraflow.atomic", "loraflow.tokens_input")
 
 
 @lru_cache(maxsize=None)

@@ -32,11 +32,13 @@ def cmd_check(args) -> int:
     config = load_or_report(args.config)
     if config is None:
         return 2
+    from tasks.sources import check_source, source_locations
+
+    # Each source checks itself: the file is there and readable, the database answers, the Hub dataset exists.
     problems = []
     for index, source in enumerate(config.sources):
-        path = getattr(source, "path", None)
-        if path and not config.resolve(path).exists():
-            problems.append(f"  sources.{index}.path: {config.resolve(path)} does not exist -> fix the path (relative paths start at the config's folder)")
+        key = ".".join(["sources", str(index), *(l.key for l in source_locations(source, config.base_dir)[:1])])
+        problems += [f"  {key}: {problem}" for problem in check_source(source, config.base_dir)]
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)\n" + "\n".join(problems), file=sys.stderr)
         return 2
@@ -67,11 +69,18 @@ def cmd_prepare(args) -> int:
 
 
 def print_stage_table(summary: dict) -> None:
-    """A short per-stage table: rows in/out/quarantined, cached, seconds."""
+    """A short per-stage table: rows in/out/quarantined, cached, seconds; then the top quarantine reasons."""
     print(f"{'stage':<28}{'in':>8}{'out':>8}{'quar.':>8}{'cached':>8}{'sec':>8}")
     for name, stage in summary["stages"].items():
         print(f"{name:<28}{stage['rows_in']:>8}{stage['rows_out']:>8}{stage['rows_quarantined']:>8}"
               f"{'yes' if stage['cached'] else 'no':>8}{stage['seconds']:>8.2f}")
+    reasons = {name: stage["quarantine_reasons"] for name, stage in summary["stages"].items() if stage.get("quarantine_reasons")}
+    if reasons:
+        print("quarantined rows, top reasons per stage (all of them: each stage's `quarantine` in summary.json):")
+    for name, top in reasons.items():
+        for reason in top:
+            similar = " (and similar)" if reason["similar"] else ""
+            print(f"  {name:<26}{reason['rows']:>6} x {reason['example'][:160]}{similar}")
 
 
 def cmd_run(args) -> int:
@@ -85,6 +94,12 @@ def cmd_run(args) -> int:
     print_stage_table(summary)
     print_eval_table(summary)
     print(Path(summary["run_dir"]) / "summary.json")
+    if not summary["publish"]["gate_passed"]:
+        from loraflow.errors import GateFailed
+
+        raise GateFailed(f"the evaluation gate refused the fine-tuned model, nothing was published: "
+                         f"{'; '.join(summary['publish']['gate_reasons'])} -> improve the data or training, or change "
+                         f"eval.gate in the config")
     return 0
 
 
@@ -96,7 +111,7 @@ def print_eval_table(summary: dict) -> None:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
     publish = summary["publish"]
     print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
-          f"model: {publish.get('model_dir', 'not published')}")
+          f"model: {publish.get('run_model_link') or publish.get('model_dir', 'not published')}")
 
 
 def _num(value) -> str:
@@ -105,15 +120,17 @@ def _num(value) -> str:
 
 def cmd_ask(args) -> int:
     """Answer a question with the model a run published (streamed)."""
-    summary_path = Path(args.run_dir) / "summary.json"
-    if not summary_path.exists():
-        print(f"{summary_path}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
+    from loraflow.run_folder import published_model_dir
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists():
+        print(f"{run_dir / 'summary.json'}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
         return 2
-    model_dir = json.loads(summary_path.read_text()).get("publish", {}).get("model_dir")
-    if not model_dir:
+    model_dir = published_model_dir(run_dir)
+    if model_dir is None:
         print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
         return 2
-    from tasks.publish import ask
+    from loraflow.inference import ask
 
     for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)
@@ -155,40 +172,104 @@ def cmd_notify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `loraflow` argument parser: one subcommand per job, every argument with its help."""
     parser = argparse.ArgumentParser(prog="loraflow", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show every log line and traceback on the console (they always go to the run's log file)")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="validate a config file")
-    check.add_argument("config")
-    check.set_defaults(handler=cmd_check)
-    schema = commands.add_parser("schema", help="print the config JSON schema")
-    schema.set_defaults(handler=cmd_schema)
-    prepare = commands.add_parser("prepare", help="run the data half (sources -> verified tokens)")
-    prepare.add_argument("config")
-    prepare.set_defaults(handler=cmd_prepare)
-    run = commands.add_parser("run", help="run the whole pipeline (prepare, train, evaluate, publish)")
-    run.add_argument("config")
-    run.set_defaults(handler=cmd_run)
-    ask = commands.add_parser("ask", help="ask the model a run published")
-    ask.add_argument("run_dir")
-    ask.add_argument("question")
-    ask.add_argument("--max-new-tokens", type=int, default=256)
-    ask.set_defaults(handler=cmd_ask)
-    notify = commands.add_parser("notify-on-failure", help="post failed runs to a webhook (Prefect automation)")
-    notify.add_argument("webhook_url")
-    notify.set_defaults(handler=cmd_notify)
-    server = commands.add_parser("server", help="start a local Prefect server + worker (and deploy prefect.yaml)")
-    server.add_argument("--port", type=int, default=4200)
-    server.add_argument("--database-url", default=None, help="e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")
+    config_help = "the run's YAML config (see `loraflow schema`; relative paths in it start at its folder)"
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".", parents=[common])
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("check", cmd_check, "validate a config file and the paths it names").add_argument("config", help=config_help)
+    command("schema", cmd_schema, "print the config JSON schema (every key, its description and default)")
+    command("prepare", cmd_prepare, "run the data half (sources -> verified tokens); prints the summary path last") \
+        .add_argument("config", help=config_help)
+    command("run", cmd_run, "run the whole pipeline (prepare, train, evaluate, publish); prints the summary path last") \
+        .add_argument("config", help=config_help)
+    ask = command("ask", cmd_ask, "ask the model a run published (the answer is streamed)")
+    ask.add_argument("run_dir", help="the run folder `loraflow run` printed (summary.json, model/), or a model folder")
+    ask.add_argument("question", help="the question, quoted")
+    ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
+    notify = command("notify-on-failure", cmd_notify, "post failed runs to a webhook (Prefect automation)")
+    notify.add_argument("webhook_url", help="URL that receives a POST for every failed or crashed flow run")
+    server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
+    server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
+    server.add_argument("--database-url", default=None,
+                        help="server database; default SQLite in PREFECT_HOME, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")
     server.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip `prefect deploy --all`")
-    server.set_defaults(handler=cmd_server)
     return parser
+
+
+# Commands that run flows: their user errors (user_error_types) are printed once (see loraflow/errors.py).
+REPORTED = ("prepare", "run")
 
 
 def main(argv=None) -> int:
     """Entry point of the `loraflow` console script."""
     quiet_offline_prefect()
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    if args.command not in REPORTED or args.debug:
+        return args.handler(args)
+    return run_reported(args)
+
+
+def run_reported(args) -> int:
+    """Run a flow command; a user error (config, source, contract, gate) prints once with its fix, exit 1."""
+    import logging
+
+    import prefect  # noqa: F401 - configures Prefect's console logging, which the filter goes on
+
+    from loraflow.errors import log_file, plain_message, quiet_console, record_traceback
+
+    types = user_error_types()
+    quiet = quiet_console(types)
+    handler = log_file(log_folder(args.config), args.command)
+    try:
+        return args.handler(args)
+    except types as error:
+        record_traceback(handler, error)
+        print(plain_message(error, handler.baseFilename), file=sys.stderr)
+        return 1
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        for console in logging.getLogger().handlers:
+            console.removeFilter(quiet)
+
+
+def user_error_types() -> tuple[type, ...]:
+    """The exception types whose message already says what is wrong and how to fix it.
+
+    Listed here, in the entry point, because the stages define most of them and the library never imports a stage.
+    """
+    from data_contracts.base import ContractViolation
+    from loraflow.config.pipeline import ConfigError
+    from loraflow.errors import GateFailed
+    from loraflow.models import ModelSourceError
+    from tasks.preflight import PreflightError
+    from tasks.sources.common import SourceError
+    from tasks.synthesize import SynthesizeError
+    from tasks.tokenize import TruncationError
+
+    return (ConfigError, SourceError, SynthesizeError, ContractViolation, TruncationError, PreflightError,
+            ModelSourceError, GateFailed)
+
+
+def log_folder(config_path: str) -> Path:
+    """Where a command's log file goes: <runs_dir>/<name>/logs/, or loraflow's cache when the config is invalid."""
+    from loraflow.config.pipeline import ConfigError, load_config
+    from loraflow.models import cache_dir
+
+    try:
+        config = load_config(config_path)
+    except ConfigError:
+        return cache_dir() / "logs"
+    return config.runs_root() / config.name / "logs"
 
 
 if __name__ == "__main__":

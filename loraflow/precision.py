@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraflow.atomic import write_json_atomic
+
 # bf16 must beat fp32 by this factor to be chosen (a tie is not worth bf16's rounding).
 BF16_MIN_SPEEDUP = 1.15
 _X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -155,9 +157,6 @@ def _write_cache(path: Path, key: str, value: dict) -> None:
     entries = _read_cache(path)
     entries[key] = value
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(entries, indent=1))
-        os.replace(temp, path)
+        write_json_atomic(path, entries)
     except OSError:
         pass  # a read-only cache only costs the benchmark again

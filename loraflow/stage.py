@@ -1,5 +1,7 @@
 """What every stage returns, and the one way a stage writes its output and its quarantine."""
 
+import re
+
 import pandas as pd
 from pydantic import BaseModel, Field
 
@@ -72,3 +74,28 @@ def read_input(store: ArtifactStore, ref: ArtifactRef, contract: Contract) -> pd
     frame = store.read(ref)
     check_structure(frame, contract, where=ref.uri)
     return frame
+
+
+# Numbers and quoted values vary row by row ("invalid JSON at line 7", "Producers is 'UNKNOWN'"): reasons that
+# differ only there are one kind of reason.
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|\d+")
+
+
+def top_reasons(reasons: pd.Series, count: int = 3) -> list[dict]:
+    """The `count` most frequent kinds of quarantine reason: [{example, rows, similar}], most rows first.
+
+    `example` is the first reason of its kind as written; `similar` says whether others of the kind differ from it.
+    """
+    if len(reasons) == 0:
+        return []
+    kinds = reasons.astype(str).str.replace(_VARYING, "#", regex=True)
+    top = []
+    for kind, rows in kinds.value_counts(sort=True).head(count).items():
+        members = reasons[kinds == kind].astype(str)
+        top.append({"example": members.iloc[0], "rows": int(rows), "similar": bool(members.nunique() > 1)})
+    return top
+
+
+def quarantine_reasons(store: ArtifactStore, result: StageResult, count: int = 3) -> list[dict]:
+    """top_reasons of a stage's quarantine artifact (none when it set nothing aside)."""
+    return top_reasons(store.read(result.quarantine)["reason"], count) if result.quarantine is not None else []

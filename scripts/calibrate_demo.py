@@ -82,7 +82,7 @@ def tokens_rows(tokenizer, items: list[tuple]) -> pd.DataFrame:
 
 def replay_answers(model_dir: Path, tokenizer, questions: list[str]) -> list[tuple[str, str]]:
     """(question, base answer) for answers that ended by themselves: a cut-off answer + EOS would teach rambling."""
-    from tasks.evaluate import generate_answers, load_for_inference, stop_token_ids
+    from loraflow.evaluation.generation import generate_answers, load_for_inference, stop_token_ids
 
     model = load_for_inference(model_dir)
     answers = generate_answers(model, tokenizer, [prompt_of(tokenizer, q) for q in questions], max_new_tokens=64,

@@ -15,7 +15,7 @@ from loraflow.config.model import ModelConfig
 from loraflow.models import resolve_model_dir
 from transformers import AutoTokenizer
 
-from tasks.evaluate import generate_answers, load_for_inference, stop_token_ids
+from loraflow.evaluation.generation import generate_answers, load_for_inference, stop_token_ids
 
 SYSTEM_PROMPT = "You are an anime catalog assistant."
 PROMPTS = [

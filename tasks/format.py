@@ -4,6 +4,10 @@ Each conversation is rendered by the configured template (tasks/templates/) into
 concatenation is the training text; trained segments are the assistant contents plus the end-of-turn/EOS
 marker after each. `prompt` is the text before the final answer (what inference is given, generation
 prompt included), `reference` the final answer. Rows a template cannot render are quarantined.
+
+Text from the data that spells one of the tokenizer's control tokens (`<|im_end|>` inside an answer) is
+rendered as it is, and its spans go into `literal_spans` so tokenize keeps it plain text
+(tasks/templates/control_text.py); such rows are counted (`control_text_rows`) and warned about.
 """
 
 from functools import lru_cache
@@ -18,6 +22,7 @@ from loraflow.stage import StageResult, read_input, write_stage_output
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import stage_task
 from tasks.templates import ChatTemplate, build_template, render_text, with_system
+from tasks.templates.control_text import ControlTextGuard
 
 PASSTHROUGH = ("kind", "source_id", "phrasing_set", "facts")
 
@@ -42,37 +47,48 @@ def format_conversations(conversations: pd.DataFrame, config: FormatConfig, toke
     """Render every conversation; returns (formatted rows, quarantined rows, stats)."""
     template = build_template(config.template, tokenizer)
     messages = [with_system(m, config.system_prompt) for m in conversations["messages"]]
+    # Whitespace at a turn's edges is data unless the config says otherwise; either way it is counted, never silent.
+    edge_turns = sum(m["content"] != m["content"].strip() for conversation in messages for m in conversation)
+    if config.strip_whitespace:
+        messages = [[{**m, **{key: m[key].strip() for key in ("content", "input") if isinstance(m.get(key), str)}}
+                     for m in conversation] for conversation in messages]
     kinds = conversations["kind"].tolist()
-    stats = {"template": config.template}
+    stats = {"template": config.template, "strip_whitespace": config.strip_whitespace,
+             "whitespace_stripped_turns" if config.strip_whitespace else "turns_with_edge_whitespace_kept": edge_turns}
     if isinstance(template, ChatTemplate):
         stats.update(_check_fast_render(template, messages, kinds, config.verify_sample))
 
+    guard = ControlTextGuard(template.facts.special_texts)
     rows, bad_positions, bad_reasons = [], [], []
     for position, (conversation, kind) in enumerate(zip(messages, kinds)):
         try:
+            escaped, has_control_text = guard.escape(conversation)
             if kind == "text":
-                rendered = render_text(_last_answer(conversation), template.facts)
+                rendered = render_text(_last_answer(escaped), template.facts)
             else:
-                rendered = template.render(conversation)
+                rendered = template.render(escaped)
+            rendered, literal_spans = guard.restore(rendered) if has_control_text else (rendered, [])
         except Exception as error:  # noqa: BLE001 - Jinja and template errors alike: the row is quarantined with the message
             bad_positions.append(position)
             bad_reasons.append(f"render_failed: template {config.template} could not render this conversation ({error})")
             continue
-        rows.append((position, rendered, conversation))
+        rows.append((position, rendered, conversation, literal_spans))
 
     source = conversations.reset_index(drop=True)
-    keep = [position for position, _, _ in rows]
+    keep = [position for position, _, _, _ in rows]
     formatted = pd.DataFrame({
         "id": source["id"].to_numpy()[keep] if keep else [],
-        "segments": [[{"text": text, "trained": trained} for text, trained in r.segments] for _, r, _ in rows],
-        "prompt": [r.prompt for _, r, _ in rows],
-        "reference": [r.reference for _, r, _ in rows],
+        "segments": [[{"text": text, "trained": trained} for text, trained in r.segments] for _, r, _, _ in rows],
+        "prompt": [r.prompt for _, r, _, _ in rows],
+        "reference": [r.reference for _, r, _, _ in rows],
         "template": [config.template] * len(rows),
         **{column: source[column].to_numpy()[keep] if keep else [] for column in PASSTHROUGH},
-        "messages": [conversation for _, _, conversation in rows],
+        "messages": [conversation for _, _, conversation, _ in rows],
+        "literal_spans": [spans for _, _, _, spans in rows],
     })
     quarantined = quarantine_rows(source.iloc[bad_positions], pd.Series(bad_reasons, index=bad_positions), "formatted")
-    stats.update({"rendered": len(rows), "render_failed": len(bad_positions)})
+    stats.update({"rendered": len(rows), "render_failed": len(bad_positions),
+                  "control_text_rows": sum(bool(spans) for _, _, _, spans in rows)})
     return formatted, quarantined, stats
 
 

@@ -15,12 +15,11 @@ from prefect.exceptions import MissingContextError
 
 from data_contracts import RAW
 from data_contracts.base import quarantine_rows
-from loraflow.config.pipeline import config_hash, source_name
+from loraflow.config.pipeline import config_hash
 from loraflow.stage import StageResult, write_stage_output
-from loraflow.store import ArtifactStore, file_sha256
+from loraflow.store import ArtifactStore
 from loraflow.tasking import stage_task
-from tasks.sources import SOURCES, Rejected, SourceConfig, SourceError
-from tasks.sources.common import existing_file
+from tasks.sources import SOURCES, Rejected, SourceConfig, SourceError, source_fingerprint, source_name
 
 PROVENANCE = ("_source", "_row")
 
@@ -66,20 +65,12 @@ def check_arrow_types(rows: pd.DataFrame, name: str) -> None:
             pa.array(rows[column], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
             kinds = rows[column].dropna().map(lambda value: type(value).__name__).value_counts().to_dict()
+            nested = {"list", "dict"} & set(kinds)
+            hint = "make every value a list (or every value text)" if nested else "quote the numbers so every value is text"
             raise SourceError(
-                f"source {name!r}: column {column!r} mixes value types {kinds} ({error}) -> give the column one "
-                f"type in the data (e.g. quote the numbers so every value is text)"
+                f"source {name!r}: column {column!r} mixes value types {kinds} with no kind held by most rows "
+                f"({error}) -> give the column one type in the data (e.g. {hint})"
             ) from None
-
-
-def source_fingerprint(source, base_dir) -> str:
-    """What the source's content is, for the stage cache key: sha256 of the file, or the module's own notion."""
-    module = SOURCES[source.kind]
-    if hasattr(module, "fingerprint"):
-        return module.fingerprint(source, base_dir)
-    if not hasattr(source, "path"):
-        raise TypeError(f"source kind {source.kind!r} has no `path`: define fingerprint(config, base_dir) in {module.__name__}")
-    return file_sha256(existing_file(source.path, base_dir))
 
 
 def run_ingest(source, store: ArtifactStore, base_dir) -> StageResult:
@@ -100,7 +91,7 @@ def run_ingest(source, store: ArtifactStore, base_dir) -> StageResult:
 
 @stage_task(name="ingest")
 def ingest_task(source: SourceConfig, base_dir: str, store_root: str, source_fingerprint: str) -> StageResult:
-    """Prefect task: ingest one source. `source_fingerprint` (the file's hash) is only there for the cache key."""
+    """Prefect task: ingest one source. `source_fingerprint` (what the data is now) is only there for the cache key."""
     return run_ingest(source, ArtifactStore(store_root), base_dir)
 
 

@@ -129,7 +129,11 @@ def check_prompts(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, tok
     """Compare training prompt tokens (input_ids[:answer_start]) with the inference prompt's tokens on an
     evenly spread sample of chat examples (not kind=text, not truncated): apply_chat_template(messages[:-1],
     add_generation_prompt=True) for chat_template, else the formatted `prompt` text tokenized alone (reported)."""
-    candidates = tokens_frame[(tokens_frame["kind"] != "text") & ~tokens_frame["truncated"]].reset_index(drop=True)
+    # Rows whose data spells a control token are tokenized with it as plain text, which apply_chat_template
+    # (and a plain tokenizer call) would not do: they are left out here and counted.
+    literal = set(formatted_frame["id"][formatted_frame["literal_spans"].map(len) > 0]) if "literal_spans" in formatted_frame else set()
+    candidates = tokens_frame[(tokens_frame["kind"] != "text") & ~tokens_frame["truncated"]
+                              & ~tokens_frame["id"].isin(literal)].reset_index(drop=True)
     messages_by_id = dict(zip(formatted_frame["id"], formatted_frame["messages"]))
     checked, mismatched = 0, []
     for position in evenly_spaced(len(candidates), sample):
@@ -143,7 +147,8 @@ def check_prompts(tokens_frame: pd.DataFrame, formatted_frame: pd.DataFrame, tok
         if list(np.asarray(row["input_ids"])[: row["answer_start"]]) != list(expected):
             mismatched.append(row["id"])
     return {"against": "apply_chat_template" if chat_template else "prompt_text", "checked": checked,
-            "mismatched": len(mismatched), "examples": mismatched[:10]}
+            "mismatched": len(mismatched), "examples": mismatched[:10],
+            "skipped_control_text": int(tokens_frame["id"].isin(literal).sum())}
 
 
 def run_preflight(tokens_ref: ArtifactRef, formatted_ref: ArtifactRef, format_config: FormatConfig, tokenizer_dir: str,

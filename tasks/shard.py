@@ -149,7 +149,8 @@ def run_merge_formatted(conversations_refs: list[ArtifactRef], formatted_refs: l
     origin = example_origins(store, conversations_refs)
     formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], origin, source_names)
     return write_stage_output(store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(formatted),
-                              config_hash=format_config_hash, stats={"shards": len(formatted_refs)})
+                              config_hash=format_config_hash, stats={"shards": len(formatted_refs),
+                              "control_text_rows": int(formatted["literal_spans"].map(len).gt(0).sum())})
 
 
 @stage_task(name="format-merge")

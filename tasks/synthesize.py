@@ -19,7 +19,8 @@ from loraflow.stage import StageResult, read_input, write_stage_output
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import stage_task
 from tasks.synthesizers import SYNTHESIZERS
-from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused
+from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
+from tasks.synthesizers.duplicates import conflicting_duplicates
 
 __all__ = ["SynthesizeError", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 
@@ -68,14 +69,19 @@ def synthesize_frame(
                      for kind in (kinds or [None] * len(raw_frames))]
     for frame, frame_config in zip(raw_frames, frame_configs):
         check_columns([frame], frame_config)
-    conversation_parts, quarantine_parts, extra_stats = [], [], {"rows_expanded": 0}
-    offset = 0
     # Each source is synthesized on its own frame, so a row's quarantine copy has only its own columns.
+    outputs = []
     for frame, frame_config in zip(raw_frames, frame_configs):
         module, options = SYNTHESIZERS[frame_config.kind], getattr(frame_config, frame_config.kind)
         rows = frame.reset_index(drop=True)
         with gc_paused():
             conversations, skipped = module.synthesize(rows, options)
+        outputs.append((rows, module, options, conversations, skipped))
+    outputs = without_conflicting_duplicates(outputs, config.duplicate_ids)
+
+    conversation_parts, quarantine_parts, extra_stats = [], [], {"rows_expanded": 0}
+    offset = 0
+    for rows, module, options, conversations, skipped in outputs:
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
         units, per_unit = module.expansion(options)
@@ -91,6 +97,33 @@ def synthesize_frame(
     conversations = pd.concat(conversation_parts, ignore_index=True)[CONVERSATION_COLUMNS]
     conversations.attrs = {"stats": extra_stats}
     return conversations, pd.concat(quarantine_parts, ignore_index=True)
+
+
+def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tuple]:
+    """Per source (rows, module, options, conversations, skipped): the conversations of rows whose id another row
+    holds with different facts moved to `skipped`, one entry per emitted unit (kind), across all sources."""
+    keys, rows_of, offset = [], [], 0
+    for rows, _, _, conversations, _ in outputs:
+        position = dict(zip(zip(rows["_source"].tolist(), rows["_row"].tolist()), range(offset, offset + len(rows))))
+        rows_of += [position[key] for key in zip(conversations["source"].tolist(), conversations["source_row"].tolist())]
+        keys += [f"{source}:{row}" for source, row in zip(rows["_source"].tolist(), rows["_row"].tolist())]
+        offset += len(rows)
+    everything = pd.concat([conversations for *_, conversations, _ in outputs], ignore_index=True)
+    set_aside = conflicting_duplicates(everything, rows_of, dict(enumerate(keys)), keep)
+    if not set_aside:
+        return outputs
+    cleaned, offset, start = [], 0, 0
+    for rows, module, options, conversations, skipped in outputs:
+        own = rows_of[start:start + len(conversations)]
+        drop = pd.Series([row in set_aside for row in own], index=conversations.index, dtype=bool)
+        units = dict.fromkeys((row, kind) for row, kind, dropped in zip(own, conversations["kind"].tolist(), drop) if dropped)
+        added = skipped_frame([row - offset for row, _ in units], [kind for _, kind in units],
+                              [set_aside[row][0] for row, _ in units], [set_aside[row][1] for row, _ in units])
+        kept = conversations[~drop].reset_index(drop=True)
+        kept.attrs = conversations.attrs
+        cleaned.append((rows, module, options, kept, pd.concat([skipped, added], ignore_index=True)))
+        offset, start = offset + len(rows), start + len(conversations)
+    return cleaned
 
 
 def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:

@@ -6,10 +6,16 @@ tokens (`char_to_token`), never from tokenizing prompt and answer separately and
 may equal EOS, and the EOS after each answer must be trained). A token that holds any trained character is
 trained (BPE merges the space before an answer into its first word).
 
+Control-token text that came from the data (the formatted `literal_spans`, e.g. `<|im_end|>` inside an answer)
+is encoded as plain characters with the tokenizer's own `encode_special_tokens` (split_special_tokens); only the
+control tokens the template wrote stay control tokens. Such rows are counted (`control_text_rows`).
+
 Order: tokenize -> length policy -> split -> exact-duplicate removal -> leakage check -> contract.
 """
 
+import bisect
 import hashlib
+import re
 from itertools import chain
 
 import numpy as np
@@ -66,6 +72,53 @@ def encode(texts: list[str], tokenizer):
     return backend.encode_batch(texts, add_special_tokens=False)
 
 
+class PiecewiseEncoding:
+    """ids and offsets of a text encoded piece by piece, with `char_to_token` like a tokenizers Encoding."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]]):
+        self.ids, self.offsets = ids, offsets
+        self._starts = [start for start, _ in offsets]
+
+    def char_to_token(self, char: int) -> int | None:
+        index = bisect.bisect_right(self._starts, char) - 1
+        return index if index >= 0 and self.offsets[index][0] <= char < self.offsets[index][1] else None
+
+
+def control_token_pattern(tokenizer):
+    """A regex of every special token's text (longest first), or None."""
+    texts = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    texts.update(tokenizer.all_special_tokens)
+    texts = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def encode_with_literals(text: str, literal_spans, tokenizer, pattern) -> PiecewiseEncoding:
+    """Encode `text` so that the characters in `literal_spans` ([start, end, ...]) are plain text even where they
+    spell a control token; control tokens elsewhere (written by the template) stay control tokens."""
+    backend = tokenizer.backend_tokenizer
+    literal = [(int(a), int(b)) for a, b in zip(literal_spans[0::2], literal_spans[1::2])]
+    # The tokenizer splits text at every control token anyway, so encoding the stretches between the template's
+    # control tokens apart gives the same tokens as one call, except that literal control text stays characters.
+    cuts = [m.span() for m in pattern.finditer(text) if not any(a < m.end() and m.start() < b for a, b in literal)]
+    ids, offsets, position = [], [], 0
+    pieces = []
+    for start, end in cuts + [(len(text), len(text))]:
+        if start > position:
+            pieces.append((position, text[position:start], True))
+        if end > start:
+            pieces.append((start, text[start:end], False))
+        position = end
+    for offset, piece, plain in pieces:
+        backend.encode_special_tokens = plain
+        try:
+            encoding = backend.encode(piece, add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = False
+        ids += encoding.ids
+        offsets += [(offset + a, offset + b) for a, b in encoding.offsets]
+    return PiecewiseEncoding(ids, offsets)
+
+
 def unrepresentable_bytes(tokenizer) -> set[int]:
     """Bytes a byte-level BPE vocabulary has no token for (SmolLM2 lacks 0x04, 0x06, 0x13, 0x14, 0x16, 0x1d, 0xf1,
     0xf2: text holding them tokenizes lossily); empty for other tokenizers, which fall back to <unk> or bytes."""
@@ -111,6 +164,11 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     formatted = formatted.reset_index(drop=True)
     texts, spans = texts_and_spans(formatted["segments"])
     encodings = encode(texts, tokenizer)
+    literal_rows = [row for row, literal in enumerate(formatted.get("literal_spans", [])) if len(literal)]
+    if literal_rows:
+        pattern = control_token_pattern(tokenizer)
+        for row in literal_rows:
+            encodings[row] = encode_with_literals(texts[row], formatted.at[row, "literal_spans"], tokenizer, pattern)
 
     # ---- flat arrays: one int32 array of all ids, row boundaries in `starts`
     ids_lists = [encoding.ids for encoding in encodings]
@@ -137,7 +195,7 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
         trained[:] = True
     flat_labels = np.where(trained, flat_ids, IGNORE_INDEX).astype(np.int32)
 
-    stats: dict = {"rows_in": len(formatted)}
+    stats: dict = {"rows_in": len(formatted), "control_text_rows": len(literal_rows)}
     reasons = np.full(len(formatted), None, dtype=object)  # why a row is set aside; None = kept
 
     # ---- characters the vocabulary cannot spell would be trained as other tokens: set the rows aside

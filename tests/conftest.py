@@ -15,6 +15,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Under pytest-xdist (README's `make test`: one worker per core) each worker and the runs it starts use one
+# thread: two workers with two threads each on two cores make every matmul wait for a busy core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist's `--dist loadgroup`: long tests (`slow`) first, so parallel workers do not end on one
+    of them alone; the tests of a module that shares a module-scoped fixture (a server, a trained adapter) stay
+    on one worker, so that fixture is built once."""
+    for item in items:
+        definitions = item._fixtureinfo.name2fixturedefs.values()
+        if any(defs[-1].scope == "module" for defs in definitions):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,24 @@ def test_every_problem_is_listed_with_key_and_fix(tmp_path):
     assert "use one of the allowed values" in message
 
 
+def test_a_misspelled_key_gets_did_you_mean_at_every_depth(tmp_path):
+    path = write(tmp_path, (
+        "name: demo\ntokenise: {max_length: 10}\n"
+        "sources:\n  - {kind: csv, path: a.csv, encodng: utf-8}\n  - {kind: json, path: b.jsonl, max_row: 3}\n"
+        "synthesize: {anime_qa: {trained_phrasing: 2, columns: {nmae: Title}}}\n"
+        "train: {learning_rte: 1, zzzz: 1}\n"
+    ))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    lines = str(error.value).splitlines()
+    expected = {"tokenise": "tokenize", "sources.0.csv.encodng": "encoding", "sources.1.json.max_row": "max_rows",
+                "synthesize.anime_qa.trained_phrasing": "trained_phrasings", "synthesize.anime_qa.columns.nmae": "name",
+                "train.learning_rte": "learning_rate"}
+    for key, meant in expected.items():
+        assert any(line.startswith(f"  {key}:") and f"did you mean `{meant}`?" in line for line in lines), (key, lines)
+    assert any(line.startswith("  train.zzzz:") and "did you mean" not in line for line in lines)
+
+
 def test_cross_field_rules_say_how_to_fix(tmp_path):
     with pytest.raises(ConfigError, match="needs model.revision pinned"):
         load_config(write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\nmodel: {trust_remote_code: true}\n"))
@@ -100,3 +118,49 @@ def test_paths_confined_to_data_roots(tmp_path):
     assert "sources.0.path" in str(error.value) and "sources.1.path" in str(error.value)
     with pytest.raises(ConfigError, match="store"):
         check_confinement(config.model_copy(update={"store": "/tmp/outside-store"}), str(inside))
+
+
+def test_the_deployment_form_names_every_source_kind():
+    """The Prefect UI's source-kind selector shows each member's schema title: they must say what each kind is."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune_flow
+
+    schema = parameter_schema(finetune_flow).model_dump()  # what `prefect deploy` stores as parameter_openapi_schema
+    definitions = schema["definitions"]
+    sources = definitions["PipelineConfig"]["properties"]["sources"]["items"]
+    titles = sorted(definitions[member["$ref"].rsplit("/", 1)[-1]]["title"] for member in sources["oneOf"])
+    assert titles == ["CSV file", "Hugging Face dataset", "JSON / JSONL file", "Parquet file", "SQL query"]
+
+
+def test_a_source_without_path_or_repo_gets_its_default_name_and_is_confined(tmp_path):
+    import sqlite3
+
+    from loraflow.config.pipeline import confinement_problems
+
+    sqlite3.connect(tmp_path / "rows.db").close()
+    config = PipelineConfig(name="c", base_dir=str(tmp_path / "configs"), store=str(tmp_path / "store"),
+                            runs_dir=str(tmp_path / "runs"),
+                            sources=[{"kind": "sql", "url": "sqlite:///../rows.db", "query": "SELECT 1 AS text"}])
+    [problem] = confinement_problems(config, [str(tmp_path / "configs"), str(tmp_path / "store"), str(tmp_path / "runs")])
+    assert problem.startswith("  sources.0.url:") and "rows.db" in problem
+    assert confinement_problems(config, [str(tmp_path)]) == []
+
+
+def test_cli_check_runs_each_sources_own_check(tmp_path, capsys):
+    import sqlite3
+
+    from loraflow.cli import main
+
+    with sqlite3.connect(tmp_path / "rows.db") as connection:
+        connection.execute("CREATE TABLE rows (text TEXT)")
+    connection.close()
+    config = tmp_path / "sql.yaml"
+    config.write_text("name: d\nsources:\n  - {kind: sql, url: 'sqlite:///rows.db', table: rows}\n"
+                      "  - {kind: sql, url: 'sqlite:///gone.db', table: rows, name: gone}\n"
+                      "  - {kind: sql, url: 'sqlite:///rows.db', table: nope, name: nope}\n")
+    assert main(["check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "sources.1.url: " in err and "gone.db: does not exist" in err
+    assert "sources.2.url: " in err and "no such table: nope" in err
+    assert not (tmp_path / "gone.db").exists()

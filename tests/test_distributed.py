@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from loraflow.config.train import TrainConfig
 from loraflow.training.launch import accelerate_config, decoder_layer_classes, launch_command, resolve_num_processes
-from tasks.train import CHECKPOINT_MARKER
+from loraflow.training.checkpoints import CHECKPOINT_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 # Loss parity tolerance: fp32, the same examples per optimizer step; what differs is the order of float sums
@@ -182,7 +182,8 @@ def ddp_run(tiny_model, tokens, tmp_path_factory, prefect_api):
 def test_ddp_two_processes_return_one_train_result_through_the_prefect_task(ddp_run, tiny_model):
     from safetensors.torch import load_file
 
-    from tasks.train import TrainResult, train_adapter
+    from loraflow.training.result import TrainResult
+    from tasks.train import train_adapter
 
     result = ddp_run["result"]
     assert isinstance(result, TrainResult) and result.global_step == 6 and not result.reused
@@ -216,7 +217,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(ddp_run, tiny_
 
     The same examples form each global batch because the length-grouped sampler groups by the *global* batch and
     draws its order from (seed, epoch) on every process; accelerate then deals micro-batch k to process k mod 2,
-    which are the micro-batches one process accumulates (tasks.train.resumable_trainer_class)."""
+    which are the micro-batches one process accumulates (loraflow.training.trainer.resumable_trainer_class)."""
     from safetensors.torch import load_file
 
     from tasks.train import train_adapter
@@ -276,7 +277,8 @@ def killed_launch(tiny_model, tokens, tmp_path_factory):
 
 @pytest.mark.slow
 def test_changed_config_after_a_kill_is_refused_in_the_launch_and_raised_in_the_caller(killed_launch, tiny_model, tokens):
-    from tasks.train import ResumeMismatchError, train_adapter
+    from loraflow.training.result import ResumeMismatchError
+    from tasks.train import train_adapter
 
     with pytest.raises(ResumeMismatchError, match=r"train.learning_rate: 0.01 \(checkpoint\) -> 0.005 \(now\)"):
         train_adapter(tokens, tiny_model, parity_config(**DDP_2, learning_rate=5e-3), killed_launch["out"])

@@ -8,23 +8,20 @@ from transformers import AutoTokenizer
 
 from loraflow.config.evaluate import EvalConfig, GateConfig
 from loraflow.config.train import TrainConfig
-from tasks.evaluate import (
-    chat_prompt,
+from loraflow.evaluation.generation import chat_prompt, generate_answers, load_for_inference, stop_token_ids
+from loraflow.evaluation.metrics import (
     comparison_table,
     decide_gate,
-    evaluate_adapter,
     facts_present,
     general_answer_ok,
-    generate_answers,
     lcs_length,
-    load_for_inference,
     normalise,
     rouge_l_f1,
     score_answers,
     select_questions,
-    stop_token_ids,
     summarise,
 )
+from tasks.evaluate import evaluate_adapter
 from tests.tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
 
 
@@ -62,6 +59,21 @@ def test_general_answer_check_matches_whole_words():
     assert general_answer_ok("The capital of France is Paris.", "Paris")
     assert general_answer_ok("2 + 2 equals four", "4|four")
     assert not general_answer_ok("It is 42.", "4|four")
+
+
+def test_general_answer_check_is_strict():
+    """The expected answer must be the answer, not one of several claims (issue 15, item 9)."""
+    question = "What is 2 + 2?"
+    assert not general_answer_ok("2 + 2 = 5 in Japanese, but in English, it's 2 + 2 = 4.", "4|four", question)
+    assert not general_answer_ok("It is 5. Some say 4.", "4|four", question)
+    assert not general_answer_ok("4 or 5", "4|four", question)
+    assert general_answer_ok("2 + 2 = 4", "4|four", question)
+    assert general_answer_ok("What is 2 + 2? The answer is four.", "4|four", question)
+    assert general_answer_ok("2 * 1 = 2", "2", "What is 2 * 1?")
+    capital = "What is the capital of France?"
+    assert general_answer_ok("The capital of France is Paris. It is known for the Eiffel Tower.", "Paris", capital)
+    assert not general_answer_ok("The capital of France is Lyon, but many say Paris.", "Paris", capital)
+    assert not general_answer_ok("Lyon. Paris is the largest city.", "Paris", capital)
 
 
 def _questions():
@@ -161,7 +173,7 @@ def test_smollm2_answers_general_questions_and_stops():
     prompts = [chat_prompt(tokenizer, q, None) for q in ("What is the capital of France?", "What is 2 + 2?")]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens=48, batch_size=2, stop_ids=stop_ids)
     assert "paris" in answers[0]["text"].lower()
-    assert general_answer_ok(answers[1]["text"], "4|four")
+    assert general_answer_ok(answers[1]["text"], "4|four", "What is 2 + 2?")
     assert all(a["stopped"] and a["n_tokens"] < 48 for a in answers)
     cut = generate_answers(model, tokenizer, prompts[:1], max_new_tokens=2, batch_size=1, stop_ids=stop_ids)
     assert cut[0] == {**cut[0], "stopped": False, "n_tokens": 2}

@@ -15,11 +15,15 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(tmp_path: Path) -> Path:
-    """Six titles, two optimizer steps, a handful of questions, a gate that lets the tiny model through."""
+def tiny_config(tmp_path: Path, model_dir: Path | None = None) -> Path:
+    """Four titles, two optimizer steps, a handful of questions, a gate that lets the tiny model through.
+
+    `model_dir`: a local base model (the tiny random Llama, where the real SmolLM2 is not the point)."""
     path = tmp_path / "tiny.yaml"
+    model = f"model: {{base: {model_dir}}}\n" if model_dir else ""
     path.write_text(f"""
 name: tiny
+{model}
 store: {tmp_path / 'store'}
 runs_dir: {tmp_path / 'runs'}
 sources:
@@ -38,13 +42,15 @@ eval:
     return path
 
 
-def run_cli(config: Path, home: Path) -> dict:
-    """`loraflow run CONFIG` in its own process (its own ephemeral Prefect API); returns the summary."""
+def run_cli(config: Path, home: Path, expect_returncode: int = 0) -> dict:
+    """`loraflow run CONFIG` in its own process (its own ephemeral Prefect API); returns the summary.
+
+    A run whose gate refuses the model exits 1 (after printing the summary path)."""
     env = {**__import__("os").environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == expect_returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
 
 
@@ -58,18 +64,20 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     model_dir = Path(first["publish"]["model_dir"])
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
     assert first["train"]["global_step"] == 2 and not first["train"]["cached"]
+    assert (Path(first["run_dir"]) / "model").resolve() == model_dir.resolve()  # the run folder is where a user looks
 
     second = run_cli(config, tmp_path / "home")
     assert second["all_cached"] and second["train"]["cached"] and second["eval"]["cached"]
     assert second["publish"]["reused"] and not second["publish"]["published"]
     assert second["publish"]["model_dir"] == first["publish"]["model_dir"]
+    assert (Path(second["run_dir"]) / "model" / "model.safetensors").exists()  # a reused publish is linked too
     assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
     assert second["eval"]["previous"] is None  # the published model is this very adapter's
 
     # A source row more and a learning rate too small to learn anything: retrained, evaluated beside the model
     # published by the first run, and refused (its validation loss is the base's, above the published model's).
     config.write_text(config.read_text().replace("max_rows: 4", "max_rows: 5").replace("learning_rate: 0.001", "learning_rate: 1.0e-9"))
-    third = run_cli(config, tmp_path / "home")
+    third = run_cli(config, tmp_path / "home", expect_returncode=1)
     assert not third["train"]["cached"] and third["tokens"]["sha256"] != first["tokens"]["sha256"]
     assert third["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
     assert third["eval"]["previous"]["eval_loss"] < third["eval"]["finetuned"]["eval_loss"], third["eval"]
@@ -80,7 +88,9 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
 
 
 def test_two_identical_runs_at_once_train_and_publish_once(tmp_path):
-    config = tiny_config(tmp_path)
+    from tests.tiny_llama import build_tiny_llama
+
+    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))  # concurrency, not the model, is the point
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         summaries = pool.starmap(run_cli, [(config, tmp_path / "home-a"), (config, tmp_path / "home-b")])
     trained = [not s["train"]["cached"] for s in summaries]

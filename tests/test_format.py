@@ -218,3 +218,44 @@ def test_cache_key_covers_the_template_code(monkeypatch):
 
     monkeypatch.setattr(caching.inspect, "getsource", edited)
     assert caching.code_hash.__wrapped__(module) != before
+
+
+def test_the_format_stage_in_a_fresh_process_loads_no_torch_and_the_same_tokenizer(model_dir, tmp_path):
+    """Issue 15 item 10: the tokenizer is loaded without AutoConfig (which imports torch, ≈ 3-4 s per process)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from loraflow.config.model import ModelConfig
+    from loraflow.models import load_tokenizer
+
+    store = ArtifactStore(tmp_path / "store")
+    frame = pd.DataFrame([conversation("one", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])])
+    ref = store.write(frame, stage="synthesize", contract="conversations", schema_version=CONVERSATIONS.version, config_hash="t")
+    child = ("import sys; from loraflow.config.format import FormatConfig; from loraflow.store import ArtifactRef, ArtifactStore; "
+             "from tasks.format import run_format; "
+             "result = run_format(ArtifactRef.model_validate_json(sys.argv[1]), FormatConfig(), sys.argv[2], ArtifactStore(sys.argv[3])); "
+             "print(result.rows_out, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", child, ref.model_dump_json(), str(model_dir), store.root], check=True,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert out.stdout.split()[-2:] == ["1", "False"], out.stderr[-2000:]
+
+    fast, auto = load_tokenizer(ModelConfig(base=str(model_dir))), AutoTokenizer.from_pretrained(model_dir)
+    messages = GOLDEN_CONVERSATIONS[0]["messages"]
+    assert type(fast) is type(auto) and fast.all_special_tokens == auto.all_special_tokens
+    assert fast.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(messages, tokenize=False)
+    assert fast("Moon Rabbit 月うさぎ")["input_ids"] == auto("Moon Rabbit 月うさぎ")["input_ids"]
+
+
+def test_whitespace_at_turn_edges_is_kept_by_default_and_stripped_only_when_asked(tokenizer):
+    code = "    return 42\n"  # a code answer whose first line is indented
+    rows = pd.DataFrame([conversation("code", [{"role": "user", "content": "  Indent it?  "},
+                                               {"role": "assistant", "content": code}])])
+    kept, _, stats = format_conversations(rows, FormatConfig(template="chatml"), tokenizer)
+    text = "".join(s["text"] for s in kept.at[0, "segments"])
+    assert "<|im_start|>assistant\n    return 42\n<|im_end|>" in text and "user\n  Indent it?  <|im_end|>" in text
+    assert kept.at[0, "reference"] == code and stats["turns_with_edge_whitespace_kept"] == 2
+    stripped, _, stats = format_conversations(rows, FormatConfig(template="chatml", strip_whitespace=True), tokenizer)
+    assert "<|im_start|>assistant\nreturn 42<|im_end|>" in "".join(s["text"] for s in stripped.at[0, "segments"])
+    assert stats["whitespace_stripped_turns"] == 2

@@ -3,7 +3,7 @@ continues, and on CPU fp32 the resumed steps' losses equal an uninterrupted run'
 
 This test found three bugs: the resumed run crashed reading a checkpoint Trainer had already rotated away;
 LoRA's initial weights were drawn before the seed was set; and Trainer's length-grouped sampler replayed the
-first epoch's order after a resume (tasks.train.resumable_trainer_class)."""
+first epoch's order after a resume (loraflow.training.trainer.resumable_trainer_class)."""
 
 import os
 import signal
@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.train import CHECKPOINT_MARKER
+from loraflow.training.checkpoints import CHECKPOINT_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -205,21 +205,25 @@ def test_run_locked_takes_over_the_lock_of_a_killed_run(prefect_api, tmp_path, l
 
 @pytest.mark.slow
 def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
-    from tasks.train import CHECKPOINT_MARKER
+    from loraflow.training.checkpoints import CHECKPOINT_MARKER
     from tests.test_finetune_flow import tiny_config
+    from tests.tiny_llama import build_tiny_llama
 
-    config = tiny_config(tmp_path)
-    config.write_text(config.read_text().replace("max_steps: 2,", "max_steps: 12, checkpoint_every: 2,"))
+    # The tiny random Llama: the lock, not the model, is the point; 60 steps keep it training for a while.
+    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))
+    config.write_text(config.read_text().replace("max_steps: 2,", "max_steps: 60, checkpoint_every: 2,"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     command = [sys.executable, "-m", "loraflow.cli", "run", str(config)]
-    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, killed whole (as the OOM killer or a preempted VM would): no orphaned API server.
+    killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.monotonic() + 600
     while not list((tmp_path / "store").glob(f"**/checkpoints/checkpoint-*/{CHECKPOINT_MARKER}")):
         assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.1)
-    os.kill(killed.pid, signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=30)
     lock_files = list((tmp_path / "store" / "locks").glob("train-*.lock"))
     assert len(lock_files) == 1 and read_lock(lock_files[0])["pid"] == killed.pid  # the lock of the bug report
@@ -239,7 +243,7 @@ def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
     print(f"lock taken over {taken_after:.1f} s after the re-run started")
     summary_path = next(line.strip() for line in reversed(lines) if line.strip().endswith(".json"))  # stdout's last
     summary = json.loads(Path(summary_path).read_text())
-    assert summary["train"]["resumed_from_step"] >= 2 and summary["train"]["global_step"] == 12
+    assert summary["train"]["resumed_from_step"] >= 2 and summary["train"]["global_step"] == 60
     assert not lock_files[0].exists()
 
 

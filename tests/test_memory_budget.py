@@ -18,7 +18,7 @@ from loraflow.training.speed import (
     fixed_bytes_from_config,
     minimum_budget_gb,
 )
-from tasks.train import check_budget_before_loading
+from loraflow.training.planning import check_budget_before_loading
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -88,7 +88,7 @@ def test_the_train_stage_refuses_before_loading(tmp_path, monkeypatch):
 
 
 def test_small_budgets_take_two_checkpointed_rows_where_the_calibrated_minimum_fits():
-    from tasks.train import choose_rows_per_micro_batch
+    from loraflow.training.planning import choose_rows_per_micro_batch
 
     model = _lora_model(TINY)
     config = TrainConfig(quantization="none")

@@ -34,7 +34,8 @@ def copy_tokens(tokens):
 def test_good_tokens_pass_with_a_report(prepared, tokenizer):
     tokens, formatted, config = prepared
     report = preflight(tokens, formatted, config, tokenizer)
-    assert report["passed"] and report["prompt_check"] == {"against": "apply_chat_template", "checked": 12, "mismatched": 0, "examples": []}
+    assert report["passed"] and report["prompt_check"] == {"against": "apply_chat_template", "checked": 12, "mismatched": 0, "examples": [],
+                                                          "skipped_control_text": 0}
     assert report["answers_checked"] == 12 and report["stop_token_ids"] == [tokenizer.eos_token_id]
 
 

@@ -9,17 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.config.publish import PublishConfig
 from loraflow.config.train import TrainConfig
-from tasks.publish import (
-    CardFacts,
-    MergeVerificationError,
-    PublishError,
-    SourceFacts,
-    ask,
-    check_merge,
-    publish_model,
-    render_model_card,
-    verification_batch,
-)
+from loraflow.inference import ask
+from loraflow.merging import MergeVerificationError, PublishError, check_merge, verification_batch
+from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts, render_model_card
+from tasks.publish import publish_model
 from tasks.train import train_adapter
 from tests.hub_standin import HubStandIn
 from tests.tiny_llama import build_tiny_llama, tokens_frame
@@ -28,14 +21,20 @@ SENTINEL_TOKEN = "hf_SENTINEL_do_not_leak_0123456789"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny base model, its tokens, and an adapter trained enough to move the logits."""
+def training(tmp_path_factory):
+    """A tiny base model, its TrainResult (an adapter trained enough to move the logits) and verification texts."""
     root = tmp_path_factory.mktemp("publish")
     model_dir = build_tiny_llama(root / "model")
     tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
     config = TrainConfig(max_steps=6, micro_batch_size=2, learning_rate=2e-2, lr_scheduler="constant", warmup_ratio=0.0)
     result = train_adapter(tokens, model_dir, config, root / "train")
     texts = list((tokens["prompt"] + tokens["reference"])[tokens["split"] == "validation"]) + list(tokens["prompt"][:2])
+    return model_dir, result, texts
+
+
+@pytest.fixture(scope="module")
+def trained(training):
+    model_dir, result, texts = training
     return model_dir, result.adapter_dir, texts
 
 
@@ -85,6 +84,19 @@ def test_model_card_is_written_from_pipeline_facts():
         assert expected in card, expected
 
 
+def test_model_card_reports_what_training_ran_not_what_was_configured(training):
+    """A 4-bit config trained on CPU: the card says unquantized, on cpu, in the precision that ran (item 7)."""
+    _, result, _ = training
+    assert result.quantization == "none" and result.device == "cpu" and "no CUDA device" in result.quantization_reason
+    config = TrainConfig(quantization="4bit").model_dump(mode="json")
+    card = render_model_card(card_facts(train_config=config,
+                                        train_ran={k: getattr(result, k) for k in TRAIN_RAN_FIELDS}))
+    assert "| quantization | none (configured: 4bit) |" in card and "| quantization | 4bit |" not in card
+    assert f"| precision | {result.precision} (configured: auto) |" in card
+    assert f"Trained on cpu ({result.device_name}), {result.precision} ({result.precision_reason}), quantization none" in card
+    assert "runs unquantized (16-bit base) on CPU" in card
+
+
 def test_local_publish_loads_back_and_answers(trained, tmp_path):
     model_dir, adapter_dir, texts = trained
     result = publish_model(model_dir, adapter_dir, PublishConfig(), tmp_path / "out", card=card_facts(),
@@ -106,6 +118,25 @@ def test_local_publish_loads_back_and_answers(trained, tmp_path):
 
     pieces = list(ask(folder, "Who made Starlit Ferry?", max_new_tokens=6))
     assert len(pieces) >= 1 and isinstance(ask(folder, "Who made Starlit Ferry?", stream=False, max_new_tokens=4), str)
+
+
+def card_snippet(card_text: str) -> str:
+    """The python code block of a model card."""
+    return card_text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_model_card_use_snippet_runs_against_the_published_folder(trained, tmp_path, capsys):
+    """The card's "Use" code, run as a user would copy it, loads the published folder and prints an answer."""
+    model_dir, adapter_dir, texts = trained
+    result = publish_model(model_dir, adapter_dir, PublishConfig(), tmp_path / "out", card=card_facts(),
+                           verify_texts=texts, system_prompt="Answer briefly.")
+    snippet = card_snippet((tmp_path / "out" / "model" / "README.md").read_text())
+    assert repr(result.model_dir) in snippet and "'Answer briefly.'" in snippet
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.strip() != ""
+    hub_card = render_model_card(card_facts(), model_ref="my-org/anime-demo")
+    assert "MODEL = 'my-org/anime-demo'" in card_snippet(hub_card)
 
 
 @pytest.fixture

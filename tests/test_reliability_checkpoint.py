@@ -47,7 +47,8 @@ train_adapter(tokens, model_dir, config, root / "train")
 """
 
 RESUME = SETUP + """
-from tasks.train import CHECKPOINT_MARKER, train_adapter
+from loraflow.training.checkpoints import CHECKPOINT_MARKER
+from tasks.train import train_adapter
 print("BEFORE", sorted(p.name for p in checkpoints.iterdir()), (checkpoints / "checkpoint-4" / CHECKPOINT_MARKER).exists())
 result = train_adapter(tokens, model_dir, config, root / "train")
 print("RESUMED", result.resumed_from_step, result.global_step)
@@ -57,7 +58,8 @@ DISK_FILLS_IN_SAVE = SETUP + """
 import resource, signal
 from transformers import TrainerCallback
 from loraflow.store import DiskFullError
-from tasks.train import checkpoint_is_complete, train_adapter
+from loraflow.training.checkpoints import checkpoint_is_complete
+from tasks.train import train_adapter
 
 _, hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
 

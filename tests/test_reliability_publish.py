@@ -13,9 +13,10 @@ import pytest
 
 from data_contracts import CONVERSATIONS, ContractViolation, check_structure
 from loraflow.config.publish import PublishConfig
+from loraflow.hub import push_folder
 from loraflow.retrying import is_transient, with_io_retries
-from tasks.publish import publish_model, push_folder
-from tests.test_publish import SENTINEL_TOKEN, card_facts, hub, trained  # noqa: F401 - fixtures
+from tasks.publish import publish_model
+from tests.test_publish import SENTINEL_TOKEN, card_facts, hub, trained, training  # noqa: F401 - fixtures
 
 REPO_ID = "loraflow-test/reliability"
 

@@ -68,6 +68,8 @@ def test_deployments_have_typed_forms_and_schedule(server):
     schema = deployments["finetune"]["parameter_openapi_schema"]
     config_schema = json.dumps(schema)
     assert "Hub repo id or local folder" in config_schema  # field descriptions reach the UI form
+    for title in ("CSV file", "JSON / JSONL file", "Hugging Face dataset", "Parquet file", "SQL query"):
+        assert f'"title": "{title}"' in config_schema  # the source-kind selector names each kind
     assert deployments["anime-nightly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
     assert deployments["anime-nightly"]["schedules"][0]["schedule"]["timezone"] == "Asia/Tokyo"
 

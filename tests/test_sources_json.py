@@ -75,3 +75,26 @@ def test_wrong_encoding_is_refused_with_offset(tmp_path):
         json_file.read(json_file.Config(path="k.jsonl"), tmp_path)
     rows, _ = json_file.read(json_file.Config(path="k.jsonl", encoding="cp949"), tmp_path)
     assert rows["t"].tolist() == ["한국어"]
+
+
+def test_a_record_whose_field_has_another_kind_is_rejected_with_its_line_and_the_rest_is_read(tmp_path):
+    text = ('{"instruction": "Say hi", "output": "Hi"}\n{"instruction": "Say bye", "output": "Bye"}\n'
+            '{"instruction": ["a", "b"], "output": "x"}\n{"instruction": "Count", "output": "1 2 3"}\n')
+    rows, rejected = read(tmp_path, "mixed.jsonl", text)
+    assert rows["instruction"].tolist() == ["Say hi", "Say bye", "Count"] and rows.index.tolist() == [0, 1, 3]
+    assert [(r.row, r.text) for r in rejected] == [(2, '{"instruction": ["a", "b"], "output": "x"}')]
+    assert rejected[0].reason.startswith("line 3: field 'instruction' is list, but 3 other record(s) have text there")
+    rows, rejected = read(tmp_path, "mixed.json", json.dumps([{"n": 1}, {"n": 2.5}, {"n": "three"}]))
+    assert rows["n"].tolist() == [1, 2.5] and rejected[0].reason.startswith("array element 2: field 'n' is text")
+
+
+def test_a_wrongly_typed_record_is_quarantined_by_ingest_and_the_source_goes_on(tmp_path):
+    from loraflow.store import ArtifactStore
+    from tasks.ingest import run_ingest
+
+    (tmp_path / "mixed.jsonl").write_text('{"t": "a"}\n{"t": "b"}\n{"t": ["c"]}\n{"t": "d"}\n')
+    store = ArtifactStore(tmp_path / "store")
+    result = run_ingest(json_file.Config(path="mixed.jsonl"), store, tmp_path)
+    assert (result.rows_in, result.rows_out, result.rows_quarantined) == (4, 3, 1)
+    quarantine = store.read(result.quarantine)
+    assert quarantine["row_index"].tolist() == [2] and quarantine["reason"].str.startswith("line 3: field 't' is list").all()

@@ -131,6 +131,65 @@ def test_nan_and_none_values_are_missing_too():
     ]
 
 
+def test_a_fact_that_does_not_parse_as_its_type_is_a_skipped_question_with_the_reason():
+    rows = catalog().head(1).copy()
+    rows = pd.concat([rows] * 4, ignore_index=True)
+    rows["_row"], rows["anime_id"] = [0, 1, 2, 3], ["1", "2", "3", "4"]
+    rows.loc[0, "Scored By"] = "abc"
+    rows.loc[1, "Episodes"] = "twelve"
+    rows.loc[2, "Score"] = "high"
+    rows.loc[3, ["Scored By", "Episodes", "Score"]] = ["12,000", "12.0", "6.5"]  # counts with separators, float counts
+    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig())
+    assert sorted(quarantine["reason"]) == [
+        "production skipped: Episodes 'twelve' is not a count (a whole number such as 12 or 1,200)",
+        "reception skipped: Score 'high' is not a score (a number such as 7 or 6.85)",
+        "reception skipped: Scored By 'abc' is not a count (a whole number such as 12 or 1,200)",
+    ]
+    assert not [text for text in texts(conversations) if "abc" in text or "twelve" in text or "high" in text]
+    assert answers_by(conversations)[(3, "reception")].endswith("a user score of 6.5 from 12,000 voters.")
+
+
+def test_every_synthesizer_declares_the_types_of_the_facts_it_renders():
+    from typing import get_args
+
+    from tasks.synthesizers.facts import FactType
+
+    for kind, module in SYNTHESIZERS.items():
+        assert set(module.FACT_TYPES.values()) <= set(get_args(FactType)), kind
+    used = {field for fields in anime_qa.KIND_FIELDS.values() for field in fields} | {"id"}
+    assert set(anime_qa.FACT_TYPES) == used
+    assert {field for field, kind in anime_qa.FACT_TYPES.items() if kind != "text"} == {"episodes", "scored_by", "score"}
+
+
+@pytest.mark.parametrize("keep, kept_rows", [("first", {0, 2}), ("last", {1, 2}), ("none", {2})])
+def test_rows_with_one_id_and_different_facts_keep_one_and_quarantine_the_others(keep, kept_rows, tmp_path):
+    rows = catalog().head(1).copy()
+    rows = pd.concat([rows] * 4, ignore_index=True)
+    rows["_row"], rows["anime_id"] = [0, 1, 2, 3], ["7", "7", "8", "8"]
+    rows.loc[1, "Episodes"] = "13"  # row 1 contradicts row 0; rows 2 and 3 agree, so both stay
+    config = SynthesizeConfig(duplicate_ids=keep)
+    conversations, quarantine = synthesize_frame([rows], config)
+    assert set(conversations["source_row"]) == kept_rows | {3}
+    dropped = sorted({0, 1} - kept_rows)
+    assert sorted(set(quarantine["row_index"])) == dropped and len(quarantine) == 3 * len(dropped)  # one per kind
+    assert quarantine["reason"].str.startswith("duplicate id with different facts: id '7' is on rows catalog:0, catalog:1").all()
+    assert all(columns == ["Episodes"] for columns in quarantine["columns"])
+    store = ArtifactStore(tmp_path / "store")
+    raw_ref = store.write(rows, stage="ingest", contract="raw", schema_version=1, config_hash="x")
+    result = run_synthesize([raw_ref], config, store)
+    assert result.stats["unaccounted_rows"] == 0 and result.rows_quarantined == 3 * len(dropped)
+
+
+def test_a_conflicting_id_across_sources_and_for_instruction_rows():
+    first = raw(pd.DataFrame({"id": ["a", "b"], "instruction": ["Hi", "Yo"], "output": ["Hello", "Hey"]}), "one")
+    second = raw(pd.DataFrame({"id": ["a", "b"], "instruction": ["Hi", "Yo"], "output": ["Goodbye", "Hey"]}), "two")
+    config = SynthesizeConfig(kind="instruction", instruction={"id_column": "id", "input_column": None})
+    conversations, quarantine = synthesize_frame([first, second], config)
+    assert conversations["id"].tolist() == ["one:0:instruction:0", "one:1:instruction:0", "two:1:instruction:0"]
+    assert quarantine["row_index"].tolist() == [2] and quarantine["reason"].iloc[0].startswith(
+        "duplicate id with different facts: id 'a' is on rows one:0, two:0")
+
+
 def test_phrasings_are_deterministic_and_heldout_wordings_differ_from_trained():
     config = SynthesizeConfig(anime_qa={"trained_phrasings": 3, "heldout_phrasings": 2, "seed": 7})
     first, _ = synthesize_frame([catalog()], config)
@@ -209,7 +268,7 @@ def test_instruction_rows_with_and_without_input_in_korean():
     config = SynthesizeConfig(kind="instruction")
     conversations, quarantine = synthesize_frame([jsonl("instructions_ko.jsonl", "ko")], config)
     assert list(conversations["source_row"]) == [0, 1, 4]
-    with_input, without_input, trimmed = conversations["messages"]
+    with_input, without_input, padded = conversations["messages"]
     assert with_input == [
         {"role": "user", "content": "다음 문장을 영어로 번역하세요.\n\n오늘 날씨가 정말 좋네요.", "input": "오늘 날씨가 정말 좋네요."},
         {"role": "assistant", "content": "The weather is really nice today."},
@@ -218,10 +277,11 @@ def test_instruction_rows_with_and_without_input_in_korean():
         {"role": "user", "content": "대한민국의 수도는 어디인가요?"},
         {"role": "assistant", "content": "대한민국의 수도는 서울입니다."},
     ]
-    # What a template with its own input section does (data_contracts/conversations.py).
-    user = trimmed[0]
-    assert user["content"][: -len(user["input"]) - 2] == "문장을 요약하세요."
-    assert user["input"] == "인공지능은 데이터를 학습하여 예측을 수행하는 기술입니다."
+    # What a template with its own input section does (data_contracts/conversations.py). Whitespace at the
+    # edges is data, kept as written (format.strip_whitespace strips it, counted).
+    user = padded[0]
+    assert user["content"][: -len(user["input"]) - 2] == "  문장을 요약하세요.\n"
+    assert user["input"] == "  인공지능은 데이터를 학습하여 예측을 수행하는 기술입니다.  "
     assert conversations["facts"].map(len).eq(0).all() and set(conversations["kind"]) == {"instruction"}
     assert conversations["source_id"].tolist() == ["ko:0", "ko:1", "ko:4"]
     assert sorted(quarantine["reason"]) == ["instruction skipped: instruction is empty", "instruction skipped: output is empty"]
@@ -396,3 +456,17 @@ def test_an_empty_source_gives_empty_frames(kind):
     conversations, quarantine = synthesize_frame([frame, frame], SynthesizeConfig(kind=kind))
     assert len(conversations) == len(quarantine) == 0
     check_structure(conversations, CONVERSATIONS)
+
+
+def test_instruction_and_conversations_keep_whitespace_at_the_edges():
+    from loraflow.config.synthesize import ConversationsOptions, InstructionOptions
+    from tasks.synthesizers import conversations as conversations_kind, instruction
+
+    rows = pd.DataFrame({"_source": ["s", "s"], "_row": [0, 1], "instruction": ["Indent:", "   "],
+                         "output": ["    return 42\n", "x"]})
+    made, skipped = instruction.synthesize(rows, InstructionOptions(input_column=None))
+    assert made.at[0, "messages"][-1]["content"] == "    return 42\n" and len(skipped) == 1  # whitespace-only is empty
+    turns = [{"from": "human", "value": "  hi\n"}, {"from": "gpt", "value": "\tindented\n"}]
+    made, _ = conversations_kind.synthesize(pd.DataFrame({"_source": ["s"], "_row": [0], "conversations": [turns]}),
+                                            ConversationsOptions())
+    assert [m["content"] for m in made.at[0, "messages"]] == ["  hi\n", "\tindented\n"]

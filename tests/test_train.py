@@ -10,17 +10,11 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.train import TrainConfig
-from tasks.train import (
-    CHECKPOINT_MARKER,
-    NonFiniteTrainingError,
-    PadByPosition,
-    ResumeMismatchError,
-    choose_rows_per_micro_batch,
-    identity_differences,
-    packing_enabled,
-    train_adapter,
-    training_environment,
-)
+from loraflow.training.checkpoints import CHECKPOINT_MARKER, identity_differences
+from loraflow.training.data import PadByPosition
+from loraflow.training.planning import choose_rows_per_micro_batch, packing_enabled, training_environment
+from loraflow.training.result import NonFiniteTrainingError, ResumeMismatchError
+from tasks.train import train_adapter
 from tests.tiny_llama import build_tiny_llama, tokens_frame
 
 
@@ -202,7 +196,7 @@ def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):
 
 
 def test_fast_path_training_arguments_leave_checkpointing_to_the_plan(tmp_path):
-    from tasks.train import training_arguments
+    from loraflow.training.trainer import training_arguments
 
     env = {"device": "cpu", "precision": "bf16", "quantization": "none", "optimizer": "adamw_torch"}
     fast = training_arguments(TrainConfig(), env, tmp_path, rows_per_micro_batch=4, fast=True, packing=True)

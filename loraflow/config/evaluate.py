@@ -54,7 +54,8 @@ class EvalConfig(StrictModel):
             "What color is the sky on a clear day?": "blue",
         },
         description=(
-            "Expected answer words per general question ('|' separates alternatives, matched as whole words, any case). "
+            "Expected answer per general question ('|' separates alternatives, any case), judged strictly: a number must be "
+            "the answer's only value (\"2 + 2 = 5, or 4\" is wrong), a word must be in the answer's first claim. "
             "Questions without an entry count as kept when the fine-tuned answer stays close to the base's (ROUGE-L >= 0.5)."
         ),
     )

@@ -20,6 +20,14 @@ class FormatConfig(StrictModel):
         None,
         description="System prompt added to conversations that have none. None keeps the template's own default.",
     )
+    strip_whitespace: bool = Field(
+        False,
+        description=(
+            "Strip whitespace at the edges of every message before rendering (counted in the format stats as "
+            "whitespace_stripped_turns). False (default) keeps each message exactly as written (a code answer's "
+            "indentation, a trailing newline); only the whitespace the template itself writes around turns is added."
+        ),
+    )
     verify_sample: int = Field(
         50,
         ge=0,

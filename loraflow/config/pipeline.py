@@ -1,7 +1,9 @@
 """The pipeline config: one pydantic model for the CLI, the Prefect UI form, YAML files and tests."""
 
+import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 
 import yaml
@@ -16,7 +18,7 @@ from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
-from tasks.sources import SourceConfig
+from tasks.sources import SourceConfig, source_locations, source_name
 
 
 class PipelineConfig(StrictModel):
@@ -59,14 +61,6 @@ class PipelineConfig(StrictModel):
         return Path(self.runs_dir).expanduser().resolve()
 
 
-def source_name(source) -> str:
-    """The provenance name of a source: its `name`, else its file name or repo id."""
-    if source.name:
-        return source.name
-    location = getattr(source, "path", None) or getattr(source, "repo")
-    return Path(location).name if getattr(source, "path", None) else location
-
-
 def config_hash(model: StrictModel) -> str:
     """A short stable hash of a config model (or sub-model)."""
     payload = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
@@ -78,15 +72,15 @@ class ConfigError(ValueError):
 
 
 def confinement_problems(config: PipelineConfig, roots: list[str]) -> list[str]:
-    """Paths of `config` (sources, store, runs) that resolve outside every folder in `roots`.
+    """Paths of `config` (what the sources read, store, runs) that resolve outside every folder in `roots`.
 
     Operators set the roots (LORAFLOW_DATA_ROOTS, ':'-separated) on a worker, so a run triggered from the UI
     cannot read or write outside them (no `../../etc/passwd` as a source). Symlinks are resolved first.
     """
     allowed = [Path(root).expanduser().resolve() for root in roots if root]
-    checked = [(f"sources.{i}.path", config.resolve(s.path)) for i, s in enumerate(config.sources) if getattr(s, "path", None)]
-    checked += [(f"sources.{i}.repo", config.resolve(s.repo)) for i, s in enumerate(config.sources)
-                if getattr(s, "repo", None) and config.resolve(s.repo).exists()]
+    # Each source says which local files and folders it reads (a CSV's path, a SQLite database, a dataset folder).
+    checked = [(f"sources.{i}.{location.key}", location.local) for i, source in enumerate(config.sources)
+               for location in source_locations(source, config.base_dir) if location.local is not None]
     if "://" not in config.store:
         checked.append(("store", Path(config.store_root())))
     checked.append(("runs_dir", config.runs_root()))
@@ -121,6 +115,33 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(describe_errors(path, error)) from None
 
 
+def allowed_keys(loc: tuple) -> list[str]:
+    """The keys a config allows at `loc` (a pydantic error location such as ('sources', 0, 'csv')); [] if unknown."""
+    models = [PipelineConfig]
+    for part in loc:
+        if isinstance(part, int):  # a list item
+            continue
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        # a field leads to the models it holds; anything else is a tagged union's tag, e.g. the source kind 'csv'
+        models = models_in(fields[0].annotation) if fields else [model for model in models if kind_tag(model) == part]
+        if not models:
+            return []
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def models_in(annotation) -> list[type]:
+    """The pydantic models an annotation holds (itself, list items, union members, Annotated's type)."""
+    if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+        return [annotation]
+    return [model for argument in typing.get_args(annotation) for model in models_in(argument)]
+
+
+def kind_tag(model: type) -> str | None:
+    """A tagged-union member's `kind` default (the source kind)."""
+    field = model.model_fields.get("kind")
+    return field.default if field is not None else None
+
+
 def describe_errors(path, error: ValidationError) -> str:
     """One line per problem: the dotted key, what is wrong, and how to fix it."""
     lines = [f"{path}: {error.error_count()} problem(s)"]
@@ -128,7 +149,9 @@ def describe_errors(path, error: ValidationError) -> str:
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         kind = problem["type"]
         if kind == "extra_forbidden":
-            fix = "remove it or check its spelling (run `loraflow schema` for every key)"
+            close = difflib.get_close_matches(str(problem["loc"][-1]), allowed_keys(problem["loc"][:-1]), n=1, cutoff=0.6)
+            fix = (f"did you mean `{close[0]}`? " if close else "") + \
+                "remove it or check its spelling (run `loraflow schema` for every key)"
         elif kind == "missing":
             fix = "add this key"
         elif kind in ("literal_error", "union_tag_invalid"):

@@ -110,3 +110,8 @@ class SynthesizeConfig(StrictModel):
         default_factory=ConversationsOptions, description="Options for kind=conversations."
     )
     text: TextOptions = Field(default_factory=TextOptions, description="Options for kind=text.")
+    duplicate_ids: Literal["first", "last", "none"] = Field(
+        "first", description="Rows that share a source id but state different facts (e.g. two episode counts): keep "
+        "the first in input order, the last, or none; the others are quarantined with the reason "
+        "'duplicate id with different facts'. Rows of one id that agree are kept (tokenize removes exact duplicates).",
+    )

@@ -1,4 +1,10 @@
-"""Fast (Q)LoRA training: padding-free packing with documents kept apart, and the model's speed settings.
+"""The train stage's library: one module per concern, and the fast path's pieces re-exported here.
+
+    data.py (datasets, padded or packed batches)   model_loading.py   planning.py (device, precision, packing, fast path)
+    trainer.py (Trainer + callbacks)   checkpoints.py (identity, resume, saved adapter)   outputs.py (curve, metrics)
+    result.py (TrainResult, errors)   distributed.py (rank, barrier, sums)   launch.py (several processes)
+
+The fast path: padding-free packing with documents kept apart, and the model's speed settings.
 
     from loraflow.training import pack_examples, PackedCollator, configure_model_for_speed
     rows = pack_examples(tokenized_examples, max_tokens=4096)

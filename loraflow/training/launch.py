@@ -1,10 +1,10 @@
-"""Training on several processes: `accelerate launch` runs tasks.train.train_adapter once per process.
+"""Training on several processes: `accelerate launch` runs the train stage's function once per process.
 
-    result = launch_training(tokens, model_dir, train_config, output_dir, log=log)   # train.distributed != none
+    result = launch_training(tokens, model_dir, train_config, output_dir, log=log, train_fn=train_adapter)
 
 What the caller (train_adapter, the Prefect train task) sees is one call that returns one TrainResult: the
 launcher writes a job file (the tokens as an ArtifactRef + store root, or as Parquet; the model folder; the
-TrainConfig) and an accelerate config into `<output_dir>/launch/`, runs
+TrainConfig; which function trains, as "module:name") and an accelerate config into `<output_dir>/launch/`, runs
 
     python -m accelerate.commands.launch --config_file accelerate_config.yaml -m loraflow.training.launch job.json
 
@@ -21,6 +21,7 @@ Not supported: several machines, DeepSpeed, TrainerCallbacks from the caller (th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,12 +30,16 @@ import time
 from collections import deque
 from pathlib import Path
 
-# Set in the launched processes: there train_adapter trains instead of launching again (= tasks.train.LAUNCHED_ENV).
+from loraflow.atomic import write_json_atomic, write_text_atomic
+from loraflow.training.distributed import process_rank
+
+# Set in the launched processes: there the train stage trains instead of launching again.
 LAUNCHED_ENV = "LORAFLOW_TRAIN_LAUNCHED"
 PROGRESS_PREFIX = "LORAFLOW_PROGRESS "
 REPO = Path(__file__).resolve().parents[2]
 # NVLink multicast (NVLS) must stay off on the lent GPU machines (device README); harmless elsewhere.
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+log_default = logging.getLogger("loraflow.train")
 
 
 class DistributedTrainingError(RuntimeError):
@@ -141,9 +146,11 @@ def child_environment(parent: dict | None = None) -> dict:
 
 # ---- the caller's side ----------------------------------------------------------------------------------
 
-def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, trust_remote_code: bool = False,
+def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, store=None, trust_remote_code: bool = False,
                     log=None, on_step=None):
-    """Run train_adapter in train.num_processes processes and return rank 0's TrainResult.
+    """Run `train_fn` (tasks.train.train_adapter) in train.num_processes processes; return rank 0's TrainResult.
+
+    `train_fn` must be a module-level function: each process imports it by its "module:name" from the job file.
 
     `on_step(step, max_steps, loss)` is called for each optimizer step rank 0 reports (the Prefect progress
     artifact). A NonFiniteTrainingError or ResumeMismatchError raised in rank 0 is raised here again, with
@@ -152,7 +159,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
     import pandas as pd
     import torch
 
-    from tasks.train import NonFiniteTrainingError, ResumeMismatchError, TrainResult, _write_json_atomic, log_default
+    from loraflow.training.result import NonFiniteTrainingError, ResumeMismatchError, TrainResult
 
     log = log or log_default
     output_dir = Path(output_dir)
@@ -174,17 +181,18 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
         os.replace(staging, tokens_path)
         tokens_job = {"parquet": str(tokens_path)}
     else:
-        from tasks.train import store_for
+        from loraflow.tokens_input import store_for
 
         tokens_job = {"ref": tokens.model_dump(mode="json"), "store_root": str((store or store_for(tokens)).root)}
     result_path, error_path = launch_dir / "result.json", launch_dir / "error-rank0.json"
     for stale in (result_path, error_path):
         stale.unlink(missing_ok=True)
     job_path = launch_dir / "job.json"
-    _write_json_atomic(job_path, {
+    write_json_atomic(job_path, {
         "tokens": tokens_job, "model_dir": str(model_dir), "output_dir": str(output_dir),
         "train_config": train_config.model_dump(mode="json"), "trust_remote_code": trust_remote_code,
         "result_path": str(result_path), "error_path": str(error_path),
+        "train_function": f"{train_fn.__module__}:{train_fn.__qualname__}",
     })
 
     command = launch_command(config_path, job_path, _free_port())
@@ -239,26 +247,22 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, store=None, 
 
 # ---- the launched side -----------------------------------------------------------------------------------
 
-def process_rank() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) outside a launch."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def worker_main(job_path: str) -> None:
-    """One launched process: train_adapter on the job; rank 0 writes the TrainResult (or its error) as JSON."""
-    import logging
+    """One launched process: the job's train function on the job; rank 0 writes the TrainResult (or its error) as JSON."""
+    import importlib
 
     import pandas as pd
     import torch
 
     from loraflow.config.train import TrainConfig
     from loraflow.store import ArtifactRef, ArtifactStore
-    from tasks.train import _write_json_atomic, train_adapter
 
     job = json.loads(Path(job_path).read_text())
+    module_name, function_name = job["train_function"].split(":")
+    train_fn = getattr(importlib.import_module(module_name), function_name)
     rank, local_rank, world = process_rank()
     # Only rank 0 reports progress; the others' warnings and errors still reach the caller's log.
-    # force: importing Prefect (tasks.train's wrapper) has already configured the root logger.
+    # force: importing Prefect (the train stage's wrapper) has already configured the root logger.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"[rank {rank}/{world}] %(name)s %(levelname)s: %(message)s")
     logging.getLogger("loraflow").setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -275,16 +279,16 @@ def worker_main(job_path: str) -> None:
     else:
         tokens, store = ArtifactRef(**job["tokens"]["ref"]), ArtifactStore(job["tokens"]["store_root"])
     try:
-        result = train_adapter(
+        result = train_fn(
             tokens, job["model_dir"], TrainConfig(**job["train_config"]), job["output_dir"], store=store,
             trust_remote_code=job["trust_remote_code"], on_step=print_progress if rank == 0 else None,
         )
     except Exception as error:
         if rank == 0:
-            _write_json_atomic(Path(job["error_path"]), {"type": type(error).__name__, "message": str(error)})
+            write_json_atomic(Path(job["error_path"]), {"type": type(error).__name__, "message": str(error)})
         raise
     if rank == 0:
-        _write_json_atomic(Path(job["result_path"]), result.model_dump(mode="json"))
+        write_json_atomic(Path(job["result_path"]), result.model_dump(mode="json"))
 
 
 def print_progress(step: int, max_steps: int, loss: float | None) -> None:
@@ -302,9 +306,7 @@ def _free_port() -> int:
 def _write_yaml(path: Path, payload: dict) -> None:
     import yaml
 
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(yaml.safe_dump(payload, sort_keys=False))
-    os.replace(staging, path)
+    write_text_atomic(path, yaml.safe_dump(payload, sort_keys=False))
 
 
 if __name__ == "__main__":

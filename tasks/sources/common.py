@@ -1,4 +1,18 @@
-"""What every source shares: path resolution, the error type, and how a source sets bad records aside."""
+"""What every source shares: the interface core code relies on, path resolution, the error type, and how a
+source sets bad records aside.
+
+Core code (config validation, confinement, `loraflow check`, the cache key, the run summary) never guesses
+from field names: it asks the source's module, which defines (tasks/sources/__init__.py checks it on import):
+
+- `Config`: the pydantic model, with `kind`, `name`, `max_rows` and a schema `title` (the Prefect UI's label).
+- `read(config, base_dir)`: the rows (or `(rows, rejected)`).
+- `default_name(config)`: the provenance name when `name:` is not set.
+- `locations(config, base_dir)`: every place it reads, as `Location`s (local ones are confined).
+- `fingerprint(config, base_dir)`: a string that changes whenever the data read would change.
+- `check(config, base_dir)`: problems (exists, reachable, readable) as messages with their fix; [] = fine.
+
+File sources share the `file_*` implementations below.
+"""
 
 import codecs
 import hashlib
@@ -13,6 +27,15 @@ from loraflow.config.base import StrictModel
 from loraflow.store import file_sha256
 
 UTF8_BOM = codecs.BOM_UTF8
+
+
+@dataclass(frozen=True)
+class Location:
+    """One place a source reads: a local file or folder (confined to LORAFLOW_DATA_ROOTS) or a remote address."""
+
+    key: str  # the config key that names it ("path", "repo", "url"), for error messages
+    address: str  # what the run summary and model card show: the path as configured, or a URL without credentials
+    local: Path | None = None  # the file or folder on this machine it reads; None when remote
 
 
 class SourceBase(StrictModel):
@@ -34,6 +57,42 @@ class Rejected:
     row: int  # 0-based record position within the source (the numbering `_row` uses)
     reason: str  # e.g. "invalid JSON at line 7: Expecting ',' delimiter (column 12)"
     text: str  # the record as it stood in the file
+
+
+# How a JSON value is named in reasons; int and float share "number" (Parquet stores them in one column).
+VALUE_KINDS = {str: "text", int: "number", float: "number", bool: "true/false", list: "list", dict: "object"}
+
+
+def value_kind(value) -> str | None:
+    """The kind of a parsed JSON value ("text", "number", "list", ...), None for null."""
+    return None if value is None else VALUE_KINDS.get(type(value), type(value).__name__)
+
+
+def odd_typed_records(records: list[dict]) -> dict[int, str]:
+    """Records whose value in some field has another kind than most records have there: index -> reason.
+
+    A field's kind is the one more than half of its non-null values have; a field without such a majority
+    is left alone (ingest then refuses the column by name). Parquet cannot store, e.g., a list beside text.
+    """
+    kinds_by_field: dict[str, list[tuple[int, str]]] = {}
+    for index, record in enumerate(records):
+        for field, value in record.items():
+            kind = value_kind(value)
+            if kind is not None:
+                kinds_by_field.setdefault(field, []).append((index, kind))
+    odd: dict[int, str] = {}
+    for field, kinds in kinds_by_field.items():
+        counts: dict[str, int] = {}
+        for _, kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+        majority, count = max(counts.items(), key=lambda item: item[1])
+        if len(counts) == 1 or count * 2 <= len(kinds):
+            continue
+        for index, kind in kinds:
+            if kind != majority and index not in odd:
+                odd[index] = (f"field {field!r} is {kind}, but {count} other record(s) have {majority} there "
+                              f"-> make it {majority} like the others")
+    return odd
 
 
 def resolve_path(path: str, base_dir) -> Path:
@@ -89,3 +148,32 @@ def folder_sha256(folder: Path) -> str:
             continue
         digest.update(f"{relative.as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+# ---- the interface for sources that read one local file (csv, json, parquet)
+def file_default_name(config) -> str:
+    """The file name of `path:`."""
+    return Path(config.path).name
+
+
+def file_locations(config, base_dir) -> list[Location]:
+    """The one file `path:` names (resolved against the config's folder for confinement)."""
+    return [Location("path", config.path, resolve_path(config.path, base_dir))]
+
+
+def file_fingerprint(config, base_dir) -> str:
+    """sha256 of the file's bytes."""
+    return file_sha256(existing_file(config.path, base_dir))
+
+
+def file_check(config, base_dir) -> list[str]:
+    """The file exists and can be opened for reading."""
+    try:
+        path = existing_file(config.path, base_dir)
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except SourceError as error:
+        return [str(error)]
+    except OSError as error:
+        return [f"{resolve_path(config.path, base_dir)}: cannot be read ({error.strerror}) -> give the worker read access, or fix `path:`"]
+    return []

@@ -8,14 +8,18 @@ import io
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from tasks.sources.common import SourceBase, SourceError, decode_text, existing_file
+# The rest of the source interface (tasks/sources/common.py) is the one every single-file source shares.
+from tasks.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
+from tasks.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
 
 
 class Config(SourceBase):
     """A CSV file."""
 
+    model_config = ConfigDict(title="CSV file")
     kind: Literal["csv"] = Field("csv", description="Source kind.")
     name: str | None = Field(None, description="Source name in provenance columns (default: the file name).")
     path: str = Field(..., description="Path of the CSV file (relative to the config file).")

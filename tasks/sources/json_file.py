@@ -1,7 +1,8 @@
 """JSON source: a JSON array of objects, or JSON Lines (one object per line).
 
-A JSONL line that does not parse is set aside (quarantined with its line number) and the other lines go on;
-a JSON array that does not parse is one error naming its line and column. Nested values (lists, objects,
+A JSONL line that does not parse, or whose field holds another kind of value than the other records have
+there (a list where the others have text), is set aside (quarantined with its line number and the reason)
+and the other lines go on; a JSON array that does not parse is one error naming its line and column. Nested values (lists, objects,
 e.g. ShareGPT `conversations`) are kept as they are.
 """
 
@@ -9,14 +10,18 @@ import json
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from tasks.sources.common import SourceBase, Rejected, SourceError, decode_text, existing_file
+from tasks.sources.common import SourceBase, Rejected, SourceError, decode_text, existing_file, odd_typed_records
+# The rest of the source interface (tasks/sources/common.py) is the one every single-file source shares.
+from tasks.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
+from tasks.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
 
 
 class Config(SourceBase):
     """A JSON or JSONL file."""
 
+    model_config = ConfigDict(title="JSON / JSONL file")
     kind: Literal["json"] = Field("json", description="Source kind.")
     name: str | None = Field(None, description="Source name in provenance columns (default: the file name).")
     path: str = Field(..., description="Path of the .json / .jsonl file (relative to the config file).")
@@ -65,12 +70,13 @@ def read_array(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, lis
         else:
             reason = f"array element {position} is a {type(element).__name__}, not an object"
             rejected.append(Rejected(position, reason, json.dumps(element, ensure_ascii=False)))
-    return with_positions(records, positions), rejected
+    texts = [json.dumps(record, ensure_ascii=False) for record in records]
+    return split_odd_typed(records, positions, [f"array element {p}" for p in positions], texts, rejected)
 
 
 def read_lines(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, list[Rejected]]:
     """JSON Lines: one object per non-blank line; a line that is not an object is Rejected with its number."""
-    records, positions, rejected = [], [], []
+    records, positions, numbers, texts, rejected = [], [], [], [], []
     position = 0
     # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
     for number, line in enumerate(text.split("\n"), start=1):
@@ -85,12 +91,21 @@ def read_lines(path, text: str, max_rows: int | None) -> tuple[pd.DataFrame, lis
             rejected.append(Rejected(position, f"invalid JSON at line {number}: {error.msg} (column {error.colno})", line))
         else:
             if isinstance(record, dict):
-                records.append(record)
-                positions.append(position)
+                records.append(record), positions.append(position), numbers.append(f"line {number}"), texts.append(line)
             else:
                 rejected.append(Rejected(position, f"line {number} is a {type(record).__name__}, not a JSON object", line))
         position += 1
-    return with_positions(records, positions), rejected
+    return split_odd_typed(records, positions, numbers, texts, rejected)
+
+
+def split_odd_typed(records: list[dict], positions: list[int], places: list[str], texts: list[str],
+                    rejected: list[Rejected]) -> tuple[pd.DataFrame, list[Rejected]]:
+    """Rows of the records whose fields agree in kind with the others; the rest Rejected, in record order."""
+    odd = odd_typed_records(records)
+    rejected = rejected + [Rejected(positions[i], f"{places[i]}: {reason}", texts[i]) for i, reason in odd.items()]
+    kept = [i for i in range(len(records)) if i not in odd]
+    frame = with_positions([records[i] for i in kept], [positions[i] for i in kept])
+    return frame, sorted(rejected, key=lambda record: record.row)
 
 
 def with_positions(records: list[dict], positions: list[int]) -> pd.DataFrame:

@@ -5,14 +5,18 @@ from typing import Literal
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from tasks.sources.common import SourceBase, SourceError, existing_file
+# The rest of the source interface (tasks/sources/common.py) is the one every single-file source shares.
+from tasks.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
+from tasks.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
 
 
 class Config(SourceBase):
     """A Parquet file."""
 
+    model_config = ConfigDict(title="Parquet file")
     kind: Literal["parquet"] = Field("parquet", description="Source kind.")
     name: str | None = Field(None, description="Source name in provenance columns (default: the file name).")
     path: str = Field(..., description="Path of the .parquet file (relative to the config file).")

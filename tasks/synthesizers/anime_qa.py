@@ -9,6 +9,8 @@ What the recipe users copy today gets wrong, and what this does instead:
   (different wordings for the same row) are kept for evaluation. Which is which is a seeded hash of the
   row's id, so it does not change when the catalog is re-ordered or grows.
 - Every answer is checked before it is emitted: each fact value must appear verbatim in it.
+- Facts are typed (FACT_TYPES): a count or a score that does not parse (`Scored By` = `abc`) skips the kind
+  for that row with the reason, like a missing value.
 
 Values are written as in the source, trimmed and with runs of whitespace collapsed; counts that a float
 column turned into "12.0" are written "12". List columns (genres, producers, studios) are split on commas
@@ -23,6 +25,7 @@ import pandas as pd
 
 from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions
 from tasks.synthesizers.common import column_text, conversations_frame, provenance, skipped_frame, unstated_fact
+from tasks.synthesizers.facts import FactType, not_a, parses_as
 
 QUESTIONS = {
     "overview": (
@@ -69,6 +72,11 @@ KIND_FIELDS = {
 }
 LIST_FIELDS = {"genres", "producers", "studios"}
 COUNT_FIELDS = {"episodes", "scored_by"}
+# The type of every fact this synthesizer renders (tasks/synthesizers/facts.py); the rest is text.
+FACT_TYPES: dict[str, FactType] = {
+    "id": "text", "name": "text", "english_name": "text", "other_name": "text", "genres": "text", "synopsis": "text",
+    "producers": "text", "studios": "text", "rating": "text", "episodes": "count", "scored_by": "count", "score": "score",
+}
 
 _INTEGRAL_FLOAT = re.compile(r"^(\d+)\.0+$")
 # MyAnimeList appends its credit to synopses: "[Written by MAL Rewrite]", "(Source: Crunchyroll)".
@@ -96,6 +104,7 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
     raw = {field: column_text(rows, getattr(options.columns, field)) for field in fields}
     values = {field: clean_field(field, raw[field], missing, options.max_synopsis_words) for field in fields}
     absent = {field: np.array([value is None for value in values[field]], dtype=bool) for field in fields}
+    mistyped = {field: mistyped_values(FACT_TYPES[field], values[field]) for field in fields}
     field_facts = {field: facts_per_row(getattr(options.columns, field), values[field]) for field in fields - {"id", "name"}}
     source_ids = [value or "" for value in values["id"]]
     order = phrasing_order(source_ids, options.seed, len(options.kinds))
@@ -104,13 +113,17 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
     parts = []  # one column dict per (kind, phrasing slot), concatenated and put in row order at the end
     skipped_rows, skipped_kinds, skipped_columns, skipped_reasons = [], [], [], []
     for kind_index, kind in enumerate(options.kinds):
-        # ---- which rows can be asked this kind: every needed value present
+        # ---- which rows can be asked this kind: every needed value present and of its fact type
         needed = [field for field in ("id",) + KIND_FIELDS[kind] if field not in options.optional_fields]
-        blocked = np.logical_or.reduce([absent[field] for field in needed])
+        blocked = np.logical_or.reduce([absent[field] | mistyped[field] for field in needed])
         for row in np.flatnonzero(blocked).tolist():
-            fields_absent = [field for field in needed if absent[field][row]]
+            fields_absent = [field for field in needed if absent[field][row] or mistyped[field][row]]
             columns = [getattr(options.columns, field) for field in fields_absent]
-            shown = ", ".join(f"{column} is {shown_value(raw[field][row])}" for column, field in zip(columns, fields_absent))
+            shown = ", ".join(
+                not_a(FACT_TYPES[field], column, values[field][row]) if mistyped[field][row]
+                else f"{column} is {shown_value(raw[field][row])}"
+                for column, field in zip(columns, fields_absent)
+            )
             skipped_rows.append(row), skipped_kinds.append(kind), skipped_columns.append(columns)
             skipped_reasons.append(f"{kind} skipped: {shown}")
 
@@ -188,6 +201,13 @@ def clean_field(field: str, raw: list[str | None], missing: set[str], max_synops
     # casefold() never shortens a text, so values longer than every missing marker need no check.
     longest = max(map(len, missing))
     return [None if value is None or (len(value) <= longest and value.casefold() in missing) else value for value in collapsed]
+
+
+def mistyped_values(fact_type: FactType, values: list) -> np.ndarray:
+    """True where a present value does not parse as `fact_type` (list fields are text, so never)."""
+    if fact_type == "text":
+        return np.zeros(len(values), dtype=bool)
+    return np.array([value is not None and not parses_as(fact_type, value) for value in values], dtype=bool)
 
 
 def synopsis_text(text: str, max_words: int) -> str:

@@ -53,6 +53,12 @@ def gc_paused():
             gc.enable()
 
 
+def text_or_none(values: list[str | None]) -> list[str | None]:
+    """Values exactly as written (whitespace at the edges kept: a code answer's indentation is data); empty or
+    whitespace-only values become None. Stripping is the format stage's explicit choice (format.strip_whitespace)."""
+    return [value if value is not None and value.strip() else None for value in values]
+
+
 def stripped_or_none(values: list[str | None]) -> list[str | None]:
     """Values with outer whitespace removed; empty or whitespace-only values become None."""
     return [value.strip() or None if value is not None else None for value in values]

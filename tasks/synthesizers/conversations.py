@@ -13,6 +13,10 @@ import pandas as pd
 
 from loraflow.config.synthesize import ConversationsOptions
 from tasks.synthesizers.common import conversations_frame, provenance, row_ids, skipped_frame
+from tasks.synthesizers.facts import FactType
+
+# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "conversation"
 
@@ -59,7 +63,7 @@ def to_messages(turns: list, options: ConversationsOptions) -> list[dict]:
         content = turn.get(options.content_key)
         if not isinstance(content, str) or not content.strip():
             raise ValueError(f"turn {number} ({speaker}) has no text in {options.content_key!r}")
-        messages.append({"role": role, "content": content.strip()})
+        messages.append({"role": role, "content": content})  # as written; format.strip_whitespace decides
     return messages
 
 

@@ -11,8 +11,12 @@ import pandas as pd
 
 from loraflow.config.synthesize import InstructionOptions
 from tasks.synthesizers.common import (
-    column_text, conversations_frame, provenance, row_ids, skipped_frame, stripped_or_none,
+    column_text, conversations_frame, provenance, row_ids, skipped_frame, text_or_none,
 )
+from tasks.synthesizers.facts import FactType
+
+# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "instruction"
 
@@ -39,10 +43,10 @@ def synthesize(rows: pd.DataFrame, options: InstructionOptions) -> tuple[pd.Data
     """Instruction rows -> (conversations, skipped rows with reasons)."""
     sources, source_rows = provenance(rows)
     source_ids = row_ids(rows, options.id_column, sources, source_rows)
-    instructions = stripped_or_none(column_text(rows, options.instruction_column))
-    outputs = stripped_or_none(column_text(rows, options.output_column))
-    inputs = stripped_or_none(column_text(rows, options.input_column)) if options.input_column else [None] * len(rows)
-    systems = stripped_or_none(column_text(rows, options.system_column)) if options.system_column else [None] * len(rows)
+    instructions = text_or_none(column_text(rows, options.instruction_column))
+    outputs = text_or_none(column_text(rows, options.output_column))
+    inputs = text_or_none(column_text(rows, options.input_column)) if options.input_column else [None] * len(rows)
+    systems = text_or_none(column_text(rows, options.system_column)) if options.system_column else [None] * len(rows)
 
     ids, messages, out_sources, out_rows, out_ids = [], [], [], [], []
     skipped_rows, skipped_columns, skipped_reasons = [], [], []

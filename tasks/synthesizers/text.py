@@ -4,6 +4,10 @@ import pandas as pd
 
 from loraflow.config.synthesize import TextOptions
 from tasks.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame
+from tasks.synthesizers.facts import FactType
+
+# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "text"
 

@@ -150,7 +150,8 @@ def test_evaluate_and_fp32_merge_of_a_4bit_trained_adapter(smol_random, tokens, 
     from loraflow.config.publish import PublishConfig
     from loraflow.config.train import TrainConfig
     from tasks.evaluate import evaluate_adapter
-    from tasks.publish import CardFacts, publish_model
+    from loraflow.model_card import CardFacts
+    from tasks.publish import publish_model
     from tasks.train import train_adapter
 
     trained = train_adapter(tokens, smol_random, TrainConfig(quantization="4bit", max_steps=6, micro_batch_size=4, learning_rate=5e-3),

@@ -1,0 +1,169 @@
+"""Model work of the evaluation: greedy batched answers, stop ids, validation loss, loading for inference.
+
+    runs = evaluate_models(model_dir, adapter_dir, tokenizer, questions, loss_rows, general_prompts, eval_config, ...)
+    # {"base": {"loss", "scored", "general"}, "finetuned": {...}, ("previous": {...})}
+
+Generation is greedy with left padding, prompts sorted by budget and length; a question's budget is its reference's
+length plus eval.answer_margin_tokens, so a model still talking by then counts as not stopping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from loraflow.config.evaluate import EvalConfig
+from loraflow.evaluation.metrics import score_answers
+from loraflow.precision import choose_precision
+
+# = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
+IGNORE_INDEX = -100
+# End-of-turn markers of common chat templates; those present in a tokenizer's vocab also stop generation.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, questions: pd.DataFrame,
+                    loss_rows: pd.DataFrame, general_prompts: list[str], eval_config: EvalConfig, *, stop_ids: list[int],
+                    pad_id: int, precision: str, previous_model_dir: str | Path | None = None,
+                    trust_remote_code: bool = False, log) -> dict:
+    """Loss, scored answers and general answers for the base, base + adapter and (if given) the previous model.
+
+    One load: the base answers first, then the adapter is merged into the same weights (faster generation); the
+    previous model is loaded after the others are dropped (one model in memory at a time)."""
+    from peft import PeftModel
+
+    generation = dict(max_new_tokens=eval_config.max_new_tokens, batch_size=eval_config.batch_size, stop_ids=stop_ids)
+    # A question's budget is its reference's length plus a margin: a model still talking by then is rambling,
+    # and base models that never stop no longer cost the full max_new_tokens on every question.
+    budgets = [min(eval_config.max_new_tokens, len(tokenizer(r, add_special_tokens=False)["input_ids"]) + eval_config.answer_margin_tokens)
+               for r in questions["reference"]]
+    model = load_for_inference(model_dir, trust_remote_code=trust_remote_code, precision=precision)
+    runs = {}
+    for name in ("base", "finetuned", "previous") if previous_model_dir else ("base", "finetuned"):
+        if name == "finetuned":
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model.eval()
+        if name == "previous":
+            del model  # one model in memory at a time
+            model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code, precision=precision)
+        loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
+        answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
+                                   **{**generation, "max_new_tokens": budgets})
+        general = generate_answers(model, tokenizer, general_prompts, **generation)
+        runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general}
+        log.info("evaluate: %s done (loss %s)", name, f"{loss:.4f}" if loss is not None else "n/a")
+    return runs
+
+
+
+def stop_token_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
+    """EOS ids: the tokenizer's EOS, generation_config's, and end-of-turn tokens the chat template uses."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab and (token in template or token == tokenizer.eos_token):
+            ids.add(int(vocab[token]))
+    if model_dir is not None and (Path(model_dir) / "generation_config.json").exists():
+        eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    return sorted(ids)
+
+
+def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int], batch_size: int,
+                     stop_ids: list[int], progress: str | None = None) -> list[dict]:
+    """Greedy answers to fully rendered prompts, batched with left padding (prompts sorted by budget, then length).
+
+    `max_new_tokens` is one budget for all prompts or one per prompt (a batch generates up to its largest).
+    Each answer: text (up to the first stop token, special tokens removed), stopped (a stop token was
+    produced within the prompt's own budget), n_tokens (generated tokens, the stop token included).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
+    answers: list[dict | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    stop = torch.tensor(stop_ids, device=device)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress or "generate", disable=progress is None):
+        # Rendered prompts already hold the template's special tokens: add none.
+        encoded = tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            output = model.generate(
+                **encoded, do_sample=False, max_new_tokens=max(budgets[i] for i in batch), eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        for row, index in enumerate(batch):
+            tokens = new_tokens[row][: budgets[index]]
+            hits = torch.isin(tokens, stop).nonzero()
+            end = int(hits[0]) if len(hits) else len(tokens)
+            answers[index] = {
+                "text": tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(),
+                "stopped": bool(len(hits)),
+                "n_tokens": end + 1 if len(hits) else end,
+            }
+    return answers
+
+
+def mean_loss(model, rows: pd.DataFrame, *, batch_size: int, pad_id: int) -> float | None:
+    """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows`."""
+    import torch
+
+    if rows.empty:
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    items = list(zip(rows["input_ids"], rows["labels"]))
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        longest = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, (ids, label) in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+            labels[row, :len(ids)] = torch.as_tensor(np.asarray(label, dtype=np.int64))
+            attention[row, :len(ids)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        shifted = labels[:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(losses)
+        count += int((shifted != IGNORE_INDEX).sum())
+    return total / count if count else None
+
+
+def chat_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
+    """A user question (after the system prompt, if any) rendered with the tokenizer's chat template, ready to answer."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def load_for_inference(model_dir: str | Path, *, trust_remote_code: bool = False, precision: str | None = None):
+    """The model on the GPU if there is one, in eval mode, in `precision` (bf16 | fp32; default: what this
+    device computes fast, loraflow.precision)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    precision = precision or choose_precision("auto", "cuda" if cuda else "cpu").precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, device_map={"": 0} if cuda else None,
+    )
+    model.eval()
+    return model

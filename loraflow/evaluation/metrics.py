@@ -1,0 +1,299 @@
+"""Evaluation metrics and the publish gate, as pure functions on small tables (no model, no torch).
+
+Fact accuracy per question kind (every fact value of the row appears in the answer, after normalising case,
+whitespace and thousands separators), ROUGE-L F1 against the reference, stop rate, answer and reference lengths;
+general-knowledge answers judged against the expected ones or, without one, against the base model's answer;
+`decide_gate` turns the summaries into a PASS/FAIL decision with one reason per check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import unicodedata
+
+import pandas as pd
+from pydantic import BaseModel
+
+from loraflow.config.evaluate import EvalConfig, GateConfig
+
+
+class GateDecision(BaseModel):
+    """Whether the fine-tuned model may be published, and why (one line per check)."""
+
+    passed: bool
+    reasons: list[str]
+
+
+def normalise(text: str) -> str:
+    """Lower-case, NFKC, thousands separators dropped ("12,345" -> "12345"), whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = re.sub(r"(?<=\d)[,\u202f\u00a0'_](?=\d{3}(?!\d))", "", text)
+    return " ".join(text.split())
+
+
+def facts_present(answer: str, facts) -> bool | None:
+    """True when every fact value appears in the answer (normalised); None for rows without facts."""
+    values = [str(fact["value"]) for fact in fact_list(facts)]
+    if not values:
+        return None
+    answer = normalise(answer)
+    return all(_contains(answer, normalise(value)) for value in values)
+
+
+def _contains(text: str, value: str) -> bool:
+    # Numbers must match whole ("13" is not found in "113" or "13.5"); words as substrings.
+    if re.fullmatch(r"[\d.]+", value):
+        return re.search(rf"(?<![\d.]){re.escape(value)}(?!\.?\d)", text) is not None
+    return value in text
+
+
+def fact_list(facts) -> list[dict]:
+    """A row's facts as plain dicts ([] for none or NaN)."""
+    if facts is None or (isinstance(facts, float) and math.isnan(facts)):
+        return []
+    return [dict(fact) for fact in list(facts)]
+
+
+def words(text: str) -> list[str]:
+    """ROUGE tokens: lower-cased runs of letters/digits (thousands separators removed first)."""
+    return re.findall(r"\w+(?:\.\d+)?", normalise(text))
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
+    if not a or not b:
+        return 0
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b, start=1):
+            current.append(previous[j - 1] + 1 if token == other else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (β = 1) between a candidate and a reference, on `words`."""
+    cand, ref = words(candidate), words(reference)
+    lcs = lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+NUMBER_WORDS = {word: value for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUM = r"(?:(?<![\w.])\d+(?:\.\d+)?(?!\w)|\b(?:" + "|".join(NUMBER_WORDS) + r")\b)"
+_NUMBER = re.compile(_NUM)
+# "2 + 2", "two plus two": the question restated, not an answer (its operands are not answer values).
+_EXPRESSION = re.compile(_NUM + r"(?:\s*(?:[-+*/×÷^]|\bx\b|plus|minus|times|multiplied by|divided by)\s*" + _NUM + ")+")
+_CLAIM_END = re.compile(r"[.!?;\n]|,?\s+\b(?:but|however|although|though|whereas|while|or)\b")
+
+
+def general_answer_ok(answer: str, expected: str, question: str = "") -> bool:
+    """Whether `answer` gives `expected` ('|'-separated alternatives) as *the* answer, judged strictly.
+
+    Numeric expectations ("4|four"): the answer's numbers (digits or number words, arithmetic expressions such as
+    "2 + 2" left out) must be there and all equal the expected value, so "2 + 2 = 5 in Japanese, but ... 4" is
+    wrong (its first value is 5, and it conflicts). Word expectations ("Paris"): the first claim (the text up to
+    the first sentence end or "but"/"however"/"or"), after an echo of `question`, must hold an alternative as a
+    whole word (any case).
+    """
+    options = [normalise(option) for option in expected.split("|") if option.strip()]
+    text = normalise(answer)
+    asked = normalise(question)
+    if asked and text.startswith(asked):
+        text = text[len(asked):].lstrip()
+    expected_values = {value for value in map(_number_value, options) if value is not None}
+    if expected_values:
+        values = [_number_value(match.group()) for match in _NUMBER.finditer(_EXPRESSION.sub(" ", text))]
+        return bool(values) and all(value in expected_values for value in values)
+    first_claim = _CLAIM_END.split(text, maxsplit=1)[0]
+    return any(re.search(rf"\b{re.escape(option)}\b", first_claim) for option in options)
+
+
+def _number_value(token: str) -> float | None:
+    """A digit string or a number word as a number (None for anything else)."""
+    if token in NUMBER_WORDS:
+        return float(NUMBER_WORDS[token])
+    return float(token) if re.fullmatch(r"\d+(?:\.\d+)?", token) else None
+
+
+def select_questions(frame: pd.DataFrame, max_questions: int, seed: int = 0) -> pd.DataFrame:
+    """Trained phrasings (split train) and held-out phrasings (split heldout), one row per distinct prompt,
+    sampled deterministically (by a hash of id and seed) to at most `max_questions`, shared between the two sets."""
+    sets = []
+    for split, name in (("train", "trained"), ("heldout", "heldout")):
+        rows = frame[frame["split"] == split].drop_duplicates("prompt")
+        order = rows["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+        sets.append(rows.assign(set=name, _order=order.values).sort_values("_order"))
+    trained, heldout = sets
+    heldout_quota = min(len(heldout), max(max_questions // 2, max_questions - len(trained)))
+    trained_quota = min(len(trained), max_questions - heldout_quota)
+    chosen = pd.concat([trained.head(trained_quota), heldout.head(heldout_quota)], ignore_index=True)
+    return chosen.drop(columns="_order")
+
+
+def evaluation_rows(frame: pd.DataFrame, eval_config: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(questions to generate answers for, rows for the validation loss, the loss rows' split name): the loss is
+    taken on split "validation", or "heldout" when there is none."""
+    questions = select_questions(frame, eval_config.max_questions, eval_config.seed)
+    loss_rows = frame[frame["split"] == "validation"]
+    loss_split = "validation"
+    if loss_rows.empty:
+        loss_rows, loss_split = frame[frame["split"] == "heldout"], "heldout"
+    return questions, loss_rows, loss_split
+
+
+def score_answers(questions: pd.DataFrame, generations: list[dict], tokenizer=None) -> pd.DataFrame:
+    """One row per question: the answer, fact hit, ROUGE-L, stopped, answer and reference lengths in tokens."""
+    scored = questions[["id", "set", "kind", "prompt", "reference", "facts"]].copy().reset_index(drop=True)
+    scored["answer"] = [g["text"] for g in generations]
+    scored["stopped"] = [bool(g["stopped"]) for g in generations]
+    scored["answer_tokens"] = [int(g["n_tokens"]) for g in generations]
+    scored["fact_hit"] = [facts_present(a, f) for a, f in zip(scored["answer"], scored["facts"])]
+    scored["rouge_l"] = [rouge_l_f1(a, r) for a, r in zip(scored["answer"], scored["reference"])]
+    if tokenizer is not None:
+        scored["reference_tokens"] = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in scored["reference"]]
+    else:
+        scored["reference_tokens"] = [len(words(r)) for r in scored["reference"]]
+    return scored
+
+
+def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: list[dict] | None = None) -> dict:
+    """Model-level metrics from scored answers (see the module docstring for definitions)."""
+
+    def accuracy(rows: pd.DataFrame) -> float | None:
+        hits = rows["fact_hit"].dropna()
+        return round(float(hits.astype(bool).mean()), 4) if len(hits) else None
+
+    def mean(values) -> float | None:
+        values = pd.Series(values, dtype=float).dropna()
+        return round(float(values.mean()), 4) if len(values) else None
+
+    trained, heldout = scored[scored["set"] == "trained"], scored[scored["set"] == "heldout"]
+    summary = {
+        "fact_accuracy": accuracy(trained),
+        "heldout_fact_accuracy": accuracy(heldout),
+        "fact_accuracy_by_kind": {k: accuracy(g) for k, g in trained.groupby("kind") if accuracy(g) is not None},
+        "heldout_fact_accuracy_by_kind": {k: accuracy(g) for k, g in heldout.groupby("kind") if accuracy(g) is not None},
+        "rouge_l": mean(trained["rouge_l"]),
+        "heldout_rouge_l": mean(heldout["rouge_l"]),
+        "stop_rate": mean(scored["stopped"].astype(float)),
+        "mean_answer_tokens": mean(scored["answer_tokens"]),
+        "mean_reference_tokens": mean(scored["reference_tokens"]),
+        "eval_loss": None if eval_loss is None else round(eval_loss, 4),
+        "perplexity": None if eval_loss is None else round(math.exp(min(eval_loss, 50.0)), 3),
+        "questions": int(len(scored)),
+    }
+    if general is not None:
+        summary["general_right"] = sum(1 for g in general if g["ok"])
+        summary["general_total"] = len(general)
+    return summary
+
+
+def general_table(eval_config: EvalConfig, runs: dict) -> pd.DataFrame:
+    """One row per general question: each model's answer, whether it is right, and regression (the base was right,
+    the fine-tuned model is not). Without an expected answer a model is right when it keeps the base's answer
+    (ROUGE-L >= 0.5); the base is then right by definition."""
+    general = pd.DataFrame({
+        "question": eval_config.general_questions,
+        "expected": [eval_config.general_expected.get(q) for q in eval_config.general_questions],
+        **{f"{name}_answer": [g["text"] for g in run["general"]] for name, run in runs.items()},
+    })
+    general["base_ok"] = [general_answer_ok(a, e, q) if e else True
+                         for a, e, q in zip(general["base_answer"], general["expected"], general["question"])]
+    for name in [name for name in runs if name != "base"]:  # in run order: a stable column order
+        general[f"{name}_ok"] = [
+            general_answer_ok(a, e, q) if e else rouge_l_f1(a, b) >= 0.5
+            for a, b, e, q in zip(general[f"{name}_answer"], general["base_answer"], general["expected"], general["question"])
+        ]
+    general["regression"] = general["base_ok"] & ~general["finetuned_ok"]
+    return general
+
+
+def summarise_runs(runs: dict, general: pd.DataFrame, loss_split: str) -> dict:
+    """`summarise` for every model run (base, finetuned, previous), with the split the loss was taken on."""
+    summaries = {
+        name: summarise(run["scored"], run["loss"], [{"ok": ok} for ok in general[f"{name}_ok"]])
+        for name, run in runs.items()
+    }
+    for name in summaries:
+        summaries[name]["eval_loss_split"] = loss_split
+    return summaries
+
+
+def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int = 0,
+                previous: dict | None = None) -> GateDecision:
+    """Apply the gate's thresholds; every check adds a PASS/FAIL line, and any FAIL blocks publish.
+
+    `previous`: metrics of the previously published model on the same questions (None: first publish)."""
+    reasons, passed = [], True
+
+    def check(ok: bool, text: str):
+        nonlocal passed
+        passed &= ok
+        reasons.append(f"{'PASS' if ok else 'FAIL'}: {text}")
+
+    accuracy = finetuned.get("fact_accuracy")
+    if accuracy is None:
+        reasons.append("SKIP: no questions with facts, so fact accuracy is not gated")
+    else:
+        check(accuracy >= gate.min_fact_accuracy, f"fact accuracy {accuracy:.3f} >= {gate.min_fact_accuracy:.3f} (trained phrasings)")
+    stop_rate = finetuned.get("stop_rate")
+    if stop_rate is not None:
+        check(stop_rate >= gate.min_stop_rate, f"stop rate {stop_rate:.3f} >= {gate.min_stop_rate:.3f}")
+    if gate.must_beat_base:
+        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
+        ours, theirs = finetuned.get(metric), base.get(metric)
+        if ours is None or theirs is None:
+            reasons.append(f"SKIP: {metric} missing, so must_beat_base is not checked")
+        else:
+            check(ours > theirs, f"{metric} {ours:.3f} beats base {theirs:.3f}")
+    if previous is not None and gate.must_not_regress_previous:
+        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
+        ours, theirs = finetuned.get(metric), previous.get(metric)
+        if ours is not None and theirs is not None:
+            check(ours >= theirs - gate.previous_tolerance,
+                  f"{metric} {ours:.3f} >= previous model's {theirs:.3f} - {gate.previous_tolerance:.3f}")
+        ours, theirs = finetuned.get("eval_loss"), previous.get("eval_loss")
+        if ours is not None and theirs is not None:
+            limit = theirs * (1 + gate.previous_loss_tolerance)
+            check(ours <= limit, f"validation loss {ours:.4f} <= previous model's {theirs:.4f} + {gate.previous_loss_tolerance:.0%}")
+    if gate.max_general_regressions is not None:
+        check(general_regressions <= gate.max_general_regressions,
+              f"{general_regressions} general answer(s) went from right to wrong (allowed {gate.max_general_regressions})")
+    elif general_regressions:
+        reasons.append(f"NOTE: {general_regressions} general answer(s) went from right to wrong (not gated)")
+    return GateDecision(passed=passed, reasons=reasons)
+
+
+def comparison_table(base: dict, finetuned: dict, previous: dict | None = None) -> pd.DataFrame:
+    """metric | base | finetuned | delta (| previous), flattening the per-kind accuracies."""
+    models = {"base": base, "finetuned": finetuned, **({"previous": previous} if previous is not None else {})}
+    rows = []
+    for key in base:
+        if isinstance(base[key], dict):
+            for kind in sorted(set().union(*(set(m.get(key, {})) for m in models.values()))):
+                rows.append((f"{key}[{kind}]", *(m.get(key, {}).get(kind) for m in models.values())))
+        else:
+            rows.append((key, *(m.get(key) for m in models.values())))
+    table = pd.DataFrame(rows, columns=["metric", *models])
+    for name in models:
+        table[name] = pd.to_numeric(table[name], errors="coerce")
+    table.insert(3, "delta", table["finetuned"] - table["base"])
+    return table
+
+def answers_table(base_scored: pd.DataFrame, tuned_scored: pd.DataFrame) -> pd.DataFrame:
+    """Every question with the base and fine-tuned answers and their scores side by side (facts as JSON)."""
+    answers = base_scored[["id", "set", "kind", "prompt", "reference"]].copy()
+    for prefix, scored in (("base", base_scored), ("finetuned", tuned_scored)):
+        for column in ("answer", "fact_hit", "rouge_l", "stopped", "answer_tokens"):
+            answers[f"{prefix}_{column}"] = scored[column].values
+    answers["facts"] = base_scored["facts"].map(lambda f: json.dumps(fact_list(f)))
+    return answers

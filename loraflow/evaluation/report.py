@@ -1,0 +1,55 @@
+"""The evaluation report: gate decision, metric table, general answers and a few answers side by side (markdown)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from loraflow.evaluation.metrics import GateDecision
+
+
+def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFrame, decision: GateDecision,
+                  examples: int = 4) -> str:
+    """Markdown: gate decision, metric table, general answers, a few answers side by side."""
+    lines = [f"## Evaluation: gate {'passed' if decision.passed else 'FAILED'}", ""]
+    previous = "previous" in table.columns
+    header = "| metric | base | fine-tuned | delta |" + (" previously published |" if previous else "")
+    lines += [f"- {reason}" for reason in decision.reasons] + ["", header, "|---" * header.count(" |") + "|"]
+    for row in table.itertuples():
+        lines.append(f"| {row.metric} | {_fmt(row.base)} | {_fmt(row.finetuned)} | {_fmt(row.delta, signed=True)} |"
+                     + (f" {_fmt(row.previous)} |" if previous else ""))
+    if len(general):
+        lines += ["", "### General questions", "", "| question | base | fine-tuned | kept |", "|---|---|---|---|"]
+        for row in general.itertuples():
+            lines.append(f"| {_cell(row.question)} | {_cell(row.base_answer)} | {_cell(row.finetuned_answer)} | "
+                         f"{'yes' if row.finetuned_ok or not row.base_ok else '**no**'} |")
+    for name in ("trained", "heldout"):
+        sample = answers[answers["set"] == name].head(examples)
+        if len(sample):
+            lines += ["", f"### Examples ({name} phrasings)", "", "| question | reference | base | fine-tuned |", "|---|---|---|---|"]
+            for row in sample.itertuples():
+                lines.append(f"| {_cell(_question_of(row.prompt))} | {_cell(row.reference)} | {_cell(row.base_answer)} | "
+                             f"{_cell(row.finetuned_answer)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _cell(text, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _question_of(prompt: str) -> str:
+    """The last user turn of a rendered prompt, for display (falls back to the prompt's tail)."""
+    for marker in ("<|im_start|>user\n", "[INST]", "### Instruction:\n", "<start_of_turn>user\n", "user\n"):
+        if marker in prompt:
+            tail = prompt.rsplit(marker, 1)[1]
+            return re.split(r"<\|im_end\|>|\[/INST\]|<end_of_turn>|\n###|<\|eot_id\|>", tail)[0].strip()
+    return prompt[-160:]

@@ -1,0 +1,173 @@
+"""What this machine will run for a TrainConfig: device, precision, quantization, optimizer; packing, the fast path
+and the packed rows per micro-batch.
+
+    env = training_environment(train_config)      # {"device", "precision", "precision_reason", "quantization", "optimizer"}
+    packing = packing_enabled(train_config, env)
+    fast = fast_path_enabled(packing, env, train_config.distributed)
+
+The fast path (default on CUDA: train.packing="auto") is `configure_model_for_speed` (loraflow.training.speed)
+after get_peft_model, with the rows per micro-batch chosen from train.memory_budget_gb; docs/speed.md has the
+measurements behind these choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraflow.config.train import TrainConfig
+
+
+def training_environment(config: TrainConfig) -> dict:
+    """Device, precision, quantization and optimizer this machine will actually use for `config`."""
+    import torch
+
+    from loraflow.precision import choose_precision
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    try:
+        choice = choose_precision(config.precision, device)
+    except ValueError as error:
+        raise ValueError(f"train.precision: {error}") from None
+    quantization = config.quantization if cuda else "none"
+    # Under FSDP paged 8-bit AdamW fails when a checkpoint is saved (peft's FSDP-QLoRA caveats).
+    paged = cuda and config.distributed != "fsdp"
+    optimizer = config.optimizer if config.optimizer != "auto" else ("paged_adamw_8bit" if paged else "adamw_torch")
+    return {"device": device, "precision": choice.precision, "precision_reason": choice.reason,
+            "quantization": quantization, "optimizer": optimizer}
+
+
+def apply_training_environment(config: TrainConfig, log) -> dict:
+    """training_environment(config) with torch's CPU threads set (train.cpu_threads) and the choice logged; warns
+    when train.quantization cannot run on this machine."""
+    import torch
+
+    env = training_environment(config)
+    if env["device"] == "cpu" and config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    if quantization_reason(config, env):
+        log.warning("train: %s; the code path is otherwise the same", quantization_reason(config, env))
+    log.info("train: device=%s precision=%s (%s) quantization=%s optimizer=%s", env["device"], env["precision"],
+             env["precision_reason"], env["quantization"], env["optimizer"])
+    return env
+
+
+def quantization_reason(config: TrainConfig, env: dict) -> str | None:
+    """Why the quantization that runs is not train.quantization (None when it is)."""
+    if config.quantization != env["quantization"]:
+        return f"no CUDA device, so train.quantization={config.quantization} runs unquantized (16-bit base) on CPU"
+    return None
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name on CUDA ("NVIDIA H200"), else the CPU with torch's thread count."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def packing_enabled(config: TrainConfig, env: dict) -> bool:
+    """train.packing resolved for this machine: "auto" packs on CUDA (the fast path) and not on CPU."""
+    if config.packing == "auto":
+        return env["device"] == "cuda"
+    return bool(config.packing)
+
+
+def fast_path_enabled(packing: bool, env: dict, distributed: str = "none") -> bool:
+    """The packed fast path (configure_model_for_speed) runs on CUDA; packing on CPU keeps the CPU settings.
+    Not under FSDP: its fused LoRA epilogues and per-layer checkpointing reach into modules FSDP has flattened
+    and wrapped (measured nowhere yet), so FSDP packs with document masks and Trainer's checkpointing."""
+    return packing and env["device"] == "cuda" and distributed != "fsdp"
+
+
+def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log) -> tuple[int, dict]:
+    """Rows per micro-batch from the memory budget, then `configure_model_for_speed`; returns (rows, plan dict)."""
+    import torch
+
+    from loraflow.training import configure_model_for_speed
+
+    budget = config.memory_budget_gb
+    if budget is None:
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+    rows, reason = choose_rows_per_micro_batch(model, config, max_tokens, packed_rows, budget)
+    plan = configure_model_for_speed(
+        model, config, memory_budget_gb=budget, tokens_per_micro_batch=rows * max_tokens,
+        compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32,
+    ).as_dict()
+    plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
+    log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)
+    return rows, plan
+
+
+def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict, longest_example: int) -> None:
+    """Refuse (MemoryBudgetError, naming the smallest budget that works) a train.memory_budget_gb that even one
+    packed row with every layer checkpointed cannot keep: read from config.json, before any weights load."""
+    import importlib.util
+    import json
+
+    from loraflow.training.speed import check_memory_budget
+
+    config_file = Path(model_dir) / "config.json"
+    if config.memory_budget_gb is None or not config_file.exists():
+        return
+    try:
+        check_memory_budget(
+            json.loads(config_file.read_text()), max(config.pack_max_tokens, longest_example), config.memory_budget_gb,
+            lora_r=config.lora_r, target_modules=config.target_modules, quantization=env["quantization"],
+            fused_head=importlib.util.find_spec("liger_kernel") is not None,
+        )
+    except (AttributeError, KeyError, TypeError):  # not a Llama-style config: the plan after loading decides alone
+        return
+
+
+def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:
+    """Packed rows per forward pass, and why: train.pack_rows_per_micro_batch, else the most of 8/4/2/1 rows whose
+    activations fit `budget_gb` (GiB) with no layer checkpointed (loraflow.training.plan_checkpointing's memory
+    model; 8B at 4,096 tokens per row peaked at 40 GB with 2 rows and 75 GB with 4 on an H100: docs/speed.md), else 2 rows
+    with the planner checkpointing layers, else 1. Never more rows than the data has."""
+    from loraflow.training import plan_checkpointing
+
+    if config.pack_rows_per_micro_batch:
+        return config.pack_rows_per_micro_batch, "train.pack_rows_per_micro_batch"
+    fused_head = _liger_available_for(model)
+    most = max(1, packed_rows)
+    for rows in (8, 4, 2, 1):
+        if rows > most and rows != 1:
+            continue
+        checkpointed, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
+        if checkpointed == 0:
+            return rows, (f"most rows (of 8/4/2/1, at most the {packed_rows} packed) that fit {budget_gb:.1f} GiB "
+                          f"with no layer checkpointed: estimated peak {estimate:.1f} GiB")
+    if not config.gradient_checkpointing:
+        return 1, f"no row count fits {budget_gb:.1f} GiB whole and train.gradient_checkpointing is off: 1 row"
+    rows = min(2, most)
+    layers, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
+    if estimate <= budget_gb or rows == 1:
+        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with {layers} layers checkpointed "
+                      f"(estimated peak {estimate:.1f} GiB)")
+    # The estimate above keeps a 3 GiB reserve; the measured peaks of every-layer-checkpointed plans stayed within
+    # minimum_budget_gb (docs/speed.md, the frontier): 2 rows all checkpointed beat 1 row where that minimum fits.
+    from loraflow.training.speed import minimum_budget_gb
+
+    needed = minimum_budget_gb(model.config, rows * max_tokens, lora_r=config.lora_r, target_modules=config.target_modules,
+                               quantization=config.quantization, fused_head=fused_head)
+    if needed <= budget_gb:
+        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with every layer checkpointed "
+                      f"(calibrated minimum {needed:.1f} GiB; the plan's estimate with its reserve {estimate:.1f} GiB)")
+    return 1, f"2 rows exceed {budget_gb:.1f} GiB even with every layer checkpointed (estimated {estimate:.1f} GiB): 1 row"
+
+
+def _liger_available_for(model) -> bool:
+    """Whether configure_model_for_speed will fuse the LM head with Liger (so the logits are never materialised)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or next(model.parameters()).device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # noqa: BLE001 - an unusable Liger means no fused head
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN

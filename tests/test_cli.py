@@ -1,0 +1,88 @@
+"""The `loraflow` command line as a user meets it: one plain message per user error, quarantine reasons on the
+console, a warning for an empty validation split, help text on every argument."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(folder: Path, records: str, **tokenize) -> Path:
+    """An instruction source (JSON Lines `records`) and a prepare config over it, in `folder`."""
+    (folder / "rows.jsonl").write_text(records, encoding="utf-8")
+    options = ", ".join(f"{key}: {value}" for key, value in tokenize.items())
+    (folder / "config.yaml").write_text(
+        f"name: cli-test\nstore: {folder / 'store'}\nruns_dir: {folder / 'runs'}\n"
+        "sources:\n  - {kind: json, name: rows, path: rows.jsonl}\n"
+        "synthesize: {kind: instruction, instruction: {input_column: null}}\n"
+        + (f"tokenize: {{{options}}}\n" if options else "")
+    )
+    return folder / "config.yaml"
+
+
+def loraflow(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": os.environ["PREFECT_HOME"]}
+    return subprocess.run([sys.executable, "-m", "loraflow.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_source_error_prints_once_with_its_fix_and_the_traceback_goes_to_the_log_file(tmp_path):
+    config = write_config(tmp_path, "{oops\n{nope\n")
+    done = loraflow("prepare", str(config))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert output.count("nothing to ingest: all 2 records are broken") == 1, output
+    assert "Traceback" not in output and len(output.splitlines()) < 15, output
+    log_path = Path(output.split("the full log with the traceback: ")[1].split(";")[0])
+    assert log_path.parent == tmp_path / "runs" / "cli-test" / "logs"
+    assert "Traceback" in log_path.read_text() and "SourceError" in log_path.read_text()
+
+    debug = loraflow("prepare", str(config), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_prepare_prints_the_top_quarantine_reasons_per_stage(prefect_api, tmp_path):
+    from loraflow.cli import main
+
+    records = "".join(json.dumps({"instruction": f"Say {n}", "output": str(n)}) + "\n" for n in range(6))
+    config = write_config(tmp_path, records + "{broken\n" + '{"instruction": ["a"], "output": "x"}\n' + "{broken too\n")
+    # stdout only: capsys would also swap the stderr that Prefect's console handler keeps after the test
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["prepare", str(config)]) == 0
+    out = printed.getvalue()
+    assert "quarantined rows, top reasons per stage" in out
+    assert re.search(r"\n  ingest:rows +2 x invalid JSON at line 7: Expecting property name.* \(and similar\)\n", out), out
+    assert re.search(r"\n  ingest:rows +1 x line 8: field 'instruction' is list, but 6 other record\(s\) have text", out), out
+    summary = json.loads(Path(out.strip().splitlines()[-1]).read_text())
+    assert [reason["rows"] for reason in summary["stages"]["ingest:rows"]["quarantine_reasons"]] == [2, 1]
+
+
+def test_an_empty_validation_split_is_warned_about(prefect_api, tmp_path):
+    from flows.prepare import prepare_flow
+    from loraflow.config.pipeline import load_config
+
+    records = "".join(json.dumps({"instruction": f"Say {n}", "output": str(n)}) + "\n" for n in range(2))
+    summary = prepare_flow(load_config(write_config(tmp_path, records, validation_fraction=0.001)))
+    assert summary["stages"]["tokenize"]["stats"]["splits"]["validation"] == 0
+    assert len(summary["warnings"]) == 1 and summary["warnings"][0].startswith("the validation split is empty (2 train examples")
+    assert json.loads((Path(summary["run_dir"]) / "summary.json").read_text())["warnings"] == summary["warnings"]
+    none_asked = prepare_flow(load_config(write_config(tmp_path, records, validation_fraction=0.0)))
+    assert none_asked["warnings"] == []
+
+
+@pytest.mark.parametrize("command", ["check", "schema", "prepare", "run", "ask", "notify-on-failure", "server"])
+def test_every_subcommand_argument_has_a_help_text(command):
+    from loraflow.cli import build_parser
+
+    parser = build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        assert action.help and action.help != "==SUPPRESS==", (command, action.dest)
+    assert subparser.description
