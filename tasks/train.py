@@ -52,7 +52,8 @@ from loraflow.training.launch import LAUNCHED_ENV, launch_training
 from loraflow.training.model_loading import load_lora_model, load_tokenizer, parameter_counts
 from loraflow.training.outputs import gather_after_training, peak_memory, save_outputs
 from loraflow.training.planning import (
-    apply_training_environment, device_name, fast_path_enabled, packing_enabled, quantization_reason,
+    apply_training_environment, check_budget_before_loading, device_name, fast_path_enabled, packing_enabled,
+    quantization_reason,
 )
 from loraflow.training.result import TrainResult
 from loraflow.training.trainer import build_trainer, train_resuming
@@ -109,6 +110,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     from transformers import set_seed
 
     set_seed(train_config.seed)
+    if fast:
+        check_budget_before_loading(model_dir, train_config, env, int(train_rows["length"].max()))
     model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code, fast=fast)
     trainable, total = parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

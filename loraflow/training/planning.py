@@ -12,6 +12,8 @@ measurements behind these choices.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loraflow.config.train import TrainConfig
 
 
@@ -99,6 +101,27 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
     return rows, plan
 
 
+def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict, longest_example: int) -> None:
+    """Refuse (MemoryBudgetError, naming the smallest budget that works) a train.memory_budget_gb that even one
+    packed row with every layer checkpointed cannot keep: read from config.json, before any weights load."""
+    import importlib.util
+    import json
+
+    from loraflow.training.speed import check_memory_budget
+
+    config_file = Path(model_dir) / "config.json"
+    if config.memory_budget_gb is None or not config_file.exists():
+        return
+    try:
+        check_memory_budget(
+            json.loads(config_file.read_text()), max(config.pack_max_tokens, longest_example), config.memory_budget_gb,
+            lora_r=config.lora_r, target_modules=config.target_modules, quantization=env["quantization"],
+            fused_head=importlib.util.find_spec("liger_kernel") is not None,
+        )
+    except (AttributeError, KeyError, TypeError):  # not a Llama-style config: the plan after loading decides alone
+        return
+
+
 def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:
     """Packed rows per forward pass, and why: train.pack_rows_per_micro_batch, else the most of 8/4/2/1 rows whose
     activations fit `budget_gb` (GiB) with no layer checkpointed (loraflow.training.plan_checkpointing's memory
@@ -124,6 +147,15 @@ def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, pac
     if estimate <= budget_gb or rows == 1:
         return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with {layers} layers checkpointed "
                       f"(estimated peak {estimate:.1f} GiB)")
+    # The estimate above keeps a 3 GiB reserve; the measured peaks of every-layer-checkpointed plans stayed within
+    # minimum_budget_gb (docs/speed.md, the frontier): 2 rows all checkpointed beat 1 row where that minimum fits.
+    from loraflow.training.speed import minimum_budget_gb
+
+    needed = minimum_budget_gb(model.config, rows * max_tokens, lora_r=config.lora_r, target_modules=config.target_modules,
+                               quantization=config.quantization, fused_head=fused_head)
+    if needed <= budget_gb:
+        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with every layer checkpointed "
+                      f"(calibrated minimum {needed:.1f} GiB; the plan's estimate with its reserve {estimate:.1f} GiB)")
     return 1, f"2 rows exceed {budget_gb:.1f} GiB even with every layer checkpointed (estimated {estimate:.1f} GiB): 1 row"
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -249,3 +251,90 @@ def configure_model_for_speed(
     )
     log.info("speed plan: %s", plan.as_dict())
     return plan
+
+
+# ---- the budget promise: refuse, before the model loads, a budget no plan can meet ----------------------
+
+# Measured max allocated minus the reserve-free estimate of the same plan, one H200, Llama-3-8B shape
+# (benchmarks/results/train_frontier_h200_llama3-8b-32k*.json): ≤ +0.1 GiB at 4k tokens per micro-batch with
+# every layer checkpointed, +1.0 GiB at 32k (transients that grow with the tokens: flex attention's backward,
+# Liger's chunked cross-entropy). The minimum budget adds 1.1 GiB per 32k tokens for them.
+TRANSIENT_GIB_PER_32K_TOKENS = 1.1
+_WEIGHT_BYTES = {"4bit": 0.5, "8bit": 1.0, "none": 2.0}  # bitsandbytes packed storage; bf16 when unquantized
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class MemoryBudgetError(ValueError):
+    """train.memory_budget_gb is below what the smallest plan (1 row, every layer checkpointed) needs."""
+
+
+def fixed_bytes_from_config(model_config: dict, *, lora_r: int = 16, target_modules="all-linear",
+                            quantization: str = "4bit") -> float:
+    """Parameter memory of a Llama-style model with LoRA, from its config.json alone (no weights loaded).
+
+    Decoder linear weights at their storage size (NF4: half a byte each; bitsandbytes keeps its quantization
+    constants outside the parameters, and `_param_bytes` does not count them either), bf16 embeddings, head and
+    norms, and per LoRA parameter 4 bytes (fp32) + 12 (gradient and 8-bit Adam states, as `plan_checkpointing`).
+    """
+    config = _config_namespace(model_config)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    q, kv = heads * head_dim, getattr(config, "num_key_value_heads", heads) * head_dim
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    targets = _LINEARS if target_modules == "all-linear" else [n for n in _LINEARS if n in set(target_modules)]
+    weights = layers * sum(i * o for i, o in shapes.values())
+    lora = layers * sum(lora_r * (shapes[n][0] + shapes[n][1]) for n in targets)
+    vocab = config.vocab_size
+    embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    norms = (2 * layers + 1) * hidden
+    return weights * _WEIGHT_BYTES[quantization] + 2.0 * (embeddings + norms) + 16.0 * lora
+
+
+def minimum_budget_gb(model_config: dict, tokens_per_micro_batch: int, *, lora_r: int = 16,
+                      target_modules="all-linear", quantization: str = "4bit", fused_head: bool = True) -> float:
+    """The smallest memory budget (GiB, max allocated) the packed fast path can keep at these tokens per micro-batch:
+    the plan with every layer checkpointed (1 row), with no reserve beyond the measured transients."""
+    per_token = activation_bytes_per_token(_ModelView(model_config))
+    layers = _config_namespace(model_config).num_hidden_layers
+    activations = tokens_per_micro_batch * (
+        per_token["head_fused" if fused_head else "head_unfused"]
+        + layers * per_token["checkpointed_layer"]
+        + per_token["full_layer"]  # the layer being recomputed in backward
+    )
+    fixed = fixed_bytes_from_config(model_config, lora_r=lora_r, target_modules=target_modules, quantization=quantization)
+    transient = TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    return (fixed + activations) / GIB + transient
+
+
+def check_memory_budget(model_config: dict, tokens_per_micro_batch: int, memory_budget_gb: float | None,
+                        **kwargs) -> float:
+    """Raise MemoryBudgetError when `memory_budget_gb` is below `minimum_budget_gb`; return the minimum.
+
+    The train stage calls this before loading the model, so a budget that cannot be kept costs nothing."""
+    needed = minimum_budget_gb(model_config, tokens_per_micro_batch, **kwargs)
+    if memory_budget_gb is not None and memory_budget_gb < needed:
+        smallest = math.ceil(needed * 10) / 10
+        raise MemoryBudgetError(
+            f"train.memory_budget_gb={memory_budget_gb:g} GiB cannot be kept: one packed row of "
+            f"{tokens_per_micro_batch:,} tokens with every layer checkpointed needs about {needed:.1f} GiB on this "
+            f"model. Set train.memory_budget_gb to at least {smallest:g}, or lower train.pack_max_tokens "
+            f"(the longest example sets the row length too)."
+        )
+    return needed
+
+
+class _ModelView:
+    """Lets `activation_bytes_per_token` read a config.json dict as if it were a model."""
+
+    def __init__(self, model_config: dict):
+        self.config = _config_namespace(model_config)
+
+
+def _config_namespace(model_config):
+    if isinstance(model_config, dict):
+        inner = model_config.get("text_config") or model_config
+        return SimpleNamespace(**inner)
+    return _llama_like_config(SimpleNamespace(config=model_config))
