@@ -210,15 +210,7 @@ def run_child(args, recipe: str, extra: list[str], log_file) -> dict | None:
     command += extra
     start = time.perf_counter()
     print(f"[{recipe} {' '.join(extra)}] starting", flush=True)
-    import subprocess
-
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as timeout:
-        stdout = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
-        stderr = timeout.stderr.decode() if isinstance(timeout.stderr, bytes) else (timeout.stderr or "")
-        code = "timeout"
+    stdout, stderr, code = tt.run_command(command, args.child_timeout)
     wall = round(time.perf_counter() - start, 1)
     log_file.write(f"==== {recipe} {extra} (rc {code}, {wall:.0f}s)\n{stderr}\n{stdout}\n")
     log_file.flush()

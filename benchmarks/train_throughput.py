@@ -349,6 +349,17 @@ def gpu_name() -> str:
     return name.replace("NVIDIA ", "").split()[0].lower()  # "H100 80GB HBM3" -> "h100"
 
 
+def run_command(command: list[str], timeout: float) -> tuple[str, str, int | str]:
+    """Run a child process; its stdout, stderr and exit code ("timeout" when it ran past `timeout` seconds)."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else (expired.stderr or "")
+        return stdout, stderr, "timeout"
+
+
 def run_child(args, recipe: str, extra: list[str], log_file) -> dict | None:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", recipe, "--model", args.model,
                "--model-dir", args.model_dir, "--device", args.device, "--seq-len", str(args.seq_len),
@@ -361,13 +372,7 @@ def run_child(args, recipe: str, extra: list[str], log_file) -> dict | None:
         command[command.index("--child") + 1] = "make"
     start = time.perf_counter()
     print(f"[{recipe} {' '.join(extra)}] starting", flush=True)
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-        stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as timeout:
-        stdout = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or "")
-        stderr = timeout.stderr.decode() if isinstance(timeout.stderr, bytes) else (timeout.stderr or "")
-        code = "timeout"
+    stdout, stderr, code = run_command(command, args.child_timeout)
     log_file.write(f"==== {recipe} {extra} (rc {code}, {time.perf_counter() - start:.0f}s)\n{stderr}\n{stdout}\n")
     log_file.flush()
     for line in stdout.splitlines():
