@@ -46,10 +46,10 @@ class ThreadsForLoad(_callback_base()):
             return
         import torch
 
-        current = torch.get_num_threads()
-        wanted = threads_for_load(self.cores, os.getloadavg()[0], current)
+        current, load = torch.get_num_threads(), os.getloadavg()[0]
+        wanted = threads_for_load(self.cores, load, current)
         if wanted != current:
             torch.set_num_threads(wanted)
             if self.log:
                 self.log.info("train: %d torch thread(s) instead of %d (load average %.1f on %d cores)",
-                              wanted, current, os.getloadavg()[0], self.cores)
+                              wanted, current, load, self.cores)
