@@ -35,7 +35,7 @@ from tasks.ingest import ingest_task
 from tasks.preflight import preflight_task
 from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
-from tasks.sources import source_fingerprint, source_locations, source_name
+from loraflow.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
 
 

@@ -32,7 +32,7 @@ def cmd_check(args) -> int:
     config = load_or_report(args.config)
     if config is None:
         return 2
-    from tasks.sources import check_source, source_locations
+    from loraflow.sources import check_source, source_locations
 
     # Each source checks itself: the file is there and readable, the database answers, the Hub dataset exists.
     problems = []
@@ -252,7 +252,7 @@ def user_error_types() -> tuple[type, ...]:
     from loraflow.errors import GateFailed
     from loraflow.models import ModelSourceError
     from tasks.preflight import PreflightError
-    from tasks.sources.common import SourceError
+    from loraflow.sources.common import SourceError
     from tasks.synthesize import SynthesizeError
     from tasks.tokenize import TruncationError
 

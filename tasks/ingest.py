@@ -19,7 +19,7 @@ from loraflow.config.pipeline import config_hash
 from loraflow.stage import StageResult, write_stage_output
 from loraflow.store import ArtifactStore
 from loraflow.tasking import stage_task
-from tasks.sources import SOURCES, Rejected, SourceConfig, SourceError, source_fingerprint, source_name
+from loraflow.sources import SOURCES, Rejected, SourceConfig, SourceError, source_fingerprint, source_name
 
 PROVENANCE = ("_source", "_row")
 

@@ -11,7 +11,7 @@ from loraflow.config.pipeline import config_hash
 from loraflow.stage import read_input
 from loraflow.store import ArtifactStore, file_sha256
 from tasks.ingest import SourceError, ingest_frame, run_ingest, source_fingerprint
-from tasks.sources import csv_file, json_file
+from loraflow.sources import csv_file, json_file
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 

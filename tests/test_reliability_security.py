@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sources import SourceError, hf_hub
+from loraflow.sources import SourceError, hf_hub
 
 SCRIPT = '''
 import pathlib

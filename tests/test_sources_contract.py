@@ -1,6 +1,6 @@
 """The contract every registered source meets. Adding a source? Add a tiny example file to EXAMPLES.
 
-For each kind in the registry: the module implements the source interface (tasks/sources/common.py), the
+For each kind in the registry: the module implements the source interface (loraflow/sources/common.py), the
 config validates through the pipeline's `sources:` union with its own schema title, every field has a
 description, `max_rows` exists, the rows it reads become a RAW artifact that passes the contract with
 `_source`/`_row` provenance, its fingerprint changes when a row does, its locations name the local files it
@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 from data_contracts import RAW, enforce
 from loraflow.store import ArtifactStore
 from tasks.ingest import ingest_frame, run_ingest
-from tasks.sources import (SOURCES, SourceConfig, check_source, csv_file, hf_hub, json_file, missing_interface,
+from loraflow.sources import (SOURCES, SourceConfig, check_source, csv_file, hf_hub, json_file, missing_interface,
                            parquet_file, source_fingerprint, source_locations, source_name, sql)
 
 RECORDS = [{"text": "first"}, {"text": "second, with a comma"}, {"text": "third"}]

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from tasks.sources import SourceError, csv_file
+from loraflow.sources import SourceError, csv_file
 
 
 def read(tmp_path, content: bytes, **options) -> pd.DataFrame:

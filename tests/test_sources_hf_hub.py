@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from tasks.ingest import source_fingerprint
-from tasks.sources import SourceError, hf_hub
+from loraflow.sources import SourceError, hf_hub
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sources" / "hf_local"
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tasks.sources import SourceError, json_file
+from loraflow.sources import SourceError, json_file
 
 
 def read(tmp_path, name: str, text: str, **options):

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from tasks.sources import SourceError, parquet_file
+from loraflow.sources import SourceError, parquet_file
 
 
 def test_reads_columns_types_nested_values_and_max_rows(tmp_path):

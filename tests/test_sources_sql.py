@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from loraflow.config.pipeline import ConfigError, PipelineConfig, check_confinement, load_config
 from loraflow.store import ArtifactStore
 from tasks.ingest import ingest_frame, run_ingest
-from tasks.sources import SourceError, check_source, source_fingerprint, source_locations, source_name, sql
+from loraflow.sources import SourceError, check_source, source_fingerprint, source_locations, source_name, sql
 
 
 def make_database(path, rows=(("Alpha", 12, 7.5), ("Beta", 24, None), ("Gamma", 1, 9.0))):

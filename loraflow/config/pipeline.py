@@ -18,7 +18,7 @@ from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
-from tasks.sources import SourceConfig, source_locations, source_name
+from loraflow.sources import SourceConfig, source_locations, source_name
 
 
 class PipelineConfig(StrictModel):

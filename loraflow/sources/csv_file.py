@@ -10,10 +10,10 @@ from typing import Literal
 import pandas as pd
 from pydantic import ConfigDict, Field
 
-from tasks.sources.common import SourceBase, SourceError, decode_text, existing_file
-# The rest of the source interface (tasks/sources/common.py) is the one every single-file source shares.
-from tasks.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
-from tasks.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
+from loraflow.sources.common import SourceBase, SourceError, decode_text, existing_file
+# The rest of the source interface (loraflow/sources/common.py) is the one every single-file source shares.
+from loraflow.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
+from loraflow.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
 
 
 class Config(SourceBase):

@@ -1,4 +1,4 @@
-"""Source registry: `kind` -> module that implements the source interface (tasks/sources/common.py).
+"""Source registry: `kind` -> module that implements the source interface (loraflow/sources/common.py).
 
 Adding a source is one module in this folder plus one line in SOURCES (docs/add_a_source.md walks through
 it). The module defines `Config`, `read`, `default_name`, `locations`, `fingerprint` and `check`; a module
@@ -12,8 +12,8 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from tasks.sources import csv_file, hf_hub, json_file, parquet_file, sql
-from tasks.sources.common import Location, Rejected, SourceError
+from loraflow.sources import csv_file, hf_hub, json_file, parquet_file, sql
+from loraflow.sources.common import Location, Rejected, SourceError
 
 SOURCES = {
     "csv": csv_file,
@@ -34,7 +34,7 @@ def missing_interface(module) -> list[str]:
 for _kind, _module in SOURCES.items():
     if missing_interface(_module):
         raise TypeError(f"source {_kind!r} ({_module.__name__}) lacks {missing_interface(_module)} -> define them "
-                        f"(docs/add_a_source.md; file sources can import the file_* ones from tasks.sources.common)")
+                        f"(docs/add_a_source.md; file sources can import the file_* ones from loraflow.sources.common)")
 
 SourceConfig = Annotated[Union[tuple(module.Config for module in SOURCES.values())], Field(discriminator="kind")]
 

@@ -23,7 +23,7 @@ import pandas as pd
 import sqlalchemy as sa
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from tasks.sources.common import Location, SourceBase, SourceError, resolve_path
+from loraflow.sources.common import Location, SourceBase, SourceError, resolve_path
 
 
 class Config(SourceBase):
@@ -69,7 +69,7 @@ class Config(SourceBase):
         return self
 
 
-# ---- the source interface (tasks/sources/common.py)
+# ---- the source interface (loraflow/sources/common.py)
 def default_name(config: Config) -> str:
     """The table name, else the database's name (a SQLite file's name)."""
     if config.table:

@@ -2,7 +2,7 @@
 source sets bad records aside.
 
 Core code (config validation, confinement, `loraflow check`, the cache key, the run summary) never guesses
-from field names: it asks the source's module, which defines (tasks/sources/__init__.py checks it on import):
+from field names: it asks the source's module, which defines (loraflow/sources/__init__.py checks it on import):
 
 - `Config`: the pydantic model, with `kind`, `name`, `max_rows` and a schema `title` (the Prefect UI's label).
 - `read(config, base_dir)`: the rows (or `(rows, rejected)`).

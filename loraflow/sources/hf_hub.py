@@ -11,7 +11,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import ConfigDict, Field
 
-from tasks.sources.common import Location, SourceBase, SourceError, folder_sha256, resolve_path
+from loraflow.sources.common import Location, SourceBase, SourceError, folder_sha256, resolve_path
 
 
 class Config(SourceBase):

@@ -1,0 +1,73 @@
+"""The house's shape: imports run flows -> tasks -> loraflow -> data_contracts, with no circle."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("flows", "tasks", "loraflow", "data_contracts")
+FLOOR = {name: level for level, name in enumerate(PACKAGES)}  # a module may import its own level or lower ones
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def imported_names(path: Path, top_level_only: bool) -> set[str]:
+    """Project modules `path` imports (every import, or only those run when the module loads)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] in PACKAGES}
+
+
+def test_no_module_imports_a_higher_floor():
+    modules = project_modules()
+    upward = []
+    for name, path in modules.items():
+        if name == "loraflow.cli":  # the command line starts the flows: the one sanctioned exception
+            continue
+        for used in imported_names(path, top_level_only=False):
+            if FLOOR[used.split(".")[0]] < FLOOR[name.split(".")[0]]:
+                upward.append(f"{name} imports {used}")
+    assert upward == []
+
+
+def test_no_import_circle():
+    modules = project_modules()
+    graph = {name: {used for used in imported_names(path, top_level_only=True) if used in modules} - {name}
+             for name, path in modules.items()}
+    state, circles = {}, []
+
+    def visit(name, trail):
+        state[name] = "open"
+        for used in sorted(graph[name]):
+            if state.get(used) == "open" and not name.startswith(used + "."):  # a package's own __init__ is no circle
+                circles.append(" -> ".join(trail[trail.index(used):] + [used]))
+            elif used not in state:
+                visit(used, trail + [used])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_source_file_far_over_400_lines(package):
+    long_files = {str(path.relative_to(ROOT)): n for path in (ROOT / package).rglob("*.py")
+                  if (n := len(path.read_text().splitlines())) > 420}
+    assert long_files == {}
