@@ -17,7 +17,8 @@ assistant turn (the synthesizer checks this before emitting); one entry per item
 
 `id` is `<source>:<source row>:<kind>:<phrasing index>`; `source_id` groups every example of one source
 record (anime_qa: the anime_id) so a split keeps them together; `phrasing_set` is "heldout" for question
-wordings kept out of training (evaluation only).
+wordings kept out of training, "natural" for questions asked the way users ask and "unknown" for questions
+about made-up titles (all three evaluation only; the tokenize stage puts them in split "heldout").
 """
 
 import pandas as pd
@@ -47,7 +48,7 @@ def _bad_messages(frame: pd.DataFrame) -> pd.Series:
 
 CONVERSATIONS = Contract(
     name="conversations",
-    version=1,
+    version=2,
     columns={
         "id": pa.Column(str, nullable=False, description="Unique example id."),
         "messages": pa.Column(object, nullable=False, description="List of {role: system|user|assistant, content}."),
@@ -55,7 +56,8 @@ CONVERSATIONS = Contract(
         "source": pa.Column(str, nullable=False, description="Source name (provenance)."),
         "source_row": pa.Column(int, nullable=False, description="Row index within the source."),
         "source_id": pa.Column(str, nullable=False, description="Id of the source row; the split groups by it."),
-        "phrasing_set": pa.Column(str, pa.Check.isin(["train", "heldout"]), description="train, or heldout (evaluation only)."),
+        "phrasing_set": pa.Column(str, pa.Check.isin(["train", "heldout", "natural", "unknown"]),
+                                  description="train, or heldout / natural / unknown (evaluation only)."),
         "facts": pa.Column(object, nullable=False, description="List of {column, value} the answer states (may be empty)."),
     },
     row_rules=(

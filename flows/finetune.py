@@ -18,6 +18,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
 from loraflow.atomic import write_json_atomic
 from loraflow.caching import stage_cache_key
+from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.merging import MODEL_MANIFEST
 from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
@@ -183,7 +184,7 @@ def summary_markdown(summary: dict) -> str:
         if summary["eval"].get("previous"):
             models["previously published"] = summary["eval"]["previous"]
         lines += ["", "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
-        for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
+        for metric in HEADLINE_METRICS:
             lines.append(f"| {metric} | " + " | ".join(str(m.get(metric)) for m in models.values()) + " |")
         train = summary.get("train", {})
         peak = train.get("peak_memory_bytes") or 0

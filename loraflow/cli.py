@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from loraflow.config.evaluate import HEADLINE_METRICS
+
 
 def quiet_offline_prefect() -> None:
     """Prefect defaults for offline use (no analytics DNS lookups), unless the user set them."""
@@ -107,7 +109,7 @@ def print_eval_table(summary: dict) -> None:
     """Base vs fine-tuned on the main metrics, the gate and where the model went."""
     base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
     print(f"\n{'metric':<24}{'base':>10}{'fine-tuned':>12}")
-    for metric in ("fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss"):
+    for metric in HEADLINE_METRICS:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
     publish = summary["publish"]
     print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "

@@ -3,10 +3,11 @@
 Mixed into fine-tuning, these keep the model's general behaviour from drifting while it learns the catalog.
 Greedy answers are generated once with the demo's system prompt and committed as
 data/sample/general_replay.jsonl ({instruction, output}); only answers that ended by themselves are kept.
-Run: python scripts/make_replay.py
+Run: python scripts/make_replay.py [OUT]
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +27,17 @@ PROMPTS = [
     "What is 10 minus 3?", "Which animal is known as the king of the jungle?", "What is frozen water called?",
     "How many hours are in a day?", "What is the capital of Japan?", "What do you call a baby cat?",
     "What is the chemical symbol for gold?", "Which season comes after winter?",
+    # more of the kinds the general suite asks (loraflow/config/general_suite.py), never its own prompts
+    "What is 4 + 4?", "What is 8 minus 5?", "What is 3 times 4?", "What is 20 divided by 5?", "What is 11 + 12?",
+    "What is 50 minus 10?", "What is the capital of Portugal?", "What is the capital of Greece?",
+    "What is the capital of Australia?", "What is the capital of India?", "How many weeks are in a year?",
+    "How many millimeters are in a centimeter?", "What color is milk?", "What color are most leaves in summer?",
+    "What color is an orange?", "Reply with only the word no.", "What is the plural of child?",
+    "Which month comes after January?", "Spell the word dog backwards.", "Who painted the Mona Lisa?",
+    "What is the tallest animal?", "If I have 5 pens and lose 2, how many pens do I have?", "What is 1 + 2 + 3?",
+    "What is the opposite of big?",
 ]
-OUT = Path(__file__).resolve().parent.parent / "data" / "sample" / "general_replay.jsonl"
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "data" / "sample" / "general_replay.jsonl"
 
 
 def main() -> None:

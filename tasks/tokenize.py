@@ -30,6 +30,7 @@ from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import stage_task
 from tasks.format import load_tokenizer_dir
 
+EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
 SPLIT_RANK = {"heldout": 0, "validation": 1, "train": 2}  # which copy of a duplicate is kept: evaluation first
 
 
@@ -56,7 +57,7 @@ def texts_and_spans(segments_column) -> tuple[list[str], list[list[tuple[int, in
 def split_of(source_id: str, phrasing_set: str, salt: str, validation_fraction: float) -> str:
     """heldout phrasings -> heldout; else a salted hash of the source id decides, so all questions of one
     source row land on the same side and a row keeps its side when data is added."""
-    if phrasing_set == "heldout":
+    if phrasing_set in EVALUATION_ONLY:
         return "heldout"
     digest = hashlib.sha256(f"{salt}:{source_id}".encode()).digest()
     return "validation" if int.from_bytes(digest[:8], "big") / 2**64 < validation_fraction else "train"

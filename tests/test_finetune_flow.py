@@ -37,7 +37,7 @@ eval:
   max_new_tokens: 16
   general_questions: ["What is 2 + 2?"]
   general_expected: {{"What is 2 + 2?": "4|four"}}
-  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false}}
+  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_general_regressions: null}}
 """)
     return path
 

@@ -33,7 +33,8 @@ def tiny_pipeline(root: Path, model_dir: Path) -> PipelineConfig:
         "train": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": 0.001, "gradient_checkpointing": False},
         "eval": {"max_questions": 2, "max_new_tokens": 4, "general_questions": ["What is 2 + 2?"],
                  "general_expected": {"What is 2 + 2?": "4|four"},
-                 "gate": {"min_fact_accuracy": 0.0, "min_stop_rate": 0.0, "must_beat_base": False}},
+                 "gate": {"min_fact_accuracy": 0.0, "min_stop_rate": 0.0, "must_beat_base": False,
+                          "min_natural_fact_accuracy": None, "min_refusal_rate": None, "max_general_regressions": None}},
         "publish": {"target": "hf_hub", "repo_id": REPO_ID, "hub_retry_delay": 0.01},
     })
 

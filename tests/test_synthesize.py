@@ -38,6 +38,10 @@ def jsonl(name: str, source: str) -> pd.DataFrame:
     return raw(pd.read_json(FIXTURES / name, lines=True, dtype=False), source)
 
 
+# anime_qa's own phrasings only: no natural questions or made-up titles (tests/test_quality_eval.py tests those)
+PHRASINGS_ONLY = {"natural_questions": 0, "unknown_titles": 0}
+
+
 def texts(conversations: pd.DataFrame) -> list[str]:
     return [message["content"] for messages in conversations["messages"] for message in messages]
 
@@ -55,7 +59,7 @@ def answers_by(conversations: pd.DataFrame) -> dict[tuple[int, str], str]:
 
 
 def test_anime_answers_state_exactly_the_rows_facts():
-    conversations, quarantine = synthesize_frame([catalog()], SynthesizeConfig())
+    conversations, quarantine = synthesize_frame([catalog()], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     answers = answers_by(conversations)
     assert answers == {
         (0, "overview"): "Hoshizora Drift (English title: Starry Drift; also known as 星空ドリフト) is an anime in the genres "
@@ -92,9 +96,9 @@ def test_anime_answers_state_exactly_the_rows_facts():
 
 
 def test_missing_values_never_reach_a_text_and_skips_are_counted():
-    conversations, quarantine = synthesize_frame([catalog()], SynthesizeConfig())
+    conversations, quarantine = synthesize_frame([catalog()], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert not [text for text in texts(conversations) if MISSING_WORDS.search(text)]
-    stats = synthesize_stats(conversations, quarantine, 5, SynthesizeConfig())
+    stats = synthesize_stats(conversations, quarantine, 5, SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert stats["skipped_by_kind"] == {"overview": 2, "production": 3, "reception": 2}
     assert stats["skipped_by_column"] == {
         "overview": {"Synopsis": 1, "Name": 1},
@@ -123,7 +127,7 @@ def test_nan_and_none_values_are_missing_too():
     rows.loc[1, "Studios"] = None
     rows.loc[2, "Studios"] = np.nan
     rows.loc[0, "Score"] = " n/a "
-    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig())
+    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert not [text for text in texts(conversations) if MISSING_WORDS.search(text)]
     assert sorted(quarantine["reason"]) == [
         "production skipped: Studios is empty (no value)", "production skipped: Studios is empty (no value)",
@@ -139,7 +143,7 @@ def test_a_fact_that_does_not_parse_as_its_type_is_a_skipped_question_with_the_r
     rows.loc[1, "Episodes"] = "twelve"
     rows.loc[2, "Score"] = "high"
     rows.loc[3, ["Scored By", "Episodes", "Score"]] = ["12,000", "12.0", "6.5"]  # counts with separators, float counts
-    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig())
+    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert sorted(quarantine["reason"]) == [
         "production skipped: Episodes 'twelve' is not a count (a whole number such as 12 or 1,200)",
         "reception skipped: Score 'high' is not a score (a number such as 7 or 6.85)",
@@ -167,7 +171,7 @@ def test_rows_with_one_id_and_different_facts_keep_one_and_quarantine_the_others
     rows = pd.concat([rows] * 4, ignore_index=True)
     rows["_row"], rows["anime_id"] = [0, 1, 2, 3], ["7", "7", "8", "8"]
     rows.loc[1, "Episodes"] = "13"  # row 1 contradicts row 0; rows 2 and 3 agree, so both stay
-    config = SynthesizeConfig(duplicate_ids=keep)
+    config = SynthesizeConfig(duplicate_ids=keep, anime_qa=PHRASINGS_ONLY)
     conversations, quarantine = synthesize_frame([rows], config)
     assert set(conversations["source_row"]) == kept_rows | {3}
     dropped = sorted({0, 1} - kept_rows)
@@ -191,7 +195,7 @@ def test_a_conflicting_id_across_sources_and_for_instruction_rows():
 
 
 def test_phrasings_are_deterministic_and_heldout_wordings_differ_from_trained():
-    config = SynthesizeConfig(anime_qa={"trained_phrasings": 3, "heldout_phrasings": 2, "seed": 7})
+    config = SynthesizeConfig(anime_qa={"trained_phrasings": 3, "heldout_phrasings": 2, "seed": 7, **PHRASINGS_ONLY})
     first, _ = synthesize_frame([catalog()], config)
     again, _ = synthesize_frame([catalog()], config)
     pd.testing.assert_frame_equal(first, again)
@@ -235,7 +239,7 @@ def test_synopsis_is_cut_at_a_sentence_end_when_possible():
 
 
 def test_kinds_option_and_an_answer_that_misses_a_fact_is_never_emitted(monkeypatch):
-    only_reception = SynthesizeConfig(anime_qa={"kinds": ["reception"]})
+    only_reception = SynthesizeConfig(anime_qa={"kinds": ["reception"], **PHRASINGS_ONLY})
     conversations, quarantine = synthesize_frame([catalog()], only_reception)
     assert set(conversations["kind"]) == {"reception"}
 
@@ -252,7 +256,7 @@ def test_kinds_option_and_an_answer_that_misses_a_fact_is_never_emitted(monkeypa
 def test_missing_columns_raise_one_error_naming_every_column_and_key():
     rows = catalog().drop(columns=["Studios", "Scored By"]).rename(columns={"Name": "Title"})
     with pytest.raises(SynthesizeError) as error:
-        synthesize_frame([rows], SynthesizeConfig())
+        synthesize_frame([rows], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     message = str(error.value)
     for expected in ("'Name' (set synthesize.anime_qa.columns.name)", "'Studios' (set synthesize.anime_qa.columns.studios)",
                      "'Scored By' (set synthesize.anime_qa.columns.scored_by)", "'Title'", "'Synopsis'", "source 'catalog'"):
@@ -358,7 +362,7 @@ def test_run_synthesize_writes_a_valid_artifact_and_accounts_for_every_row(tmp_p
     first = store.write(catalog(), stage="ingest", contract="raw", schema_version=1, config_hash="test")
     more = catalog().head(2).assign(_source="more")
     second = store.write(more, stage="ingest", contract="raw", schema_version=1, config_hash="test")
-    result = run_synthesize([first, second], SynthesizeConfig(), store)
+    result = run_synthesize([first, second], SynthesizeConfig(anime_qa=PHRASINGS_ONLY), store)
 
     assert result.stage == "synthesize" and result.output.contract == "conversations"
     written = store.read(result.output)
@@ -376,7 +380,7 @@ def test_run_synthesize_writes_a_valid_artifact_and_accounts_for_every_row(tmp_p
     assert {tuple(columns) for columns in quarantine["columns"]} >= {("Producers",), ("Studios", "Episodes")}
 
     # Same input, same config: same bytes (content-addressed, so the cache can rely on it).
-    assert run_synthesize([first, second], SynthesizeConfig(), store).output.sha256 == result.output.sha256
+    assert run_synthesize([first, second], SynthesizeConfig(anime_qa=PHRASINGS_ONLY), store).output.sha256 == result.output.sha256
 
 
 def test_run_synthesize_instruction_artifact_keeps_input_after_parquet(tmp_path):
@@ -399,7 +403,7 @@ def test_run_synthesize_refuses_when_every_row_is_skipped(tmp_path):
 def test_every_synthesizer_is_registered_with_its_interface():
     assert set(SYNTHESIZERS) == set(SynthesizeConfig.model_fields["kind"].annotation.__args__)
     for kind, module in SYNTHESIZERS.items():
-        options = getattr(SynthesizeConfig(), kind)
+        options = getattr(SynthesizeConfig(anime_qa=PHRASINGS_ONLY), kind)
         assert callable(module.synthesize) and module.required_columns(options) and len(module.expansion(options)) == 2
 
 
@@ -409,12 +413,12 @@ def test_every_synthesizer_is_registered_with_its_interface():
 @pytest.mark.skipif(not SAMPLE_CATALOG.exists(), reason="data/sample/anime_catalog.csv not created yet")
 def test_sample_catalog():
     rows = raw(pd.read_csv(SAMPLE_CATALOG, dtype=str, keep_default_na=False))
-    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig())
+    conversations, quarantine = synthesize_frame([rows], SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert len(conversations) > 2 * len(rows) and conversations["id"].is_unique
     assert not [text for text in texts(conversations) if MISSING_WORDS.search(text)]
     for row in conversations.itertuples():
         assert row.facts and all(fact["value"] in row.messages[-1]["content"] for fact in row.facts)
-    stats = synthesize_stats(conversations, quarantine, len(rows), SynthesizeConfig())
+    stats = synthesize_stats(conversations, quarantine, len(rows), SynthesizeConfig(anime_qa=PHRASINGS_ONLY))
     assert len(rows) + stats["rows_expanded"] == len(conversations) + len(quarantine)
 
 
@@ -440,7 +444,7 @@ def test_25k_catalog_rows_make_75k_conversations_quickly():
         "Episodes": "12", "Producers": "Aozora Pictures, Kumo Records", "Studios": "Studio Lantern",
         "Rating": "PG-13 - Teens 13 or older", "Score": "7.21", "Scored By": "48213",
     }))
-    config = SynthesizeConfig(anime_qa={"trained_phrasings": 1, "heldout_phrasings": 0})
+    config = SynthesizeConfig(anime_qa={"trained_phrasings": 1, "heldout_phrasings": 0, **PHRASINGS_ONLY})
     started = time.process_time()
     conversations, quarantine = synthesize_frame([rows], config)
     seconds = time.process_time() - started

@@ -3,6 +3,11 @@
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
+from loraflow.config.general_suite import GENERAL_SUITE
+
+# The metrics the console, the run summary and the Prefect UI show first (loraflow.evaluation.metrics.summarise).
+HEADLINE_METRICS = ("fact_accuracy", "heldout_fact_accuracy", "natural_fact_accuracy", "refusal_rate", "general_right",
+                    "rouge_l", "stop_rate", "eval_loss")
 
 
 class GateConfig(StrictModel):
@@ -26,7 +31,17 @@ class GateConfig(StrictModel):
         0.05, ge=0, description="Relative rise in validation loss allowed against the previous model (0.05 = 5 %).",
     )
     max_general_regressions: int | None = Field(
-        None, ge=0, description="Most general-knowledge answers allowed to go from right to wrong (None: reported, not gated).",
+        1, ge=0, description="Most general answers the base got right that may turn wrong (None: reported, not gated).",
+    )
+    min_natural_fact_accuracy: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Minimum fact accuracy on questions asked the way users ask (anime_qa's natural questions; skipped "
+        "when the data has none; None: not gated).",
+    )
+    min_refusal_rate: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Minimum share of questions about made-up titles answered with a refusal (skipped when the data has "
+        "none; None: not gated).",
     )
 
 
@@ -40,25 +55,19 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     max_questions: int = Field(300, ge=1, description="Cap on generated questions per model (sampled deterministically).")
     general_questions: list[str] = Field(
-        default_factory=lambda: [
-            "What is the capital of France?",
-            "What is 2 + 2?",
-            "What color is the sky on a clear day?",
-        ],
-        description="General-knowledge prompts whose base answers should survive fine-tuning.",
+        default_factory=lambda: list(GENERAL_SUITE),
+        description="General-ability prompts whose base answers should survive fine-tuning (default: the built-in "
+        "suite of 44, loraflow/config/general_suite.py).",
     )
     general_expected: dict[str, str] = Field(
-        default_factory=lambda: {
-            "What is the capital of France?": "Paris",
-            "What is 2 + 2?": "4|four",
-            "What color is the sky on a clear day?": "blue",
-        },
+        default_factory=lambda: dict(GENERAL_SUITE),
         description=(
             "Expected answer per general question ('|' separates alternatives, any case), judged strictly: a number must be "
             "the answer's only value (\"2 + 2 = 5, or 4\" is wrong), a word must be in the answer's first claim. "
             "Questions without an entry count as kept when the fine-tuned answer stays close to the base's (ROUGE-L >= 0.5)."
         ),
     )
+    general_max_new_tokens: int = Field(48, ge=1, description="Most tokens generated for a general question.")
     seed: int = Field(0, description="Seed of the deterministic question sample.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads when generating on CPU (None = torch's default; 1 on a shared CPU).")
     gate: GateConfig = Field(default_factory=GateConfig, description="Publish gate.")

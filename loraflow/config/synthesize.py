@@ -55,9 +55,32 @@ class AnimeQAOptions(StrictModel):
         60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible)."
     )
     seed: int = Field(0, description="Seed for choosing phrasings per row (deterministic).")
+    trained_title_variants: int = Field(
+        0, ge=0, le=PHRASINGS_PER_KIND,
+        description="Of the trained phrasings per kind, how many ask by the English title or alias instead of the main "
+        "title (the answer is the same), so the model also knows a title by its other names.",
+    )
+    natural_questions: int = Field(
+        3, ge=0, le=10,
+        description="Questions per row asked the way users ask (by English title or alias, a few facts in a new "
+        "combination, short or chatty), none of them a training wording: evaluation only (natural fact accuracy).",
+    )
+    unknown_titles: int = Field(
+        2, ge=0, le=10,
+        description="Made-up titles per row (in no row of the source) asked at evaluation; the right answer is a "
+        "refusal (refusal rate).",
+    )
+    refusal_examples: int = Field(
+        0, ge=0, le=20,
+        description="Other made-up titles per row trained with a refusal answer, so the model says it does not know "
+        "a title instead of inventing its facts.",
+    )
 
     @model_validator(mode="after")
     def _enough_templates(self):
+        if self.trained_title_variants > self.trained_phrasings:
+            raise ValueError(f"trained_title_variants = {self.trained_title_variants} > trained_phrasings = "
+                             f"{self.trained_phrasings} -> lower trained_title_variants")
         if self.trained_phrasings + self.heldout_phrasings > PHRASINGS_PER_KIND:
             raise ValueError(
                 f"trained_phrasings + heldout_phrasings = {self.trained_phrasings + self.heldout_phrasings}, but each "

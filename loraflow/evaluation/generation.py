@@ -52,7 +52,7 @@ def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, q
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
         answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
                                    **{**generation, "max_new_tokens": budgets})
-        general = generate_answers(model, tokenizer, general_prompts, **generation)
+        general = generate_answers(model, tokenizer, general_prompts, **{**generation, "max_new_tokens": eval_config.general_max_new_tokens})
         runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general}
         log.info("evaluate: %s done (loss %s)", name, f"{loss:.4f}" if loss is not None else "n/a")
     return runs

@@ -125,24 +125,67 @@ def _number_value(token: str) -> float | None:
 
 
 def select_questions(frame: pd.DataFrame, max_questions: int, seed: int = 0) -> pd.DataFrame:
-    """Trained phrasings (split train) and held-out phrasings (split heldout), one row per distinct prompt,
-    sampled deterministically (by a hash of id and seed) to at most `max_questions`, shared between the two sets."""
-    sets = []
-    for split, name in (("train", "trained"), ("heldout", "heldout")):
-        rows = frame[frame["split"] == split].drop_duplicates("prompt")
+    """The questions to ask, one row per distinct prompt, each set sampled deterministically (a hash of id and seed):
+
+    trained phrasings (split train) and held-out phrasings (split heldout) share `max_questions`; natural questions
+    (phrasing_set natural) and unknown-title probes (phrasing_set unknown) get up to `max_questions // 2` each.
+    Refusal examples that were trained are not asked (the probes measure refusal)."""
+    phrasing = frame["phrasing_set"] if "phrasing_set" in frame.columns else pd.Series("heldout", index=frame.index)
+    refusal = frame["kind"] == REFUSAL_KIND if "kind" in frame.columns else pd.Series(False, index=frame.index)
+    masks = {
+        "trained": (frame["split"] == "train") & ~refusal,
+        "heldout": (frame["split"] == "heldout") & ~phrasing.isin(["natural", "unknown"]),
+        "natural": (frame["split"] == "heldout") & (phrasing == "natural"),
+        "unknown": (frame["split"] == "heldout") & (phrasing == "unknown"),
+    }
+    sets = {}
+    for name, mask in masks.items():
+        rows = frame[mask].drop_duplicates("prompt")
         order = rows["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-        sets.append(rows.assign(set=name, _order=order.values).sort_values("_order"))
-    trained, heldout = sets
+        sets[name] = rows.assign(set=name, _order=order.values).sort_values("_order")
+    trained, heldout = sets["trained"], sets["heldout"]
     heldout_quota = min(len(heldout), max(max_questions // 2, max_questions - len(trained)))
     trained_quota = min(len(trained), max_questions - heldout_quota)
-    chosen = pd.concat([trained.head(trained_quota), heldout.head(heldout_quota)], ignore_index=True)
+    chosen = pd.concat([trained.head(trained_quota), heldout.head(heldout_quota),
+                        sets["natural"].head(max_questions // 2), sets["unknown"].head(max_questions // 2)],
+                       ignore_index=True)
     return chosen.drop(columns="_order")
+
+
+REFUSAL_KIND = "refusal"  # tasks/synthesizers/anime_probes.py: questions about made-up titles
+_REFUSES = re.compile(
+    r"\b(?:i|we)\s+(?:don't|do not|can't|cannot|couldn't|could not)\s+(?:know|find|recognise|recognize|tell|say)"
+    r"|\bno (?:record|information|data|entry|anime) (?:of|about|on|for|called|named)\b"
+    r"|\bnot (?:in|part of) (?:the|my|our) (?:catalog|catalogue|database|records?)\b"
+    r"|\b(?:i'm|i am) not (?:aware|familiar|sure)\b|\bnever heard of\b|\bdoes not exist\b|\bdoesn't exist\b")
+# Catalog facts stated as if known: a refusal that goes on to give them still invents them.
+_STATES_FACTS = re.compile(r"\b(?:produced by|animated by|user score|is rated|runs for|episodes?\b|synopsis:)")
+
+
+def refused(answer: str) -> bool:
+    """Whether `answer` says the title is unknown and states no catalog facts about it."""
+    text = normalise(answer).replace("\u2019", "'")
+    return bool(_REFUSES.search(text)) and not _STATES_FACTS.search(text)
+
+
+def without_known_titles(questions: pd.DataFrame, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The unknown-title probes whose made-up title appears in no other example's prompt or reference (every split),
+    with the number dropped: a title that is somewhere in the data is not made up."""
+    probe = questions["set"] == "unknown"
+    if not probe.any():
+        return questions, 0
+    others = frame[frame["kind"] != REFUSAL_KIND]
+    corpus = "\n".join(normalise(text) for text in pd.concat([others["prompt"], others["reference"]]).tolist())
+    titles = [next((fact["value"] for fact in fact_list(facts)), "") for facts in questions.loc[probe, "facts"]]
+    known = pd.Series([bool(title) and normalise(title) in corpus for title in titles], index=questions.index[probe])
+    drop = known[known].index
+    return questions.drop(index=drop).reset_index(drop=True), len(drop)
 
 
 def evaluation_rows(frame: pd.DataFrame, eval_config: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(questions to generate answers for, rows for the validation loss, the loss rows' split name): the loss is
     taken on split "validation", or "heldout" when there is none."""
-    questions = select_questions(frame, eval_config.max_questions, eval_config.seed)
+    questions, _ = without_known_titles(select_questions(frame, eval_config.max_questions, eval_config.seed), frame)
     loss_rows = frame[frame["split"] == "validation"]
     loss_split = "validation"
     if loss_rows.empty:
@@ -156,7 +199,8 @@ def score_answers(questions: pd.DataFrame, generations: list[dict], tokenizer=No
     scored["answer"] = [g["text"] for g in generations]
     scored["stopped"] = [bool(g["stopped"]) for g in generations]
     scored["answer_tokens"] = [int(g["n_tokens"]) for g in generations]
-    scored["fact_hit"] = [facts_present(a, f) for a, f in zip(scored["answer"], scored["facts"])]
+    scored["fact_hit"] = [refused(a) if kind == REFUSAL_KIND else facts_present(a, f)
+                          for a, f, kind in zip(scored["answer"], scored["facts"], scored["kind"])]
     scored["rouge_l"] = [rouge_l_f1(a, r) for a, r in zip(scored["answer"], scored["reference"])]
     if tokenizer is not None:
         scored["reference_tokens"] = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in scored["reference"]]
@@ -176,12 +220,16 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
         values = pd.Series(values, dtype=float).dropna()
         return round(float(values.mean()), 4) if len(values) else None
 
-    trained, heldout = scored[scored["set"] == "trained"], scored[scored["set"] == "heldout"]
+    facts = scored[scored["kind"] != REFUSAL_KIND]
+    trained, heldout, natural = (facts[facts["set"] == name] for name in ("trained", "heldout", "natural"))
     summary = {
         "fact_accuracy": accuracy(trained),
         "heldout_fact_accuracy": accuracy(heldout),
+        "natural_fact_accuracy": accuracy(natural),
+        "refusal_rate": accuracy(scored[scored["set"] == "unknown"]),
         "fact_accuracy_by_kind": {k: accuracy(g) for k, g in trained.groupby("kind") if accuracy(g) is not None},
         "heldout_fact_accuracy_by_kind": {k: accuracy(g) for k, g in heldout.groupby("kind") if accuracy(g) is not None},
+        "natural_fact_accuracy_by_kind": {k: accuracy(g) for k, g in natural.groupby("kind") if accuracy(g) is not None},
         "rouge_l": mean(trained["rouge_l"]),
         "heldout_rouge_l": mean(heldout["rouge_l"]),
         "stop_rate": mean(scored["stopped"].astype(float)),
@@ -248,6 +296,15 @@ def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressio
     stop_rate = finetuned.get("stop_rate")
     if stop_rate is not None:
         check(stop_rate >= gate.min_stop_rate, f"stop rate {stop_rate:.3f} >= {gate.min_stop_rate:.3f}")
+    for metric, minimum, what in (("natural_fact_accuracy", gate.min_natural_fact_accuracy, "natural questions"),
+                                  ("refusal_rate", gate.min_refusal_rate, "made-up titles refused")):
+        value = finetuned.get(metric)
+        if minimum is None:
+            continue
+        if value is None:
+            reasons.append(f"SKIP: no {what} in the data, so {metric} is not gated")
+        else:
+            check(value >= minimum, f"{metric} {value:.3f} >= {minimum:.3f} ({what})")
     if gate.must_beat_base:
         metric = "fact_accuracy" if accuracy is not None else "rouge_l"
         ours, theirs = finetuned.get(metric), base.get(metric)

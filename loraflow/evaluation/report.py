@@ -9,6 +9,9 @@ import pandas as pd
 
 from loraflow.evaluation.metrics import GateDecision
 
+SETS = (("trained", "trained phrasings"), ("heldout", "held-out phrasings"), ("natural", "natural questions"),
+        ("unknown", "made-up titles: a refusal is right"))
+
 
 def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFrame, decision: GateDecision,
                   examples: int = 4) -> str:
@@ -21,14 +24,16 @@ def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFr
         lines.append(f"| {row.metric} | {_fmt(row.base)} | {_fmt(row.finetuned)} | {_fmt(row.delta, signed=True)} |"
                      + (f" {_fmt(row.previous)} |" if previous else ""))
     if len(general):
-        lines += ["", "### General questions", "", "| question | base | fine-tuned | kept |", "|---|---|---|---|"]
+        right = {name: int(general[f"{name}_ok"].sum()) for name in ("base", "finetuned")}
+        lines += ["", f"### General questions (right: base {right['base']}, fine-tuned {right['finetuned']} of {len(general)})",
+                  "", "| question | base | fine-tuned | kept |", "|---|---|---|---|"]
         for row in general.itertuples():
             lines.append(f"| {_cell(row.question)} | {_cell(row.base_answer)} | {_cell(row.finetuned_answer)} | "
                          f"{'yes' if row.finetuned_ok or not row.base_ok else '**no**'} |")
-    for name in ("trained", "heldout"):
+    for name, title in SETS:
         sample = answers[answers["set"] == name].head(examples)
         if len(sample):
-            lines += ["", f"### Examples ({name} phrasings)", "", "| question | reference | base | fine-tuned |", "|---|---|---|---|"]
+            lines += ["", f"### Examples ({title})", "", "| question | reference | base | fine-tuned |", "|---|---|---|---|"]
             for row in sample.itertuples():
                 lines.append(f"| {_cell(_question_of(row.prompt))} | {_cell(row.reference)} | {_cell(row.base_answer)} | "
                              f"{_cell(row.finetuned_answer)} |")

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions
+from tasks.synthesizers import anime_probes
 from tasks.synthesizers.common import column_text, conversations_frame, provenance, skipped_frame, unstated_fact
 from tasks.synthesizers.facts import FactType, not_a, parses_as
 
@@ -109,8 +110,11 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
     source_ids = [value or "" for value in values["id"]]
     order = phrasing_order(source_ids, options.seed, len(options.kinds))
     trained, slots = options.trained_phrasings, options.trained_phrasings + options.heldout_phrasings
+    extras_per_row = options.natural_questions + options.unknown_titles + options.refusal_examples
+    per_row = len(options.kinds) * slots + extras_per_row  # order keys: a row's questions, then its extras
+    alternative_titles = [alternative_title(values, row, slot) for row in range(len(rows)) for slot in (0, 1)]
 
-    parts = []  # one column dict per (kind, phrasing slot), concatenated and put in row order at the end
+    parts, answered = [], {}  # one column dict per (kind, phrasing slot), concatenated and put in row order at the end
     skipped_rows, skipped_kinds, skipped_columns, skipped_reasons = [], [], [], []
     for kind_index, kind in enumerate(options.kinds):
         # ---- which rows can be asked this kind: every needed value present and of its fact type
@@ -141,12 +145,17 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
             skipped_rows.append(row), skipped_kinds.append(kind), skipped_columns.append([unstated["column"]])
             skipped_reasons.append(f"{kind} skipped: the answer does not state {unstated['column']} {unstated['value']!r}")
 
-        # ---- one conversation per phrasing slot
-        templates, names = QUESTION_PARTS[kind], values["name"]
+        for row, answer in zip(good_rows, good_answers):
+            answered.setdefault(row, {})[kind] = answer
+
+        # ---- one conversation per phrasing slot; the last trained_title_variants trained ones ask by another title
+        templates = QUESTION_PARTS[kind]
         for slot in range(slots):
             chosen = order[kind_index][good_rows, slot].tolist() if good_rows else []
+            variant = trained - options.trained_title_variants <= slot < trained
+            names = [alternative_titles[2 * row + slot % 2] if variant else values["name"][row] for row in range(len(rows))]
             parts.append({
-                "order": [(row * len(options.kinds) + kind_index) * slots + slot for row in good_rows],
+                "order": [row * per_row + kind_index * slots + slot for row in good_rows],
                 "ids": [f"{sources[row]}:{source_rows[row]}:{kind}:{template}" for row, template in zip(good_rows, chosen)],
                 "messages": [
                     [{"role": "user", "content": templates[template][0] + names[row] + templates[template][1]},
@@ -158,6 +167,9 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
                 "facts": [facts for _, facts in good_answers],
                 "rows": good_rows,
             })
+
+    if extras_per_row:
+        parts.append(extra_part(values, answered, options, sources, source_rows, source_ids, per_row - extras_per_row, per_row))
 
     def gathered(key):
         return [item for part in parts for item in part[key]]
@@ -171,8 +183,54 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
     # Catalog order: a row's kinds and phrasings together, as a reader of the artifact expects.
     conversations = conversations.take(np.argsort(np.array(gathered("order"), dtype=np.int64), kind="stable"))
     conversations = conversations.reset_index(drop=True)
-    conversations.attrs["stats"] = {}
+    conversations.attrs["stats"] = {"rows_expanded": len(parts[-1]["rows"]) if extras_per_row else 0}
     return conversations, skipped_frame(skipped_rows, skipped_kinds, skipped_columns, skipped_reasons)
+
+
+# ---- questions beyond the phrasings (tasks/synthesizers/anime_probes.py)
+
+
+def alternative_title(values: dict, row: int, slot: int) -> str:
+    """The title a title-variant question asks by: the English title on even slots, the other title on odd ones,
+    whichever exists (the main title when neither does)."""
+    first, second = ("english_name", "other_name") if slot % 2 == 0 else ("other_name", "english_name")
+    return title_value(values, first, row) or title_value(values, second, row) or values["name"][row]
+
+
+def title_value(values: dict, field: str, row: int) -> str | None:
+    """A row's title field, None where it is missing or the configured kinds do not read it."""
+    return values[field][row] if field in values else None
+
+
+def extra_part(values: dict, answered: dict, options: AnimeQAOptions, sources: list, source_rows: list,
+               source_ids: list, first_slot: int, per_row: int) -> dict:
+    """Natural questions, unknown-title probes and refusal examples of every row, as one part of the output."""
+    known = anime_probes.KnownTitles([title for field in ("name", "english_name", "other_name")
+                                      for title in values.get(field, ()) if title])
+    taken: set[str] = set()
+    part = {key: [] for key in ("order", "ids", "messages", "kind", "phrasing_set", "facts", "rows")}
+    for row in range(len(source_ids)):
+        if row not in answered:
+            continue  # every kind was skipped: the row is quarantined, ask nothing about it
+        rng = anime_probes.row_random(options.seed, source_ids[row], "probes")
+        row_values = {field: title_value(values, field, row) for field in ("name", "english_name", "other_name")}
+        items = (
+            [(item, "natural") for item in anime_probes.natural_questions(
+                row_values, answered[row], options.natural_questions, rng, options.columns)]
+            + [(item, "unknown") for item in anime_probes.unknown_probes(options.unknown_titles, rng, known, taken)]
+            + [(item, "train") for item in anime_probes.refusal_examples(
+                options.refusal_examples, rng, known, taken, QUESTION_PARTS)]
+        )
+        for position, (item, phrasing_set) in enumerate(items):
+            part["order"].append(row * per_row + first_slot + position)
+            part["ids"].append(f"{sources[row]}:{source_rows[row]}:{item['kind']}:{phrasing_set}{position}")
+            part["messages"].append([{"role": "user", "content": item["question"]},
+                                     {"role": "assistant", "content": item["answer"]}])
+            part["kind"].append(item["kind"])
+            part["phrasing_set"].append(phrasing_set)
+            part["facts"].append(item["facts"])
+            part["rows"].append(row)
+    return part
 
 
 # ---- values
