@@ -66,7 +66,8 @@ def run_variant(variant: str, csv_path: Path, work: Path, shards: int) -> dict:
     config = PipelineConfig(
         name=f"scale-{variant}", base_dir=str(work), store=str(work / f"store-{variant}"), runs_dir=str(work / "runs"),
         sources=[{"kind": "csv", "name": "anime_catalog", "path": str(csv_path)}],
-        synthesize={"kind": "anime_qa", "anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 0, "max_synopsis_words": 160}},
+        synthesize={"kind": "anime_qa", "anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 0, "max_synopsis_words": 160,
+                                                        "natural_questions": 0, "unknown_titles": 0}},
         format={"system_prompt": SYSTEM_PROMPT}, tokenize={"max_length": 512},
         prepare={"shards": shards, **VARIANTS[variant]} if variant != "single" else {},
     )

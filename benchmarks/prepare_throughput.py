@@ -58,7 +58,8 @@ def make_rows(n_rows: int) -> pd.DataFrame:
 
 
 def synth_config() -> SynthesizeConfig:
-    return SynthesizeConfig(kind="anime_qa", anime_qa=AnimeQAOptions(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160))
+    return SynthesizeConfig(kind="anime_qa", anime_qa=AnimeQAOptions(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160,
+                                                                     natural_questions=0, unknown_titles=0))
 
 
 # ---- (a) the recipes' way

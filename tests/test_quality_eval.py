@@ -180,3 +180,12 @@ def test_the_general_suite_has_forty_strictly_judged_prompts_none_of_them_replay
         assert general_answer_ok(f"The answer is {first}.", expected, question), question
         wrong = "13" if re.fullmatch(r"[\d.]+", first) else "purple"
         assert not general_answer_ok(f"The answer is {wrong}.", expected, question), question
+
+
+def test_neftune_noise_reaches_the_trainer_arguments(tmp_path):
+    from loraflow.config.train import TrainConfig
+    from loraflow.training.trainer import training_arguments
+
+    env = {"optimizer": "adamw_torch", "precision": "fp32", "device": "cpu"}
+    assert training_arguments(TrainConfig(neftune_noise_alpha=5.0), env, tmp_path).neftune_noise_alpha == 5.0
+    assert training_arguments(TrainConfig(), env, tmp_path).neftune_noise_alpha is None

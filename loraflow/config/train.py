@@ -100,6 +100,9 @@ class TrainConfig(StrictModel):
         ),
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (None: off).",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest complete checkpoints kept while training (all removed after success).")

@@ -106,6 +106,8 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
         use_cpu=env["device"] == "cpu",
     )
+    if config.neftune_noise_alpha is not None:  # transformers' own NEFTune: noise on the input embeddings while training
+        kwargs["neftune_noise_alpha"] = config.neftune_noise_alpha
     if config.distributed == "ddp":
         # Every LoRA weight gets a gradient each step; searching for unused ones costs a graph walk and a warning.
         kwargs["ddp_find_unused_parameters"] = False
