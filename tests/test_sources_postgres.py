@@ -97,9 +97,9 @@ def test_the_password_from_a_prefect_secret_block_on_a_real_server(database, tmp
     with local, temporary_settings(updates={PREFECT_API_URL: local.api_url}):
         Secret(value=PASSWORD).save("catalog-db-password")
         Secret(value="not-the-password").save("stale-db-password")
-        source = sql.Config(url=database, password_secret="catalog-db-password", table="anime_catalog")
+        source = sql.Config(url=database, password_secret="catalog-db-password", query=table_query())
         rows = sql.read(source, tmp_path)
-        assert rows["Name"].tolist() == catalog_rows()["Name"].tolist()
+        assert rows["Name"].tolist() == catalog_rows()["Name"].tolist() and len(rows.columns) == 23
         assert check_source(source, tmp_path) == []
         shown = [source.model_dump_json(), source_fingerprint(source, tmp_path),
                  *(location.address for location in source_locations(source, tmp_path))]
