@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,13 +38,19 @@ def export_tree(commit: str, folder: Path) -> Path:
     return folder
 
 
-def timed_ask(tree: Path, run_dir: str, question: str) -> tuple[float, str]:
-    """Seconds from start to exit of one `loraflow ask` with `tree` on PYTHONPATH, and the answer it printed."""
+def cpu_seconds_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_ask(tree: Path, run_dir: str, question: str) -> tuple[float, float, str]:
+    """Wall seconds from start to exit of one `loraflow ask` with `tree` on PYTHONPATH, the CPU seconds it used,
+    and the answer it printed."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds_of_children()
     done = subprocess.run([sys.executable, "-m", "loraflow.cli", "ask", run_dir, question], cwd=tree, env=env,
                           capture_output=True, text=True, check=True)
-    return time.perf_counter() - started, done.stdout.strip()
+    return time.perf_counter() - started, cpu_seconds_of_children() - cpu_before, done.stdout.strip()
 
 
 def main() -> dict:
@@ -55,13 +62,15 @@ def main() -> dict:
     args = parser.parse_args()
     trees = {"before": export_tree(args.baseline, Path(tempfile.mkdtemp(prefix="ask-baseline-"))), "after": ROOT}
     timed_ask(ROOT, args.run_dir, args.question)  # warm the page cache with the model's weights
-    seconds, answers, loads = {name: [] for name in trees}, {}, []
+    seconds, cpu, answers, loads = {name: [] for name in trees}, {name: [] for name in trees}, {}, []
     for _ in range(args.repeats):
         for name, tree in trees.items():
             loads.append(os.getloadavg()[0])
-            took, answers[name] = timed_ask(tree, args.run_dir, args.question)
+            took, used, answers[name] = timed_ask(tree, args.run_dir, args.question)
             seconds[name].append(round(took, 2))
+            cpu[name].append(round(used, 2))
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     result = {
         "command": f"python benchmarks/ask_cli.py RUN_DIR --baseline {args.baseline} --repeats {args.repeats}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -70,6 +79,8 @@ def main() -> dict:
         "question": args.question, "answers": answers, "same_answer": answers["before"] == answers["after"],
         "seconds": seconds, "median_seconds": medians,
         "ratio_after_to_before": round(medians["after"] / medians["before"], 3),
+        "cpu_seconds": cpu, "median_cpu_seconds": cpu_medians,
+        "cpu_ratio_after_to_before": round(cpu_medians["after"] / cpu_medians["before"], 3),
     }
     out_path = ROOT / "benchmarks" / "results" / "ask_cpu.json"
     out_path.write_text(json.dumps(result, indent=2) + "\n")
