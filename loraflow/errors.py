@@ -16,9 +16,14 @@ class GateFailed(RuntimeError):
     """The evaluation gate refused the fine-tuned model; the message lists the gate's reasons."""
 
 
+# The gate's reasons of a refused model start with this (loraflow.evaluation.metrics.decide_gate).
+GATE_FAILURE = "FAIL: "
+
+
 class QuietUserErrors(logging.Filter):
     """A console-handler filter: drops records that carry or repeat a user error (its class name in Prefect's
-    'Finished in state Failed(...SourceError: ...)' lines); everything else passes."""
+    'Finished in state Failed(...SourceError: ...)' lines, or a refused gate's reasons, which the evaluate task and
+    the flow log and the CLI prints once at the end); everything else passes."""
 
     def __init__(self, types: tuple[type, ...]):
         super().__init__()
@@ -31,6 +36,8 @@ class QuietUserErrors(logging.Filter):
         if record.levelno < logging.INFO:
             return True
         message = record.getMessage() if record.args else str(record.msg)
+        if "gate" in message and GATE_FAILURE in message:
+            return False
         return not any(name in message for name in self.names)
 
 

@@ -30,11 +30,12 @@ from pydantic import BaseModel, Field
 
 from loraflow.atomic import write_json_atomic, write_text_atomic
 from loraflow.config.evaluate import EvalConfig
-from loraflow.evaluation.generation import chat_prompt, evaluate_models, stop_token_ids
+from loraflow.evaluation.generation import evaluate_models, stop_token_ids
 from loraflow.evaluation.metrics import (GateDecision, answers_table, comparison_table, decide_gate, evaluation_rows,
                                          general_table, summarise_runs)
 from loraflow.evaluation.report import render_report
 from loraflow.precision import choose_precision
+from loraflow.prompt_encoding import question_prompt_ids
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tokens_input import load_tokens
 
@@ -96,7 +97,7 @@ def evaluate_adapter(
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     stop_ids = stop_token_ids(tokenizer, model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    general_prompts = [chat_prompt(tokenizer, q, system_prompt) for q in eval_config.general_questions]
+    general_prompts = [question_prompt_ids(tokenizer, q, system_prompt) for q in eval_config.general_questions]
     choice = choose_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     log.info("evaluate: precision %s (%s)", choice.precision, choice.reason)
     runs = evaluate_models(model_dir, adapter_dir, tokenizer, questions, loss_rows, general_prompts, eval_config,

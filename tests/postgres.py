@@ -18,15 +18,24 @@ def postgres_bin() -> Path | None:
 
 
 @contextmanager
-def running_postgres(port: int):
-    """Start PostgreSQL (trust auth, 127.0.0.1:port) in a temp folder; yield its asyncpg URL; stop and delete."""
+def running_postgres(port: int, password: str | None = None):
+    """Start PostgreSQL (127.0.0.1:port) in a temp folder; yield its asyncpg URL; stop and delete.
+
+    Trust auth, or with `password` the user `postgres` must give it over TCP (scram-sha-256; the URL holds none)."""
     bin_dir = postgres_bin()
     data = Path(tempfile.mkdtemp(prefix="loraflow-pg-"))
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
     if as_user:
         shutil.chown(data, "postgres", "postgres")
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
-    run(str(bin_dir / "initdb"), "-D", str(data / "db"), "--auth=trust", "-U", "postgres")
+    env = {**os.environ, "PGPASSWORD": password} if password else None
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120, env=env)
+    auth = ["--auth=trust"]
+    if password:
+        (data / "pw").write_text(password)
+        if as_user:
+            shutil.chown(data / "pw", "postgres", "postgres")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={data / 'pw'}"]
+    run(str(bin_dir / "initdb"), "-D", str(data / "db"), *auth, "-U", "postgres")
     run(str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"),
         "-o", f"-p {port} -c listen_addresses=127.0.0.1 -k {data}", "start")
     try:

@@ -13,6 +13,7 @@ from tests.test_server import api, free_port, small_config, wait_for_terminal_st
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium")]
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+SOURCE_TITLES = ("CSV file", "JSON / JSONL file", "Hugging Face dataset", "Parquet file", "SQL query")
 
 
 def render(url: str, profile: Path, screenshot: Path | None = None) -> str:
@@ -51,6 +52,11 @@ def test_run_page_artifacts_and_form_in_chromium(tmp_path):
                                DOCS / "prefect-artifact.png" if keep else None)
         assert "rows quarantined" in artifact_page
 
-        form = render(f"{ui}/deployments/deployment/{deployment['id']}/run", tmp_path / "chrome",
-                      DOCS / "prefect-run-form.png" if keep else None)
+        form = render(f"{ui}/deployments/deployment/{deployment['id']}/run", tmp_path / "chrome")
         assert "Hub repo id or local folder" in form and "Run name" in form
+        # The default UI shows each source as JSON; Prefect's V2 UI (/v2) renders the sources' union as a kind
+        # selector named by each source config's title. The docs screenshot is that form.
+        form_v2 = render(f"{ui}/v2/deployments/deployment/{deployment['id']}/run", tmp_path / "chrome",
+                         DOCS / "prefect-run-form.png" if keep else None)
+        assert all(title in form_v2 for title in SOURCE_TITLES), [t for t in SOURCE_TITLES if t not in form_v2]
+        assert ">Config<" not in form_v2  # no option is the bare class name

@@ -86,3 +86,25 @@ def test_every_subcommand_argument_has_a_help_text(command):
     for action in subparser._actions:
         assert action.help and action.help != "==SUPPRESS==", (command, action.dest)
     assert subparser.description
+
+
+@pytest.mark.slow
+def test_a_failed_gate_exits_1_through_the_real_cli_with_its_reasons_once(tmp_path):
+    from tests.test_finetune_flow import tiny_config
+    from tests.tiny_llama import build_tiny_llama
+
+    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))  # a random model learns no facts
+    text, gates = re.subn(r"(?m)^  gate: \{.*\}$", "  gate: {min_fact_accuracy: 0.9, min_stop_rate: 0.0, must_beat_base: true}",
+                          config.read_text())
+    assert gates == 1
+    config.write_text(text)
+    done = loraflow("run", str(config))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    summary = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())  # the summary path is still printed last
+    reasons = [reason for reason in summary["publish"]["gate_reasons"] if reason.startswith("FAIL")]
+    assert any("fact accuracy" in reason for reason in reasons) and not summary["publish"]["published"], summary["publish"]
+    for reason in reasons:
+        assert output.count(reason) == 1, (reason, output[-3000:])
+    assert "error: the evaluation gate refused the fine-tuned model, nothing was published" in done.stderr
+    assert "gate: FAILED" in done.stdout and "Traceback" not in output

@@ -48,3 +48,22 @@ def test_the_gguf_float32_advice_is_dropped_only_inside_our_conversion():
     finally:
         quantizer_gguf.logger.removeHandler(handler)
     assert printed.getvalue().count(GGUF_DTYPE_NOTICE) == 1 and "some other GGUF warning" in printed.getvalue()
+
+
+BNB_CHILD = """
+import logging, sys
+import loraflow
+from loraflow.noise import BNB_CPU_LOGGER, BNB_KERNELS_NOTICE
+logger = logging.getLogger(BNB_CPU_LOGGER)  # what bitsandbytes.backends.cpu.ops logs with
+logger.addHandler(logging.StreamHandler(sys.stdout))
+logger.warning(BNB_KERNELS_NOTICE + ": %s. Please make sure you already `pip install kernels`", "No module named 'kernels'")
+logger.warning("another bitsandbytes warning")
+import bitsandbytes  # on an AVX512-BF16 CPU without `kernels` this is where the notice comes from
+"""
+
+
+def test_the_bitsandbytes_kernels_notice_is_dropped_and_other_bitsandbytes_warnings_are_not():
+    done = subprocess.run([sys.executable, "-c", BNB_CHILD], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.stdout.strip() == "another bitsandbytes warning", done.stdout + done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr, done.stderr[-2000:]

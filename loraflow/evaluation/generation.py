@@ -4,7 +4,9 @@
     # {"base": {"loss", "scored", "general"}, "finetuned": {...}, ("previous": {...})}
 
 Generation is greedy with left padding, prompts sorted by budget and length; a question's budget is its reference's
-length plus eval.answer_margin_tokens, so a model still talking by then counts as not stopping.
+length plus eval.answer_margin_tokens, so a model still talking by then counts as not stopping. A question is asked
+with the prompt tokens training saw (TOKENS' input_ids[:answer_start]), so control-token text from the data stays
+plain characters here too; general questions are encoded the same way (loraflow.prompt_encoding).
 """
 
 from __future__ import annotations
@@ -50,13 +52,21 @@ def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, q
             del model  # one model in memory at a time
             model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code, precision=precision)
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
-        answers = generate_answers(model, tokenizer, list(questions["prompt"]), progress=f"evaluate {name}",
+        answers = generate_answers(model, tokenizer, question_prompts(questions), progress=f"evaluate {name}",
                                    **{**generation, "max_new_tokens": budgets})
         general = generate_answers(model, tokenizer, general_prompts, **{**generation, "max_new_tokens": eval_config.general_max_new_tokens})
         runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general}
         log.info("evaluate: %s done (loss %s)", name, f"{loss:.4f}" if loss is not None else "n/a")
     return runs
 
+
+def question_prompts(questions: pd.DataFrame) -> list[list[int] | str]:
+    """Each question's prompt as the tokens training saw (input_ids[:answer_start]: tokenize kept the data's
+    control-token text plain); the prompt text where those tokens are not all there (no answer_start, truncated)."""
+    if "answer_start" not in questions:
+        return list(questions["prompt"])
+    return [[int(i) for i in ids[:start]] if 0 < start <= len(ids) else prompt
+            for ids, start, prompt in zip(questions["input_ids"], questions["answer_start"], questions["prompt"])]
 
 
 def stop_token_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
@@ -75,9 +85,10 @@ def stop_token_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
     return sorted(ids)
 
 
-def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int | list[int], batch_size: int,
+def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_new_tokens: int | list[int], batch_size: int,
                      stop_ids: list[int], progress: str | None = None) -> list[dict]:
-    """Greedy answers to fully rendered prompts, batched with left padding (prompts sorted by budget, then length).
+    """Greedy answers to fully rendered prompts (text, or token ids as question_prompts and loraflow.prompt_encoding
+    give them), batched with left padding (prompts sorted by budget, then length).
 
     `max_new_tokens` is one budget for all prompts or one per prompt (a batch generates up to its largest).
     Each answer: text (up to the first stop token, special tokens removed), stopped (a stop token was
@@ -88,7 +99,9 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
 
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    # Rendered prompt text already holds the template's special tokens: add none.
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    lengths = [len(ids) for ids in prompt_ids]
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
     answers: list[dict | None] = [None] * len(prompts)
@@ -96,8 +109,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     stop = torch.tensor(stop_ids, device=device)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=progress or "generate", disable=progress is None):
-        # Rendered prompts already hold the template's special tokens: add none.
-        encoded = tokenizer([prompts[i] for i in batch], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        encoded = tokenizer.pad({"input_ids": [prompt_ids[i] for i in batch]}, padding=True, return_tensors="pt").to(device)
         with torch.inference_mode():
             output = model.generate(
                 **encoded, do_sample=False, max_new_tokens=max(budgets[i] for i in batch), eos_token_id=stop_ids,
