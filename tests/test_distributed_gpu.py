@@ -64,10 +64,6 @@ def test_ddp_one_process_takes_the_packed_fast_path(smol_random, tokens, tmp_pat
     assert result.global_step == 4 and math.isfinite(result.final_loss) and lora_b_moved(result.adapter_dir)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "Measured on an H200 (2026-12-01, transformers 5.17): FSDP-QLoRA trains (4 steps, loss 10.97 -> 9.4) but the "
-    "adapter gathered at the end has no LoRA tensors, with accelerator.get_state_dict and with Trainer.save_model "
-    "under FULL_STATE_DICT alike; save_adapter now refuses it. Remove this mark once it passes."))
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])  # padded first: FSDP itself
 def test_fsdp_qlora_one_process_wraps_saves_and_gathers_the_adapter(smol_random, tokens, tmp_path, packing):
     from peft import PeftModel

@@ -187,6 +187,30 @@ def save_adapter(model, adapter_dir: Path, manifest: dict, saved_by_trainer: Pat
     os.replace(staging, adapter_dir)
 
 
+def adapter_tensors_from_full_state_dict(full_state_dict: dict, adapter_name: str = "default") -> dict:
+    """The LoRA tensors of a gathered full state dict, keyed as peft saves them (adapter name removed).
+
+    Why not peft's own filter: peft 0.21 finds adapter keys by walking the model's module names and strips only a
+    leading `_fsdp_wrapped_module.`; under FSDP1 with one unit per decoder layer (and per LoRA layer) the prefix sits
+    mid-name (`layers.0._fsdp_wrapped_module.self_attn...`), no key matches and `save_pretrained` writes an adapter
+    with no tensors (reproduced on CPU with gloo, one process). FSDP's full state dict already has clean names, so
+    its keys are selected by peft's key convention instead: `lora_` + `.<adapter>` (LoRA with bias none)."""
+    marker = f".{adapter_name}"
+    return {name.replace(marker, "", 1): tensor for name, tensor in full_state_dict.items()
+            if "lora_" in name and marker in name}
+
+
+def write_gathered_adapter(peft_model, full_state_dict: dict, folder: Path, adapter_name: str = "default") -> None:
+    """Write a peft adapter folder (adapter_model.safetensors + adapter_config.json) from a gathered state dict."""
+    from safetensors.torch import save_file
+
+    tensors = adapter_tensors_from_full_state_dict(full_state_dict, adapter_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_model.peft_config[adapter_name].save_pretrained(str(folder))
+
+
 def _check_has_lora_tensors(folder: Path) -> None:
     """Refuse an adapter file without LoRA weights (an empty gather), so it is never evaluated or published."""
     from safetensors import safe_open

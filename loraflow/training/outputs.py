@@ -18,7 +18,7 @@ import pandas as pd
 
 from loraflow.atomic import write_json_atomic
 from loraflow.config.train import TrainConfig
-from loraflow.training.checkpoints import save_adapter
+from loraflow.training.checkpoints import save_adapter, write_gathered_adapter
 from loraflow.training.distributed import sum_over_processes, world_size
 from loraflow.training.result import TrainResult
 
@@ -35,13 +35,15 @@ def gather_after_training(trainer, collator, output_dir: Path) -> dict:
         trained_tokens_seen = sum_over_processes(trained_tokens_seen)
     fsdp_saved = None
     if trainer.is_fsdp_enabled:
-        # peft's FSDP-QLoRA recipe: switch to a full state dict and let Trainer gather and save the adapter (every
-        # process takes part; rank 0 writes). Known broken (H200, 1 process, transformers 5.17, 2026-12-01): training
-        # runs and its loss falls, but this save, like accelerator.get_state_dict before it, yields an adapter with
-        # no LoRA tensors, which save_adapter refuses (docs/scaling.md).
+        # Gather the full state dict (a collective; rank 0 receives it, offloaded to CPU) and write the adapter
+        # from it ourselves: peft's save_pretrained drops every LoRA key of an FSDP-wrapped model
+        # (adapter_tensors_from_full_state_dict says why).
         fsdp_saved = output_dir / ".adapter-fsdp"
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(fsdp_saved))
+        full_state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.accelerator.is_main_process:
+            shutil.rmtree(fsdp_saved, ignore_errors=True)
+            write_gathered_adapter(trainer.accelerator.unwrap_model(trainer.model), full_state_dict, fsdp_saved)
     return {"tokens_seen": tokens_seen, "trained_tokens_seen": trained_tokens_seen, "fsdp_saved": fsdp_saved}
 
 

@@ -1,0 +1,76 @@
+"""The adapter gathered from an FSDP1-wrapped peft model is the trained one (CPU, gloo, one process).
+
+peft's save_pretrained writes no LoRA tensors for such a model (its key filter misses the `_fsdp_wrapped_module.`
+in the middle of the names); loraflow writes the adapter from FSDP's full state dict instead. Here: the same
+steps on the same batch, plain vs FSDP-wrapped, give the same adapter file (keys and values).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+
+from loraflow.training.checkpoints import write_gathered_adapter
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train(model, batch, steps: int = 3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture
+def gloo_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp_adapter_equals_the_single_process_adapter(gloo_group, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    fsdp_peft_model = copy.deepcopy(peft_model)
+    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+
+    _train(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "single")
+
+    # loraflow's FSDP config: one unit per decoder layer via peft's policy, flat parameters (use_orig_params=False).
+    wrapped = FullyShardedDataParallel(fsdp_peft_model, auto_wrap_policy=fsdp_auto_wrap_policy(fsdp_peft_model),
+                                       use_orig_params=False, device_id=torch.device("cpu"))
+    _train(wrapped, batch)
+    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
+                                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        full_state_dict = wrapped.state_dict()
+    write_gathered_adapter(fsdp_peft_model, full_state_dict, tmp_path / "fsdp")
+
+    single = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    gathered = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    assert set(gathered) == set(single) and any("lora_B" in name for name in single)
+    for name, tensor in single.items():
+        assert torch.allclose(gathered[name], tensor, atol=1e-5), name
+    assert any(tensor.abs().max() > 0 for name, tensor in gathered.items() if "lora_B" in name), "training moved B"
+    # It is an ordinary peft adapter: it loads onto a fresh base.
+    fresh = LlamaForCausalLM(copy.deepcopy(base.config))
+    PeftModel.from_pretrained(fresh, tmp_path / "fsdp")
