@@ -4,6 +4,7 @@ server started with an auth string refuses unauthenticated API calls, and the se
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,3 +70,16 @@ def test_server_on_all_interfaces_refuses_unauthenticated(tmp_path, monkeypatch)
         assert SECRET not in listed.stdout + listed.stderr
     for log in (tmp_path / "logs").iterdir():
         assert SECRET not in log.read_text(errors="replace"), log
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium")
+def test_ui_in_chromium_asks_for_login(tmp_path, monkeypatch):
+    from tests.test_browser import render
+
+    monkeypatch.setenv(AUTH_ENV, SECRET)
+    local = LocalPrefect(port=free_port(), host="0.0.0.0", home=tmp_path / "home", log_dir=tmp_path / "logs")
+    with local:
+        dom = render(f"http://127.0.0.1:{local.port}/dashboard", tmp_path / "profile")
+    assert 'type="password"' in dom and "Login" in dom
+    assert SECRET not in dom
