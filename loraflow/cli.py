@@ -145,9 +145,13 @@ def cmd_server(args) -> int:
     import signal
     import time
 
-    from loraflow.server import LocalPrefect
+    from loraflow.server import LocalPrefect, client_host, exposure_problem
 
-    local = LocalPrefect(port=args.port, database_url=args.database_url)
+    problem = exposure_problem(args.host, os.environ)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    local = LocalPrefect(port=args.port, host=args.host, database_url=args.database_url)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     with local:
@@ -155,7 +159,7 @@ def cmd_server(args) -> int:
         if args.deploy:
             local.prefect("deploy", "--all")
         local.start_worker()
-        print(f"Prefect UI: http://127.0.0.1:{args.port}  (API {local.api_url}); worker on pool loraflow-cpu. Ctrl-C stops both.")
+        print(f"Prefect UI: http://{client_host(args.host)}:{args.port}  (API {local.api_url}); worker on pool loraflow-cpu. Ctrl-C stops both.")
         try:
             while not stop:
                 time.sleep(1)
@@ -201,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("webhook_url", help="URL that receives a POST for every failed or crashed flow run")
     server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="interface to listen on (default: 127.0.0.1); any other needs PREFECT_SERVER_API_AUTH_STRING set")
     server.add_argument("--database-url", default=None,
                         help="server database; default SQLite in PREFECT_HOME, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect")
     server.add_argument("--no-deploy", dest="deploy", action="store_false", help="skip `prefect deploy --all`")

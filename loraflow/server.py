@@ -1,7 +1,9 @@
 """A local Prefect server plus a process worker, started and stopped together (`loraflow server`).
 
 The server listens on 127.0.0.1 with SQLite by default (PostgreSQL when `database_url` is given); the
-worker serves the `loraflow-cpu` work pool. Both are child processes stopped with SIGTERM.
+worker serves the `loraflow-cpu` work pool. Both are child processes stopped with SIGTERM. Any other
+interface needs Prefect's basic auth: `PREFECT_SERVER_API_AUTH_STRING` ("user:password") from the
+environment, never from the command line, so it shows in no process list, log or artifact.
 """
 
 import os
@@ -16,16 +18,33 @@ from pathlib import Path
 CPU_POOL = "loraflow-cpu"
 GPU_POOL = "loraflow-gpu"
 REPO = Path(__file__).resolve().parent.parent
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
 
 
-def prefect_env(port: int, home: Path | None = None, database_url: str | None = None) -> dict:
+def exposure_problem(host: str, environ: dict) -> str | None:
+    """Why serving on `host` is refused (a non-loopback interface without an auth string), else None."""
+    if host in LOOPBACK_HOSTS or environ.get(AUTH_ENV):
+        return None
+    return (f"refusing to listen on {host} without authentication: set {AUTH_ENV}='user:password' in the "
+            f"environment (Prefect's basic auth), or keep the default --host 127.0.0.1")
+
+
+def client_host(host: str) -> str:
+    """The address local clients use to reach a server bound to `host`."""
+    return "127.0.0.1" if host in LOOPBACK_HOSTS | {"0.0.0.0", "::"} else host
+
+
+def prefect_env(port: int, home: Path | None = None, database_url: str | None = None,
+                host: str = "127.0.0.1") -> dict:
     """Environment for the server, the worker and every client talking to them."""
     env = dict(os.environ)
+    api_url = f"http://{client_host(host)}:{port}/api"
     env.update({
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_UI_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "LORAFLOW_REPO": str(REPO),
@@ -36,6 +55,8 @@ def prefect_env(port: int, home: Path | None = None, database_url: str | None = 
         env["PREFECT_HOME"] = str(home)
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    if env.get(AUTH_ENV):
+        env["PREFECT_API_AUTH_STRING"] = env[AUTH_ENV]  # the worker and the CLI authenticate with it
     return env
 
 
@@ -44,6 +65,7 @@ class LocalPrefect:
     """A running local Prefect server (and optionally a worker), as a context manager."""
 
     port: int = 4200
+    host: str = "127.0.0.1"
     home: Path | None = None
     database_url: str | None = None
     log_dir: Path = field(default_factory=lambda: Path(".loraflow/server"))
@@ -51,15 +73,18 @@ class LocalPrefect:
 
     @property
     def env(self) -> dict:
-        return prefect_env(self.port, self.home, self.database_url)
+        return prefect_env(self.port, self.home, self.database_url, self.host)
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"http://{client_host(self.host)}:{self.port}/api"
 
     def start_server(self, timeout: float = 120) -> None:
-        """Start `prefect server start` and wait until /api/health answers."""
-        self._spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+        """Start `prefect server start` and wait until /api/health answers; refuse an unauthenticated exposure."""
+        problem = exposure_problem(self.host, os.environ)
+        if problem:
+            raise PermissionError(problem)
+        self._spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", self.host,
                                "--port", str(self.port), "--analytics-off"])
         deadline = time.time() + timeout
         while time.time() < deadline:
