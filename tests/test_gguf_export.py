@@ -43,3 +43,30 @@ def test_unsupported_architecture_is_named(tiny_folder, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(GGUFExportError, match="gemma2.*Gemma2ForCausalLM"):
         export_gguf(tmp_path)
+
+
+def test_publish_with_gguf_lists_it_and_puts_the_check_in_the_card(tmp_path):
+    """A real train -> publish with publish.gguf: the file is in the manifest and the card carries its |Δlogit|."""
+    from loraflow.config.publish import GGUFConfig, PublishConfig
+    from loraflow.store import file_sha256
+    from tasks.publish import publish_model
+    from transformers import AutoTokenizer
+
+    from loraflow.config.train import TrainConfig
+    from tasks.train import train_adapter
+    from tests.test_publish import card_facts
+    from tests.tiny_llama import tokens_frame
+
+    model_dir = build_tiny_llama(tmp_path / "model")
+    tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
+    trained = train_adapter(tokens, model_dir, TrainConfig(max_steps=3, micro_batch_size=2, learning_rate=2e-2), tmp_path / "train")
+    texts = list(tokens["prompt"] + tokens["reference"])[:2]
+    result = publish_model(model_dir, trained.adapter_dir, PublishConfig(gguf=GGUFConfig(quantization="q8_0")),
+                           tmp_path / "out", card=card_facts(), verify_texts=texts)
+    folder = tmp_path / "out" / "model"
+    assert result.gguf_file == str(folder / "model-q8_0.gguf") and 0 < result.gguf_max_logit_diff < 1.0
+    manifest = json.loads((folder / "loraflow-manifest.json").read_text())["files"]
+    assert manifest["model-q8_0.gguf"] == file_sha256(folder / "model-q8_0.gguf")
+    assert manifest["README.md"] == file_sha256(folder / "README.md")
+    card = (folder / "README.md").read_text()
+    assert "## GGUF" in card and f"{result.gguf_max_logit_diff:.3g}" in card
