@@ -3,7 +3,8 @@
     with tracking_environment(train_config, logs_dir):
         trainer.train()     # TrainingArguments(report_to=report_to_value(train_config.report_to))
 
-TensorBoard's events go to <checkpoints>/runs/ (its default). Only the variables the integrations read when training
+TensorBoard's events go to <train output>/tensorboard/ (not its default under the checkpoints, which are removed
+after a finished run). Only the variables the integrations read when training
 begins are set (MLFLOW_TRACKING_URI,
 MLFLOW_EXPERIMENT_NAME, WANDB_MODE=offline), for the duration of training, and restored afterwards; a tracking URI
 already in the environment wins over the config's.
@@ -50,3 +51,10 @@ def tracking_environment(train_config, logs_dir: Path):
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+def send_tensorboard_to(trainer, folder: Path) -> None:
+    """Point transformers' TensorBoardCallback (if reporting to TensorBoard) at `folder` before training begins."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback" and callback.tb_writer is None:
+            callback.logging_dir = str(folder)

@@ -18,7 +18,7 @@ from pathlib import Path
 from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
-from loraflow.tracking import report_to_value, tracking_environment
+from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.result import NonFiniteTrainingError
@@ -60,6 +60,7 @@ def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log
     """trainer.train, from `resume_from` when given; a disk that fills while saving a checkpoint raises
     DiskFullError saying which checkpoint is intact (a re-run resumes from it)."""
     try:
+        send_tensorboard_to(trainer, checkpoints_dir.parent / "tensorboard")
         with tracking_environment(config, checkpoints_dir):  # MLflow / W&B read their variables when training begins
             return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as error:  # out of space while saving a checkpoint: say so, and what a re-run resumes from
