@@ -58,3 +58,48 @@ def send_tensorboard_to(trainer, folder: Path) -> None:
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == "TensorBoardCallback" and callback.tb_writer is None:
             callback.logging_dir = str(folder)
+
+
+def flatten_config(values: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"train.learning_rate": "0.003", ...}; keys naming a secret or token are left out."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if any(word in key.lower() for word in ("secret", "token", "password")) and not key.endswith("_env"):
+            continue
+        if isinstance(value, dict):
+            flat |= flatten_config(value, f"{name}.")
+        else:
+            flat[name] = str(value)[:500]  # MLflow's parameter value limit is generous, keep the form readable
+    return flat
+
+
+def log_run_facts(run_id: str, *, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+                  artifacts: list[Path] | None = None, tracking_uri: str | None = None) -> None:
+    """Add pipeline facts (flattened config, eval metrics per model, report / curve / card files) to an MLflow run."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    import time
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in (params or {}).items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
+    for path in artifacts or []:
+        client.log_artifact(run_id, str(path))
+
+
+def register_model(run_id: str, model_dir: Path, name: str, flow_run_id: str | None, tracking_uri: str | None = None) -> str:
+    """Log the merged folder as run artifacts and register it in the Model Registry; returns the version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    try:
+        client.create_registered_model(name)
+    except Exception:  # already registered: a new version is added below
+        pass
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={"prefect_flow_run_id": flow_run_id or "none"})
+    return version.version
