@@ -46,7 +46,7 @@ class CardFacts(BaseModel):
 
 
 def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, tolerance: float | None = None,
-                      merge_dtype: str | None = None, model_ref: str | None = None) -> str:
+                      merge_dtype: str | None = None, model_ref: str | None = None, gguf: dict | None = None) -> str:
     """README.md of the published model, written only from pipeline facts.
 
     `model_ref`: what the "Use" snippet loads (the Hub repo id, or the folder's path; "." when not given).
@@ -100,6 +100,12 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
         lines += ["", "## Merge check", "",
                   f"The adapter was merged into the unquantized base ({merge_dtype}); the merged model's logits differ "
                   f"from base + adapter by at most {max_logit_diff:.3g} (tolerance {tolerance:g}) on validation texts."]
+    if gguf:
+        lines += ["", "## GGUF (llama.cpp / Ollama)", "",
+                  f"`{gguf['file']}` ({gguf['quantization']}), with the tokenizer, chat template and EOS / end-of-turn ids. "
+                  f"Read back with transformers' GGUF loader, its logits differ from the merged model's by at most "
+                  f"{gguf['max_logit_diff']:.3g} on the same validation texts.", "",
+                  "```bash", f"llama-cli -m {gguf['file']} -cnv", "```"]
     lines += ["", "## Use", "", "```python", *use_snippet(model_ref or ".", facts.system_prompt), "```", "",
               "The LoRA adapter alone is in `adapter/`."]
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from loraflow.config.publish import PublishConfig
+from loraflow.gguf_export import export_gguf, gguf_logit_difference
 from loraflow.hub import assert_no_secret, push_folder, resolve_hub_token
 from loraflow.merging import merge_adapter, save_merged
 from loraflow.model_card import CardFacts, render_model_card
@@ -45,6 +46,8 @@ class PublishResult(BaseModel):
     merge_dtype: str
     saved_dtype: str
     target: str
+    gguf_file: str | None = None
+    gguf_max_logit_diff: float | None = None
     hub_repo: str | None = None
     hub_run_branch: str | None = None
     hub_run_commit: str | None = None
@@ -82,15 +85,23 @@ def publish_model(
     log.info("publish: merge verified, max |logit difference| %.3g <= %g (%s)", max_diff, publish_config.merge_tolerance,
              publish_config.merge_dtype)
     folder = output_dir / "model"
+    model_ref = publish_config.repo_id if publish_config.target == "hf_hub" else str(folder.resolve())
     card_text = render_model_card(card, max_logit_diff=max_diff, tolerance=publish_config.merge_tolerance,
-                                  merge_dtype=publish_config.merge_dtype,
-                                  model_ref=publish_config.repo_id if publish_config.target == "hf_hub" else str(folder.resolve()))
+                                  merge_dtype=publish_config.merge_dtype, model_ref=model_ref)
     run_info = {"run_name": card.run_name, "base_model": card.base_model, "system_prompt": system_prompt,
                 "gate": card.gate, "max_logit_diff": max_diff}
     saved_dtype, files = save_merged(merged, tokenizer, folder, model_dir=model_dir, adapter_dir=adapter_dir,
                                      card=card_text, run_info=run_info)
     log.info("publish: saved %d files (%s) to %s", len(files), saved_dtype, folder)
-    result = {"model_dir": str(folder), "files": files, "max_logit_diff": max_diff, "merge_dtype": publish_config.merge_dtype,
+    gguf_facts = {}
+    if publish_config.gguf is not None:
+        gguf_facts = export_verified_gguf(folder, publish_config, verify_texts[: publish_config.verify_prompts], files, log)
+        card_text = render_model_card(card, max_logit_diff=max_diff, tolerance=publish_config.merge_tolerance,
+                                      merge_dtype=publish_config.merge_dtype, model_ref=model_ref, gguf={
+                                          "file": Path(gguf_facts["gguf_file"]).name, "quantization": publish_config.gguf.quantization,
+                                          "max_logit_diff": gguf_facts["gguf_max_logit_diff"]})
+        rewrite_card_and_manifest(folder, card_text, files, saved_dtype)
+    result = {"model_dir": str(folder), "files": files, **gguf_facts, "max_logit_diff": max_diff, "merge_dtype": publish_config.merge_dtype,
               "saved_dtype": saved_dtype, "target": publish_config.target}
     if publish_config.target == "hf_hub":
         assert_no_secret(folder, token)
@@ -102,6 +113,37 @@ def publish_model(
             retry_delay=publish_config.hub_retry_delay, log=log,
         )
     return PublishResult(**result, seconds=round(time.perf_counter() - started, 2))
+
+
+def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log) -> dict:
+    """Write the GGUF beside the merged weights, check its logits, add it to `files`; returns its facts."""
+    from loraflow.merging import PublishError, end_of_turn_ids
+    from loraflow.store import file_sha256
+    from transformers import AutoTokenizer
+
+    eos_ids = end_of_turn_ids(AutoTokenizer.from_pretrained(folder))
+    path = export_gguf(folder, quantization=publish_config.gguf.quantization, eos_ids=eos_ids)
+    max_diff = gguf_logit_difference(folder, path, verify_texts)
+    if not max_diff <= publish_config.gguf.tolerance:
+        path.unlink()
+        raise PublishError(f"{path.name}: max |logit difference| vs the merged model {max_diff:.4g} > publish.gguf.tolerance "
+                           f"{publish_config.gguf.tolerance:g}; the GGUF was removed and nothing was published")
+    files[path.name] = file_sha256(path)
+    log.info("publish: wrote %s, max |logit difference| vs merged %.3g", path.name, max_diff)
+    return {"gguf_file": str(path), "gguf_max_logit_diff": max_diff}
+
+
+def rewrite_card_and_manifest(folder: Path, card_text: str, files: dict, saved_dtype: str) -> None:
+    """The card with the GGUF facts, then the manifest (last) listing the GGUF too; `files` updated in place."""
+    from loraflow.atomic import write_json_atomic, write_text_atomic
+    from loraflow.merging import MODEL_MANIFEST
+    from loraflow.store import file_sha256
+
+    write_text_atomic(folder / "README.md", card_text)
+    files["README.md"] = file_sha256(folder / "README.md")
+    listed = {name: digest for name, digest in files.items() if name != MODEL_MANIFEST}
+    write_json_atomic(folder / MODEL_MANIFEST, {"files": listed, "saved_dtype": saved_dtype})
+    files[MODEL_MANIFEST] = file_sha256(folder / MODEL_MANIFEST)
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ from pydantic import Field, model_validator
 from loraflow.config.base import StrictModel
 
 
+class GGUFConfig(StrictModel):
+    """GGUF export of the merged model (llama.cpp / Ollama / LM Studio)."""
+
+    quantization: Literal["f16", "q8_0"] = Field("f16", description="f16 (exact up to float16) or q8_0 (8-bit blocks, about half the size).")
+    tolerance: float = Field(1.0, gt=0, description="Max |logit difference| allowed between the GGUF (read back by transformers) and the merged model.")
+
+
 class PublishConfig(StrictModel):
     """Publishing the merged 16-bit model (the adapter is always kept too)."""
 
@@ -26,6 +33,7 @@ class PublishConfig(StrictModel):
             "weights are saved in the base model's own dtype either way, and the saved file is checked bit for bit."
         ),
     )
+    gguf: GGUFConfig | None = Field(None, description="Also write model-<quantization>.gguf beside the merged weights (null: no GGUF).")
     verify_prompts: int = Field(4, ge=1, le=64, description="Validation examples whose logits the merge check compares.")
     hub_retries: int = Field(
         3, ge=0, le=10,

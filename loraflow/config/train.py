@@ -100,6 +100,13 @@ class TrainConfig(StrictModel):
         ),
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb-offline"]] = Field(
+        default_factory=list, description="Trackers fed by transformers' own integrations (empty: none).",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (MLFLOW_TRACKING_URI in the environment wins); never put credentials here.",
+    )
+    tracking_experiment: str = Field("loraflow", description="MLflow experiment name.")
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (None: off).",
     )

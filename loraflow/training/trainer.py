@@ -18,6 +18,7 @@ from pathlib import Path
 from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
+from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.result import NonFiniteTrainingError
@@ -55,11 +56,13 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     return trainer, recorder
 
 
-def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log):
+def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log, config: TrainConfig | None = None):
     """trainer.train, from `resume_from` when given; a disk that fills while saving a checkpoint raises
     DiskFullError saying which checkpoint is intact (a re-run resumes from it)."""
     try:
-        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        send_tensorboard_to(trainer, checkpoints_dir.parent / "tensorboard")
+        with tracking_environment(config, checkpoints_dir):  # MLflow / W&B read their variables when training begins
+            return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as error:  # out of space while saving a checkpoint: say so, and what a re-run resumes from
         if error.errno not in DISK_FULL_ERRNOS:
             raise
@@ -98,7 +101,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         save_strategy="steps",
         save_steps=config.checkpoint_every,
         save_total_limit=config.keep_checkpoints,
-        report_to="none",
+        report_to=report_to_value(config.report_to),  # transformers' own integrations (loraflow.tracking)
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
