@@ -86,15 +86,23 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 # Max allocated above the reserve-free estimate on the H200 frontier (docs/speed.md): transients that grow with the
-# tokens (flex attention's backward, Liger's chunked cross-entropy) up to 1.0 GiB at 32k tokens per micro-batch; the
-# plan adds TRANSIENT_GIB_PER_32K_TOKENS for them and PLAN_MARGIN_GIB on top.
+# tokens (flex attention's backward, Liger's chunked cross-entropy, layer-input gradients) up to 1.0 GiB at 32k
+# tokens per micro-batch with inputs kept on the GPU; with them offloaded 0.33 / 1.67 / 3.45 GiB at 8k / 32k / 64k
+# tokens (layer outputs wait for their copy to the host before their memory is reused). The plan adds these
+# transients and PLAN_MARGIN_GIB on top.
 TRANSIENT_GIB_PER_32K_TOKENS = 1.1
+OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS = 1.8
+OFFLOAD_TRANSIENT_OFFSET_GIB = -0.1
 PLAN_MARGIN_GIB = 0.5
 
 
-def calibrated_reserve_gb(tokens_per_micro_batch: int) -> float:
+def calibrated_reserve_gb(tokens_per_micro_batch: int, offload: bool = False) -> float:
     """The plan's reserve above its activation and parameter estimate: the measured transients plus a margin."""
-    return PLAN_MARGIN_GIB + TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    if offload:
+        transient = OFFLOAD_TRANSIENT_OFFSET_GIB + OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    else:
+        transient = TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    return PLAN_MARGIN_GIB + max(transient, 0.0)
 
 
 def plan_checkpointing(
@@ -117,18 +125,18 @@ def plan_checkpointing(
     layers = len(_decoder(model).layers)
     per_token = activation_bytes_per_token(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if reserve_gb is None:
-        reserve_gb = calibrated_reserve_gb(tokens_per_micro_batch)
-    fixed = _param_bytes(model) + 12 * trainable + reserve_gb * GIB
+    fixed = _param_bytes(model) + 12 * trainable
     head = per_token["head_fused" if fused_head else "head_unfused"] * tokens_per_micro_batch
     # One checkpointed layer is recomputed whole during backward: its full activations exist transiently.
     transient = per_token["full_layer"] * tokens_per_micro_batch
     budget = memory_budget_gb * GIB
 
     def peak(checkpointed: int) -> float:
-        kept_inputs = min(checkpointed, 2) if offload else checkpointed
+        offloading = offload and checkpointed > 0
+        kept_inputs = min(checkpointed, 2) if offloading else checkpointed
         kept = (layers - checkpointed) * per_token["full_layer"] + kept_inputs * per_token["checkpointed_layer"]
-        return fixed + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
+        reserve = calibrated_reserve_gb(tokens_per_micro_batch, offloading) if reserve_gb is None else reserve_gb
+        return fixed + reserve * GIB + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
 
     for checkpointed in range(0, layers + 1):
         if peak(checkpointed) <= budget:
