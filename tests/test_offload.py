@@ -101,3 +101,17 @@ def test_offload_is_chosen_where_it_alone_lets_more_rows_fit():
     assert (chosen.rows, chosen.offload) == (4, True)
     no_checkpointing = step_candidates(model, row, 100, budget, fused_head=True, checkpointing=False)
     assert all(c.checkpointed == 0 and not c.offload for c in no_checkpointing)
+    assert not any(c.offload for c in step_candidates(model, row, 100, budget, fused_head=True, offload=False))
+
+
+def test_offload_is_not_chosen_under_ddp(monkeypatch):
+    from loraflow.training import planning
+    from loraflow.training.planning import choose_micro_batch
+
+    monkeypatch.setattr(planning, "_liger_available_for", lambda model: True)  # the head fused, as on the GPU
+    model = _meta_lora_llama()
+    # Between the 4-row peaks with and without offload: the setting of the test above, where offload wins
+    budget = (plan_checkpointing(model, 4 * 4096, 0.0, fused_head=True, offload=True)[1]
+              + plan_checkpointing(model, 4 * 4096, 0.0, fused_head=True)[1]) / 2
+    assert choose_micro_batch(model, TrainConfig(), 4096, 100, budget)[1]
+    assert not choose_micro_batch(model, TrainConfig(distributed="ddp"), 4096, 100, budget)[1]

@@ -139,14 +139,18 @@ def choose_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows:
     from loraflow.training.step_plan import best_choice, step_candidates
 
     fused_head = _liger_available_for(model)
+    # Offload recomputes each layer in a nested backward (the reentrant pattern): one process only, not under DDP,
+    # whose gradient hooks were not measured with it.
+    may_offload = config.distributed == "none"
     if config.pack_rows_per_micro_batch:
         rows = config.pack_rows_per_micro_batch
         fitting = [c for c in step_candidates(model, rows * max_tokens, 1, budget_gb, fused_head=fused_head,
-                                              checkpointing=config.gradient_checkpointing) if c.rows == 1]
+                                              checkpointing=config.gradient_checkpointing, offload=may_offload)
+                   if c.rows == 1]
         offload = best_choice(fitting).offload
         return rows, offload, "train.pack_rows_per_micro_batch" + (", checkpointed inputs offloaded" if offload else "")
     candidates = step_candidates(model, max_tokens, packed_rows, budget_gb, fused_head=fused_head,
-                                 checkpointing=config.gradient_checkpointing)
+                                 checkpointing=config.gradient_checkpointing, offload=may_offload)
     chosen = best_choice(candidates)
     layers = len(_decoder(model).layers)
     if not chosen.fits:

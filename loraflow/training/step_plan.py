@@ -57,8 +57,9 @@ def best_choice(candidates: list[StepChoice]) -> StepChoice:
 
 
 def step_candidates(model, row_tokens: int, packed_rows: int, budget_gb: float, *, fused_head: bool,
-                    checkpointing: bool = True) -> list[StepChoice]:
-    """Every rows × offload setting with the fewest checkpointed layers that fit `budget_gb` (GiB)."""
+                    checkpointing: bool = True, offload: bool = True) -> list[StepChoice]:
+    """Every rows × offload setting (offload only if `offload`) with the fewest checkpointed layers that fit
+    `budget_gb` (GiB)."""
     from loraflow.training.masking import _decoder
     from loraflow.training.speed import plan_checkpointing
 
@@ -69,13 +70,13 @@ def step_candidates(model, row_tokens: int, packed_rows: int, budget_gb: float, 
         if rows > most and rows != 1:
             continue
         tokens = rows * row_tokens
-        for offload in ((False, True) if checkpointing else (False,)):
-            checkpointed, peak = plan_checkpointing(model, tokens, budget_gb, fused_head=fused_head, offload=offload)
+        for offloaded in ((False, True) if checkpointing and offload else (False,)):
+            checkpointed, peak = plan_checkpointing(model, tokens, budget_gb, fused_head=fused_head, offload=offloaded)
             if not checkpointing:
                 checkpointed, peak = 0, plan_checkpointing(model, tokens, float("inf"), fused_head=fused_head)[1]
-            if offload and checkpointed == 0:
+            if offloaded and checkpointed == 0:
                 continue  # nothing to offload: the same as the plan without offload
-            candidates.append(StepChoice(rows, checkpointed, offload, peak,
-                                         predicted_tokens_per_s(tokens, checkpointed, layers, offload),
+            candidates.append(StepChoice(rows, checkpointed, offloaded, peak,
+                                         predicted_tokens_per_s(tokens, checkpointed, layers, offloaded),
                                          fits=peak <= budget_gb))
     return candidates
