@@ -14,8 +14,7 @@ paged AdamW 8-bit at lr 2e-4, timing loop and isolation check); every recipe run
   turn (peak reset between); it has no budget setting, so at each budget its row is the fastest setting whose
   peak fits (its best setting that fits).
 - A peak (max allocated, GiB) above the budget is a failure of that row, not a result.
-- The table's rows/ckpt column is loraflow's rows per micro-batch / checkpointed layers, with "o" where the
-  checkpointed layers' inputs were offloaded to CPU memory (loraflow.training.offload).
+- Table column rows/ckpt: loraflow's rows per micro-batch / checkpointed layers, "o" = inputs offloaded to CPU.
 - `--tables long`: single documents of 8k/16k/32k tokens (one per row, nothing packed beside them) at
   `--long-budget-gb` (24): loraflow's stage path vs Unsloth.
 
