@@ -14,6 +14,7 @@ paged AdamW 8-bit at lr 2e-4, timing loop and isolation check); every recipe run
   turn (peak reset between); it has no budget setting, so at each budget its row is the fastest setting whose
   peak fits (its best setting that fits).
 - A peak (max allocated, GiB) above the budget is a failure of that row, not a result.
+- Table column rows/ckpt: loraflow's rows per micro-batch / checkpointed layers, "o" = inputs offloaded to CPU.
 - `--tables long`: single documents of 8k/16k/32k tokens (one per row, nothing packed beside them) at
   `--long-budget-gb` (24): loraflow's stage path vs Unsloth.
 
@@ -262,6 +263,7 @@ def _row(label: str, budget: float | None, loraflow: dict | None, unsloth_key, u
         row.update(loraflow_tokens_per_s=round(loraflow["tokens_per_s"], 1), loraflow_peak_gb=round(loraflow["peak_gb"], 2),
                    loraflow_reserved_gb=round(loraflow["reserved_gb"], 2),
                    loraflow_rows=loraflow.get("rows_per_step"), loraflow_checkpointed=plan.get("checkpointed_layers"),
+                   loraflow_offloaded=plan.get("offloaded_layers", 0),
                    loraflow_estimated_peak_gb=plan.get("estimated_peak_gb") and round(plan["estimated_peak_gb"], 2),
                    loraflow_isolation=loraflow.get("isolation_max_rel_diff"))
     row.update(unsloth_setting=unsloth_key, unsloth_isolation=unsloth_isolation)
@@ -281,7 +283,7 @@ def _print_table(title: str, rows: list[dict]) -> None:
         if row.get("loraflow_tokens_per_s") is not None:
             lf = f"{row['loraflow_tokens_per_s']:14.0f} {row['loraflow_peak_gb']:6.1f} " \
                  f"{(row['loraflow_estimated_peak_gb'] or float('nan')):6.1f} " \
-                 f"{str(row['loraflow_rows']) + '/' + str(row['loraflow_checkpointed']):>9}"
+                 f"{str(row['loraflow_rows']) + '/' + str(row['loraflow_checkpointed']) + ('o' if row.get('loraflow_offloaded') else ''):>9}"
             if not row["loraflow_ok"]:
                 lf += " FAIL"
         else:

@@ -87,13 +87,31 @@ def test_the_train_stage_refuses_before_loading(tmp_path, monkeypatch):
     check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=1), env, 100)  # unknown shape: no refusal
 
 
-def test_small_budgets_take_two_checkpointed_rows_where_the_calibrated_minimum_fits():
-    from loraflow.training.planning import choose_rows_per_micro_batch
+def test_the_micro_batch_is_the_fastest_predicted_candidate_that_fits():
+    from loraflow.training.planning import choose_micro_batch
+    from loraflow.training.speed import PLAN_MARGIN_GIB
+    from loraflow.training.step_plan import best_choice, step_candidates
 
     model = _lora_model(TINY)
     config = TrainConfig(quantization="none")
-    two_rows = minimum_budget_gb(TINY, 2 * 4096, quantization="none", fused_head=False)
-    # Below the 3 GiB reserve of the plan's own estimate, above the calibrated minimum: 2 rows, all checkpointed.
-    rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, two_rows + 0.01)
-    assert rows == 2 and "every layer checkpointed" in reason
-    assert choose_rows_per_micro_batch(model, config, 4096, 100, two_rows - 0.01)[0] == 1
+    for budget in (minimum_budget_gb(TINY, 2 * 4096, quantization="none", fused_head=False) + PLAN_MARGIN_GIB, 1.5, 3.5):
+        best = best_choice(step_candidates(model, 4096, 100, budget, fused_head=False))
+        rows, offload, reason = choose_micro_batch(model, config, 4096, 100, budget)
+        assert best.fits and (rows, offload) == (best.rows, best.offload)
+        assert f"{best.rows} rows, {best.checkpointed}/2 layers checkpointed" in reason and "next:" in reason
+
+
+def test_offload_lowers_the_refused_minimum_on_cuda(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec  # as on the GPU machine: Liger installed, so the head is fused
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a))
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "model_type": "llama"}))
+    config = TrainConfig(memory_budget_gb=12, pack_max_tokens=32768)
+    # 32k tokens: 32 bf16 layer inputs of 256 MiB each stay on the GPU without offload, 2 with it.
+    saved = minimum_budget_gb(LLAMA3_8B, 32768) - minimum_budget_gb(LLAMA3_8B, 32768, offload=True)
+    assert saved == pytest.approx(30 * 32768 * 4096 * 2 / GIB)
+    with pytest.raises(MemoryBudgetError, match=r"at least 12\.2"):
+        check_budget_before_loading(tmp_path, config, {"quantization": "4bit", "device": "cuda"}, 100)
+    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12.5, pack_max_tokens=32768),
+                                {"quantization": "4bit", "device": "cuda"}, 100)

@@ -186,9 +186,10 @@ def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):
     assert choose_rows_per_micro_batch(model, config, 4096, 100, whole(8) + 0.01)[0] == 8
     assert choose_rows_per_micro_batch(model, config, 4096, 100, whole(4) + 0.01)[0] == 4
     rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, (whole(2) + whole(4)) / 2)
-    assert rows == 2 and "no layer checkpointed" in reason
+    assert rows == 2 and "2 rows, 0/" in reason
     assert choose_rows_per_micro_batch(model, config, 4096, 3, 1e6)[0] == 2, "never more rows than the data has"
     assert choose_rows_per_micro_batch(model, TrainConfig(pack_rows_per_micro_batch=3), 4096, 100, 1e6) == (3, "train.pack_rows_per_micro_batch")
+    assert choose_rows_per_micro_batch(model, config, 4096, 100, 1e6)[0] == 16, "16 rows when everything fits whole"
     # Below what one whole-layer row needs: 2 rows, the plan checkpoints layers; far below: 1 row.
     rows, reason = choose_rows_per_micro_batch(model, config, 4096, 100, whole(1) - 1e-4)
     assert rows in (1, 2) and "checkpointed" in reason

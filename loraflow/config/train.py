@@ -58,11 +58,11 @@ class TrainConfig(StrictModel):
     pack_rows_per_micro_batch: int | None = Field(
         None, ge=1,
         description=(
-            "Packed rows per forward pass. None = on CUDA, chosen from memory_budget_gb: the most rows (1, 2, 4 or 8) "
-            "whose activations fit the budget with no layer checkpointed by the memory model of "
-            "loraflow.training.plan_checkpointing (8B at 4096 tokens: 2 rows at ~40 GB, 4 rows at ~75 GB measured on "
-            "an H100); if none fits, 2 rows with as many layers checkpointed as the budget needs (1 if even that "
-            "does not fit). On CPU, None = micro_batch_size."
+            "Packed rows per forward pass. None = on CUDA, chosen from memory_budget_gb: of 1, 2, 4, 8 or 16 rows, "
+            "with checkpointed layers' inputs on the GPU or offloaded to CPU memory, the setting with the highest "
+            "predicted tokens/s whose estimated peak fits the budget with the fewest layers checkpointed "
+            "(loraflow.training.step_plan, calibrated on the H200 frontier in docs/speed.md). On CPU, None = "
+            "micro_batch_size."
         ),
     )
     memory_budget_gb: float | None = Field(

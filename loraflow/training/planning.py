@@ -83,7 +83,8 @@ def fast_path_enabled(packing: bool, env: dict, distributed: str = "none") -> bo
 
 
 def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log) -> tuple[int, dict]:
-    """Rows per micro-batch from the memory budget, then `configure_model_for_speed`; returns (rows, plan dict)."""
+    """Rows per micro-batch, checkpointing and offload from the memory budget, then `configure_model_for_speed`;
+    returns (rows, plan dict)."""
     import torch
 
     from loraflow.training import configure_model_for_speed
@@ -91,10 +92,10 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
     budget = config.memory_budget_gb
     if budget is None:
         budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
-    rows, reason = choose_rows_per_micro_batch(model, config, max_tokens, packed_rows, budget)
+    rows, offload, reason = choose_micro_batch(model, config, max_tokens, packed_rows, budget)
     plan = configure_model_for_speed(
         model, config, memory_budget_gb=budget, tokens_per_micro_batch=rows * max_tokens,
-        compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32,
+        compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32, offload_checkpointed=offload,
     ).as_dict()
     plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
     log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)
@@ -103,7 +104,8 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
 
 def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict, longest_example: int) -> None:
     """Refuse (MemoryBudgetError, naming the smallest budget that works) a train.memory_budget_gb that even one
-    packed row with every layer checkpointed cannot keep: read from config.json, before any weights load."""
+    packed row with every layer checkpointed (on CUDA: inputs offloaded) cannot keep: read from config.json, before
+    any weights load."""
     import importlib.util
     import json
 
@@ -116,47 +118,47 @@ def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict,
         check_memory_budget(
             json.loads(config_file.read_text()), max(config.pack_max_tokens, longest_example), config.memory_budget_gb,
             lora_r=config.lora_r, target_modules=config.target_modules, quantization=env["quantization"],
-            fused_head=importlib.util.find_spec("liger_kernel") is not None,
+            fused_head=importlib.util.find_spec("liger_kernel") is not None, offload=env.get("device") == "cuda",
         )
     except (AttributeError, KeyError, TypeError):  # not a Llama-style config: the plan after loading decides alone
         return
 
 
 def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:
-    """Packed rows per forward pass, and why: train.pack_rows_per_micro_batch, else the most of 8/4/2/1 rows whose
-    activations fit `budget_gb` (GiB) with no layer checkpointed (loraflow.training.plan_checkpointing's memory
-    model; 8B at 4,096 tokens per row peaked at 40 GB with 2 rows and 75 GB with 4 on an H100: docs/speed.md), else 2 rows
-    with the planner checkpointing layers, else 1. Never more rows than the data has."""
-    from loraflow.training import plan_checkpointing
+    """Packed rows per forward pass, and why (`choose_micro_batch` without the offload choice)."""
+    rows, _, reason = choose_micro_batch(model, config, max_tokens, packed_rows, budget_gb)
+    return rows, reason
 
-    if config.pack_rows_per_micro_batch:
-        return config.pack_rows_per_micro_batch, "train.pack_rows_per_micro_batch"
+
+def choose_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, bool, str]:
+    """(rows per micro-batch, offload checkpointed inputs, why): train.pack_rows_per_micro_batch, else of 16/8/4/2/1
+    rows (never more than the data has), with and without CPU offload, the setting with the highest predicted
+    tokens/s whose estimated peak fits `budget_gb` (GiB) with the fewest layers checkpointed
+    (loraflow.training.step_plan); if none fits, the smallest estimated peak."""
+    from loraflow.training.masking import _decoder
+    from loraflow.training.step_plan import best_choice, step_candidates
+
     fused_head = _liger_available_for(model)
-    most = max(1, packed_rows)
-    for rows in (8, 4, 2, 1):
-        if rows > most and rows != 1:
-            continue
-        checkpointed, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
-        if checkpointed == 0:
-            return rows, (f"most rows (of 8/4/2/1, at most the {packed_rows} packed) that fit {budget_gb:.1f} GiB "
-                          f"with no layer checkpointed: estimated peak {estimate:.1f} GiB")
-    if not config.gradient_checkpointing:
-        return 1, f"no row count fits {budget_gb:.1f} GiB whole and train.gradient_checkpointing is off: 1 row"
-    rows = min(2, most)
-    layers, estimate = plan_checkpointing(model, rows * max_tokens, budget_gb, fused_head=fused_head)
-    if estimate <= budget_gb or rows == 1:
-        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with {layers} layers checkpointed "
-                      f"(estimated peak {estimate:.1f} GiB)")
-    # The estimate above keeps a 3 GiB reserve; the measured peaks of every-layer-checkpointed plans stayed within
-    # minimum_budget_gb (docs/speed.md, the frontier): 2 rows all checkpointed beat 1 row where that minimum fits.
-    from loraflow.training.speed import minimum_budget_gb
-
-    needed = minimum_budget_gb(model.config, rows * max_tokens, lora_r=config.lora_r, target_modules=config.target_modules,
-                               quantization=config.quantization, fused_head=fused_head)
-    if needed <= budget_gb:
-        return rows, (f"no row count fits {budget_gb:.1f} GiB whole: {rows} rows with every layer checkpointed "
-                      f"(calibrated minimum {needed:.1f} GiB; the plan's estimate with its reserve {estimate:.1f} GiB)")
-    return 1, f"2 rows exceed {budget_gb:.1f} GiB even with every layer checkpointed (estimated {estimate:.1f} GiB): 1 row"
+    # Offload recomputes each layer in a nested backward (the reentrant pattern): one process only, not under DDP,
+    # whose gradient hooks were not measured with it.
+    may_offload = config.distributed == "none"
+    if config.pack_rows_per_micro_batch:
+        rows = config.pack_rows_per_micro_batch
+        fitting = [c for c in step_candidates(model, rows * max_tokens, 1, budget_gb, fused_head=fused_head,
+                                              checkpointing=config.gradient_checkpointing, offload=may_offload)
+                   if c.rows == 1]
+        offload = best_choice(fitting).offload
+        return rows, offload, "train.pack_rows_per_micro_batch" + (", checkpointed inputs offloaded" if offload else "")
+    candidates = step_candidates(model, max_tokens, packed_rows, budget_gb, fused_head=fused_head,
+                                 checkpointing=config.gradient_checkpointing, offload=may_offload)
+    chosen = best_choice(candidates)
+    layers = len(_decoder(model).layers)
+    if not chosen.fits:
+        return chosen.rows, chosen.offload, f"nothing fits {budget_gb:.1f} GiB; smallest plan: {chosen.describe(layers)}"
+    runner_up = [c for c in candidates if c.fits and c != chosen]
+    other = max(runner_up, key=lambda c: c.predicted_tokens_per_s).describe(layers) if runner_up else "none"
+    return chosen.rows, chosen.offload, (f"fastest predicted that fits {budget_gb:.1f} GiB: {chosen.describe(layers)} "
+                                         f"(next: {other})")
 
 
 def _liger_available_for(model) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import _decoder, enable_document_masking
+from loraflow.training.offload import enable_offloaded_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class SpeedPlan:
     lora_fused_layers: int = 0
     frozen_params_cast_to: str | None = None
     checkpointed_layers: int = 0
+    offloaded_layers: int = 0
     total_layers: int = 0
     memory_budget_gb: float | None = None
     estimated_peak_gb: float | None = None
@@ -83,33 +85,58 @@ def _param_bytes(model: nn.Module) -> int:
     return total
 
 
+# Max allocated above the reserve-free estimate on the H200 frontier (docs/speed.md): transients that grow with the
+# tokens (flex attention's backward, Liger's chunked cross-entropy, layer-input gradients) up to 1.0 GiB at 32k
+# tokens per micro-batch with inputs kept on the GPU; with them offloaded 0.33 / 1.67 / 3.45 GiB at 8k / 32k / 64k
+# tokens (layer outputs wait for their copy to the host before their memory is reused). The plan adds these
+# transients and PLAN_MARGIN_GIB on top.
+TRANSIENT_GIB_PER_32K_TOKENS = 1.1
+OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS = 1.8
+OFFLOAD_TRANSIENT_OFFSET_GIB = -0.1
+PLAN_MARGIN_GIB = 0.5
+
+
+def calibrated_reserve_gb(tokens_per_micro_batch: int, offload: bool = False) -> float:
+    """The plan's reserve above its activation and parameter estimate: the measured transients plus a margin."""
+    if offload:
+        transient = OFFLOAD_TRANSIENT_OFFSET_GIB + OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    else:
+        transient = TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
+    return PLAN_MARGIN_GIB + max(transient, 0.0)
+
+
 def plan_checkpointing(
     model: nn.Module,
     tokens_per_micro_batch: int,
     memory_budget_gb: float,
     *,
     fused_head: bool,
-    reserve_gb: float = 3.0,
+    reserve_gb: float | None = None,
+    offload: bool = False,
 ) -> tuple[int, float]:
-    """How many decoder layers to checkpoint so the step fits `memory_budget_gb`; and the estimated peak (GB).
+    """How many decoder layers to checkpoint so the step fits `memory_budget_gb`; and the estimated peak (GiB).
 
     Keeping a layer's activations saves its forward recomputation (a QLoRA step costs ~4·N FLOP per token
     without checkpointing against ~6·N with it), so we checkpoint as few layers as fit. Fixed memory: the
     parameters (4-bit packed weights count at their storage size), LoRA gradients and 8-bit Adam states
-    (~12 bytes per trainable parameter), plus `reserve_gb` for the CUDA context, workspaces and fragmentation.
+    (~12 bytes per trainable parameter), plus `reserve_gb` (default `calibrated_reserve_gb`). With `offload`
+    a checkpointed layer's input lives in CPU memory (`loraflow.training.offload`): two are on the GPU at a time.
     """
     layers = len(_decoder(model).layers)
     per_token = activation_bytes_per_token(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fixed = _param_bytes(model) + 12 * trainable + reserve_gb * GIB
+    fixed = _param_bytes(model) + 12 * trainable
     head = per_token["head_fused" if fused_head else "head_unfused"] * tokens_per_micro_batch
     # One checkpointed layer is recomputed whole during backward: its full activations exist transiently.
     transient = per_token["full_layer"] * tokens_per_micro_batch
     budget = memory_budget_gb * GIB
 
     def peak(checkpointed: int) -> float:
-        kept = (layers - checkpointed) * per_token["full_layer"] + checkpointed * per_token["checkpointed_layer"]
-        return fixed + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
+        offloading = offload and checkpointed > 0
+        kept_inputs = min(checkpointed, 2) if offloading else checkpointed
+        kept = (layers - checkpointed) * per_token["full_layer"] + kept_inputs * per_token["checkpointed_layer"]
+        reserve = calibrated_reserve_gb(tokens_per_micro_batch, offloading) if reserve_gb is None else reserve_gb
+        return fixed + reserve * GIB + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
 
     for checkpointed in range(0, layers + 1):
         if peak(checkpointed) <= budget:
@@ -117,8 +144,9 @@ def plan_checkpointing(
     return layers, peak(layers) / GIB
 
 
-def _apply_checkpointing(model: nn.Module, checkpointed: int) -> None:
-    """Checkpoint the first `checkpointed` decoder layers (non-reentrant), keep the rest whole."""
+def _apply_checkpointing(model: nn.Module, checkpointed: int, offload: bool = False) -> int:
+    """Checkpoint the first `checkpointed` decoder layers (non-reentrant, or with their inputs offloaded to CPU
+    memory), keep the rest whole. Returns how many layers offload."""
     layers = _decoder(model).layers
     # transformers 5.23 renamed gradient_* to activation_checkpointing_* (the old names warn); 5.17 has only the old.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -127,13 +155,14 @@ def _apply_checkpointing(model: nn.Module, checkpointed: int) -> None:
         disable()
         for layer in layers:
             layer.gradient_checkpointing = False
-        return
+        return 0
     if hasattr(model, "activation_checkpointing_enable"):
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < checkpointed
+    return enable_offloaded_checkpointing(layers) if offload else 0
 
 
 def _apply_liger(model: nn.Module, skipped: dict[str, str]) -> list[str]:
@@ -178,6 +207,7 @@ def configure_model_for_speed(
     use_liger: bool = True,
     fuse_lora: bool = True,
     compute_dtype: torch.dtype | None = None,
+    offload_checkpointed: bool = False,
 ) -> SpeedPlan:
     """Set up a (peft-wrapped) causal LM for fast packed training. Call after `get_peft_model`, before Trainer.
 
@@ -190,7 +220,8 @@ def configure_model_for_speed(
       `compute_dtype` (default bf16 on CUDA).
     - Gradient checkpointing per layer: if `train_config.gradient_checkpointing` is on and
       `tokens_per_micro_batch` is known, checkpoint only as many layers as the memory budget requires
-      (`memory_budget_gb`, default the GPU's total memory); without a token count, all layers.
+      (`memory_budget_gb`, default the GPU's total memory); without a token count, all layers. With
+      `offload_checkpointed` the checkpointed layers keep their inputs in pinned CPU memory (`offload.py`).
 
     Use the batches of `PackedCollator`, under autocast or Trainer's bf16=True.
     """
@@ -233,9 +264,10 @@ def configure_model_for_speed(
         skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
     else:
         checkpointed, estimated = plan_checkpointing(
-            model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger
+            model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger,
+            offload=offload_checkpointed,
         )
-    _apply_checkpointing(model, checkpointed)
+    offloaded = _apply_checkpointing(model, checkpointed, offload=offload_checkpointed)
     plan = SpeedPlan(
         attn_implementation=attn_implementation,
         document_masking=True,
@@ -243,6 +275,7 @@ def configure_model_for_speed(
         lora_fused_layers=fused,
         frozen_params_cast_to=cast_to,
         checkpointed_layers=checkpointed,
+        offloaded_layers=offloaded,
         total_layers=layers,
         memory_budget_gb=memory_budget_gb,
         estimated_peak_gb=estimated,
@@ -257,9 +290,7 @@ def configure_model_for_speed(
 
 # Measured max allocated minus the reserve-free estimate of the same plan, one H200, Llama-3-8B shape
 # (benchmarks/results/train_frontier_h200_llama3-8b-32k*.json): ≤ +0.1 GiB at 4k tokens per micro-batch with
-# every layer checkpointed, +1.0 GiB at 32k (transients that grow with the tokens: flex attention's backward,
-# Liger's chunked cross-entropy). The minimum budget adds 1.1 GiB per 32k tokens for them.
-TRANSIENT_GIB_PER_32K_TOKENS = 1.1
+# every layer checkpointed, +1.0 GiB at 32k: the minimum budget adds TRANSIENT_GIB_PER_32K_TOKENS for them.
 _WEIGHT_BYTES = {"4bit": 0.5, "8bit": 1.0, "none": 2.0}  # bitsandbytes packed storage; bf16 when unquantized
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -294,14 +325,17 @@ def fixed_bytes_from_config(model_config: dict, *, lora_r: int = 16, target_modu
 
 
 def minimum_budget_gb(model_config: dict, tokens_per_micro_batch: int, *, lora_r: int = 16,
-                      target_modules="all-linear", quantization: str = "4bit", fused_head: bool = True) -> float:
+                      target_modules="all-linear", quantization: str = "4bit", fused_head: bool = True,
+                      offload: bool = False) -> float:
     """The smallest memory budget (GiB, max allocated) the packed fast path can keep at these tokens per micro-batch:
-    the plan with every layer checkpointed (1 row), with no reserve beyond the measured transients."""
+    the plan with every layer checkpointed (1 row; with `offload`, two layer inputs on the GPU), with no reserve
+    beyond the measured transients."""
     per_token = activation_bytes_per_token(_ModelView(model_config))
     layers = _config_namespace(model_config).num_hidden_layers
+    kept_inputs = min(layers, 2) if offload else layers
     activations = tokens_per_micro_batch * (
         per_token["head_fused" if fused_head else "head_unfused"]
-        + layers * per_token["checkpointed_layer"]
+        + kept_inputs * per_token["checkpointed_layer"]
         + per_token["full_layer"]  # the layer being recomputed in backward
     )
     fixed = fixed_bytes_from_config(model_config, lora_r=lora_r, target_modules=target_modules, quantization=quantization)
