@@ -33,7 +33,7 @@ def test_missing_extra_and_wrongly_typed_columns_are_reported_together_with_thei
     with pytest.raises(ContractViolation) as error:
         check_structure(frame, CONVERSATIONS, where="catalog.parquet")
     lines = str(error.value).splitlines()
-    assert lines[0] == "catalog.parquet: 6 contract failure(s) against 'conversations' v1:", lines
+    assert lines[0] == "catalog.parquet: 6 contract failure(s) against 'conversations' v2:", lines
     assert lines[1:] == [
         "  missing column 'source' -> add the column, or map the config's column names to the ones in your data",
         "  missing column 'facts' -> add the column, or map the config's column names to the ones in your data",
@@ -118,7 +118,7 @@ CATALOG_ROWS = pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(3)
     ("every fact unknown", CATALOG_ROWS.assign(**{c: "UNKNOWN" for c in CATALOG_ROWS.columns if c != "anime_id"}), {},
      "synthesize", "synthesize (anime_qa): all 3 input rows were skipped"),
     ("every example too long", CATALOG_ROWS, {"tokenize": {"max_length": 16, "truncation": "drop"}},
-     "tokenize", "stage 'tokenize': no rows left: all 18 input rows were set aside (18 x too_long: more than "
+     "tokenize", "stage 'tokenize': no rows left: all 33 input rows were set aside (33 x too_long: more than "
                  "max_length=16 tokens (truncation=drop))"),
     ("nothing left to train on", CATALOG_ROWS, {"tokenize": {"validation_fraction": 0.99}},
      "preflight", "the train split is empty"),

@@ -44,5 +44,5 @@ def test_a_dataset_script_is_never_run(tmp_path, with_data_files):
 
 
 def test_sources_never_pass_trust_remote_code():
-    source = (Path(__file__).resolve().parent.parent / "tasks" / "sources" / "hf_hub.py").read_text()
+    source = (Path(__file__).resolve().parent.parent / "loraflow" / "sources" / "hf_hub.py").read_text()
     assert "trust_remote_code" not in source

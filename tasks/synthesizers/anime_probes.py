@@ -58,7 +58,7 @@ def word_spans(title: str) -> set[str]:
 
 
 class KnownTitles:
-    """The titles of every row, to check a made-up one against (case-insensitive, whole words)."""
+    """Real titles (a row's own), to check a made-up one against (case-insensitive, whole words)."""
 
     def __init__(self, titles: list[str]):
         self.titles = {title.casefold() for title in titles}

@@ -205,15 +205,16 @@ def title_value(values: dict, field: str, row: int) -> str | None:
 def extra_part(values: dict, answered: dict, options: AnimeQAOptions, sources: list, source_rows: list,
                source_ids: list, first_slot: int, per_row: int) -> dict:
     """Natural questions, unknown-title probes and refusal examples of every row, as one part of the output."""
-    known = anime_probes.KnownTitles([title for field in ("name", "english_name", "other_name")
-                                      for title in values.get(field, ()) if title])
-    taken: set[str] = set()
     part = {key: [] for key in ("order", "ids", "messages", "kind", "phrasing_set", "facts", "rows")}
     for row in range(len(source_ids)):
         if row not in answered:
             continue  # every kind was skipped: the row is quarantined, ask nothing about it
         rng = anime_probes.row_random(options.seed, source_ids[row], "probes")
         row_values = {field: title_value(values, field, row) for field in ("name", "english_name", "other_name")}
+        # Made-up titles are checked against this row's own titles only, so a row's probes are the same whichever
+        # shard synthesizes it; evaluation drops any probe whose title another row holds (metrics.without_known_titles).
+        known = anime_probes.KnownTitles([title for title in row_values.values() if title])
+        taken: set[str] = set()
         items = (
             [(item, "natural") for item in anime_probes.natural_questions(
                 row_values, answered[row], options.natural_questions, rng, options.columns)]
