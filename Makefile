@@ -32,6 +32,10 @@ prepare-demo: setup
 
 # One worker per core (pytest-xdist); tests sharing a module fixture stay together (tests/conftest.py).
 test: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not soak" -n auto --dist loadgroup
+
+# Also the load and soak runs against a real server (tests/test_orchestration_load.py, about 25 minutes more).
+test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadgroup
 
 clean:

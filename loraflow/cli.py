@@ -156,6 +156,7 @@ def cmd_server(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     with local:
         local.ensure_pools()
+        local.ensure_crash_detection()
         if args.deploy:
             local.prefect("deploy", "--all")
         local.start_worker()
@@ -174,6 +175,15 @@ def cmd_notify(args) -> int:
     from loraflow.automations import ensure_failure_notification
 
     print(f"automation {ensure_failure_notification(args.webhook_url)}: failed runs are posted to {args.webhook_url}")
+    return 0
+
+
+def cmd_detect_crashed(args) -> int:
+    """Create the crash-detection automation on the server PREFECT_API_URL points at."""
+    from loraflow.automations import SILENT_SECONDS, ensure_crash_detection
+
+    print(f"automation {ensure_crash_detection()}: a run silent for {SILENT_SECONDS} s is marked Crashed "
+          "(its worker must set PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30)")
     return 0
 
 
@@ -203,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     notify = command("notify-on-failure", cmd_notify, "post failed runs to a webhook (Prefect automation)")
     notify.add_argument("webhook_url", help="URL that receives a POST for every failed or crashed flow run")
+    command("detect-crashed-runs", cmd_detect_crashed,
+            "mark runs whose process died (no heartbeat for 90 s) Crashed (Prefect automation)")
     server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
     server.add_argument("--host", default="127.0.0.1",

@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraflow.automations import HEARTBEAT_SECONDS
+
 CPU_POOL = "loraflow-cpu"
 GPU_POOL = "loraflow-gpu"
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +50,8 @@ def prefect_env(port: int, home: Path | None = None, database_url: str | None = 
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "LORAFLOW_REPO": str(REPO),
+        # Runs send a heartbeat every 30 s; the crash-detection automation marks a silent one Crashed.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS)),
         # Schedule new runs within seconds of a deploy rather than at the next minute's loop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": env.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "10"),
     })
@@ -113,10 +117,22 @@ class LocalPrefect:
             if self.prefect("work-pool", "inspect", pool, check=False).returncode != 0:
                 self.prefect("work-pool", "create", pool, "--type", "process")
 
-    def start_worker(self, pool: str = CPU_POOL) -> None:
-        """Start a process worker polling `pool`."""
-        self._spawn(f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
-                                       "--type", "process", "--prefetch-seconds", "5"])
+    def ensure_crash_detection(self) -> None:
+        """Create the automation that marks runs whose process died Crashed (loraflow.automations)."""
+        subprocess.run([sys.executable, "-m", "loraflow.cli", "detect-crashed-runs"], env=self.env, cwd=REPO,
+                       capture_output=True, text=True, check=True, timeout=120)
+
+    def start_worker(self, pool: str = CPU_POOL, name: str | None = None) -> subprocess.Popen:
+        """Start a process worker polling `pool` (in its own process group, with the runs it starts); return it."""
+        name = name or f"worker-{pool}"
+        self._spawn(name, self.worker_command(pool, name))
+        return self.processes[-1][1]
+
+    @staticmethod
+    def worker_command(pool: str, name: str) -> list[str]:
+        """The `prefect worker start` command line of a process worker named `name` on `pool`."""
+        return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+                "--type", "process", "--prefetch-seconds", "5"]
 
     def stop(self) -> None:
         """SIGTERM every child (worker first), then SIGKILL what is still alive after 20 s."""
@@ -134,7 +150,8 @@ class LocalPrefect:
     def _spawn(self, name: str, command: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         self.processes.append((name, process, log))
 
     def __enter__(self):

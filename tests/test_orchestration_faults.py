@@ -1,0 +1,177 @@
+"""Faults of the orchestration around the stages, against a real Prefect server and process worker started here:
+a worker killed with its runs mid-training (the run is marked Crashed by the crash-detection automation, a re-run
+resumes and publishes once), a Cancel from the API mid-training (the training process tree ends within 30 s, a
+re-run resumes), and the server killed and restarted during a run (the run finishes and its state reaches it)."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.training.checkpoints import CHECKPOINT_MARKER
+from tests.test_server import api, free_port, wait_for_terminal_state
+
+pytestmark = pytest.mark.slow
+
+TRAIN_STEPS = 40
+
+
+def training_config(tmp_path: Path, name: str) -> dict:
+    """The tiny random Llama trained for TRAIN_STEPS steps with a checkpoint every 2: long enough to be hit."""
+    from tests.test_finetune_flow import tiny_config
+    from tests.tiny_llama import build_tiny_llama
+
+    config = yaml.safe_load(tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama")).read_text())
+    config["name"] = name
+    config["train"].update(max_steps=TRAIN_STEPS, checkpoint_every=2)
+    return config
+
+
+def start_run(local: LocalPrefect, config: dict, deployment: str = "finetune/finetune") -> str:
+    """A flow run of `deployment` created through the API, as the UI's Run button does; its id."""
+    found = api(local, "GET", f"/deployments/name/{deployment}")
+    return api(local, "POST", f"/deployments/{found['id']}/create_flow_run", {"parameters": {"config": config}})["id"]
+
+
+def complete_checkpoints(store: Path) -> list[Path]:
+    return sorted(store.glob(f"**/checkpoints/checkpoint-*/{CHECKPOINT_MARKER}"))
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.2):
+    """Poll `condition` until it returns something true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def run_state(local: LocalPrefect, run_id: str) -> str:
+    return api(local, "GET", f"/flow_runs/{run_id}")["state"]["type"]
+
+
+def run_summary(config: dict) -> dict:
+    """The summary.json of the newest run folder of `config`."""
+    return json.loads(sorted(Path(config["runs_dir"]).glob(f"{config['name']}/*/summary.json"))[-1].read_text())
+
+
+def assert_resumed_and_published_once(config: dict) -> dict:
+    summary = run_summary(config)
+    assert summary["train"]["resumed_from_step"] >= 2 and summary["train"]["global_step"] == TRAIN_STEPS, summary["train"]
+    assert summary["publish"]["published"], summary["publish"]
+    merged = list((Path(config["store"]) / "publish").glob("*/model"))
+    assert merged == [Path(summary["publish"]["model_dir"])], merged  # one merged model, not one per attempt
+    return summary
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("faults-home")
+    local = LocalPrefect(port=free_port(), home=home, log_dir=home / "logs")
+    with local:
+        local.ensure_pools()
+        local.ensure_crash_detection()
+        deployed = local.prefect("deploy", "--name", "finetune", check=False)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        yield local
+
+
+def test_worker_killed_mid_training_is_marked_crashed_and_the_rerun_resumes(server, tmp_path):
+    config = training_config(tmp_path, "killed-worker")
+    worker = psutil.Process(server.start_worker(CPU_POOL, name="doomed-worker").pid)
+    run_id = start_run(server, config)
+    wait_for(lambda: complete_checkpoints(Path(config["store"])), 600, "the run's first checkpoint")
+    # The machine is lost: the worker and every process it started die at once, nobody reports anything.
+    doomed = [worker, *worker.children(recursive=True)]
+    assert len(doomed) > 1, "the worker started no run process"
+    for process in doomed:
+        process.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert run_state(server, run_id) == "RUNNING"
+    wait_for(lambda: run_state(server, run_id) == "CRASHED", 300, "the silent run to be marked Crashed", poll=2)
+    print(f"marked Crashed {time.monotonic() - killed_at:.0f} s after its processes were killed")
+
+    server.start_worker(CPU_POOL, name="replacement-worker")
+    rerun = wait_for_terminal_state(server, start_run(server, config), timeout=600)
+    assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+    assert_resumed_and_published_once(config)
+
+
+def test_cancel_mid_training_ends_the_process_tree_and_the_rerun_resumes(server, tmp_path):
+    config = training_config(tmp_path, "cancelled")
+    worker = psutil.Process(server.start_worker(CPU_POOL, name="cancel-worker").pid)
+    run_id = start_run(server, config)
+    wait_for(lambda: complete_checkpoints(Path(config["store"])), 600, "the run's first checkpoint")
+    run_processes = worker.children(recursive=True)
+    assert run_processes, "the worker started no run process"
+    # What the UI's Cancel button sends.
+    api(server, "POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}})
+    cancelled_at = time.monotonic()
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in run_processes), 30,
+             "the run's processes to end after Cancel")
+    print(f"run processes ended {time.monotonic() - cancelled_at:.1f} s after Cancel")
+    assert wait_for_terminal_state(server, run_id, timeout=60)["state"]["type"] == "CANCELLED"
+    assert not list(Path(config["store"]).glob("locks/*.lock")), "the cancelled run left a lock behind"
+    steps_done = max(int(marker.parent.name.split("-")[1]) for marker in complete_checkpoints(Path(config["store"])))
+
+    rerun = wait_for_terminal_state(server, start_run(server, config), timeout=600)
+    assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+    summary = assert_resumed_and_published_once(config)
+    assert summary["train"]["resumed_from_step"] <= steps_done  # from a complete checkpoint, never a half-written one
+
+
+def restart_server(local: LocalPrefect, down_seconds: float) -> None:
+    """Kill the Prefect server's process group (SIGKILL: a crash, no shutdown), wait, start it again."""
+    name, process, log = next(entry for entry in local.processes if entry[0] == "server")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    log.close()
+    local.processes.remove((name, process, log))
+    time.sleep(down_seconds)
+    local.start_server()
+
+
+@pytest.mark.parametrize("fault", ["sqlite server restarted", "postgresql server restarted",
+                                   "postgresql database restarted"])
+def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path, fault):
+    from contextlib import ExitStack
+
+    from tests.postgres import postgres_bin, postgres_server
+
+    if "postgresql" in fault and postgres_bin() is None:
+        pytest.skip("Debian's postgresql is not installed")
+    config = training_config(tmp_path, "restarted")
+    with ExitStack() as stack:
+        database_url, restart_database = (stack.enter_context(postgres_server(free_port())) if "postgresql" in fault
+                                          else (None, None))
+        local = stack.enter_context(LocalPrefect(port=free_port(), home=tmp_path / "home", database_url=database_url,
+                                                 log_dir=tmp_path / "logs"))
+        local.ensure_pools()
+        deployed = local.prefect("deploy", "--name", "finetune", check=False)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        local.start_worker(CPU_POOL)
+        run_id = start_run(local, config)
+        wait_for(lambda: complete_checkpoints(Path(config["store"])), 600, "the run's first checkpoint")
+        if fault.endswith("database restarted"):
+            restart_database(down_seconds=10)
+        else:
+            restart_server(local, down_seconds=10)
+        finished = wait_for_terminal_state(local, run_id, timeout=600)
+        assert finished["state"]["type"] == "COMPLETED", finished["state"]
+        summary = run_summary(config)
+        assert summary["train"]["global_step"] == TRAIN_STEPS and summary["train"]["resumed_from_step"] is None
+        assert summary["publish"]["published"]
+        task_runs = api(local, "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+        states = sorted(run["state"]["type"] for run in task_runs)
+        assert states and set(states) == {"COMPLETED"}, states  # every stage's end reached the server
+        artifacts = api(local, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        keys = [artifact["key"] for artifact in artifacts if artifact["key"]]
+        assert "restarted-summary" in keys and len(keys) == len(set(keys)), keys  # reached the server, once each
