@@ -52,6 +52,9 @@ def prefect_env(port: int, home: Path | None = None, database_url: str | None = 
         "LORAFLOW_REPO": str(REPO),
         # Runs send a heartbeat every 30 s; the crash-detection automation marks a silent one Crashed.
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS)),
+        # A server whose database is restarting answers 500: clients (worker, runs) retry it as they retry a
+        # 502/503, with backoff (about a minute in all), instead of failing the run.
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": env.get("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500"),
         # Schedule new runs within seconds of a deploy rather than at the next minute's loop.
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": env.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "10"),
     })

@@ -169,15 +169,30 @@ if task is not None:
         from prefect import get_run_logger
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+        log = get_run_logger()
         progress_id = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done (%)")
+        unreported: list[int] = []
 
         def report_progress(step: int, max_steps: int, loss: float | None) -> None:
-            if max_steps:
+            # The UI's progress bar is not worth a training run: while the server or its database is away
+            # (a restart), steps go on unreported and one warning says so.
+            if not max_steps:
+                return
+            try:
                 update_progress_artifact(progress_id, progress=round(100.0 * step / max_steps, 1))
+            except Exception as error:  # any failure of the API call; training itself is unaffected
+                if not unreported:
+                    log.warning(f"train: progress not reported to the Prefect server from step {step} ({error}); "
+                                "training continues")
+                unreported.append(step)
+            else:
+                if unreported:
+                    log.info(f"train: progress reported again from step {step} ({len(unreported)} steps unreported)")
+                    unreported.clear()
 
         result = train_adapter(
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
-            trust_remote_code=trust_remote_code, log=get_run_logger(), on_step=report_progress,
+            trust_remote_code=trust_remote_code, log=log, on_step=report_progress,
         )
-        update_progress_artifact(progress_id, progress=100.0)
+        report_progress(1, 1, None)
         return result
