@@ -124,10 +124,10 @@ def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_tex
     eos_ids = end_of_turn_ids(AutoTokenizer.from_pretrained(folder))
     path = export_gguf(folder, quantization=publish_config.gguf.quantization, eos_ids=eos_ids)
     max_diff = gguf_logit_difference(folder, path, verify_texts)
-    if not max_diff <= publish_config.gguf.tolerance:
+    if not max_diff <= publish_config.gguf.max_logit_difference:
         path.unlink()
         raise PublishError(f"{path.name}: max |logit difference| vs the merged model {max_diff:.4g} > publish.gguf.tolerance "
-                           f"{publish_config.gguf.tolerance:g}; the GGUF was removed and nothing was published")
+                           f"{publish_config.gguf.max_logit_difference:g}; the GGUF was removed and nothing was published")
     files[path.name] = file_sha256(path)
     log.info("publish: wrote %s, max |logit difference| vs merged %.3g", path.name, max_diff)
     return {"gguf_file": str(path), "gguf_max_logit_diff": max_diff}

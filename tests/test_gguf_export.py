@@ -70,3 +70,11 @@ def test_publish_with_gguf_lists_it_and_puts_the_check_in_the_card(tmp_path):
     assert manifest["README.md"] == file_sha256(folder / "README.md")
     card = (folder / "README.md").read_text()
     assert "## GGUF" in card and f"{result.gguf_max_logit_diff:.3g}" in card
+
+
+def test_gguf_tolerance_defaults_by_quantization_and_a_set_one_wins():
+    from loraflow.config.publish import GGUFConfig
+
+    assert GGUFConfig().max_logit_difference == 1.0
+    assert GGUFConfig(quantization="q8_0").max_logit_difference == 2.0  # SmolLM2-135M measured 1.02 in q8_0
+    assert GGUFConfig(quantization="q8_0", tolerance=0.5).max_logit_difference == 0.5

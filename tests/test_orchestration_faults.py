@@ -33,10 +33,11 @@ def training_config(tmp_path: Path, name: str) -> dict:
     return config
 
 
-def start_run(local: LocalPrefect, config: dict, deployment: str = "finetune/finetune") -> str:
+def start_run(local: LocalPrefect, config: dict, deployment: str = "finetune/finetune", timeout: float = 30) -> str:
     """A flow run of `deployment` created through the API, as the UI's Run button does; its id."""
-    found = api(local, "GET", f"/deployments/name/{deployment}")
-    return api(local, "POST", f"/deployments/{found['id']}/create_flow_run", {"parameters": {"config": config}})["id"]
+    found = api(local, "GET", f"/deployments/name/{deployment}", timeout=timeout)
+    return api(local, "POST", f"/deployments/{found['id']}/create_flow_run", {"parameters": {"config": config}},
+               timeout=timeout)["id"]
 
 
 def complete_checkpoints(store: Path) -> list[Path]:

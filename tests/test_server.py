@@ -4,6 +4,7 @@ API exactly as the UI does, caching across runs, schedules. SQLite here; Postgre
 import json
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,13 +21,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def api(local: LocalPrefect, method: str, path: str, body: dict | None = None):
+BUSY_ANSWERS: list[str] = []  # every 503 the server gave (its database busy), retried as Prefect's clients do
+
+
+def api(local: LocalPrefect, method: str, path: str, body: dict | None = None, timeout: float = 30):
     request = urllib.request.Request(
         f"{local.api_url}{path}", method=method, data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or attempt == 5:
+                raise
+            BUSY_ANSWERS.append(f"{method} {path}")
+            time.sleep(2 ** attempt)
 
 
 def wait_for_terminal_state(local: LocalPrefect, flow_run_id: str, timeout: float = 300) -> dict:
