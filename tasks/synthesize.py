@@ -9,6 +9,8 @@ skipped units rather than from the output,
 and rows_in + rows_expanded == rows_out + rows_quarantined unless a synthesizer lost or invented a row.
 """
 
+from collections import Counter
+
 import pandas as pd
 
 from data_contracts import CONVERSATIONS, RAW
@@ -84,9 +86,7 @@ def synthesize_frame(
     for rows, module, options, conversations, skipped in outputs:
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
-        units, per_unit = module.expansion(options)
-        emitted_units = len(rows) * units - len(skipped)
-        extra_stats["rows_expanded"] += len(rows) * (units - 1) + emitted_units * (per_unit - 1)
+        extra_stats["rows_expanded"] += expanded_rows(len(rows), skipped["kind"].tolist(), *module.expansion(options))
         conversation_parts.append(conversations)
         set_aside = rows.iloc[skipped["row"].to_numpy()].set_axis(skipped["row"].to_numpy() + offset)
         quarantine = quarantine_rows(set_aside, pd.Series(skipped["reason"].tolist(), index=set_aside.index), "synthesize")
@@ -126,6 +126,14 @@ def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tupl
     return cleaned
 
 
+def expanded_rows(rows_in: int, skipped_kinds: list[str], units: int, per_unit: int | dict[str, int]) -> int:
+    """rows_expanded (module docstring) from a synthesizer's expansion; `per_unit` may be {kind: conversations}."""
+    if isinstance(per_unit, int):
+        return rows_in * (units - 1) + (rows_in * units - len(skipped_kinds)) * (per_unit - 1)
+    skipped = Counter(skipped_kinds)
+    return rows_in * (units - 1) + sum((rows_in - skipped[kind]) * (count - 1) for kind, count in per_unit.items())
+
+
 def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
     """Counts for the run summary, including rows_expanded (see module docstring)."""
     skipped_by_column: dict[str, dict[str, int]] = {}
@@ -135,8 +143,8 @@ def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows
             skipped_by_column[kind][column] += 1
     stats = dict(conversations.attrs.get("stats", {}))
     if "rows_expanded" not in stats:  # frames built by hand: one synthesizer, the configured one
-        units, per_unit = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
-        stats["rows_expanded"] = rows_in * (units - 1) + (rows_in * units - len(quarantine)) * (per_unit - 1)
+        expansion = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
+        stats["rows_expanded"] = expanded_rows(rows_in, quarantine["kind"].tolist(), *expansion)
     return {
         "synthesizer": config.kind,
         "conversations_by_kind": counts(conversations["kind"]),
