@@ -41,12 +41,25 @@ def cmd_check(args) -> int:
     for index, source in enumerate(config.sources):
         key = ".".join(["sources", str(index), *(l.key for l in source_locations(source, config.base_dir)[:1])])
         problems += [f"  {key}: {problem}" for problem in check_source(source, config.base_dir)]
+    if not problems:
+        problems += [f"  {problem}" for problem in configured_column_problems(config)]
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)\n" + "\n".join(problems), file=sys.stderr)
         return 2
     print(f"{args.config}: OK ({len(config.sources)} source(s), synthesize={config.synthesize.kind}, "
           f"template={config.format.template}, model={config.model.base})")
     return 0
+
+
+def configured_column_problems(config) -> list[str]:
+    """Columns the synthesizers are configured to read that a source lacks, where the source's columns can be known
+    without ingesting it (csv, parquet)."""
+    from loraflow.sources import source_columns, source_name
+    from tasks.synthesize import column_problems
+
+    known = [(source_name(source), source.synthesizer, columns) for source in config.sources
+             if (columns := source_columns(source, config.base_dir)) is not None]
+    return column_problems(config.synthesize, known)
 
 
 def cmd_schema(args) -> int:

@@ -9,6 +9,7 @@ skipped units rather than from the output,
 and rows_in + rows_expanded == rows_out + rows_quarantined unless a synthesizer lost or invented a row.
 """
 
+import difflib
 from collections import Counter
 
 import pandas as pd
@@ -24,7 +25,7 @@ from tasks.synthesizers import SYNTHESIZERS
 from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
 from tasks.synthesizers.duplicates import conflicting_duplicates
 
-__all__ = ["SynthesizeError", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
+__all__ = ["SynthesizeError", "column_problems", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 
 PROVENANCE = ("_source", "_row")
 
@@ -54,6 +55,23 @@ def check_columns(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> N
             f"synthesize ({config.kind}): configured column(s) not found:\n" + "\n".join(problems)
             + f"\n-> set those keys to the column names in your data (or choose another synthesize.kind)"
         )
+
+
+def column_problems(config: SynthesizeConfig, sources: list[tuple[str, str | None, list[str]]]) -> list[str]:
+    """'key: problem -> fix' for every column a synthesizer is configured to read that its source lacks, before
+    any row is read. `sources`: (name, its own `synthesizer:` or None, its columns) of the sources whose columns
+    are known (loraflow.sources.source_columns)."""
+    problems = []
+    for name, kind, columns in sources:
+        kind = kind or config.kind
+        for key, column in SYNTHESIZERS[kind].required_columns(getattr(config, kind)).items():
+            if column in columns:
+                continue
+            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"synthesize.{kind}.{key}: {column!r} is not a column of source {name!r} -> {hint}set it to "
+                            f"one of its columns: {columns}")
+    return problems
 
 
 def synthesize_frame(
