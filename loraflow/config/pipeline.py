@@ -163,7 +163,7 @@ def kind_tag(model: type) -> str | None:
 
 def describe_errors(path, error: ValidationError) -> str:
     """One line per problem: the dotted key, what is wrong, and how to fix it."""
-    lines = [f"{path}: {error.error_count()} problem(s)"]
+    lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         kind = problem["type"]
@@ -179,10 +179,12 @@ def describe_errors(path, error: ValidationError) -> str:
             # A validator that names its own keys and fixes ('kinds.tasting.answers.0: ... -> ...'), one per line.
             for line in problem["msg"].removeprefix("Value error, ").splitlines():
                 subkey = line.split(": ", 1)[0]
-                nested = problem["loc"] and re.fullmatch(r"[\w.]+", subkey) and not subkey.startswith(key)
-                lines.append(f"  {key}.{line}" if nested else f"  {line}" if re.fullmatch(r"[\w.]+", subkey) else f"  {key}: {line}")
+                if not re.fullmatch(r"[\w.]+", subkey):
+                    lines.append(f"  {key}: {line}")
+                else:  # a key under this model's own ('kinds.where...'), or already from the top ('synthesize...')
+                    lines.append(f"  {key}.{line}" if problem["loc"] and not subkey.startswith(key) else f"  {line}")
             continue
         else:
             fix = "change the value"
         lines.append(f"  {key}: {problem['msg']} -> {fix}")
-    return "\n".join(lines)
+    return "\n".join([f"{path}: {len(lines)} problem(s)", *lines])
