@@ -124,6 +124,11 @@ def print_eval_table(summary: dict) -> None:
     print(f"\n{'metric':<24}{'base':>10}{'fine-tuned':>12}")
     for metric in HEADLINE_METRICS:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
+    # Fact accuracy per question kind (any synthesizer that records facts), trained and held-out phrasings.
+    for key, phrasings in (("fact_accuracy_by_kind", "trained"), ("heldout_fact_accuracy_by_kind", "held-out")):
+        for kind in tuned.get(key, {}):
+            metric = f"  {phrasings}[{kind}]"
+            print(f"{metric:<24}{_num(base.get(key, {}).get(kind)):>10}{_num(tuned[key][kind]):>12}")
     publish = summary["publish"]
     print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
           f"model: {publish.get('run_model_link') or publish.get('model_dir', 'not published')}")
