@@ -41,12 +41,25 @@ def cmd_check(args) -> int:
     for index, source in enumerate(config.sources):
         key = ".".join(["sources", str(index), *(l.key for l in source_locations(source, config.base_dir)[:1])])
         problems += [f"  {key}: {problem}" for problem in check_source(source, config.base_dir)]
+    if not problems:
+        problems += [f"  {problem}" for problem in configured_column_problems(config)]
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)\n" + "\n".join(problems), file=sys.stderr)
         return 2
     print(f"{args.config}: OK ({len(config.sources)} source(s), synthesize={config.synthesize.kind}, "
           f"template={config.format.template}, model={config.model.base})")
     return 0
+
+
+def configured_column_problems(config) -> list[str]:
+    """Columns the synthesizers are configured to read that a source lacks, where the source's columns can be known
+    without ingesting it (csv, parquet)."""
+    from loraflow.sources import source_columns, source_name
+    from tasks.synthesize import column_problems
+
+    known = [(source_name(source), source.synthesizer, columns) for source in config.sources
+             if (columns := source_columns(source, config.base_dir)) is not None]
+    return column_problems(config.synthesize, known)
 
 
 def cmd_schema(args) -> int:
@@ -111,6 +124,11 @@ def print_eval_table(summary: dict) -> None:
     print(f"\n{'metric':<24}{'base':>10}{'fine-tuned':>12}")
     for metric in HEADLINE_METRICS:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
+    # Fact accuracy per question kind (any synthesizer that records facts), trained and held-out phrasings.
+    for key, phrasings in (("fact_accuracy_by_kind", "trained"), ("heldout_fact_accuracy_by_kind", "held-out")):
+        for kind in tuned.get(key, {}):
+            metric = f"  {phrasings}[{kind}]"
+            print(f"{metric:<24}{_num(base.get(key, {}).get(kind)):>10}{_num(tuned[key][kind]):>12}")
     publish = summary["publish"]
     print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
           f"model: {publish.get('run_model_link') or publish.get('model_dir', 'not published')}")

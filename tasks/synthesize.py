@@ -9,6 +9,9 @@ skipped units rather than from the output,
 and rows_in + rows_expanded == rows_out + rows_quarantined unless a synthesizer lost or invented a row.
 """
 
+import difflib
+from collections import Counter
+
 import pandas as pd
 
 from data_contracts import CONVERSATIONS, RAW
@@ -22,7 +25,7 @@ from tasks.synthesizers import SYNTHESIZERS
 from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
 from tasks.synthesizers.duplicates import conflicting_duplicates
 
-__all__ = ["SynthesizeError", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
+__all__ = ["SynthesizeError", "column_problems", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 
 PROVENANCE = ("_source", "_row")
 
@@ -52,6 +55,23 @@ def check_columns(raw_frames: list[pd.DataFrame], config: SynthesizeConfig) -> N
             f"synthesize ({config.kind}): configured column(s) not found:\n" + "\n".join(problems)
             + f"\n-> set those keys to the column names in your data (or choose another synthesize.kind)"
         )
+
+
+def column_problems(config: SynthesizeConfig, sources: list[tuple[str, str | None, list[str]]]) -> list[str]:
+    """'key: problem -> fix' for every column a synthesizer is configured to read that its source lacks, before
+    any row is read. `sources`: (name, its own `synthesizer:` or None, its columns) of the sources whose columns
+    are known (loraflow.sources.source_columns)."""
+    problems = []
+    for name, kind, columns in sources:
+        kind = kind or config.kind
+        for key, column in SYNTHESIZERS[kind].required_columns(getattr(config, kind)).items():
+            if column in columns:
+                continue
+            close = difflib.get_close_matches(column, columns, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"synthesize.{kind}.{key}: {column!r} is not a column of source {name!r} -> {hint}set it to "
+                            f"one of its columns: {columns}")
+    return problems
 
 
 def synthesize_frame(
@@ -84,9 +104,7 @@ def synthesize_frame(
     for rows, module, options, conversations, skipped in outputs:
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
-        units, per_unit = module.expansion(options)
-        emitted_units = len(rows) * units - len(skipped)
-        extra_stats["rows_expanded"] += len(rows) * (units - 1) + emitted_units * (per_unit - 1)
+        extra_stats["rows_expanded"] += expanded_rows(len(rows), skipped["kind"].tolist(), *module.expansion(options))
         conversation_parts.append(conversations)
         set_aside = rows.iloc[skipped["row"].to_numpy()].set_axis(skipped["row"].to_numpy() + offset)
         quarantine = quarantine_rows(set_aside, pd.Series(skipped["reason"].tolist(), index=set_aside.index), "synthesize")
@@ -126,6 +144,14 @@ def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tupl
     return cleaned
 
 
+def expanded_rows(rows_in: int, skipped_kinds: list[str], units: int, per_unit: int | dict[str, int]) -> int:
+    """rows_expanded (module docstring) from a synthesizer's expansion; `per_unit` may be {kind: conversations}."""
+    if isinstance(per_unit, int):
+        return rows_in * (units - 1) + (rows_in * units - len(skipped_kinds)) * (per_unit - 1)
+    skipped = Counter(skipped_kinds)
+    return rows_in * (units - 1) + sum((rows_in - skipped[kind]) * (count - 1) for kind, count in per_unit.items())
+
+
 def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
     """Counts for the run summary, including rows_expanded (see module docstring)."""
     skipped_by_column: dict[str, dict[str, int]] = {}
@@ -135,8 +161,8 @@ def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows
             skipped_by_column[kind][column] += 1
     stats = dict(conversations.attrs.get("stats", {}))
     if "rows_expanded" not in stats:  # frames built by hand: one synthesizer, the configured one
-        units, per_unit = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
-        stats["rows_expanded"] = rows_in * (units - 1) + (rows_in * units - len(quarantine)) * (per_unit - 1)
+        expansion = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
+        stats["rows_expanded"] = expanded_rows(rows_in, quarantine["kind"].tolist(), *expansion)
     return {
         "synthesizer": config.kind,
         "conversations_by_kind": counts(conversations["kind"]),

@@ -87,7 +87,8 @@ def test_config_hash_changes_with_values():
 
 def test_cli_check(tmp_path, capsys):
     (tmp_path / "a.csv").write_text("x\n1\n")
-    good = write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\n")
+    # (the synthesizer must find its columns in the file: the default anime_qa would not, and check says so)
+    good = write(tmp_path, "name: d\nsources: [{kind: csv, path: a.csv}]\nsynthesize: {kind: text, text: {column: x}}\n")
     assert main(["check", str(good)]) == 0
     assert "OK" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"

@@ -403,7 +403,7 @@ def test_run_synthesize_refuses_when_every_row_is_skipped(tmp_path):
 def test_every_synthesizer_is_registered_with_its_interface():
     assert set(SYNTHESIZERS) == set(SynthesizeConfig.model_fields["kind"].annotation.__args__)
     for kind, module in SYNTHESIZERS.items():
-        options = getattr(SynthesizeConfig(anime_qa=PHRASINGS_ONLY), kind)
+        options = getattr(SynthesizeConfig(anime_qa=PHRASINGS_ONLY, table_qa={"preset": "anime_ko"}), kind)
         assert callable(module.synthesize) and module.required_columns(options) and len(module.expansion(options)) == 2
 
 

@@ -54,3 +54,40 @@ def test_random_rows_never_leak_missing_markers_and_answers_state_their_facts(re
     if len(conversations):
         valid, broken = enforce(conversations, CONVERSATIONS)
         assert len(broken) == 0, broken["reason"].tolist()
+
+
+# table_qa on the tea catalog's config: its columns, types and list fields, with values that look like templates.
+TEA_COLUMNS = {
+    "tea_id": "plain", "Name": "plain", "Also called": "plain", "Type": "plain", "Estate": "plain", "Region": "plain",
+    "Tasting notes": "list", "Caffeine (mg per cup)": "count", "Water (°C)": "count", "Steep (minutes)": "count",
+}
+template_like = st.sampled_from(["{name}", "{{x}}", "{", "}", "{0}"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(records=st.lists(st.fixed_dictionaries({column: st.one_of(cell(shape), template_like) if shape == "plain"
+                                               else cell(shape) for column, shape in TEA_COLUMNS.items()}),
+                        min_size=1, max_size=5))
+def test_table_qa_random_rows_never_leak_markers_render_values_as_text_and_account_for_rows(records):
+    from pathlib import Path
+
+    from loraflow.config.pipeline import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tea_catalog.yaml").synthesize
+    rows = pd.DataFrame(records, columns=list(TEA_COLUMNS)).astype(object)
+    rows.insert(0, "_row", np.arange(len(rows), dtype="int64"))
+    rows.insert(0, "_source", "random")
+    conversations, quarantine = synthesize_frame([rows], config)
+
+    for messages, facts, row in zip(conversations["messages"], conversations["facts"], conversations["source_row"]):
+        for message in messages:
+            assert not MARKER_WORDS.search(message["content"]), message["content"]
+        answer = messages[-1]["content"]
+        name = " ".join(str(records[row]["Name"]).split())
+        assert name in messages[0]["content"] and name in answer  # a value with braces stays that text
+        assert facts and all(fact["value"] and fact["value"] in answer for fact in facts), (facts, answer)
+    stats = synthesize_stats(conversations, quarantine, len(rows), config)
+    assert len(rows) + stats["rows_expanded"] == len(conversations) + len(quarantine)
+    if len(conversations):
+        valid, broken = enforce(conversations, CONVERSATIONS)
+        assert len(broken) == 0, broken["reason"].tolist()

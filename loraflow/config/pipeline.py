@@ -3,11 +3,12 @@
 import difflib
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from loraflow.config.base import StrictModel
 from loraflow.config.evaluate import EvalConfig
@@ -16,6 +17,7 @@ from loraflow.config.model import ModelConfig
 from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.config.table_qa import heldout_problems
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
 from loraflow.sources import SourceConfig, source_locations, source_name
@@ -46,6 +48,23 @@ class PipelineConfig(StrictModel):
         if duplicates:
             raise ValueError(f"source names must be unique, found {duplicates} twice: set `name:` on each source")
         return sources
+
+    @model_validator(mode="after")
+    def _table_qa_fits_the_run(self):
+        if "table_qa" not in self.synthesizer_kinds():
+            return self
+        if self.synthesize.table_qa is None:
+            raise ValueError("synthesize.table_qa: a source uses table_qa but it is not set -> declare its fields and "
+                             "kinds, or a preset (docs/table_qa.md)")
+        if self.eval.gate.min_heldout_fact_accuracy is not None:
+            problems = heldout_problems(self.synthesize.table_qa)
+            if problems:
+                raise ValueError("\n".join(f"synthesize.table_qa.{problem}" for problem in problems))
+        return self
+
+    def synthesizer_kinds(self) -> list[str]:
+        """The synthesizer of each source (its own `synthesizer:`, else synthesize.kind)."""
+        return [source.synthesizer or self.synthesize.kind for source in self.sources]
 
     def resolve(self, path: str) -> Path:
         """A source path from the config, resolved against base_dir (the config file's folder)."""
@@ -144,7 +163,7 @@ def kind_tag(model: type) -> str | None:
 
 def describe_errors(path, error: ValidationError) -> str:
     """One line per problem: the dotted key, what is wrong, and how to fix it."""
-    lines = [f"{path}: {error.error_count()} problem(s)"]
+    lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         kind = problem["type"]
@@ -156,7 +175,16 @@ def describe_errors(path, error: ValidationError) -> str:
             fix = "add this key"
         elif kind in ("literal_error", "union_tag_invalid"):
             fix = "use one of the allowed values"
+        elif kind == "value_error" and "->" in problem["msg"]:
+            # A validator that names its own keys and fixes ('kinds.tasting.answers.0: ... -> ...'), one per line.
+            for line in problem["msg"].removeprefix("Value error, ").splitlines():
+                subkey = line.split(": ", 1)[0]
+                if not re.fullmatch(r"[\w.]+", subkey):
+                    lines.append(f"  {key}: {line}")
+                else:  # a key under this model's own ('kinds.where...'), or already from the top ('synthesize...')
+                    lines.append(f"  {key}.{line}" if problem["loc"] and not subkey.startswith(key) else f"  {line}")
+            continue
         else:
             fix = "change the value"
         lines.append(f"  {key}: {problem['msg']} -> {fix}")
-    return "\n".join(lines)
+    return "\n".join([f"{path}: {len(lines)} problem(s)", *lines])

@@ -5,8 +5,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from loraflow.config.base import StrictModel
+from loraflow.config.table_qa import TableQAOptions
 
 QuestionKind = Literal["overview", "production", "reception"]
+SynthesizerKind = Literal["anime_qa", "table_qa", "instruction", "conversations", "text"]
 OptionalAnimeField = Literal["english_name", "other_name"]
 
 # Question templates per kind in tasks/synthesizers/anime_qa.py (a test keeps the two in step).
@@ -124,10 +126,14 @@ class TextOptions(StrictModel):
 class SynthesizeConfig(StrictModel):
     """Which synthesizer to run, and its options."""
 
-    kind: Literal["anime_qa", "instruction", "conversations", "text"] = Field(
-        "anime_qa", description="Synthesizer: anime_qa | instruction | conversations | text."
+    kind: SynthesizerKind = Field(
+        "anime_qa", description="Synthesizer: anime_qa | table_qa | instruction | conversations | text."
     )
     anime_qa: AnimeQAOptions = Field(default_factory=AnimeQAOptions, description="Options for kind=anime_qa.")
+    table_qa: TableQAOptions | None = Field(
+        None, description="Options for kind=table_qa: fields, question kinds and templates, or a preset "
+        "(docs/table_qa.md). Required when any source uses table_qa.",
+    )
     instruction: InstructionOptions = Field(default_factory=InstructionOptions, description="Options for kind=instruction.")
     conversations: ConversationsOptions = Field(
         default_factory=ConversationsOptions, description="Options for kind=conversations."
@@ -138,3 +144,10 @@ class SynthesizeConfig(StrictModel):
         "the first in input order, the last, or none; the others are quarantined with the reason "
         "'duplicate id with different facts'. Rows of one id that agree are kept (tokenize removes exact duplicates).",
     )
+
+    @model_validator(mode="after")
+    def _table_qa_declared(self):
+        if self.kind == "table_qa" and self.table_qa is None:
+            raise ValueError("kind is table_qa but synthesize.table_qa is not set -> declare its fields and kinds, or "
+                             "a preset (docs/table_qa.md)")
+        return self

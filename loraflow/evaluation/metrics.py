@@ -296,7 +296,8 @@ def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressio
     stop_rate = finetuned.get("stop_rate")
     if stop_rate is not None:
         check(stop_rate >= gate.min_stop_rate, f"stop rate {stop_rate:.3f} >= {gate.min_stop_rate:.3f}")
-    for metric, minimum, what in (("natural_fact_accuracy", gate.min_natural_fact_accuracy, "natural questions"),
+    for metric, minimum, what in (("heldout_fact_accuracy", gate.min_heldout_fact_accuracy, "held-out phrasings"),
+                                  ("natural_fact_accuracy", gate.min_natural_fact_accuracy, "natural questions"),
                                   ("refusal_rate", gate.min_refusal_rate, "made-up titles refused")):
         value = finetuned.get(metric)
         if minimum is None:

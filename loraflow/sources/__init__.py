@@ -62,5 +62,17 @@ def check_source(source, base_dir) -> list[str]:
         return [str(error)]
 
 
+def source_columns(source, base_dir) -> list[str] | None:
+    """The columns the source's rows will have, where its module can tell without reading the rows (an optional
+    `column_names(config, base_dir)`: csv, parquet); None when it cannot be known before ingest."""
+    names = getattr(SOURCES[source.kind], "column_names", None)
+    if names is None:
+        return None
+    try:
+        return names(source, base_dir)
+    except (SourceError, OSError, ValueError):
+        return None  # check_source reports a source it cannot read
+
+
 __all__ = ["SOURCES", "INTERFACE", "SourceConfig", "Location", "Rejected", "SourceError", "check_source",
-           "missing_interface", "source_fingerprint", "source_locations", "source_name"]
+           "missing_interface", "source_columns", "source_fingerprint", "source_locations", "source_name"]

@@ -41,7 +41,7 @@ class Location:
 class SourceBase(StrictModel):
     """Fields every source has, whatever its kind."""
 
-    synthesizer: Literal["anime_qa", "instruction", "conversations", "text"] | None = Field(
+    synthesizer: Literal["anime_qa", "table_qa", "instruction", "conversations", "text"] | None = Field(
         None, description="Synthesizer for this source's rows; None uses synthesize.kind (lets one run mix, e.g., QA with replay data)."
     )
 

@@ -46,3 +46,13 @@ def read(config: Config, base_dir) -> pd.DataFrame:
             f"or a line break (\"like, this\"), or set `delimiter:` to the file's separator"
         ) from None
     return rows
+
+
+def column_names(config: Config, base_dir) -> list[str]:
+    """The header's column names (for `loraflow check`: a template naming a column the file lacks)."""
+    path = existing_file(config.path, base_dir)
+    text = decode_text(path, path.read_bytes(), config.encoding)
+    try:
+        return [str(name) for name in pd.read_csv(io.StringIO(text), sep=config.delimiter, dtype=str, nrows=0).columns]
+    except (pd.errors.ParserError, pd.errors.EmptyDataError):
+        return []  # read() reports the file itself

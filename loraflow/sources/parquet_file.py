@@ -38,3 +38,9 @@ def read(config: Config, base_dir) -> pd.DataFrame:
     # A named pandas index (written by `to_parquet`) is data, e.g. anime_id: keep it as a column; an unnamed one is not.
     rows = rows.reset_index(drop=all(name is None for name in rows.index.names))
     return rows.head(config.max_rows) if config.max_rows is not None else rows
+
+
+def column_names(config: Config, base_dir) -> list[str]:
+    """The columns read() returns, from the file's schema (for `loraflow check`)."""
+    names = [name for name in pq.read_schema(existing_file(config.path, base_dir)).names if not name.startswith("__index_level_")]
+    return list(config.columns) if config.columns else names

@@ -27,6 +27,7 @@ from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions
 from tasks.synthesizers import anime_probes
 from tasks.synthesizers.common import column_text, conversations_frame, provenance, skipped_frame, unstated_fact
 from tasks.synthesizers.facts import FactType, not_a, parses_as
+from tasks.synthesizers.values import cut_synopsis, join_items, split_items
 
 QUESTIONS = {
     "overview": (
@@ -82,8 +83,6 @@ FACT_TYPES: dict[str, FactType] = {
 _INTEGRAL_FLOAT = re.compile(r"^(\d+)\.0+$")
 # MyAnimeList appends its credit to synopses: "[Written by MAL Rewrite]", "(Source: Crunchyroll)".
 _CREDIT = re.compile(r"\s*[\[(](?:written by|source:)[^\])]*[\])]\s*$", re.IGNORECASE)
-# Greedy: one match call finds the last sentence end (a stop, maybe a closing quote, then a space or the end).
-_LAST_SENTENCE_END = re.compile(r".*[.!?。！？][\"'”’)\]]?(?=\s|$)", re.DOTALL)
 
 
 def required_columns(options: AnimeQAOptions) -> dict[str, str]:
@@ -277,36 +276,9 @@ def synopsis_text(text: str, max_words: int) -> str:
     return cut_synopsis(text, max_words) if text.count(" ") >= max_words else text
 
 
-def split_items(value: str, missing: set[str]) -> tuple[str, ...] | None:
-    """'A, B, UNKNOWN, A' -> ('A', 'B'); None when no item is left."""
-    items = []
-    for item in value.split(","):
-        item = item.strip()
-        if item.casefold() not in missing and item not in items:
-            items.append(item)
-    return tuple(items) or None
-
-
-def cut_synopsis(text: str, max_words: int) -> str:
-    """At most `max_words` words, ending at the last sentence end among them when that keeps half of them."""
-    words = text.split(" ", max_words)  # the rest stays in one piece: only the head is split
-    if len(words) <= max_words:
-        return text
-    head = " ".join(words[:max_words])
-    last_end = _LAST_SENTENCE_END.match(head)
-    if last_end and head.count(" ", 0, last_end.end()) + 1 >= max_words // 2:
-        return head[: last_end.end()]
-    return head.rstrip(",;:") + "…"
-
-
 def shown_value(raw: str | None) -> str:
     """How a missing value is named in a skip reason."""
     return "empty (no value)" if raw is None else repr(raw)
-
-
-def join_items(items: tuple[str, ...]) -> str:
-    """('A',) -> 'A'; ('A', 'B') -> 'A and B'; ('A', 'B', 'C') -> 'A, B and C'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def facts_per_row(column: str, values: list) -> list[list[dict] | None]:
