@@ -1,7 +1,8 @@
 """Faults of the orchestration around the stages, against a real Prefect server and process worker started here:
 a worker killed with its runs mid-training (the run is marked Crashed by the crash-detection automation, a re-run
 resumes and publishes once), a Cancel from the API mid-training (the training process tree ends within 30 s, a
-re-run resumes), and the server killed and restarted during a run (the run finishes and its state reaches it)."""
+re-run resumes), and the server or its database killed and restarted during a run (the run finishes and its state
+reaches it; the two server restarts carry the `soak` mark: `make test-all`)."""
 
 import json
 import os
@@ -140,8 +141,11 @@ def restart_server(local: LocalPrefect, down_seconds: float) -> None:
     local.start_server()
 
 
-@pytest.mark.parametrize("fault", ["sqlite server restarted", "postgresql server restarted",
-                                   "postgresql database restarted"])
+@pytest.mark.parametrize("fault", [
+    pytest.param("sqlite server restarted", marks=pytest.mark.soak),  # minutes each: `make test-all`
+    pytest.param("postgresql server restarted", marks=pytest.mark.soak),
+    "postgresql database restarted",  # the one that failed a run before the client retried 500s
+])
 def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path, fault):
     from contextlib import ExitStack
 

@@ -21,7 +21,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-BUSY_ANSWERS: list[str] = []  # every 503 the server gave (its database busy), retried as Prefect's clients do
+BUSY_ANSWERS: list[str] = []  # every 503 (database busy) or unanswered read, retried as Prefect's clients do
 
 
 def api(local: LocalPrefect, method: str, path: str, body: dict | None = None, timeout: float = 30):
@@ -38,6 +38,10 @@ def api(local: LocalPrefect, method: str, path: str, body: dict | None = None, t
                 raise
             BUSY_ANSWERS.append(f"{method} {path}")
             time.sleep(2 ** attempt)
+        except TimeoutError:
+            if method != "GET" or attempt == 5:  # a read is safe to ask again; a POST may have been carried out
+                raise
+            BUSY_ANSWERS.append(f"{method} {path} (no answer in {timeout} s)")
 
 
 def wait_for_terminal_state(local: LocalPrefect, flow_run_id: str, timeout: float = 300) -> dict:
