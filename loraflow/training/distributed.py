@@ -42,6 +42,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Wait for every launched process, then destroy the process group: a rank that exits while another still
+    holds the group open can abort at teardown ("terminate called without an active exception", seen with gloo)."""
+    if _distributed_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sum_over_processes(value: int) -> int:
     """`value` summed over the launched processes (a collective: every process must call it); itself in one."""
     if not _distributed_ready():

@@ -310,4 +310,7 @@ def _write_yaml(path: Path, payload: dict) -> None:
 
 
 if __name__ == "__main__":
+    from loraflow.training.distributed import leave_process_group
+
     worker_main(sys.argv[1])
+    leave_process_group()
