@@ -109,10 +109,13 @@ def test_worker_killed_mid_training_is_marked_crashed_and_the_rerun_resumes(serv
 
 def test_cancel_mid_training_ends_the_process_tree_and_the_rerun_resumes(server, tmp_path):
     config = training_config(tmp_path, "cancelled")
-    worker = psutil.Process(server.start_worker(CPU_POOL, name="cancel-worker").pid)
+    server.start_worker(CPU_POOL, name="cancel-worker")
     run_id = start_run(server, config)
     wait_for(lambda: complete_checkpoints(Path(config["store"])), 600, "the run's first checkpoint")
-    run_processes = worker.children(recursive=True)
+    # Any of the module's live workers may have picked the run up: the run's processes are all their children.
+    workers = [psutil.Process(process.pid) for name, process, _ in server.processes
+               if name != "server" and process.poll() is None]
+    run_processes = [child for worker in workers for child in worker.children(recursive=True)]
     assert run_processes, "the worker started no run process"
     # What the UI's Cancel button sends.
     api(server, "POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING", "name": "Cancelling"}})
