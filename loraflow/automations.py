@@ -15,6 +15,17 @@ HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of every run a loraf
 SILENT_SECONDS = 90     # no heartbeat (nor end) for this long after the last one: the run's process is gone
 
 
+def replace_automation(automation) -> str:
+    """Create `automation` on the server, deleting an earlier one of the same name first; return its id."""
+    from prefect.automations import Automation
+
+    try:
+        Automation.read(name=automation.name).delete()
+    except ValueError:
+        pass
+    return str(automation.create().id)
+
+
 def ensure_failure_notification(webhook_url: str) -> str:
     """Create the webhook block and the automation (replacing earlier ones); return the automation id."""
     from prefect.automations import Automation
@@ -27,11 +38,7 @@ def ensure_failure_notification(webhook_url: str) -> str:
         json_data={"subject": "{{subject}}", "body": "{{body}}"},
     )
     block_id = block.save(BLOCK_NAME, overwrite=True)
-    try:
-        Automation.read(name=AUTOMATION_NAME).delete()
-    except ValueError:
-        pass
-    automation = Automation(
+    return replace_automation(Automation(
         name=AUTOMATION_NAME,
         description="Notify when a loraflow flow run (scheduled or triggered) fails or crashes.",
         trigger=EventTrigger(
@@ -47,8 +54,7 @@ def ensure_failure_notification(webhook_url: str) -> str:
             body="Flow run {{ flow_run.name }} ({{ flow_run.id }}) of deployment {{ deployment.name }} ended "
                  "{{ flow_run.state.name }}: {{ flow_run.state.message }}",
         )],
-    ).create()
-    return str(automation.id)
+    ))
 
 
 def ensure_crash_detection(silent_seconds: int = SILENT_SECONDS) -> str:
@@ -59,11 +65,7 @@ def ensure_crash_detection(silent_seconds: int = SILENT_SECONDS) -> str:
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    try:
-        Automation.read(name=CRASH_AUTOMATION_NAME).delete()
-    except ValueError:
-        pass
-    automation = Automation(
+    return replace_automation(Automation(
         name=CRASH_AUTOMATION_NAME,
         description=f"Mark a flow run Crashed when it sends no heartbeat for {silent_seconds} s (its process died).",
         trigger=EventTrigger(
@@ -81,5 +83,4 @@ def ensure_crash_detection(silent_seconds: int = SILENT_SECONDS) -> str:
             message=f"No heartbeat for {silent_seconds} s: the run's process died (worker killed, machine lost). "
                     "Re-run it: finished stages are cached and training resumes from its last checkpoint.",
         )],
-    ).create()
-    return str(automation.id)
+    ))

@@ -125,17 +125,13 @@ class LocalPrefect:
         subprocess.run([sys.executable, "-m", "loraflow.cli", "detect-crashed-runs"], env=self.env, cwd=REPO,
                        capture_output=True, text=True, check=True, timeout=120)
 
-    def start_worker(self, pool: str = CPU_POOL, name: str | None = None) -> subprocess.Popen:
-        """Start a process worker polling `pool` (in its own process group, with the runs it starts); return it."""
+    def start_worker(self, pool: str = CPU_POOL, name: str | None = None, limit: int | None = None) -> subprocess.Popen:
+        """Start a process worker polling `pool` (in its own process group, with the runs it starts), running at
+        most `limit` runs at once (no bound when None); return it."""
         name = name or f"worker-{pool}"
-        self._spawn(name, self.worker_command(pool, name))
+        self._spawn(name, [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
+                           "--type", "process", "--prefetch-seconds", "5", *(["--limit", str(limit)] if limit else [])])
         return self.processes[-1][1]
-
-    @staticmethod
-    def worker_command(pool: str, name: str) -> list[str]:
-        """The `prefect worker start` command line of a process worker named `name` on `pool`."""
-        return [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
-                "--type", "process", "--prefetch-seconds", "5"]
 
     def stop(self) -> None:
         """SIGTERM every child (worker first), then SIGKILL what is still alive after 20 s."""

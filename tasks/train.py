@@ -194,5 +194,5 @@ if task is not None:
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
             trust_remote_code=trust_remote_code, log=log, on_step=report_progress,
         )
-        report_progress(1, 1, None)
+        report_progress(1, 1, None)  # 100 %, as best-effort as every step's report
         return result

@@ -16,7 +16,7 @@ import yaml
 
 from loraflow.server import CPU_POOL, LocalPrefect
 from loraflow.training.checkpoints import CHECKPOINT_MARKER
-from tests.test_server import api, free_port, wait_for_terminal_state
+from tests.test_server import api, deploy, free_port, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,7 @@ def server(tmp_path_factory):
     with local:
         local.ensure_pools()
         local.ensure_crash_detection()
-        deployed = local.prefect("deploy", "--name", "finetune", check=False)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deploy(local, "finetune")
         yield local
 
 
@@ -163,8 +162,7 @@ def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path,
         local = stack.enter_context(LocalPrefect(port=free_port(), home=tmp_path / "home", database_url=database_url,
                                                  log_dir=tmp_path / "logs"))
         local.ensure_pools()
-        deployed = local.prefect("deploy", "--name", "finetune", check=False)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deploy(local, "finetune")
         local.start_worker(CPU_POOL)
         run_id = start_run(local, config)
         wait_for(lambda: complete_checkpoints(Path(config["store"])), 600, "the run's first checkpoint")

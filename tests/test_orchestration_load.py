@@ -17,7 +17,7 @@ import pytest
 from loraflow.server import CPU_POOL, LocalPrefect
 from tests.postgres import postgres_bin, postgres_server
 from tests.test_orchestration_faults import start_run
-from tests.test_server import BUSY_ANSWERS, api, free_port, small_config, wait_for_terminal_state
+from tests.test_server import BUSY_ANSWERS, api, deploy, free_port, small_config, wait_for_terminal_state
 
 pytestmark = pytest.mark.soak
 
@@ -40,8 +40,7 @@ def serving(tmp_path: Path, stack: ExitStack, database: str) -> LocalPrefect:
     local = stack.enter_context(LocalPrefect(port=free_port(), home=tmp_path / "home", database_url=database_url,
                                              log_dir=tmp_path / "logs"))
     local.ensure_pools()
-    deployed = local.prefect("deploy", "--name", "prepare-only", check=False)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deploy(local, "prepare-only")
     return local
 
 
@@ -55,8 +54,7 @@ def test_twenty_runs_at_once_all_complete_once(tmp_path, database, monkeypatch):
     with ExitStack() as stack:
         local = serving(tmp_path, stack, database)
         for worker in range(2):
-            local._spawn(f"worker-{worker}", [*local.worker_command(CPU_POOL, f"load-{worker}"),
-                                               "--limit", str(RUNS_PER_WORKER)])
+            local.start_worker(CPU_POOL, name=f"worker-load-{worker}", limit=RUNS_PER_WORKER)
         started, run_ids, trigger_s = time.monotonic(), [], []
         for _ in range(RUNS_AT_ONCE):
             run_ids.append(start_run(local, config, "prepare/prepare-only", timeout=300))

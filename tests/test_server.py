@@ -54,14 +54,19 @@ def wait_for_terminal_state(local: LocalPrefect, flow_run_id: str, timeout: floa
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s; see the worker log")
 
 
+def deploy(local: LocalPrefect, name: str | None = None) -> None:
+    """`prefect deploy` of one deployment of prefect.yaml (every one when `name` is None); it must succeed."""
+    deployed = local.prefect("deploy", *(["--name", name] if name else ["--all"]), check=False)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     local = LocalPrefect(port=free_port(), home=home, log_dir=home / "logs")
     with local:
         local.ensure_pools()
-        deployed = local.prefect("deploy", "--all", check=False)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        deploy(local)
         local.start_worker(CPU_POOL)
         yield local
 
