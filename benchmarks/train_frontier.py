@@ -99,13 +99,14 @@ def run_loraflow_stage(args, log) -> dict:
     max_tokens = max(config.pack_max_tokens, max(len(e["input_ids"]) for e in examples))
     packed_rows = len(pack_examples(examples, max_tokens=max_tokens))
     if env["device"] == "cuda":
-        rows, plan = configure_fast_path(model, config, env, max_tokens, packed_rows, log=_Log(log))
+        rows, plan = configure_fast_path(model, config, env, max_tokens, packed_rows, log=_Log(log),
+                                         attn_implementation=args.attn)
     else:  # CPU dry run: the stage keeps CPU settings there; plan what the GPU would, on the CPU model
         from loraflow.training import configure_model_for_speed
 
         rows = config.pack_rows_per_micro_batch or 1
         plan = configure_model_for_speed(model, config, memory_budget_gb=args.memory_budget_gb or 80.0,
-                                         tokens_per_micro_batch=rows * max_tokens).as_dict()
+                                         tokens_per_micro_batch=rows * max_tokens, attn_implementation=args.attn).as_dict()
         plan.update(rows_per_micro_batch=rows, rows_choice="CPU dry run: 1 row", row_tokens=max_tokens)
     log(f"  stage plan: {plan}")
     args.rows_per_step, args.seq_len = rows, max_tokens
@@ -309,6 +310,8 @@ def parent_main(args, argv: list[str]) -> int:
     tables = args.tables.split(",")
     recipes = args.recipes.split(",")
     record: dict = {"gpu": gpu, "model": args.model, "seq_len": args.seq_len}
+    attn = ["--attn", args.attn] if args.attn else []
+    record["attn"] = args.attn or "the train stage's default"
     started = time.perf_counter()
     with open(out / f"train_frontier_{gpu}_{args.model}{args.tag}.log", "a") as log_file:
         run_child(args, "make", [], log_file)
@@ -318,7 +321,7 @@ def parent_main(args, argv: list[str]) -> int:
             if "loraflow" in recipes:
                 for budget in budgets:
                     extra = [] if budget is None else ["--memory-budget-gb", f"{budget:g}"]
-                    loraflow_runs[budget] = run_child(args, "loraflow-stage", extra, log_file)
+                    loraflow_runs[budget] = run_child(args, "loraflow-stage", extra + attn, log_file)
             sweep = run_child(args, "unsloth-sweep", ["--unsloth-rows", args.unsloth_rows], log_file) \
                 if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
@@ -336,7 +339,7 @@ def parent_main(args, argv: list[str]) -> int:
             if "loraflow" in recipes:
                 for length in lengths:
                     extra = ["--memory-budget-gb", f"{budget:g}", "--doc-len", str(length)]
-                    loraflow_runs[length] = run_child(_with(args, seq_len=length), "loraflow-stage", extra, log_file)
+                    loraflow_runs[length] = run_child(_with(args, seq_len=length), "loraflow-stage", extra + attn, log_file)
             sweep = run_child(args, "unsloth-sweep", ["--doc-lens", args.long_lens], log_file) \
                 if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
@@ -400,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--attn", default=None, help="loraflow's attention (flex_attention, loraflow_varlen); default: the stage's")
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--out", default=str(HERE / "results"))
     # child-only

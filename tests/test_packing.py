@@ -18,6 +18,7 @@ from loraflow.training import (
     pack_examples,
     packing_stats,
 )
+from loraflow.training.varlen import VARLEN, register_varlen_attention
 
 VOCAB = 97
 
@@ -34,6 +35,8 @@ def _examples(count, seed=0, min_len=3, max_len=40):
 
 
 def _tiny_llama(attn_implementation):
+    if attn_implementation == VARLEN:
+        register_varlen_attention()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -165,7 +168,7 @@ def assert_packed_logits_equal_each_document_alone(attn_implementation: str, dev
     return worst
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "flex_attention", VARLEN])
 def test_packed_logits_equal_each_document_alone(attn_implementation):
     if attn_implementation == "flex_attention" and (error := flex_vs_sdpa_error()) > 1e-4:
         pytest.skip(f"this CPU's compiled flex attention disagrees with SDPA on the same model, batch and mask (max |diff| "

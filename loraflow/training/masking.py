@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraflow.training.varlen import VARLEN, sequence_lengths
+
 FLEX_BLOCK_SIZE = 128
 
 
@@ -80,6 +82,10 @@ def _document_mask_hook(module: nn.Module, args, kwargs):
         return args, kwargs  # varlen kernels read the documents from the restarting position ids themselves
     if position_ids.ndim == 1:
         position_ids = position_ids.unsqueeze(0)
+    if implementation == VARLEN:  # no mask: every layer gets the documents' lengths (varlen.py)
+        cu_seq_lens, longest = sequence_lengths(position_ids)
+        kwargs.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
+        return args, kwargs
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if inputs is None and args:
         inputs = args[0]

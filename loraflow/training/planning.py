@@ -82,9 +82,10 @@ def fast_path_enabled(packing: bool, env: dict, distributed: str = "none") -> bo
     return packing and env["device"] == "cuda" and distributed != "fsdp"
 
 
-def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log) -> tuple[int, dict]:
-    """Rows per micro-batch, checkpointing and offload from the memory budget, then `configure_model_for_speed`;
-    returns (rows, plan dict)."""
+def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log,
+                        attn_implementation: str | None = None) -> tuple[int, dict]:
+    """Rows per micro-batch, checkpointing and offload from the memory budget, then `configure_model_for_speed`
+    (`attn_implementation`: its default unless a benchmark compares another); returns (rows, plan dict)."""
     import torch
 
     from loraflow.training import configure_model_for_speed
@@ -96,6 +97,7 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
     plan = configure_model_for_speed(
         model, config, memory_budget_gb=budget, tokens_per_micro_batch=rows * max_tokens,
         compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32, offload_checkpointed=offload,
+        attn_implementation=attn_implementation,
     ).as_dict()
     plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
     log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)

@@ -18,6 +18,7 @@ from torch import nn
 from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import _decoder, enable_document_masking
 from loraflow.training.offload import enable_offloaded_checkpointing
+from loraflow.training.varlen import VARLEN, register_varlen_attention
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ def configure_model_for_speed(
     on_cuda = device.type == "cuda"
     if attn_implementation is None:
         attn_implementation = "flex_attention" if on_cuda else "sdpa"
+    if attn_implementation == VARLEN:
+        register_varlen_attention()
     model.set_attn_implementation(attn_implementation)
     model.config.use_cache = False
     enable_document_masking(model)
