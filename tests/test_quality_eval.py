@@ -74,6 +74,30 @@ def test_made_up_titles_are_in_no_row_and_their_answer_is_a_refusal():
     assert {split_of(r.source_id, r.phrasing_set, "salt", 0.5) for r in unknown.itertuples()} == {"heldout"}
 
 
+def test_more_refusal_examples_leave_the_evaluation_probes_as_they_were():
+    def synthesized(refusal_examples):
+        config = probe_config(natural_questions=2, unknown_titles=2, refusal_examples=refusal_examples)
+        conversations, _ = synthesize_frame([catalog()], config)
+        refusals = conversations[(conversations["phrasing_set"] == "train") & (conversations["kind"] == "refusal")]
+        probes = conversations[conversations["phrasing_set"].isin(["natural", "unknown"])]
+        return len(refusals), sorted((r.id, r.messages[0]["content"], r.messages[-1]["content"]) for r in probes.itertuples())
+
+    (two, probes_two), (four, probes_four) = synthesized(2), synthesized(4)
+    assert four == 2 * two > 0
+    # the evaluation's questions are drawn before the refusal examples: training more of them cannot change them
+    assert probes_two == probes_four
+
+
+def test_some_trained_phrasings_ask_one_fact():
+    """Users ask "how many episodes" or "which genres" alone; a kind whose trained wordings all ask several facts
+    (or none by name) sent those questions to the wrong kind's answer (README, "Natural questions")."""
+    production, overview = anime_qa.QUESTIONS["production"], anime_qa.QUESTIONS["overview"]
+    assert any("episode" in t and not re.search(r"produc|studio|made|companies", t) for t in production)
+    assert any("genre" in t and not re.search(r"story|about|summary|overview", t) for t in overview)
+    natural = {wording for wording, *_ in anime_probes.NATURAL}
+    assert not natural & {t.replace("{name}", "{title}") for kind in anime_qa.QUESTIONS.values() for t in kind}
+
+
 def test_probes_do_not_depend_on_row_order_and_are_accounted_for():
     config = probe_config(natural_questions=2, unknown_titles=2, refusal_examples=1)
     first, skipped = synthesize_frame([catalog()], config)

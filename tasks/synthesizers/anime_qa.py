@@ -29,6 +29,8 @@ from tasks.synthesizers.common import column_text, conversations_frame, provenan
 from tasks.synthesizers.facts import FactType, not_a, parses_as
 from tasks.synthesizers.values import cut_synopsis, join_items, split_items
 
+# Each kind has wordings that ask one of its facts alone ("How many episodes ...", "Which genres ..."): with only
+# multi-fact wordings trained, "how many episodes is X?" drew the overview answer (README, "Natural questions").
 QUESTIONS = {
     "overview": (
         "What is the anime {name} about?",
@@ -37,7 +39,7 @@ QUESTIONS = {
         "What kind of anime is {name}, and what is its story?",
         "Describe the anime {name}.",
         "I'd like to know about {name}. What is it?",
-        "Give me a short summary of the anime {name}.",
+        "Which genres is the anime {name} in?",
         "What should I know about the anime {name}?",
     ),
     "production": (
@@ -46,8 +48,8 @@ QUESTIONS = {
         "Tell me about the production of {name}.",
         "Who made the anime {name}, and how many episodes does it have?",
         "What are the producers, studios and episode count of {name}?",
-        "Which companies were behind the anime {name}?",
-        "How was {name} made?",
+        "How many episodes does the anime {name} have?",
+        "What is the episode count of {name}?",
         "Give me the production details of the anime {name}.",
     ),
     "reception": (
