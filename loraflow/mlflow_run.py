@@ -13,6 +13,7 @@ When the tracker is down (a tracker must never cost a finished training run):
 - when training starts: `check_tracker` fails before the model loads, naming the URI and the fix; nothing is lost.
 - while training: BestEffortTracking logs one warning and stops the callback; training goes on and the adapter
   is saved. The run keeps the steps it got.
+- a training resumed from a checkpoint goes on in the interrupted run (its id is kept beside the checkpoints).
 - files and evaluation metrics: best effort too, a warning (the files stay in the store).
 - registration is asked for, so it is not best effort: it fails the publish, and is idempotent (a version is
   found again by run id and model hash), so the re-run that follows adds no second version.
@@ -33,6 +34,7 @@ from pathlib import Path
 from loraflow.tracking import QUICK_MLFLOW_RETRIES, TrackingRun, flatten_config, redact_url
 
 log_default = logging.getLogger("loraflow.tracking")
+RUN_FILE = "loraflow-mlflow-run.json"  # in the checkpoints folder: the run a resumed training goes on in
 
 
 class TrackerError(RuntimeError):
@@ -139,6 +141,9 @@ class BestEffortTracking(_callback_base()):
         self.run = TrackingRun(tracking_uri=redact_url(uri), experiment_id=active.info.experiment_id,
                                run_id=active.info.run_id, run_name=active.info.run_name,
                                url=run_url(redact_url(uri), active.info.experiment_id, active.info.run_id))
+        from loraflow.atomic import write_json_atomic
+
+        write_json_atomic(Path(args.output_dir) / RUN_FILE, self.run.model_dump())
         if self.params:
             self._call_client("params", lambda: log_facts(self.run, params=self.params))
 
@@ -156,6 +161,12 @@ class BestEffortTracking(_callback_base()):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._call("on_train_end", args, state, control, **kwargs)
+
+
+def interrupted_run_id(checkpoints_dir: Path) -> str | None:
+    """The MLflow run an interrupted training in `checkpoints_dir` reported to (None: none recorded)."""
+    path = Path(checkpoints_dir) / RUN_FILE
+    return json.loads(path.read_text())["run_id"] if path.exists() else None
 
 
 def wrap_tracking_callbacks(trainer, params: dict[str, str] | None, log=None) -> None:

@@ -55,13 +55,16 @@ def tracking_variables(report_to: list[str], logs_dir: Path, *, tracking_uri: st
 
 
 @contextlib.contextmanager
-def tracking_environment(train_config, logs_dir: Path):
-    """Set the integrations' variables while the block runs, then restore the environment (None config: nothing)."""
+def tracking_environment(train_config, logs_dir: Path, resume_run_id: str | None = None):
+    """Set the integrations' variables while the block runs, then restore the environment (None config: nothing).
+    `resume_run_id`: the MLflow run an interrupted training reported to (MLFLOW_RUN_ID: the resumed run goes on in it)."""
     if train_config is None or not train_config.report_to:
         yield {}
         return
     added = tracking_variables(train_config.report_to, logs_dir, tracking_uri=train_config.tracking_uri,
                                experiment=train_config.tracking_experiment, environ=os.environ)
+    if resume_run_id and "mlflow" in train_config.report_to and "MLFLOW_RUN_ID" not in os.environ:
+        added["MLFLOW_RUN_ID"] = resume_run_id
     os.environ.update(added)
     try:
         yield added

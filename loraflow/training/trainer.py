@@ -5,7 +5,8 @@
 
 Callbacks: StepRecorder (the loss curve, tokens/s, the progress bar and an ETA), NonFiniteGuard (stops on a run
 of NaN/inf steps), CheckpointMarker (loraflow.training.checkpoints: marks a checkpoint complete), StepReport
-(`on_step` for the Prefect progress artifact). `ResumableTrainer` draws its length-grouped batch order from
+(`on_step` for the Prefect progress artifact), and transformers' MLflowCallback inside BestEffortTracking
+(loraflow.mlflow_run: a tracker failure while training is a warning). `ResumableTrainer` draws its length-grouped batch order from
 (seed, epoch) so a resumed run sees the batches an uninterrupted one would.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
-from loraflow.mlflow_run import wrap_tracking_callbacks
+from loraflow.mlflow_run import interrupted_run_id, wrap_tracking_callbacks
 from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
@@ -65,7 +66,8 @@ def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log
     DiskFullError saying which checkpoint is intact (a re-run resumes from it)."""
     try:
         send_tensorboard_to(trainer, checkpoints_dir.parent / "tensorboard")
-        with tracking_environment(config, checkpoints_dir):  # MLflow / W&B read their variables when training begins
+        resume_run_id = interrupted_run_id(checkpoints_dir) if resume_from else None
+        with tracking_environment(config, checkpoints_dir, resume_run_id):  # MLflow / W&B read them when training begins
             return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as error:  # out of space while saving a checkpoint: say so, and what a re-run resumes from
         if error.errno not in DISK_FULL_ERRNOS:
