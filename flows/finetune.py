@@ -21,6 +21,7 @@ from loraflow.caching import stage_cache_key
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.merging import MODEL_MANIFEST
+from loraflow.mlflow_run import pipeline_params
 from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.run_folder import link_model
 from loraflow.store import ArtifactRef, ArtifactStore
@@ -48,11 +49,13 @@ def finetune_flow(config: PipelineConfig) -> dict:
     base_fingerprint = base_model_fingerprint(Path(model_dir))
     train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
     trained, cached = run_locked(
-        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(),
+        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_key_fn=train_cache_key,
         tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
         store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
+        run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
     )
     summary["train"] = {**trained.model_dump(), "cached": cached}
+    summary["tracking"] = trained.tracking.model_dump() if trained.tracking else None  # the MLflow run of this adapter
 
     # ---- evaluate base vs fine-tuned (and vs the model published last, if another adapter made it); gate
     previous = previously_published(store_root, config.name, exclude_fingerprint=trained.fingerprint)
@@ -64,7 +67,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
         tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
         output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
         system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
-        trust_remote_code=config.model.trust_remote_code,
+        trust_remote_code=config.model.trust_remote_code, tracking=trained.tracking,
     )
     summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
                        "previous_model_dir": previous_model_dir, "gate": evaluation.gate.model_dump(),
@@ -85,6 +88,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
             output_dir=str(publish_dir), card=card_facts(config, summary, evaluation),
             verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
             system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
+            tracking=trained.tracking,
         )
         summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
         if cached:
@@ -98,11 +102,21 @@ def finetune_flow(config: PipelineConfig) -> dict:
         if card_path.exists():
             create_markdown_artifact(key=f"{artifact_key(config.name)}-model-card", markdown=card_path.read_text(),
                                      description="model card")
+    if trained.tracking and trained.tracking.url:
+        create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
+                             description="this adapter's MLflow run: curve, eval metrics per model, report, card")
     summary["seconds"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
     return summary
+
+
+def train_cache_key(context, parameters: dict) -> str:
+    """Train once per data, base model and training config: the tracker's run name and params (the whole
+    pipeline config) do not make another adapter."""
+    keyed = {name: value for name, value in parameters.items() if name not in ("run_name", "tracking_params")}
+    return stage_cache_key(context, keyed)
 
 
 def publish_cache_key(context, parameters: dict) -> str:
@@ -192,4 +206,11 @@ def summary_markdown(summary: dict) -> str:
                       f"peak memory {peak / 2**30:.2f} GiB ({train.get('peak_memory_kind')}), on {train.get('device')}"]
         lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
                       f"**{summary.get('publish', {}).get('published')}**"]
+    tracking = summary.get("tracking")
+    if tracking:
+        where = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"
+        lines += ["", f"MLflow run {where} at `{tracking['tracking_uri']}` (experiment {tracking['experiment_id']})"]
+        if summary.get("publish", {}).get("registered_version"):
+            lines.append(f"Registered model **{summary['publish']['registered_model']}** version "
+                         f"{summary['publish']['registered_version']}")
     return "\n".join(lines)

@@ -34,10 +34,12 @@ from loraflow.evaluation.generation import evaluate_models, stop_token_ids
 from loraflow.evaluation.metrics import (GateDecision, answers_table, comparison_table, decide_gate, evaluation_rows,
                                          general_table, summarise_runs)
 from loraflow.evaluation.report import render_report
+from loraflow.mlflow_run import evaluation_metrics, log_best_effort
 from loraflow.precision import choose_precision
 from loraflow.prompt_encoding import question_prompt_ids
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tokens_input import load_tokens
+from loraflow.tracking import TrackingRun
 
 log_default = logging.getLogger("loraflow.evaluate")
 
@@ -144,11 +146,14 @@ if task is not None:
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
         adapter_fingerprint: str, system_prompt: str | None = None, previous_model_dir: str | None = None,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool = False, tracking: TrackingRun | None = None,
     ) -> EvalResult:
-        """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact.
+        """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact and, with
+        `tracking` (training's MLflow run, TrainResult.tracking), logs the metrics per model and the report there
+        (best effort: a warning when the tracker is down; loraflow.mlflow_run).
 
-        adapter_fingerprint (TrainResult.fingerprint) only feeds the cache key: a new adapter re-evaluates.
+        adapter_fingerprint (TrainResult.fingerprint) only feeds the cache key: a new adapter re-evaluates. So does
+        `tracking`, which comes with the adapter: a cached evaluation logs nothing twice.
         """
         from prefect import get_run_logger
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -161,4 +166,7 @@ if task is not None:
         create_markdown_artifact(Path(result.report_path).read_text(), key="evaluation", description="base vs fine-tuned")
         table = pd.read_parquet(result.table_path)
         create_table_artifact(json.loads(table.to_json(orient="records")), key="evaluation-table")
+        per_model = {"base": result.base, "finetuned": result.finetuned, "previous": result.previous}
+        log_best_effort(tracking, "evaluate", get_run_logger(), metrics=evaluation_metrics(per_model, result.gate.passed),
+                        files=[result.report_path, result.metrics_path, result.table_path], folder="eval")
         return result

@@ -12,6 +12,8 @@
    backoff (publish.hub_retries); a commit is skipped when its branch already holds the files, so a retry or
    a re-run after a push that failed half-way commits once. The token comes from a Prefect Secret block or
    HF_TOKEN, and goes only to the client.
+4. With training's MLflow run: the model card to it; with publish.register_model, the merged folder as a Model
+   Registry version named after the run and tagged with the Prefect flow-run id (loraflow.mlflow_run).
 
 The merge and its check live in loraflow.merging, the model card in loraflow.model_card, the hub push in
 loraflow.hub and `ask` (answers from a published folder, for `loraflow ask`) in loraflow.inference; this module is
@@ -32,7 +34,9 @@ from loraflow.config.publish import PublishConfig
 from loraflow.gguf_export import export_gguf, gguf_logit_difference
 from loraflow.hub import assert_no_secret, push_folder, resolve_hub_token
 from loraflow.merging import merge_adapter, save_merged
+from loraflow.mlflow_run import log_best_effort, register_model
 from loraflow.model_card import CardFacts, render_model_card
+from loraflow.tracking import TrackingRun, redact_url
 
 log_default = logging.getLogger("loraflow.publish")
 
@@ -53,6 +57,8 @@ class PublishResult(BaseModel):
     hub_run_commit: str | None = None
     hub_branch: str | None = None
     hub_commit: str | None = None
+    registered_model: str | None = Field(None, description="MLflow Model Registry name (publish.register_model).")
+    registered_version: str | None = Field(None, description="Its version holding this merged model.")
     seconds: float
 
 
@@ -66,12 +72,16 @@ def publish_model(
     verify_texts: list[str],
     system_prompt: str | None = None,
     trust_remote_code: bool = False,
+    tracking: TrackingRun | None = None,
+    flow_run_id: str | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> PublishResult:
     """Merge, verify, save to `output_dir/model` and, for target=hf_hub, push. Call only when the gate passed.
 
     `verify_texts`: a few full validation texts (prompt + reference); the first publish.verify_prompts are used.
     `system_prompt`: the one training used (None = template default); stored for `ask`.
+    `tracking`: training's MLflow run, which gets the model card (best effort) and, with publish.register_model,
+    the merged folder as a registry version tagged with `flow_run_id` (a failure fails the publish).
     """
     log = log or log_default
     started = time.perf_counter()
@@ -112,7 +122,31 @@ def publish_model(
             message=f"loraflow: {card.run_name}", retries=publish_config.hub_retries,
             retry_delay=publish_config.hub_retry_delay, log=log,
         )
+    log_best_effort(tracking, "publish", log, files=[folder / "README.md"], folder="publish")
+    if publish_config.register_model:
+        result |= register_in_mlflow(folder, files, card.run_name, tracking, {
+            "prefect_flow_run_id": flow_run_id or "none", **({"hub_commit": result["hub_commit"]} if result.get("hub_commit") else {})}, log)
     return PublishResult(**result, seconds=round(time.perf_counter() - started, 2))
+
+
+def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking: TrackingRun | None, tags: dict, log) -> dict:
+    """The merged folder as a version of registered model `name` under training's run (last: it is the one MLflow
+    step that may fail the publish, and a retry finds the version again instead of adding one)."""
+    from loraflow.merging import MODEL_MANIFEST, PublishError
+
+    if tracking is None:
+        raise PublishError("publish.register_model: training recorded no MLflow run (its tracker failed when training "
+                           f"began, see the train log); the merged model is at {folder} -> retrain with the tracker up, "
+                           "or set publish.register_model: false")
+    weights = {path: digest for path, digest in files.items() if path not in ("README.md", MODEL_MANIFEST)}
+    try:
+        version = register_model(tracking, folder, name, files=weights, tags=tags)
+    except Exception as error:
+        raise PublishError(f"publish.register_model: MLflow at {tracking.tracking_uri} did not register {folder} "
+                           f"({type(error).__name__}: {redact_url(str(error))[:300]}) -> start the server and re-run; "
+                           "the re-run registers it once") from error
+    log.info("publish: registered %s version %s in MLflow (run %s)", name, version, tracking.run_id)
+    return {"registered_model": name, "registered_version": str(version)}
 
 
 def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log) -> dict:
@@ -159,9 +193,13 @@ if task is not None:
     def publish_task(
         model_dir: str, adapter_dir: str, publish_config: PublishConfig, output_dir: str, card: CardFacts,
         verify_texts: list[str], system_prompt: str | None = None, trust_remote_code: bool = False,
+        tracking: TrackingRun | None = None,
     ) -> PublishResult:
-        """Prefect task around `publish_model` (the token is resolved inside, never a parameter)."""
+        """Prefect task around `publish_model` (the token is resolved inside, never a parameter); a registry
+        version is tagged with this flow run's id."""
         from prefect import get_run_logger
+        from prefect.runtime import flow_run
 
         return publish_model(model_dir, adapter_dir, publish_config, output_dir, card=card, verify_texts=verify_texts,
-                             system_prompt=system_prompt, trust_remote_code=trust_remote_code, log=get_run_logger())
+                             system_prompt=system_prompt, trust_remote_code=trust_remote_code, tracking=tracking,
+                             flow_run_id=flow_run.get_id(), log=get_run_logger())

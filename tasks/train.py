@@ -43,6 +43,7 @@ from pathlib import Path
 import pandas as pd
 
 from loraflow.config.train import TrainConfig
+from loraflow.mlflow_run import check_tracker, log_best_effort, tracked_run
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tokens_input import load_tokens
 from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
@@ -63,7 +64,8 @@ log_default = logging.getLogger("loraflow.train")
 
 def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, train_config: TrainConfig,
                   output_dir: str | Path, *, store: ArtifactStore | None = None, trust_remote_code: bool = False,
-                  callbacks: list | None = None, on_step=None,
+                  callbacks: list | None = None, on_step=None, run_name: str | None = None,
+                  tracking_params: dict[str, str] | None = None,
                   log: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
     """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame).
 
@@ -73,6 +75,9 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     `callbacks` are extra transformers TrainerCallbacks (tests use one to simulate a crash); they run in this
     process, so train.distributed (several processes) refuses them. `on_step(step, max_steps, loss)` is called
     after each optimizer step, here or from rank 0's report (the Prefect progress artifact).
+    With mlflow in train.report_to: an MLflow server that does not answer fails here before anything loads
+    (TrackerError); the run transformers' MLflowCallback opens is named `run_name`, gets `tracking_params` (the
+    flattened pipeline config) and the curve files, and is TrainResult.tracking (loraflow.mlflow_run).
     """
     log = log or log_default
     started = time.perf_counter()
@@ -92,9 +97,13 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     if done is not None:
         log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", output_dir / "adapter", fingerprint)
         return done
+    if not os.environ.get(LAUNCHED_ENV):
+        check_tracker(train_config)
     if launching:  # each launched process runs this function again (LAUNCHED_ENV set); rank 0's result comes back
-        return launch_training(tokens, model_dir, train_config, output_dir, store=store, trust_remote_code=trust_remote_code,
-                               log=log, on_step=on_step, train_fn=train_adapter)
+        result = launch_training(tokens, model_dir, train_config, output_dir, store=store,
+                                 trust_remote_code=trust_remote_code, log=log, on_step=on_step, train_fn=train_adapter)
+        log_training_files(result, tracking_params, log)
+        return result
     env = apply_training_environment(train_config, log)
 
     # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
@@ -121,7 +130,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
 
     # ---- trainer, then train (from the checkpoint chosen above) ----
     trainer, recorder = build_trainer(model, batches, train_config, env, checkpoints_dir, identity=identity,
-                                      on_step=on_step, callbacks=callbacks, log=log)
+                                      on_step=on_step, callbacks=callbacks, log=log, run_name=run_name,
+                                      tracking_params=tracking_params)
     train_output = train_resuming(trainer, resume_from, checkpoints_dir, log, config=train_config)
     recorder.close()
 
@@ -140,13 +150,21 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
         seconds=round(time.perf_counter() - started, 2), device=env["device"], device_name=device_name(env["device"]),
         quantization=env["quantization"], quantization_reason=quantization_reason(train_config, env),
         precision=env["precision"], precision_reason=env["precision_reason"], optimizer=env["optimizer"],
-        data_sha256=data_sha, fingerprint=fingerprint,
+        data_sha256=data_sha, fingerprint=fingerprint, tracking=tracked_run(trainer),
     )
     if is_main_process():  # rank 0 writes; the others' result is never read
         save_outputs(result, model=model, trainer=trainer, train_output=train_output, curve_rows=recorder.rows,
                      batches=batches, gathered=gathered, config=train_config, identity=identity,
                      parameters=(trainable, total), log=log)
+        if not os.environ.get(LAUNCHED_ENV):  # launched: the caller logs rank 0's files (above)
+            log_training_files(result, None, log)  # the params went in when training began
     return result
+
+
+def log_training_files(result: TrainResult, params: dict[str, str] | None, log) -> None:
+    """The curve (PNG, Parquet) and metrics.json, and `params` when given, to the run under train/ (best effort)."""
+    files = [result.loss_plot_path, result.loss_curve_path, result.metrics_path]
+    log_best_effort(result.tracking, "train", log, params=params, files=files, folder="train")
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------------
@@ -161,10 +179,12 @@ if task is not None:
     @task(name="train")  # cached and locked by the flow (loraflow.tasking.run_locked)
     def train_task(
         tokens: ArtifactRef, model_dir: str, train_config: TrainConfig, output_dir: str, store_root: str,
-        base_fingerprint: str = "", trust_remote_code: bool = False,
+        base_fingerprint: str = "", trust_remote_code: bool = False, run_name: str | None = None,
+        tracking_params: dict[str, str] | None = None,
     ) -> TrainResult:
-        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key); a progress
-        artifact in the UI follows the optimizer steps. With train.distributed the launched processes' output
+        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key; run_name and
+        tracking_params, for the tracker, are left out of it by the flow); a progress artifact in the UI follows
+        the optimizer steps. With train.distributed the launched processes' output
         streams into this task's log, and rank 0's result is this task's result."""
         from prefect import get_run_logger
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -192,7 +212,8 @@ if task is not None:
 
         result = train_adapter(
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
-            trust_remote_code=trust_remote_code, log=log, on_step=report_progress,
+            trust_remote_code=trust_remote_code, log=log, on_step=report_progress, run_name=run_name,
+            tracking_params=tracking_params,
         )
         report_progress(1, 1, None)  # 100 %, as best-effort as every step's report
         return result

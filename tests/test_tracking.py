@@ -32,3 +32,25 @@ def test_tensorboard_events_hold_the_training_curve(tmp_path):
     assert len(losses) == 4 and all(loss > 0 for loss in losses)
     assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert result.adapter_dir
+
+
+def test_flattened_config_leaves_out_secrets_and_hides_url_credentials():
+    from loraflow.tracking import flatten_config
+
+    flat = flatten_config({"publish": {"hf_token_secret": "hub-token", "repo_id": "me/m"},
+                           "sources": [{"kind": "sql", "url": "postgresql://loader:pw@db/x", "password_env": "DB_PW"}],
+                           "train": {"target_modules": ["q_proj", "v_proj"], "tracking_uri": "https://u:key@mlflow.example"}})
+    assert flat == {"publish.repo_id": "me/m", "sources.0.kind": "sql", "sources.0.url": "postgresql://***@db/x",
+                    "sources.0.password_env": "DB_PW", "train.target_modules": "['q_proj', 'v_proj']",
+                    "train.tracking_uri": "https://***@mlflow.example"}
+
+
+def test_register_model_needs_mlflow_in_report_to():
+    import pytest
+
+    from loraflow.config.pipeline import PipelineConfig
+
+    base = {"name": "x", "sources": [{"kind": "csv", "path": "a.csv"}], "publish": {"register_model": True}}
+    with pytest.raises(ValueError, match="publish.register_model registers under training's MLflow run -> add mlflow"):
+        PipelineConfig.model_validate(base)
+    assert PipelineConfig.model_validate(base | {"train": {"report_to": ["mlflow"]}}).publish.register_model

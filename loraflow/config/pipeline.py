@@ -62,6 +62,13 @@ class PipelineConfig(StrictModel):
                 raise ValueError("\n".join(f"synthesize.table_qa.{problem}" for problem in problems))
         return self
 
+    @model_validator(mode="after")
+    def _registry_needs_mlflow(self):
+        if self.publish.register_model and "mlflow" not in self.train.report_to:
+            raise ValueError("publish.register_model registers under training's MLflow run -> add mlflow to "
+                             "train.report_to, or set publish.register_model: false")
+        return self
+
     def synthesizer_kinds(self) -> list[str]:
         """The synthesizer of each source (its own `synthesizer:`, else synthesize.kind)."""
         return [source.synthesizer or self.synthesize.kind for source in self.sources]

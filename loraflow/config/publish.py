@@ -44,6 +44,14 @@ class PublishConfig(StrictModel):
         ),
     )
     gguf: GGUFConfig | None = Field(None, description="Also write model-<quantization>.gguf beside the merged weights (null: no GGUF).")
+    register_model: bool = Field(
+        False,
+        description=(
+            "Also register the merged model in the MLflow Model Registry (name: the run name; tags: the Prefect "
+            "flow-run id, the adapter fingerprint) under training's MLflow run. Needs mlflow in train.report_to. "
+            "Once per adapter and publish config: a cached re-run adds no version."
+        ),
+    )
     verify_prompts: int = Field(4, ge=1, le=64, description="Validation examples whose logits the merge check compares.")
     hub_retries: int = Field(
         3, ge=0, le=10,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from loraflow.tracking import TrackingRun
+
 
 class NonFiniteTrainingError(RuntimeError):
     """Loss or gradient norm stayed NaN/inf for `train.nonfinite_patience` consecutive steps."""
@@ -53,3 +55,6 @@ class TrainResult(BaseModel):
     optimizer: str
     data_sha256: str
     fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")
+    tracking: TrackingRun | None = Field(
+        None, description="The MLflow run training reported to (train.report_to has mlflow); the later stages add to it.",
+    )

@@ -5,7 +5,8 @@
 
 Callbacks: StepRecorder (the loss curve, tokens/s, the progress bar and an ETA), NonFiniteGuard (stops on a run
 of NaN/inf steps), CheckpointMarker (loraflow.training.checkpoints: marks a checkpoint complete), StepReport
-(`on_step` for the Prefect progress artifact). `ResumableTrainer` draws its length-grouped batch order from
+(`on_step` for the Prefect progress artifact), and transformers' MLflowCallback inside BestEffortTracking
+(loraflow.mlflow_run: a tracker failure while training is a warning). `ResumableTrainer` draws its length-grouped batch order from
 (seed, epoch) so a resumed run sees the batches an uninterrupted one would.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from loraflow.config.train import TrainConfig
 from loraflow.cpu_threads import ThreadsForLoad
 from loraflow.store import DISK_FULL_ERRNOS, disk_full
+from loraflow.mlflow_run import interrupted_run_id, wrap_tracking_callbacks
 from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
@@ -25,9 +27,11 @@ from loraflow.training.result import NonFiniteTrainingError
 
 
 def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_dir: Path, *, identity: dict,
-                  on_step=None, callbacks: list | None = None, log=None):
+                  on_step=None, callbacks: list | None = None, log=None, run_name: str | None = None,
+                  tracking_params: dict[str, str] | None = None):
     """The Trainer over `batches` (loraflow.training.data.BatchPlan) with loraflow's callbacks; returns
-    (trainer, its StepRecorder). Refuses train.distributed=fsdp when accelerate did not set FSDP up."""
+    (trainer, its StepRecorder). Refuses train.distributed=fsdp when accelerate did not set FSDP up.
+    `run_name` names the trackers' run; `tracking_params` (the flattened pipeline config) go to the MLflow run."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
 
@@ -39,7 +43,7 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     trainer = Trainer(
         model=model,
         args=training_arguments(config, env, checkpoints_dir, rows_per_micro_batch=batches.rows_per_micro_batch,
-                                fast=batches.fast, packing=batches.packing),
+                                fast=batches.fast, packing=batches.packing, run_name=run_name),
         train_dataset=batches.examples,
         data_collator=batches.collator,
         callbacks=[recorder, guard, marker_writer, *([StepReport(on_step)] if on_step else []), *(callbacks or [])],
@@ -48,6 +52,7 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
         trainer.add_callback(ThreadsForLoad(log if main_process else None))
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
+    wrap_tracking_callbacks(trainer, tracking_params, log)  # a tracker that fails mid-run must not stop training
     if config.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type.value}: "
                            "launch through train_adapter (accelerate launch with loraflow's FSDP config) on CUDA GPUs")
@@ -61,7 +66,8 @@ def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log
     DiskFullError saying which checkpoint is intact (a re-run resumes from it)."""
     try:
         send_tensorboard_to(trainer, checkpoints_dir.parent / "tensorboard")
-        with tracking_environment(config, checkpoints_dir):  # MLflow / W&B read their variables when training begins
+        resume_run_id = interrupted_run_id(checkpoints_dir) if resume_from else None
+        with tracking_environment(config, checkpoints_dir, resume_run_id):  # MLflow / W&B read them when training begins
             return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as error:  # out of space while saving a checkpoint: say so, and what a re-run resumes from
         if error.errno not in DISK_FULL_ERRNOS:
@@ -72,7 +78,7 @@ def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log
 
 
 def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *, rows_per_micro_batch: int | None = None,
-                       fast: bool = False, packing: bool = False):
+                       fast: bool = False, packing: bool = False, run_name: str | None = None):
     """transformers TrainingArguments for `config` (works with transformers 5.17 on the GPU image and 5.23 here).
 
     `fast` (packed CUDA path): Trainer's gradient checkpointing stays off, since configure_model_for_speed has
@@ -102,6 +108,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         save_steps=config.checkpoint_every,
         save_total_limit=config.keep_checkpoints,
         report_to=report_to_value(config.report_to),  # transformers' own integrations (loraflow.tracking)
+        run_name=run_name,
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
