@@ -12,10 +12,10 @@ and returns rank 0's TrainResult; in those processes only rank 0 writes the adap
 checkpoint markers (docs/scaling.md). FSDP runs without the fast path's model surgery (below).
 
 The fast path (default on CUDA: train.packing="auto"): examples packed into rows of train.pack_max_tokens,
-`configure_model_for_speed` after get_peft_model instead of prepare_model_for_kbit_training (flex attention
-with per-document block masks, Liger kernels, fused LoRA epilogues, bf16 frozen tensors, gradient checkpointing
-on only as many layers as train.memory_budget_gb needs), packed rows per micro-batch chosen from the same
-budget, Trainer's own checkpointing off, no 2-D attention_mask. The SpeedPlan (what was applied, and why each
+`configure_model_for_speed` after get_peft_model instead of prepare_model_for_kbit_training (varlen flash
+attention with each packed document its own sequence, else flex attention with per-document block masks;
+Liger kernels, fused LoRA epilogues, bf16 frozen tensors, gradient checkpointing on only as many layers as
+train.memory_budget_gb needs), packed rows per micro-batch chosen from the same budget, Trainer's own checkpointing off, no 2-D attention_mask. The SpeedPlan (what was applied, and why each
 lever that was not) goes into metrics.json with tokens/s (non-padding tokens) and peak memory; docs/speed.md
 has the measurements behind it.
 

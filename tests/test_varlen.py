@@ -42,3 +42,17 @@ def test_varlen_loss_and_gradients_equal_sdpa_with_the_document_mask():
     torch.testing.assert_close(varlen_loss, sdpa_loss, atol=1e-6, rtol=1e-5)
     for name, grad in sdpa_grads.items():
         torch.testing.assert_close(varlen_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_the_fast_path_picks_varlen_on_cuda_flex_without_it_or_with_attention_dropout(monkeypatch):
+    from loraflow.training import speed
+
+    model = _tiny_llama("sdpa")
+    assert speed.default_attention(model, on_cuda=False) == "sdpa"
+    monkeypatch.setattr(speed, "varlen_available", lambda: True)
+    assert speed.default_attention(model, on_cuda=True) == VARLEN
+    model.config.attention_dropout = 0.1  # varlen has no dropout
+    assert speed.default_attention(model, on_cuda=True) == "flex_attention"
+    model.config.attention_dropout = 0.0
+    monkeypatch.setattr(speed, "varlen_available", lambda: False)  # torch without torch.nn.attention.varlen
+    assert speed.default_attention(model, on_cuda=True) == "flex_attention"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from loraflow.training.varlen import varlen_available
+
 torch = pytest.importorskip("torch")
 pytestmark = [
     pytest.mark.gpu,
@@ -105,7 +107,8 @@ def test_default_train_takes_the_packed_fast_path(smol_random, tokens, tmp_path)
 
     plan = result.speed_plan
     assert result.packing and plan is not None, "CUDA + defaults must take the packed fast path"
-    assert plan["attn_implementation"] == "flex_attention" and plan["document_masking"]
+    expected_attention = "loraflow_varlen" if varlen_available() else "flex_attention"
+    assert plan["attn_implementation"] == expected_attention and plan["document_masking"]
     assert plan["lora_fused_layers"] > 0 and plan["total_layers"] == 30
     assert plan["memory_budget_gb"] > 10 and plan["rows_per_micro_batch"] >= 1 and plan["row_tokens"] == 4096
     assert plan["tokens_per_micro_batch"] == plan["rows_per_micro_batch"] * 4096
