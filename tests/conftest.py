@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """For pytest-xdist's `--dist loadgroup`: long tests (`slow`) first, so parallel workers do not end on one
     of them alone; the tests of a module that shares a module-scoped fixture (a server, a trained adapter) stay
