@@ -213,3 +213,19 @@ def test_neftune_noise_reaches_the_trainer_arguments(tmp_path):
     env = {"optimizer": "adamw_torch", "precision": "fp32", "device": "cpu"}
     assert training_arguments(TrainConfig(neftune_noise_alpha=5.0), env, tmp_path).neftune_noise_alpha == 5.0
     assert training_arguments(TrainConfig(), env, tmp_path).neftune_noise_alpha is None
+
+
+def test_a_made_up_title_gets_the_longest_answer_budget_so_a_wrong_answer_is_not_also_counted_as_not_stopping(tokenizer):
+    from loraflow.evaluation.generation import answer_budgets
+
+    refusal = "I don't know an anime called Nirito; it is not in the catalog."
+    overview = "Nirito is a 12-episode action and fantasy anime about a swordsman who returns to the ruined city " * 2
+    questions = pd.DataFrame({"reference": [overview, "24", refusal], "set": ["trained", "heldout", "unknown"]})
+    config = EvalConfig(max_new_tokens=160, answer_margin_tokens=24)
+    length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    budgets = answer_budgets(questions, tokenizer, config)
+    assert budgets[:2] == [length(overview) + 24, length("24") + 24]
+    assert budgets[2] == budgets[0] > length(refusal) + 24
+    assert answer_budgets(questions, tokenizer, EvalConfig(max_new_tokens=40, answer_margin_tokens=24))[2] == 40
+    without_sets = answer_budgets(questions.drop(columns="set"), tokenizer, config)
+    assert without_sets[2] == length(refusal) + 24

@@ -38,10 +38,7 @@ def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, q
     from peft import PeftModel
 
     generation = dict(max_new_tokens=eval_config.max_new_tokens, batch_size=eval_config.batch_size, stop_ids=stop_ids)
-    # A question's budget is its reference's length plus a margin: a model still talking by then is rambling,
-    # and base models that never stop no longer cost the full max_new_tokens on every question.
-    budgets = [min(eval_config.max_new_tokens, len(tokenizer(r, add_special_tokens=False)["input_ids"]) + eval_config.answer_margin_tokens)
-               for r in questions["reference"]]
+    budgets = answer_budgets(questions, tokenizer, eval_config)
     model = load_for_inference(model_dir, trust_remote_code=trust_remote_code, precision=precision)
     runs = {}
     for name in ("base", "finetuned", "previous") if previous_model_dir else ("base", "finetuned"):
@@ -83,6 +80,20 @@ def stop_token_ids(tokenizer, model_dir: str | Path | None = None) -> list[int]:
         eos = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     return sorted(ids)
+
+
+def answer_budgets(questions: pd.DataFrame, tokenizer, eval_config: EvalConfig) -> list[int]:
+    """Each question's generation budget: its reference's tokens plus eval.answer_margin_tokens (capped by
+    eval.max_new_tokens); a model still talking by then is rambling, and base models that never stop no longer cost
+    the full max_new_tokens on every question. A made-up title (set "unknown") gets the longest budget of the
+    others: its reference is a short refusal, and a model that answers in the catalog's format instead is already
+    counted in refusal_rate; cut at the refusal's length, that answer would count again as one that never stops."""
+    budgets = [min(eval_config.max_new_tokens, len(tokenizer(r, add_special_tokens=False)["input_ids"]) + eval_config.answer_margin_tokens)
+               for r in questions["reference"]]
+    made_up = (questions["set"] == "unknown").tolist() if "set" in questions.columns else [False] * len(budgets)
+    answered = [budget for budget, unknown in zip(budgets, made_up) if not unknown]
+    longest = max(answered, default=eval_config.max_new_tokens)
+    return [max(budget, longest) if unknown else budget for budget, unknown in zip(budgets, made_up)]
 
 
 def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_new_tokens: int | list[int], batch_size: int,
