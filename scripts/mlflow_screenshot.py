@@ -3,8 +3,10 @@
 Starts `mlflow server` (SQLite) on a loopback port, runs `loraflow run` on configs/anime_demo.yaml cut to
 --steps optimizer steps and fewer evaluation questions (the real SmolLM2-135M, the demo's data, report_to
 [mlflow, tensorboard], publish.register_model), then screenshots the run's overview (eval metrics per model, the registered version) and its loss curve.
+`--steps 0` runs the demo itself (its training, evaluation and gate); `--gguf f16` also exports the GGUF.
 
     nice -n 19 .venv/bin/python scripts/mlflow_screenshot.py --steps 120 --out /tmp/loraflow-mlflow-demo
+    .venv/bin/python scripts/mlflow_screenshot.py --steps 0 --gguf f16 --out /tmp/loraflow-mlflow-demo
 """
 
 import argparse
@@ -27,17 +29,20 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--virtual-time-budget=25000", "--hide-scrollbars"]
 
 
-def demo_like_config(out: Path, uri: str, steps: int) -> Path:
+def demo_like_config(out: Path, uri: str, steps: int, gguf: str | None = None) -> Path:
+    """The demo's config with tracking on; cut to `steps` optimizer steps and 8 questions unless steps is 0."""
     config = yaml.safe_load((REPO / "configs/anime_demo.yaml").read_text())
     for source in config["sources"]:
         source["path"] = str((REPO / "configs" / source["path"]).resolve())
     config |= {"store": str(out / "store"), "runs_dir": str(out / "runs")}
-    config["train"] |= {"max_steps": steps, "checkpoint_every": steps, "cpu_threads": 1, "report_to": ["mlflow", "tensorboard"],
-                        "tracking_uri": uri, "tracking_experiment": "anime-demo"}
-    config["eval"] |= {"max_questions": 8, "max_new_tokens": 48, "cpu_threads": 1}
-    config["eval"]["gate"] |= {"min_fact_accuracy": 0.0, "min_stop_rate": 0.0, "must_beat_base": False,
-                               "min_natural_fact_accuracy": None, "min_refusal_rate": None}
-    config["publish"] = {"register_model": True}
+    config["train"] |= {"report_to": ["mlflow", "tensorboard"], "tracking_uri": uri, "tracking_experiment": "anime-demo"}
+    if steps:
+        config["train"] |= {"max_steps": steps, "checkpoint_every": steps, "cpu_threads": 1}
+        config["eval"] |= {"max_questions": 8, "max_new_tokens": 48, "cpu_threads": 1}
+        config["eval"]["gate"] |= {"min_fact_accuracy": 0.0, "min_stop_rate": 0.0, "must_beat_base": False,
+                                   "min_natural_fact_accuracy": None, "min_refusal_rate": None}
+    config["publish"] = {**config.get("publish", {}), "register_model": True,
+                         **({"gguf": {"quantization": gguf}} if gguf else {})}
     path = out / "anime_demo_mlflow.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -54,11 +59,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--out", type=Path, default=Path("/tmp/loraflow-mlflow-demo"))
     parser.add_argument("--docs", type=Path, default=REPO / "docs")
+    parser.add_argument("--gguf", choices=["f16", "q8_0"], default=None, help="also export the GGUF (publish.gguf)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     with mlflow_server(args.out / "mlflow") as uri:
-        config = demo_like_config(args.out, str(uri), args.steps)
+        config = demo_like_config(args.out, str(uri), args.steps, args.gguf)
         env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect"), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config)], cwd=REPO, env=env,
@@ -74,6 +80,7 @@ def main() -> None:
         loss = screenshot(loss_page, args.docs / "mlflow-loss.png", args.out / "chrome")
         print(json.dumps({"run": run_url, "overview_has_eval": "eval.finetuned.fact_accuracy" in overview,
                           "loss_page_has_loss": "grad_norm" in loss, "train_seconds": summary["train"]["seconds"],
+                          "summary": done.stdout.strip().splitlines()[-1],
                           "eval": {k: summary["eval"][k].get("fact_accuracy") for k in ("base", "finetuned")}}))
 
 
