@@ -1,8 +1,8 @@
-"""docs/mlflow-run.png and docs/mlflow-loss.png: a demo-like run seen in the MLflow UI (headless Chromium).
+"""docs/mlflow-run.png and docs/mlflow-metrics.png: a demo-like run seen in the MLflow UI (headless Chromium).
 
 Starts `mlflow server` (SQLite) on a loopback port, runs `loraflow run` on configs/anime_demo.yaml cut to
 --steps optimizer steps and fewer evaluation questions (the real SmolLM2-135M, the demo's data, report_to
-[mlflow, tensorboard], publish.register_model), then screenshots the run's overview (eval metrics per model, the registered version) and its loss curve.
+[mlflow, tensorboard], publish.register_model), then screenshots the run's overview (eval metrics per model, the registered version) and its Model metrics tab.
 `--steps 0` runs the demo itself (its training, evaluation and gate); `--gguf f16` also exports the GGUF.
 
     nice -n 19 .venv/bin/python scripts/mlflow_screenshot.py --steps 120 --out /tmp/loraflow-mlflow-demo
@@ -74,12 +74,9 @@ def main() -> None:
         summary = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
         run_url = summary["tracking"]["url"]
         overview = screenshot(run_url, args.docs / "mlflow-run.png", args.out / "chrome", size="1400,2300")
-        tracking = summary["tracking"]
-        loss_page = (f"{uri}/#/metric/loss?runs=[%22{tracking['run_id']}%22]&experiments=[%22{tracking['experiment_id']}%22]"
-                     "&plot_metric_keys=[%22loss%22,%22grad_norm%22]")
-        loss = screenshot(loss_page, args.docs / "mlflow-loss.png", args.out / "chrome")
+        charts = screenshot(f"{run_url}/model-metrics", args.docs / "mlflow-metrics.png", args.out / "chrome")
         print(json.dumps({"run": run_url, "overview_has_eval": "eval.finetuned.fact_accuracy" in overview,
-                          "loss_page_has_loss": "grad_norm" in loss, "train_seconds": summary["train"]["seconds"],
+                          "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "train_seconds": summary["train"]["seconds"],
                           "summary": done.stdout.strip().splitlines()[-1],
                           "eval": {k: summary["eval"][k].get("fact_accuracy") for k in ("base", "finetuned")}}))
 
