@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo prepare-demo test test-all clean
+.PHONY: setup demo prepare-demo test test-all llama-cpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test: setup
 # Also the load and soak runs against a real server (tests/test_orchestration_load.py, about 25 minutes more).
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadgroup
+
+# Optional: llama.cpp's Python binding, for scripts/gguf_in_llama_cpp.py and tests/test_gguf_llama_cpp.py. PyPI has
+# only its source release: this builds llama.cpp (about 18 minutes on 2 cores).
+llama-cpp: setup
+	CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+		$(BIN)/pip install -q "llama-cpp-python==0.3.36"
 
 clean:
 	rm -rf .loraflow
