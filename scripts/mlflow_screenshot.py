@@ -1,8 +1,8 @@
-"""docs/mlflow-run.png and docs/mlflow-metrics.png: a demo-like run seen in the MLflow UI (headless Chromium).
+"""docs/mlflow-run.png, mlflow-metrics.png and mlflow-curve.png: a demo-like run seen in the MLflow UI (headless Chromium).
 
 Starts `mlflow server` (SQLite) on a loopback port, runs `loraflow run` on configs/anime_demo.yaml cut to
 --steps optimizer steps and fewer evaluation questions (the real SmolLM2-135M, the demo's data, report_to
-[mlflow, tensorboard], publish.register_model), then screenshots the run's overview (eval metrics per model, the registered version) and its Model metrics tab.
+[mlflow, tensorboard], publish.register_model), then screenshots the run's overview (eval metrics per model, the registered version) its Model metrics tab and the logged loss curve.
 `--steps 0` runs the demo itself (its training, evaluation and gate); `--gguf f16` also exports the GGUF.
 
     nice -n 19 .venv/bin/python scripts/mlflow_screenshot.py --steps 120 --out /tmp/loraflow-mlflow-demo
@@ -75,8 +75,9 @@ def main() -> None:
         run_url = summary["tracking"]["url"]
         overview = screenshot(run_url, args.docs / "mlflow-run.png", args.out / "chrome", size="1400,2300")
         charts = screenshot(f"{run_url}/model-metrics", args.docs / "mlflow-metrics.png", args.out / "chrome")
+        curve = screenshot(f"{run_url}/artifacts/train/loss_curve.png", args.docs / "mlflow-curve.png", args.out / "chrome")
         print(json.dumps({"run": run_url, "overview_has_eval": "eval.finetuned.fact_accuracy" in overview,
-                          "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "train_seconds": summary["train"]["seconds"],
+                          "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "curve_shown": "loss_curve" in curve, "train_seconds": summary["train"]["seconds"],
                           "summary": done.stdout.strip().splitlines()[-1],
                           "eval": {k: summary["eval"][k].get("fact_accuracy") for k in ("base", "finetuned")}}))
 
