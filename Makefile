@@ -32,13 +32,13 @@ demo: setup
 prepare-demo: setup
 	$(BIN)/loraflow prepare configs/anime_demo.yaml
 
-# One worker per core (pytest-xdist); tests sharing a module fixture stay together (tests/conftest.py).
+# One worker per core (pytest-xdist); each test file on one worker, so a module's fixture is built once (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu and not soak" -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -m "not gpu and not soak" -n auto --dist loadfile
 
 # Also the load and soak runs against a real server (tests/test_orchestration_load.py, about 25 minutes more).
 test-all: setup
-	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadgroup
+	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadfile
 
 # Optional: llama.cpp's Python binding, for scripts/gguf_in_llama_cpp.py and tests/test_gguf_llama_cpp.py. PyPI has
 # only its source release: this builds llama.cpp (about 18 minutes on 2 cores).

@@ -22,15 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    """For pytest-xdist's `--dist loadgroup`: long tests (`slow`) first, so parallel workers do not end on one
-    of them alone; the tests of a module that shares a module-scoped fixture (a server, a trained adapter) stay
-    on one worker, so that fixture is built once."""
-    for item in items:
-        definitions = item._fixtureinfo.name2fixturedefs.values()
-        if any(defs[-1].scope == "module" for defs in definitions):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    """Long tests (`slow`) first, so that under pytest-xdist's `--dist loadfile` (README's `make test`: each test
+    file on one worker, so a module's shared fixture, a server or a trained adapter, is built once) the files
+    holding them start first and the workers do not end on one of them alone.
+
+    (Not `--dist loadgroup` with xdist_group marks: pytest 9 builds node ids from `Item._id`, and pytest-xdist 3.8
+    tags a group by rewriting `item._nodeid`, so the marks were ignored and a module fixture was built per worker.)"""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
