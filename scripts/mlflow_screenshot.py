@@ -71,14 +71,15 @@ def main() -> None:
                               capture_output=True, text=True)
         if done.returncode not in (0, 1):  # 1: the gate refused the model (the metrics are there all the same)
             sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
-        summary = json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
+        summary_path = done.stdout.strip().splitlines()[-1]  # `loraflow run` prints the summary's path last
+        summary = json.loads(Path(summary_path).read_text())
         run_url = summary["tracking"]["url"]
         overview = screenshot(run_url, args.docs / "mlflow-run.png", args.out / "chrome", size="1400,2300")
         charts = screenshot(f"{run_url}/model-metrics", args.docs / "mlflow-metrics.png", args.out / "chrome")
         curve = screenshot(f"{run_url}/artifacts/train/loss_curve.png", args.docs / "mlflow-curve.png", args.out / "chrome")
         print(json.dumps({"run": run_url, "overview_has_eval": "eval.finetuned.fact_accuracy" in overview,
                           "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "curve_shown": "loss_curve" in curve, "train_seconds": summary["train"]["seconds"],
-                          "summary": done.stdout.strip().splitlines()[-1],
+                          "summary": summary_path,
                           "eval": {k: summary["eval"][k].get("fact_accuracy") for k in ("base", "finetuned")}}))
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from loraflow.config.pipeline import PipelineConfig
 from tests.mlflow_server import mlflow_server as start_mlflow_server
+from tests.test_reliability_flow import tiny_pipeline
 from tests.tiny_llama import build_tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
 SENTINEL = "hf_SENTINEL_mlflow_must_not_leak_24680"
 EXPERIMENT = "loraflow-flow-test"
 
@@ -25,21 +25,13 @@ pytestmark = pytest.mark.slow
 
 
 def tracked_pipeline(root: Path, model_dir: Path, tracking_uri: str, learning_rate: float = 0.001) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "name": "tracked", "store": str(root / "store"), "runs_dir": str(root / "runs"),
-        "sources": [{"kind": "csv", "name": "catalog", "path": str(REPO / "data/sample/anime_catalog.csv"), "max_rows": 3}],
-        "synthesize": {"anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 1, "max_synopsis_words": 8}},
-        "format": {"system_prompt": "You are an anime catalog assistant."},
-        "tokenize": {"validation_fraction": 0.25},
-        "model": {"base": str(model_dir)},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": learning_rate, "gradient_checkpointing": False,
-                  "report_to": ["mlflow", "tensorboard"], "tracking_uri": tracking_uri, "tracking_experiment": EXPERIMENT},
-        "eval": {"max_questions": 2, "max_new_tokens": 4, "general_questions": ["What is 2 + 2?"],
-                 "general_expected": {"What is 2 + 2?": "4|four"},
-                 "gate": {"min_fact_accuracy": 0.0, "min_stop_rate": 0.0, "must_beat_base": False,
-                          "min_natural_fact_accuracy": None, "min_refusal_rate": None, "max_general_regressions": None}},
-        "publish": {"register_model": True, "hf_token_secret": "hub-token-block"},
-    })
+    """The reliability flow's tiny pipeline, tracked in MLflow and TensorBoard, registering the published model."""
+    config = tiny_pipeline(root, model_dir).model_dump()
+    config["name"] = "tracked"
+    config["train"] |= {"learning_rate": learning_rate, "report_to": ["mlflow", "tensorboard"], "tracking_uri": tracking_uri,
+                        "tracking_experiment": EXPERIMENT}
+    config["publish"] = {"register_model": True, "hf_token_secret": "hub-token-block"}
+    return PipelineConfig.model_validate(config)
 
 
 @pytest.fixture(scope="module")
