@@ -100,7 +100,7 @@ def run_loraflow_stage(args, log) -> dict:
     packed_rows = len(pack_examples(examples, max_tokens=max_tokens))
     if env["device"] == "cuda":
         rows, plan = configure_fast_path(model, config, env, max_tokens, packed_rows, log=_Log(log),
-                                         attn_implementation=args.attn)
+                                         attn_implementation=args.attn, lean_recompute=args.lean_recompute == "on")
     else:  # CPU dry run: the stage keeps CPU settings there; plan what the GPU would, on the CPU model
         from loraflow.training import configure_model_for_speed
 
@@ -299,6 +299,13 @@ def _print_table(title: str, rows: list[dict]) -> None:
             print(f"{'':>9}   loraflow row failed: {row['loraflow_failure'][:150]}")
 
 
+def _print_lean_ab(label: str, lean: dict | None, full: dict | None) -> None:
+    """One line: tokens/s of the plan with lean recompute and with the full recompute, and their ratio."""
+    speeds = [(run or {}).get("tokens_per_s") for run in (lean, full)]
+    ratio = f"{speeds[0] / speeds[1]:.3f}" if all(speeds) else "-"
+    print(f"lean recompute A/B {label}: lean {speeds[0]} vs full {speeds[1]} tokens/s, ratio {ratio}", flush=True)
+
+
 def parent_main(args, argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,6 +329,10 @@ def parent_main(args, argv: list[str]) -> int:
                 for budget in budgets:
                     extra = [] if budget is None else ["--memory-budget-gb", f"{budget:g}"]
                     loraflow_runs[budget] = run_child(args, "loraflow-stage", extra + attn, log_file)
+                    if args.also_full_recompute:  # the same plan with the recompute not lean, for the lever's A/B
+                        full = run_child(args, "loraflow-stage", extra + attn + ["--lean-recompute", "off"], log_file)
+                        record.setdefault("full_recompute_runs", {})[str(budget)] = full
+                        _print_lean_ab(f"{budget} GiB", loraflow_runs[budget], full)
             sweep = run_child(args, "unsloth-sweep", ["--unsloth-rows", args.unsloth_rows], log_file) \
                 if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
@@ -340,6 +351,11 @@ def parent_main(args, argv: list[str]) -> int:
                 for length in lengths:
                     extra = ["--memory-budget-gb", f"{budget:g}", "--doc-len", str(length)]
                     loraflow_runs[length] = run_child(_with(args, seq_len=length), "loraflow-stage", extra + attn, log_file)
+                    if args.also_full_recompute:
+                        full = run_child(_with(args, seq_len=length), "loraflow-stage",
+                                         extra + attn + ["--lean-recompute", "off"], log_file)
+                        record.setdefault("full_recompute_runs", {})[f"doc_len {length}"] = full
+                        _print_lean_ab(f"{length} doc", loraflow_runs[length], full)
             sweep = run_child(args, "unsloth-sweep", ["--doc-lens", args.long_lens], log_file) \
                 if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
@@ -404,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
     parser.add_argument("--attn", default=None, help="loraflow's attention (flex_attention, loraflow_varlen); default: the stage's")
+    parser.add_argument("--also-full-recompute", action="store_true",
+                        help="also run each loraflow row with lean recompute off (the lever's A/B, same run)")
+    parser.add_argument("--lean-recompute", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--out", default=str(HERE / "results"))
     # child-only

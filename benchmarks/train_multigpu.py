@@ -127,6 +127,7 @@ def run_one(args) -> dict:
         "steps": result.global_step, "rows_per_micro_batch": result.rows_per_micro_batch, "row_tokens": args.seq,
         "global_batch_rows": args.rows * args.gpus, "final_loss": result.final_loss,
         "peak_memory_gib_rank0": round(result.peak_memory_bytes / 1024**3, 2), "seconds": result.seconds,
+        "fsdp_memory_estimate": result.fsdp_memory,
         "optimizer": result.optimizer, "fast_path": result.speed_plan is not None,
         "distributed": metrics["distributed"], "library_versions": metrics["library_versions"],
     }

@@ -48,13 +48,13 @@ from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tokens_input import load_tokens
 from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
 from loraflow.training.data import plan_batches
-from loraflow.training.distributed import is_main_process
-from loraflow.training.launch import LAUNCHED_ENV, launch_training
+from loraflow.training.distributed import is_main_process, world_size
+from loraflow.training.launch import LAUNCHED_ENV, launch_training, resolve_num_processes
 from loraflow.training.model_loading import load_lora_model, load_tokenizer, parameter_counts
 from loraflow.training.outputs import gather_after_training, peak_memory, save_outputs
 from loraflow.training.planning import (
-    apply_training_environment, check_budget_before_loading, device_name, fast_path_enabled, packing_enabled,
-    quantization_reason,
+    apply_training_environment, check_budget_before_loading, check_fsdp_budget, device_name, fast_path_enabled,
+    fsdp_memory_estimate, packing_enabled, quantization_reason, training_environment,
 )
 from loraflow.training.result import TrainResult
 from loraflow.training.trainer import build_trainer, train_resuming
@@ -99,7 +99,13 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
         return done
     if not os.environ.get(LAUNCHED_ENV):
         check_tracker(train_config)
+    longest = int(train_rows["length"].max())
     if launching:  # each launched process runs this function again (LAUNCHED_ENV set); rank 0's result comes back
+        if train_config.distributed == "fsdp":  # per-GPU peak stated (and a budget it breaks refused) before launching
+            import torch
+
+            check_fsdp_budget(model_dir, train_config, training_environment(train_config), longest,
+                              resolve_num_processes(train_config, torch.cuda.device_count()), log)
         result = launch_training(tokens, model_dir, train_config, output_dir, store=store,
                                  trust_remote_code=trust_remote_code, log=log, on_step=on_step, train_fn=train_adapter)
         log_training_files(result, tracking_params, log)
@@ -120,7 +126,7 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
 
     set_seed(train_config.seed)
     if fast:
-        check_budget_before_loading(model_dir, train_config, env, int(train_rows["length"].max()))
+        check_budget_before_loading(model_dir, train_config, env, longest)
     model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code, fast=fast)
     trainable, total = parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -151,6 +157,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
         quantization=env["quantization"], quantization_reason=quantization_reason(train_config, env),
         precision=env["precision"], precision_reason=env["precision_reason"], optimizer=env["optimizer"],
         data_sha256=data_sha, fingerprint=fingerprint, tracking=tracked_run(trainer),
+        fsdp_memory=(fsdp_memory_estimate(model_dir, train_config, env, longest, world_size())
+                     if train_config.distributed == "fsdp" else None),
     )
     if is_main_process():  # rank 0 writes; the others' result is never read
         save_outputs(result, model=model, trainer=trainer, train_output=train_output, curve_rows=recorder.rows,

@@ -10,6 +10,11 @@ benchmarks/train_multigpu.py.
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +48,12 @@ def config(**overrides):
 
     settings = dict(quantization="4bit", max_steps=4, micro_batch_size=2, learning_rate=2e-3, checkpoint_every=2)
     return TrainConfig(**{**settings, **overrides})
+
+
+REPO = Path(__file__).resolve().parent.parent
+# The same global batch, schedule and optimizer with and without FSDP (no fast path in either: padded batches).
+PARITY = dict(packing=False, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0, max_steps=6,
+              checkpoint_every=2, gradient_accumulation=1)
 
 
 def lora_b_moved(adapter_dir: str) -> bool:
@@ -98,3 +109,139 @@ def test_two_gpus_match_one_on_the_same_global_batch(smol_random, tokens, tmp_pa
     two_loss = pd.read_parquet(two.loss_curve_path)["loss"]
     # fp32 on GPU: cuBLAS/NCCL sum orders differ more than on CPU.
     pd.testing.assert_series_equal(two_loss, one_loss, rtol=0, atol=1e-3)
+
+
+def adapter_tensors(adapter_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(adapter_dir) / "adapter_model.safetensors")
+
+
+def greedy_answers(model_dir, adapter_dir, prompts: list[str]) -> tuple[list[str], "torch.Tensor"]:
+    """The merged (bf16 base + adapter) model's greedy answers to `prompts`, and its logits on them."""
+    from loraflow.merging import merge_adapter
+
+    merged, tokenizer, _ = merge_adapter(model_dir, adapter_dir, prompts, tolerance=1.0, dtype="bfloat16")
+    answers, logits = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(merged.device)
+        with torch.no_grad():
+            logits.append(merged(**ids).logits[0].float().cpu())
+            out = merged.generate(**ids, max_new_tokens=8, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:]))
+    return answers, torch.cat(logits)
+
+
+def test_fsdp_qlora_adapter_equals_the_single_process_adapter_and_merges_to_the_same_answers(smol_random, tokens, tmp_path):
+    """NF4 on the GPU: FSDP (one process) and the in-process path train the same adapter within bf16 tolerance."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from tasks.train import train_adapter
+    from tests.tiny_llama import QA_ROWS, prompt_text
+
+    single = train_adapter(tokens, smol_random, config(**PARITY), tmp_path / "single")
+    fsdp = train_adapter(tokens, smol_random, config(**PARITY, distributed="fsdp", num_processes=1), tmp_path / "fsdp")
+    assert single.speed_plan is None and fsdp.speed_plan is None and single.global_step == fsdp.global_step == 6
+    single_loss = pd.read_parquet(single.loss_curve_path)["loss"]
+    fsdp_loss = pd.read_parquet(fsdp.loss_curve_path)["loss"]
+    print("loss single", single_loss.round(4).tolist(), "fsdp", fsdp_loss.round(4).tolist())
+    assert single_loss.iloc[-1] < single_loss.iloc[0] - 0.5, "training moved the loss"
+    # bf16 compute; the in-process path keeps norms and embeddings in fp32 (prepare_model_for_kbit_training), FSDP in bf16.
+    pd.testing.assert_series_equal(fsdp_loss, single_loss, rtol=2e-2, atol=0)
+
+    a, b = adapter_tensors(single.adapter_dir), adapter_tensors(fsdp.adapter_dir)
+    assert set(a) == set(b) and any("lora_B" in name for name in a)
+    worst = {}
+    for name in a:
+        x, y = a[name].float(), b[name].float()
+        worst[name] = float((x - y).norm() / x.norm().clamp_min(1e-12))
+    print("adapter max relative L2 difference", max(worst.values()), max(worst, key=worst.get))
+    # Adam's first steps move each weight by about ±lr whatever the gradient's size: a gradient near zero whose
+    # sign differs in bf16 flips that weight's step, so B (which starts at 0) differs by a few % between the runs.
+    assert max(worst.values()) < 0.10, worst
+    # The per-GPU estimate made before loading holds the measured peak.
+    measured = fsdp.peak_memory_bytes / 1024**3
+    print("FSDP per-GPU peak: measured", round(measured, 3), "GiB, estimated", fsdp.fsdp_memory)
+    assert fsdp.fsdp_memory is not None and measured <= fsdp.fsdp_memory["total_gib"]
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_random)
+    prompts = [prompt_text(tokenizer, question) for question, *_ in QA_ROWS[:3]]
+    single_answers, single_logits = greedy_answers(smol_random, single.adapter_dir, prompts)
+    fsdp_answers, fsdp_logits = greedy_answers(smol_random, fsdp.adapter_dir, prompts)
+    print("answers", single_answers, fsdp_answers)
+    agreement = float((single_logits.argmax(-1) == fsdp_logits.argmax(-1)).float().mean())
+    print("next-token agreement of the merged models", agreement)
+    assert fsdp_answers == single_answers and agreement >= 0.95
+
+
+# ---- FSDP's sharded checkpoints: kill -9 of the launch, then resume --------------------------------------
+
+LAUNCH = """
+import sys, pandas as pd
+from tasks.train import train_adapter
+from tests.test_distributed_gpu import PARITY, config
+model_dir, tokens_path, out = sys.argv[1:4]
+result = train_adapter(pd.read_parquet(tokens_path), model_dir, config(**PARITY, distributed="fsdp", num_processes=1), out)
+print("RESULT", result.model_dump_json(), flush=True)
+"""
+
+
+def launch(model_dir, tokens_path, out) -> subprocess.Popen:
+    """train_adapter with FSDP in a child process writing `<out>.log`; its session of its own lets kill -9 of the
+    process group take the caller, accelerate launch and the trainer together."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    log = open(f"{out}.log", "a")
+    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(model_dir), str(tokens_path), str(out)], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finished(process: subprocess.Popen, out) -> dict:
+    """Wait for a launch; its TrainResult (the RESULT line of its log)."""
+    process.wait(timeout=600)
+    lines = Path(f"{out}.log").read_text().splitlines()
+    assert process.returncode == 0, "\n".join(lines[-60:])
+    return json.loads(next(line for line in reversed(lines) if line.startswith("RESULT ")).split(" ", 1)[1])
+
+
+def kill_family(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def test_fsdp_sharded_checkpoint_survives_kill_minus_nine_and_the_resume_continues_the_curve(smol_random, tokens, tmp_path):
+    import pandas as pd
+
+    from loraflow.training.checkpoints import CHECKPOINT_MARKER
+
+    tokens_path = tmp_path / "tokens.parquet"
+    tokens.to_parquet(tokens_path, index=False)
+    uninterrupted = finished(launch(smol_random, tokens_path, tmp_path / "whole"), tmp_path / "whole")
+
+    out = tmp_path / "killed"
+    killed = launch(smol_random, tokens_path, out)
+    marker = out / "checkpoints" / "checkpoint-2" / CHECKPOINT_MARKER
+    deadline = time.time() + 300
+    while not marker.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    kill_family(killed)
+    assert marker.exists(), "checkpoint-2 was never completed"
+    assert not (out / "adapter").exists(), "killed before the end"
+    checkpoint = marker.parent
+    shards = sorted(p.name for p in checkpoint.rglob("*") if p.is_file())
+    print("checkpoint-2 files", shards)
+    assert any("fsdp" in name or name.endswith(".distcp") for name in shards), "FSDP wrote sharded state"
+
+    result = finished(launch(smol_random, tokens_path, out), out)
+    assert result["global_step"] == 6 and result["resumed_from_step"] in (2, 4)
+    curve = pd.read_parquet(result["loss_curve_path"]).set_index("step")["loss"]
+    reference = pd.read_parquet(uninterrupted["loss_curve_path"]).set_index("step")["loss"]
+    steps = list(range(result["resumed_from_step"] + 1, 7))
+    print("resumed", curve.round(5).tolist(), "uninterrupted", reference.loc[steps].round(5).tolist())
+    assert list(curve.index) == steps
+    # Same weights, optimizer state, data order and RNG after the resume: only bf16 kernel nondeterminism remains.
+    pd.testing.assert_series_equal(curve, reference.loc[steps], rtol=1e-2, atol=0)
+    a, b = adapter_tensors(uninterrupted["adapter_dir"]), adapter_tensors(result["adapter_dir"])
+    worst = max(float((a[n].float() - b[n].float()).norm() / a[n].float().norm().clamp_min(1e-12)) for n in a)
+    print("resumed vs uninterrupted adapter, max relative L2", worst)
+    assert worst < 0.05

@@ -22,14 +22,16 @@ def _lora_llama(dropout: float = 0.0, layers: int = 3):
     return get_peft_model(LlamaForCausalLM(config), lora)
 
 
-def _loss_and_grads(offload: bool, dropout: float, tokens: int = 10**7):
+def _loss_and_grads(offload: bool, dropout: float, tokens: int = 10**7, lean: bool = False, budget: float = 1e-3):
     model = _lora_llama(dropout)
     # A budget no layer fits whole: every layer checkpointed, plain or offloaded.
-    plan = configure_model_for_speed(model, TrainConfig(quantization="none"), memory_budget_gb=1e-3,
-                                     tokens_per_micro_batch=tokens, offload_checkpointed=offload)
-    assert plan.checkpointed_layers == 3 and plan.offloaded_layers == (3 if offload else 0)
-    funcs = [type(layer._gradient_checkpointing_func) for layer in _layers(model)]
-    assert all((f is _LayerCheckpoint) == offload for f in funcs)
+    plan = configure_model_for_speed(model, TrainConfig(quantization="none"), memory_budget_gb=budget,
+                                     tokens_per_micro_batch=tokens, offload_checkpointed=offload, lean_recompute=lean)
+    if budget < 1:
+        assert plan.checkpointed_layers == 3 and plan.offloaded_layers == (3 if offload else 0)
+        assert plan.lean_recompute is lean
+        funcs = [type(layer._gradient_checkpointing_func) for layer in _layers(model)]
+        assert all((f is _LayerCheckpoint) == (offload or lean) for f in funcs)
     model.train()
     torch.manual_seed(1)  # the dropout masks of both runs start from the same state
     loss = model(**_batch()).loss
@@ -46,6 +48,37 @@ def test_offloaded_checkpointing_matches_plain_checkpointing(dropout):
     assert all(g.abs().sum() > 0 for g in plain.values())
     for name in plain:
         torch.testing.assert_close(offloaded[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _down_proj_gemms_in_backward(model) -> list[int]:
+    """Count each layer's down_proj base forward calls (the GEMM lean recompute skips)."""
+    calls = []
+    for layer in _layers(model):
+        base = layer.mlp.down_proj.base_layer
+        calls.append(0)
+        base.register_forward_hook(lambda *_, index=len(calls) - 1: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["on-gpu", "offloaded"])
+def test_lean_recompute_gives_the_gradients_of_no_checkpointing_and_skips_down_proj(offload):
+    whole_loss, whole = _loss_and_grads(False, 0.0, budget=1e3)  # every layer kept whole: nothing recomputed
+    lean_loss, lean = _loss_and_grads(offload, 0.0, lean=True)
+    torch.testing.assert_close(lean_loss, whole_loss, atol=0, rtol=0)
+    assert lean.keys() == whole.keys() and len(whole) == 3 * 7 * 2
+    for name in whole:
+        torch.testing.assert_close(lean[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_lean_recompute_runs_no_down_proj_gemm_in_backward():
+    for lean, expected in ((True, [1, 1, 1]), (False, [2, 2, 2])):
+        model = _lora_llama()
+        configure_model_for_speed(model, TrainConfig(quantization="none"), memory_budget_gb=1e-3,
+                                  tokens_per_micro_batch=10**7, offload_checkpointed=True, lean_recompute=lean)
+        calls = _down_proj_gemms_in_backward(model)
+        model.train()
+        model(**_batch()).loss.backward()
+        assert calls == expected, (lean, calls)  # forward once; the plain recompute runs it again
 
 
 def _meta_lora_llama(hidden=1024, layers=16):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraflow.training.lean_recompute import output_unread, unread_lora_linear
+
 
 def _eligible(layer, args, kwargs) -> str | None:
     if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
@@ -38,6 +40,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _eligible(self, args, kwargs)
     if name is None:
         return self._loraflow_peft_forward(x, *args, **kwargs)
+    if output_unread(self):  # a checkpointed layer's recompute: this output is not read (lean_recompute.py)
+        dtype = _compute_dtype(self.base_layer, x)
+        return unread_lora_linear(self, x.to(dtype), self.lora_A[name].weight.to(dtype),
+                                  self.lora_B[name].weight.to(dtype), self.scaling[name])
     result = self.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     lora_a = self.lora_A[name].weight
@@ -49,6 +55,16 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), lora_b.to(dtype).t(), alpha=self.scaling[name]
     )
     return fused.view(result.shape)
+
+
+def _compute_dtype(base_layer, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer's output has: bitsandbytes' compute_dtype, else autocast's, else the input's."""
+    dtype = getattr(base_layer, "compute_dtype", None)
+    if dtype is not None:
+        return dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def fuse_lora_epilogues(model: nn.Module) -> int:

@@ -10,25 +10,29 @@ implementation on transformers' per-layer hook (`GradientCheckpointingLayer._gra
 The layer runs under `torch.no_grad()` in forward and is recomputed with grad in backward, where
 `torch.autograd.backward` accumulates the LoRA gradients directly (the reentrant pattern: one process, no
 DDP/FSDP hooks inside the layer). Autocast and RNG state of the forward pass are restored for the recompute,
-so dropout draws the same mask.
+so dropout draws the same mask. The recompute runs inside `lean_recompute.recomputing()`, so the layer's last
+linear skips the GEMM whose result backward does not read. With `to_host=False` the inputs stay on the GPU
+(the same function, for budgets where offload does not pay): the recompute is lean either way.
 """
 
 from __future__ import annotations
 
 import torch
 
+from loraflow.training.lean_recompute import mark_unread_outputs, recomputing
+
 
 class _HostCopies:
     """One model's offloaded layer inputs: a side stream for the copies and the prefetch of the next one needed."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, to_host: bool = True):
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and to_host else None
         # key -> (the host tensor, its device copy, the event that says the copy is done)
         self.prefetched: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
 
     def to_host(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Start copying `hidden` to pinned host memory on the side stream; on CPU, keep it as is."""
+        """Start copying `hidden` to pinned host memory on the side stream; on CPU (or not to_host), keep it as is."""
         if self.stream is None:
             return hidden.detach()
         host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
@@ -81,7 +85,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.host = None
         ctx.prefetch_below()  # the layer below is backpropagated next: its input comes back during this recompute
         device_type = hidden.device.type
-        with torch.enable_grad(), _restored_rng(hidden.device, ctx.rng), torch.autocast(device_type, **ctx.autocast):
+        with torch.enable_grad(), _restored_rng(hidden.device, ctx.rng), torch.autocast(device_type, **ctx.autocast), \
+                recomputing():
             outputs = ctx.run_layer(hidden, *ctx.args)
         outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
         pairs = [(out, grad) for out, grad in zip(outputs, output_grads)
@@ -115,18 +120,22 @@ class _LayerCheckpoint:
             self.copies.prefetch(below.index, below.host)
 
 
-def enable_offloaded_checkpointing(layers) -> int:
-    """Make every layer of `layers` whose `gradient_checkpointing` is on checkpoint with its input offloaded to
-    pinned CPU memory (call after the per-layer checkpointing is set). Returns how many layers offload."""
-    offloaded = [(index, layer) for index, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
-    if not offloaded:
+def enable_offloaded_checkpointing(layers, to_host: bool = True, lean: bool = True) -> int:
+    """Make every layer of `layers` whose `gradient_checkpointing` is on checkpoint with this module's function
+    (call after the per-layer checkpointing is set): its input offloaded to pinned CPU memory, or with
+    `to_host=False` kept on the GPU; with `lean`, the recompute skips what backward does not read. Returns how
+    many layers it took."""
+    checkpointed = [(index, layer) for index, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
+    if not checkpointed:
         return 0
-    copies = _HostCopies(next(layers[0].parameters()).device)
+    copies = _HostCopies(next(layers[0].parameters()).device, to_host=to_host)
     registry: dict[int, _LayerCheckpoint] = {}
-    for index, layer in offloaded:
+    for index, layer in checkpointed:
         registry[index] = _LayerCheckpoint(copies, index, registry)
         layer._gradient_checkpointing_func = registry[index]
-    return len(offloaded)
+        if lean:
+            mark_unread_outputs(layer)
+    return len(checkpointed)
 
 
 def _autocast_state(device_type: str) -> dict:

@@ -83,9 +83,9 @@ def fast_path_enabled(packing: bool, env: dict, distributed: str = "none") -> bo
 
 
 def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, packed_rows: int, log,
-                        attn_implementation: str | None = None) -> tuple[int, dict]:
+                        attn_implementation: str | None = None, lean_recompute: bool = True) -> tuple[int, dict]:
     """Rows per micro-batch, checkpointing and offload from the memory budget, then `configure_model_for_speed`
-    (`attn_implementation`: its default unless a benchmark compares another); returns (rows, plan dict)."""
+    (`attn_implementation`, `lean_recompute`: its defaults unless a benchmark compares others); returns (rows, plan dict)."""
     import torch
 
     from loraflow.training import configure_model_for_speed
@@ -97,7 +97,7 @@ def configure_fast_path(model, config: TrainConfig, env: dict, max_tokens: int, 
     plan = configure_model_for_speed(
         model, config, memory_budget_gb=budget, tokens_per_micro_batch=rows * max_tokens,
         compute_dtype=torch.bfloat16 if env["precision"] == "bf16" else torch.float32, offload_checkpointed=offload,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, lean_recompute=lean_recompute,
     ).as_dict()
     plan.update(rows_per_micro_batch=rows, rows_choice=reason, row_tokens=max_tokens)
     log.info("train: fast path, %d packed rows of %d tokens per micro-batch (%s); speed plan %s", rows, max_tokens, reason, plan)
@@ -124,6 +124,52 @@ def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict,
         )
     except (AttributeError, KeyError, TypeError):  # not a Llama-style config: the plan after loading decides alone
         return
+
+
+def fsdp_memory_estimate(model_dir: Path, config: TrainConfig, env: dict, longest_example: int,
+                         processes: int) -> dict | None:
+    """Per-GPU peak of FSDP-QLoRA with `processes` processes (loraflow.training.fsdp_memory), from config.json; None
+    when the config is not Llama-style. Tokens per micro-batch: packed rows x row length, or padded rows x the
+    longest example."""
+    import json
+
+    from loraflow.training.fsdp_memory import fsdp_peak_per_gpu
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.exists():
+        return None
+    if packing_enabled(config, env):
+        tokens = (config.pack_rows_per_micro_batch or config.micro_batch_size) * max(config.pack_max_tokens, longest_example)
+    else:
+        tokens = config.micro_batch_size * longest_example
+    try:
+        return fsdp_peak_per_gpu(json.loads(config_file.read_text()), processes, tokens, lora_r=config.lora_r,
+                                 target_modules=config.target_modules, quantization=env["quantization"],
+                                 checkpointing=config.gradient_checkpointing)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def check_fsdp_budget(model_dir: Path, config: TrainConfig, env: dict, longest_example: int, processes: int, log) -> dict | None:
+    """Log FSDP's per-GPU peak estimate before launching; MemoryBudgetError (naming the GPU count or budget that
+    would work) when it exceeds train.memory_budget_gb."""
+    import json
+
+    from loraflow.training.fsdp_memory import describe, smallest_budget_message
+    from loraflow.training.speed import MemoryBudgetError
+
+    estimate = fsdp_memory_estimate(model_dir, config, env, longest_example, processes)
+    if estimate is None:
+        return None
+    log.info("train: %s", describe(estimate))
+    if config.memory_budget_gb is not None:
+        message = smallest_budget_message(json.loads((Path(model_dir) / "config.json").read_text()),
+                                          config.memory_budget_gb, processes, estimate["tokens_per_micro_batch"],
+                                          lora_r=config.lora_r, target_modules=config.target_modules,
+                                          quantization=env["quantization"], checkpointing=config.gradient_checkpointing)
+        if message:
+            raise MemoryBudgetError(message)
+    return estimate
 
 
 def choose_rows_per_micro_batch(model, config: TrainConfig, max_tokens: int, packed_rows: int, budget_gb: float) -> tuple[int, str]:

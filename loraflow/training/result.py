@@ -35,6 +35,9 @@ class TrainResult(BaseModel):
     tokens_per_second: float | None
     peak_memory_bytes: int
     peak_memory_kind: str = Field(..., description="cuda_max_allocated or process_max_rss.")
+    fsdp_memory: dict | None = Field(
+        None, description="Under train.distributed=fsdp: the per-GPU peak estimate made before loading (GiB, with parts).",
+    )
     tokens_per_second_after_first_step: float | None = Field(
         None, description="Non-padding tokens/s from the end of the first step to the last (leaves out compilation/warm-up).",
     )

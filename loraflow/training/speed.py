@@ -36,6 +36,7 @@ class SpeedPlan:
     frozen_params_cast_to: str | None = None
     checkpointed_layers: int = 0
     offloaded_layers: int = 0
+    lean_recompute: bool = False
     total_layers: int = 0
     memory_budget_gb: float | None = None
     estimated_peak_gb: float | None = None
@@ -145,9 +146,10 @@ def plan_checkpointing(
     return layers, peak(layers) / GIB
 
 
-def _apply_checkpointing(model: nn.Module, checkpointed: int, offload: bool = False) -> int:
-    """Checkpoint the first `checkpointed` decoder layers (non-reentrant, or with their inputs offloaded to CPU
-    memory), keep the rest whole. Returns how many layers offload."""
+def _apply_checkpointing(model: nn.Module, checkpointed: int, offload: bool = False, lean: bool = False) -> int:
+    """Checkpoint the first `checkpointed` decoder layers (torch's non-reentrant checkpoint; with `offload` or
+    `lean`, `offload.py`'s function: inputs offloaded to CPU memory or kept on the GPU, lean recompute), keep the
+    rest whole. Returns how many layers offload."""
     layers = _decoder(model).layers
     # transformers 5.23 renamed gradient_* to activation_checkpointing_* (the old names warn); 5.17 has only the old.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -163,7 +165,10 @@ def _apply_checkpointing(model: nn.Module, checkpointed: int, offload: bool = Fa
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < checkpointed
-    return enable_offloaded_checkpointing(layers) if offload else 0
+    if offload or lean:
+        taken = enable_offloaded_checkpointing(layers, to_host=offload, lean=lean)
+        return taken if offload else 0
+    return 0
 
 
 def _apply_liger(model: nn.Module, skipped: dict[str, str]) -> list[str]:
@@ -220,6 +225,7 @@ def configure_model_for_speed(
     fuse_lora: bool = True,
     compute_dtype: torch.dtype | None = None,
     offload_checkpointed: bool = False,
+    lean_recompute: bool = True,
 ) -> SpeedPlan:
     """Set up a (peft-wrapped) causal LM for fast packed training. Call after `get_peft_model`, before Trainer.
 
@@ -235,6 +241,8 @@ def configure_model_for_speed(
       `tokens_per_micro_batch` is known, checkpoint only as many layers as the memory budget requires
       (`memory_budget_gb`, default the GPU's total memory); without a token count, all layers. With
       `offload_checkpointed` the checkpointed layers keep their inputs in pinned CPU memory (`offload.py`).
+    - Lean recompute (`lean_recompute`, one process only): a checkpointed layer's recompute skips its last
+      linear's GEMM, whose result backward never reads (`lean_recompute.py`). Under DDP checkpointing stays torch's.
 
     Use the batches of `PackedCollator`, under autocast or Trainer's bf16=True.
     """
@@ -282,7 +290,15 @@ def configure_model_for_speed(
             model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger,
             offload=offload_checkpointed,
         )
-    offloaded = _apply_checkpointing(model, checkpointed, offload=offload_checkpointed)
+    single_process = train_config is None or getattr(train_config, "distributed", "none") == "none"
+    lean = lean_recompute and fuse_lora and single_process and checkpointed > 0
+    if lean_recompute and not fuse_lora:
+        skipped["lean_recompute"] = "needs the fused LoRA forward (fuse_lora)"
+    elif lean_recompute and not single_process:
+        skipped["lean_recompute"] = "train.distributed: torch's checkpoint, whose recompute DDP's hooks were measured with"
+    elif not lean_recompute:
+        skipped["lean_recompute"] = "disabled by the caller"
+    offloaded = _apply_checkpointing(model, checkpointed, offload=offload_checkpointed, lean=lean)
     plan = SpeedPlan(
         attn_implementation=attn_implementation,
         document_masking=True,
@@ -291,6 +307,7 @@ def configure_model_for_speed(
         frozen_params_cast_to=cast_to,
         checkpointed_layers=checkpointed,
         offloaded_layers=offloaded,
+        lean_recompute=lean,
         total_layers=layers,
         memory_budget_gb=memory_budget_gb,
         estimated_peak_gb=estimated,
