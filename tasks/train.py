@@ -137,7 +137,7 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     # ---- trainer, then train (from the checkpoint chosen above) ----
     trainer, recorder = build_trainer(model, batches, train_config, env, checkpoints_dir, identity=identity,
                                       on_step=on_step, callbacks=callbacks, log=log, run_name=run_name,
-                                      tracking_params=tracking_params)
+                                      tracking_params=tracking_params, resume_from=resume_from)
     train_output = train_resuming(trainer, resume_from, checkpoints_dir, log, config=train_config)
     recorder.close()
 

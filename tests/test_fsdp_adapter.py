@@ -74,3 +74,56 @@ def test_fsdp_adapter_equals_the_single_process_adapter(gloo_group, tmp_path):
     # It is an ordinary peft adapter: it loads onto a fresh base.
     fresh = LlamaForCausalLM(copy.deepcopy(base.config))
     PeftModel.from_pretrained(fresh, tmp_path / "fsdp")
+
+
+def test_an_fsdp_checkpoint_keeps_the_trained_adapter_and_a_resume_restores_it(gloo_group, tmp_path):
+    """accelerate's adapter-only FSDP load (what Trainer resumes with) takes none of the LoRA keys; loraflow's
+    gathered adapter in the checkpoint puts them back, exactly."""
+    import types
+
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_model
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraflow.training.fsdp_checkpoint import FSDP_ADAPTER_FILE, restore_fsdp_adapter, save_fsdp_adapter
+
+    def wrap(model):
+        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                        device_id=torch.device("cpu"))
+
+    def lora_values(wrapped):
+        with FullyShardedDataParallel.summon_full_params(wrapped):
+            return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                    for n, p in wrapped.named_parameters() if "lora_" in n}
+
+    PartialState(cpu=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    fresh = wrap(copy.deepcopy(peft_model))
+    trained = wrap(peft_model)
+    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    _train(trained, batch)
+    expected, initial = lora_values(trained), lora_values(fresh)
+    assert any(not torch.equal(expected[n], initial[n]) for n in expected if "lora_B" in n), "training moved B"
+
+    # What Trainer's resume does today: nothing of the adapter is loaded.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="SHARDED_STATE_DICT")
+    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, is_fsdp2=False,
+                                        wait_for_everyone=lambda: None)
+    from accelerate.utils import save_fsdp_model
+
+    save_fsdp_model(plugin, accelerator, trained, tmp_path, adapter_only=True)
+    result = load_fsdp_model(plugin, accelerator, fresh, tmp_path, adapter_only=True)
+    assert any("lora_B" in key for key in result.missing_keys), "accelerate's adapter-only load took the LoRA keys"
+
+    save_fsdp_adapter(trained, tmp_path)
+    assert (tmp_path / FSDP_ADAPTER_FILE).exists()
+    assert restore_fsdp_adapter(fresh, tmp_path) == len(expected) == 2 * 7 * 2
+    restored = lora_values(fresh)
+    for name in expected:
+        assert torch.equal(restored[name], expected[name]), name

@@ -23,14 +23,16 @@ from loraflow.mlflow_run import interrupted_run_id, wrap_tracking_callbacks
 from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
+from loraflow.training.fsdp_checkpoint import FsdpAdapterCheckpoint
 from loraflow.training.result import NonFiniteTrainingError
 
 
 def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_dir: Path, *, identity: dict,
                   on_step=None, callbacks: list | None = None, log=None, run_name: str | None = None,
-                  tracking_params: dict[str, str] | None = None):
+                  tracking_params: dict[str, str] | None = None, resume_from: Path | None = None):
     """The Trainer over `batches` (loraflow.training.data.BatchPlan) with loraflow's callbacks; returns
-    (trainer, its StepRecorder). Refuses train.distributed=fsdp when accelerate did not set FSDP up.
+    (trainer, its StepRecorder). Refuses train.distributed=fsdp when accelerate did not set FSDP up; under FSDP
+    each checkpoint keeps the gathered adapter and a resume from `resume_from` restores it (fsdp_checkpoint.py).
     `run_name` names the trackers' run; `tracking_params` (the flattened pipeline config) go to the MLflow run."""
     import torch
     from transformers import PrinterCallback, ProgressCallback
@@ -40,13 +42,16 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     recorder = StepRecorder(batches.collator, log if main_process else None)
     guard = NonFiniteGuard(config.nonfinite_patience)
     marker_writer = CheckpointMarker(identity, main_process)
+    # Before the marker: it lists the checkpoint's files, the gathered adapter among them.
+    fsdp_adapter = [FsdpAdapterCheckpoint(resume_from, log if main_process else None)] if config.distributed == "fsdp" else []
     trainer = Trainer(
         model=model,
         args=training_arguments(config, env, checkpoints_dir, rows_per_micro_batch=batches.rows_per_micro_batch,
                                 fast=batches.fast, packing=batches.packing, run_name=run_name),
         train_dataset=batches.examples,
         data_collator=batches.collator,
-        callbacks=[recorder, guard, marker_writer, *([StepReport(on_step)] if on_step else []), *(callbacks or [])],
+        callbacks=[recorder, guard, *fsdp_adapter, marker_writer, *([StepReport(on_step)] if on_step else []),
+                   *(callbacks or [])],
     )
     if env["device"] == "cpu" and trainer.args.world_size == 1:  # the cores other processes leave free
         trainer.add_callback(ThreadsForLoad(log if main_process else None))
