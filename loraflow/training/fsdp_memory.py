@@ -25,7 +25,7 @@ WEIGHT_BYTES = {"4bit": 0.5, "8bit": 1.0, "none": 2.0}
 LORA_BYTES_PER_PARAM = 16.0  # fp32 weight + fp32 gradient + two fp32 AdamW states (adamw_torch under FSDP)
 # Beyond the parts above: the loss's temporaries, the allocator's rounding, NCCL buffers. Measured on one H200
 # (Llama-3-8B shape, 1 process, 2 packed rows of 4,096 tokens; benchmarks/results/train_multigpu_h200_llama3-8b.json):
-# max allocated 19.74 GiB, the parts 18.89: the reserve keeps the estimate above that with ~0.15 GiB to spare.
+# max allocated 19.74 GiB, the parts 18.89: with the reserve the estimate is 19.89.
 RESERVE_GIB = 1.0
 
 
