@@ -123,7 +123,13 @@ def test_an_fsdp_checkpoint_keeps_the_trained_adapter_and_a_resume_restores_it(g
 
     save_fsdp_adapter(trained, tmp_path)
     assert (tmp_path / FSDP_ADAPTER_FILE).exists()
+    optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])  # what Trainer holds by then
+    held = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert restore_fsdp_adapter(fresh, tmp_path) == len(expected) == 2 * 7 * 2
     restored = lora_values(fresh)
     for name in expected:
         assert torch.equal(restored[name], expected[name]), name
+    # Written into the parameters in place: the optimizer still steps the tensors the model computes with.
+    assert held == [id(p) for p in fresh.parameters() if p.requires_grad]
+    flat = [p for p in fresh.parameters() if p.requires_grad]
+    assert any(p.abs().sum() > 0 for p in flat)
