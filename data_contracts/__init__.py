@@ -3,11 +3,12 @@
 from data_contracts.base import Contract, ContractViolation, RowRule, check_structure, enforce
 from data_contracts.conversations import CONVERSATIONS
 from data_contracts.formatted import FORMATTED
+from data_contracts.paraphrases import PARAPHRASES
 from data_contracts.quarantine import QUARANTINE
 from data_contracts.raw import RAW
 from data_contracts.tokens import TOKENS
 
-CONTRACTS = {c.name: c for c in (RAW, CONVERSATIONS, FORMATTED, TOKENS, QUARANTINE)}
+CONTRACTS = {c.name: c for c in (RAW, CONVERSATIONS, PARAPHRASES, FORMATTED, TOKENS, QUARANTINE)}
 
 __all__ = ["Contract", "ContractViolation", "RowRule", "check_structure", "enforce", "CONTRACTS",
-           "RAW", "CONVERSATIONS", "FORMATTED", "TOKENS", "QUARANTINE"]
+           "RAW", "CONVERSATIONS", "PARAPHRASES", "FORMATTED", "TOKENS", "QUARANTINE"]

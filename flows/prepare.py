@@ -1,4 +1,4 @@
-"""The data half: sources -> conversations -> formatted text -> tokens with labels, pre-flight checked.
+"""The data half: sources -> (paraphrases) -> conversations -> formatted text -> tokens with labels, pre-flight checked.
 
 Every stage is a cached Prefect task whose key covers its input artifacts' hashes, its config, the tokenizer
 fingerprint and its own code, so an unchanged re-run is all cache hits and a changed source row recomputes
@@ -25,13 +25,16 @@ from prefect.runtime import flow_run
 
 from loraflow.atomic import write_json_atomic
 from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
+from loraflow.config.model import ModelConfig
 from loraflow.models import resolve_model_dir, tokenizer_fingerprint
+from loraflow.training.checkpoints import base_model_fingerprint
 from loraflow.sharding import build_task_runner, map_stage, run_checked
 from loraflow.stage import StageResult, quarantine_reasons
 from loraflow.store import ArtifactRef, ArtifactStore
 from loraflow.tasking import run_stage
 from tasks.format import format_task
 from tasks.ingest import ingest_task
+from tasks.paraphrase import paraphrase_inputs, paraphrase_task
 from tasks.preflight import preflight_task
 from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_task
 from tasks.synthesize import synthesize_task
@@ -77,10 +80,13 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     tokenizer_dir = str(resolve_model_dir(config.model, config.base_dir))
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
 
+    # ---- paraphrase (table_qa, when on): once per config, over the templates; synthesize adds what it accepted
+    paraphrases = paraphrase_stage(config, store, summary)
+
     # ---- synthesize -> format -> tokenize: in this process, or per shard on the configured task runner
     raw_refs = [r.output for r in raw_results]
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
-    formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary)
+    formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary, paraphrases)
 
     summary["warnings"] = split_warnings(summary["stages"], config) + control_text_warnings(summary["stages"])
     for warning in summary["warnings"]:
@@ -124,12 +130,29 @@ def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
             f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
 
 
+def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: dict) -> ArtifactRef | None:
+    """The accepted paraphrases of table_qa's trained phrasings (None when paraphrase is off or nothing uses table_qa);
+    the paraphraser is the base model unless synthesize.table_qa.paraphrase.model names another."""
+    options = config.synthesize.table_qa
+    if options is None or not options.paraphrase.enabled or "table_qa" not in config.synthesizer_kinds():
+        return None
+    model = config.model if options.paraphrase.model is None else ModelConfig(base=options.paraphrase.model)
+    model_dir = resolve_model_dir(model, config.base_dir)
+    result, cached, seconds = run_stage(
+        paraphrase_task, store, options=paraphrase_inputs(options), model_dir=str(model_dir),
+        model_fingerprint=base_model_fingerprint(model_dir), store_root=store.root,
+        trust_remote_code=model.trust_remote_code,
+    )
+    record_stage(summary, config.name, "paraphrase", result, cached, seconds, store)
+    return result.output
+
+
 def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                          fingerprint: str, summary: dict) -> tuple[ArtifactRef, ArtifactRef]:
+                          fingerprint: str, summary: dict, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
     """synthesize -> format -> tokenize, one task each over all rows; returns (formatted, tokens)."""
     conversations, cached, seconds = run_stage(
         synthesize_task, store, raw_refs=raw_refs, config=config.synthesize, store_root=store.root,
-        kinds=[source.synthesizer for source in config.sources],
+        kinds=[source.synthesizer for source in config.sources], paraphrases_ref=paraphrases,
     )
     record_stage(summary, config.name, "synthesize", conversations, cached, seconds, store)
     formatted, cached, seconds = run_stage(
@@ -146,7 +169,7 @@ def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs
 
 
 def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                   fingerprint: str, summary: dict) -> tuple[ArtifactRef, ArtifactRef]:
+                   fingerprint: str, summary: dict, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
     """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens)."""
     kinds = [source.synthesizer for source in config.sources]
     source_names = [source_name(source) for source in config.sources]
@@ -164,6 +187,7 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
     # ---- per shard, on the task runner (a Dask cluster lives as long as this subflow)
     per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
         plan=plan, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
+        paraphrases_ref=paraphrases,
     )
     shard_numbers = [shard.number for shard in plan.shards]
     for stage_name, (outcomes, seconds) in per_shard.items():
@@ -189,12 +213,12 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
 
 @flow(name="prepare-shards")
 def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
-                store_root: str) -> dict[str, tuple[list[tuple[StageResult, bool]], float]]:
+                store_root: str, paraphrases_ref: ArtifactRef | None = None) -> dict[str, tuple[list[tuple[StageResult, bool]], float]]:
     """synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time."""
     store = ArtifactStore(store_root)
     tokenizer = {"tokenizer_dir": tokenizer_dir, "tokenizer_fingerprint": tokenizer_fingerprint}
     conversations = map_stage(synthesize_task, store, [{"raw_refs": shard.raw_refs, "kinds": shard.kinds} for shard in plan.shards],
-                              config=config.synthesize, store_root=store_root)
+                              config=config.synthesize, store_root=store_root, paraphrases_ref=paraphrases_ref)
     formatted = map_stage(format_task, store, [{"conversations_ref": result.output} for result, _ in conversations[0]],
                           config=config.format, store_root=store_root, **tokenizer)
     tokens = map_stage(tokenize_shard_task, store, [{"formatted_ref": result.output} for result, _ in formatted[0]],

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pandas as pd
 
-from data_contracts import CONVERSATIONS, RAW
+from data_contracts import CONVERSATIONS, PARAPHRASES, RAW
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
 from loraflow.config.synthesize import SynthesizeConfig
@@ -75,11 +75,13 @@ def column_problems(config: SynthesizeConfig, sources: list[tuple[str, str | Non
 
 
 def synthesize_frame(
-    raw_frames: list[pd.DataFrame], config: SynthesizeConfig, kinds: list[str | None] | None = None
+    raw_frames: list[pd.DataFrame], config: SynthesizeConfig, kinds: list[str | None] | None = None,
+    paraphrases: dict[str, list[str]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RAW frames -> (conversations, quarantine rows for every skipped unit). Pure; sources in order.
 
     `kinds[i]` names the synthesizer for frame i (a source's `synthesizer:`); None uses config.kind.
+    `paraphrases`: kind -> extra trained phrasings for table_qa (the paraphrase stage's output).
     The quarantine frame has the QUARANTINE contract's columns plus `kind` and `columns` (the source columns
     that caused the skip); `row_index` is the row's position in the concatenated input.
     """
@@ -94,17 +96,18 @@ def synthesize_frame(
     for frame, frame_config in zip(raw_frames, frame_configs):
         module, options = SYNTHESIZERS[frame_config.kind], getattr(frame_config, frame_config.kind)
         rows = frame.reset_index(drop=True)
+        extra = extra_arguments(frame_config.kind, paraphrases)
         with gc_paused():
-            conversations, skipped = module.synthesize(rows, options)
-        outputs.append((rows, module, options, conversations, skipped))
+            conversations, skipped = module.synthesize(rows, options, **extra)
+        outputs.append((rows, module, options, conversations, skipped, extra))
     outputs = without_conflicting_duplicates(outputs, config.duplicate_ids)
 
     conversation_parts, quarantine_parts, extra_stats = [], [], {"rows_expanded": 0}
     offset = 0
-    for rows, module, options, conversations, skipped in outputs:
+    for rows, module, options, conversations, skipped, extra in outputs:
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
-        extra_stats["rows_expanded"] += expanded_rows(len(rows), skipped["kind"].tolist(), *module.expansion(options))
+        extra_stats["rows_expanded"] += expanded_rows(len(rows), skipped["kind"].tolist(), *module.expansion(options, **extra))
         conversation_parts.append(conversations)
         set_aside = rows.iloc[skipped["row"].to_numpy()].set_axis(skipped["row"].to_numpy() + offset)
         quarantine = quarantine_rows(set_aside, pd.Series(skipped["reason"].tolist(), index=set_aside.index), "synthesize")
@@ -117,21 +120,27 @@ def synthesize_frame(
     return conversations, pd.concat(quarantine_parts, ignore_index=True)
 
 
+def extra_arguments(kind: str, paraphrases: dict[str, list[str]] | None) -> dict:
+    """Keyword arguments a synthesizer takes beyond (rows, options): table_qa's paraphrases, when there are any."""
+    return {"paraphrases": paraphrases} if kind == "table_qa" and paraphrases else {}
+
+
 def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tuple]:
-    """Per source (rows, module, options, conversations, skipped): the conversations of rows whose id another row
-    holds with different facts moved to `skipped`, one entry per emitted unit (kind), across all sources."""
+    """Per source (rows, module, options, conversations, skipped, extra arguments): the conversations of rows whose
+    id another row holds with different facts moved to `skipped`, one entry per emitted unit (kind), across all
+    sources."""
     keys, rows_of, offset = [], [], 0
-    for rows, _, _, conversations, _ in outputs:
+    for rows, _, _, conversations, _, _ in outputs:
         position = dict(zip(zip(rows["_source"].tolist(), rows["_row"].tolist()), range(offset, offset + len(rows))))
         rows_of += [position[key] for key in zip(conversations["source"].tolist(), conversations["source_row"].tolist())]
         keys += [f"{source}:{row}" for source, row in zip(rows["_source"].tolist(), rows["_row"].tolist())]
         offset += len(rows)
-    everything = pd.concat([conversations for *_, conversations, _ in outputs], ignore_index=True)
+    everything = pd.concat([conversations for *_, conversations, _, _ in outputs], ignore_index=True)
     set_aside = conflicting_duplicates(everything, rows_of, dict(enumerate(keys)), keep)
     if not set_aside:
         return outputs
     cleaned, offset, start = [], 0, 0
-    for rows, module, options, conversations, skipped in outputs:
+    for rows, module, options, conversations, skipped, extra in outputs:
         own = rows_of[start:start + len(conversations)]
         drop = pd.Series([row in set_aside for row in own], index=conversations.index, dtype=bool)
         units = dict.fromkeys((row, kind) for row, kind, dropped in zip(own, conversations["kind"].tolist(), drop) if dropped)
@@ -139,7 +148,7 @@ def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tupl
                               [set_aside[row][0] for row, _ in units], [set_aside[row][1] for row, _ in units])
         kept = conversations[~drop].reset_index(drop=True)
         kept.attrs = conversations.attrs
-        cleaned.append((rows, module, options, kept, pd.concat([skipped, added], ignore_index=True)))
+        cleaned.append((rows, module, options, kept, pd.concat([skipped, added], ignore_index=True), extra))
         offset, start = offset + len(rows), start + len(conversations)
     return cleaned
 
@@ -180,11 +189,14 @@ def counts(values: pd.Series) -> dict[str, int]:
 
 
 def run_synthesize(
-    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore, kinds: list[str | None] | None = None
+    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore, kinds: list[str | None] | None = None,
+    paraphrases_ref: ArtifactRef | None = None,
 ) -> StageResult:
-    """Read the RAW artifacts, synthesize, and write CONVERSATIONS plus the quarantine (runs without Prefect)."""
+    """Read the RAW artifacts (and the accepted paraphrases, if any), synthesize, and write CONVERSATIONS plus the
+    quarantine (runs without Prefect)."""
     raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
-    conversations, quarantine = synthesize_frame(raw_frames, config, kinds)
+    paraphrases = read_paraphrases(store, paraphrases_ref) if paraphrases_ref is not None else None
+    conversations, quarantine = synthesize_frame(raw_frames, config, kinds, paraphrases)
     rows_in = sum(len(frame) for frame in raw_frames)
     if len(conversations) == 0:
         top = quarantine["reason"].value_counts().head(5).to_dict()
@@ -193,15 +205,28 @@ def run_synthesize(
             f"-> check the column mapping under synthesize.{config.kind} and the data"
         )
     stats = synthesize_stats(conversations, quarantine, rows_in, config)
+    if paraphrases is not None:  # provenance: which trained phrasings the paraphraser wrote (ids end in :p<j>)
+        stats["paraphrases"] = paraphrases
+        stats["paraphrase_conversations"] = int(conversations["id"].str.contains(r":p\d+$").sum())
     return write_stage_output(
         store, stage="synthesize", contract=CONVERSATIONS, frame=conversations, rows_in=rows_in,
         config_hash=config_hash(config), quarantined=quarantine, stats=stats,
     )
 
 
+def read_paraphrases(store: ArtifactStore, ref: ArtifactRef) -> dict[str, list[str]]:
+    """kind -> accepted paraphrases, in order, from the paraphrase stage's PARAPHRASES artifact."""
+    frame = read_input(store, ref, PARAPHRASES)
+    phrasings: dict[str, list[str]] = {}
+    for kind, paraphrase in zip(frame["kind"].tolist(), frame["paraphrase"].tolist()):
+        phrasings.setdefault(kind, []).append(paraphrase)
+    return phrasings
+
+
 @stage_task(name="synthesize")
 def synthesize_task(
-    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store_root: str, kinds: list[str | None] | None = None
+    raw_refs: list[ArtifactRef], config: SynthesizeConfig, store_root: str, kinds: list[str | None] | None = None,
+    paraphrases_ref: ArtifactRef | None = None,
 ) -> StageResult:
     """Prefect task around run_synthesize; cached on the input artifacts' hashes, the config and this code."""
-    return run_synthesize(raw_refs, config, ArtifactStore(store_root), kinds)
+    return run_synthesize(raw_refs, config, ArtifactStore(store_root), kinds, paraphrases_ref)

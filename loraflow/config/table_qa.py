@@ -19,6 +19,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from loraflow.config.base import StrictModel
+from loraflow.config.paraphrase import ParaphraseOptions
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets" / "table_qa"
 RESERVED_KINDS = ("refusal",)  # the evaluation scores kind "refusal" as a refusal (loraflow/evaluation/metrics.py)
@@ -57,6 +58,15 @@ class TableField(StrictModel):
         return pattern
 
 
+class NaturalQuestion(StrictModel):
+    """A question asked the way users ask, at evaluation only, scored on the facts it asks for."""
+
+    question: str = Field(..., min_length=1, description="The wording ({field} placeholders), never trained.")
+    asks: list[str] | None = Field(
+        None, description="Fields whose facts the question asks for (scored); None: every fact of the answer.",
+    )
+
+
 class QuestionKind(StrictModel):
     """One kind of question asked about every row, and the answer it gets."""
 
@@ -72,6 +82,17 @@ class QuestionKind(StrictModel):
         default_factory=list, description="Fields the kind can do without: a missing value drops to the next answer "
         "template instead of skipping the kind for the row. Questions may not name them.",
     )
+    natural_questions: list[NaturalQuestion] = Field(
+        default_factory=list, description="Questions asked the way users ask (phrasing_set natural, evaluation only: "
+        "natural fact accuracy), each scored on the facts it `asks` for. A plain string asks for every fact.",
+    )
+
+    @field_validator("natural_questions", mode="before")
+    @classmethod
+    def _question_shorthand(cls, questions):
+        if isinstance(questions, list):
+            return [{"question": item} if isinstance(item, str) else item for item in questions]
+        return questions
 
 
 class TableQAOptions(StrictModel):
@@ -101,6 +122,10 @@ class TableQAOptions(StrictModel):
         "a kind that needs one is skipped for that row and counted.",
     )
     seed: int = Field(0, description="Seed of the per-row choice of phrasings (deterministic, by the row's id).")
+    paraphrase: ParaphraseOptions = Field(
+        default_factory=ParaphraseOptions, description="Optional extra trained phrasings per kind written by a local "
+        "model once per config, filtered (key field kept, no answer facts, no duplicates) and recorded (docs/table_qa.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -137,16 +162,28 @@ class TableQAOptions(StrictModel):
 
     def kind_fields(self, kind: str) -> list[str]:
         """Every field a kind's templates name, in first-use order."""
-        templates = [*self.kinds[kind].questions, *self.kinds[kind].heldout_questions, *self.kinds[kind].answers]
+        templates = [*self.kinds[kind].questions, *self.kinds[kind].heldout_questions,
+                     *(natural.question for natural in self.kinds[kind].natural_questions), *self.kinds[kind].answers]
         return list(dict.fromkeys(name for template in templates for name in placeholders(template)))
 
     def question_fields(self, kind: str) -> set[str]:
         """Fields the kind's questions name: the question states them, so they are not facts of the answer."""
-        return {name for template in [*self.kinds[kind].questions, *self.kinds[kind].heldout_questions]
+        spec = self.kinds[kind]
+        return {name for template in [*spec.questions, *spec.heldout_questions,
+                                      *(natural.question for natural in spec.natural_questions)]
                 for name in placeholders(template)}
 
+    def key_fields(self, kind: str) -> set[str]:
+        """Fields every trained question of the kind names (the row's key, e.g. {name}): a paraphrase must keep them."""
+        return set.intersection(*(set(placeholders(template)) for template in self.kinds[kind].questions))
+
+    def all_phrasings(self) -> list[str]:
+        """Every question wording of every kind (trained, held-out, natural): what a paraphrase may not repeat."""
+        return [template for spec in self.kinds.values() for template in
+                [*spec.questions, *spec.heldout_questions, *(natural.question for natural in spec.natural_questions)]]
+
     def per_row(self, kind: str) -> tuple[int, int]:
-        """(trained, held-out) phrasings each row gets for `kind`."""
+        """(trained, held-out) phrasings each row gets for `kind` (without paraphrases and natural questions)."""
         spec = self.kinds[kind]
         trained, heldout = len(spec.questions), len(spec.heldout_questions)
         return (trained if self.trained_per_row is None else min(trained, self.trained_per_row),
@@ -195,6 +232,7 @@ def template_problems(options: TableQAOptions) -> list[str]:
                             f"(letters, digits, _; not {', '.join(RESERVED_KINDS)})")
         templates = [(f"{where}.questions.{i}", t) for i, t in enumerate(spec.questions)]
         templates += [(f"{where}.heldout_questions.{i}", t) for i, t in enumerate(spec.heldout_questions)]
+        templates += [(f"{where}.natural_questions.{i}.question", n.question) for i, n in enumerate(spec.natural_questions)]
         answers = [(f"{where}.answers.{i}", t) for i, t in enumerate(spec.answers)]
         broken = set()
         for key, template in templates + answers:
@@ -234,6 +272,12 @@ def template_problems(options: TableQAOptions) -> list[str]:
             if not set(placeholders(template)) - asked:
                 problems.append(f"{key}: states no field the question does not already give, so it has no fact to "
                                 f"check -> name at least one other field in the answer")
+        facts = set.intersection(*(set(placeholders(t)) for _, t in answers)) - asked - optional
+        for i, natural in enumerate(spec.natural_questions):
+            for name in natural.asks or []:
+                if name not in facts:
+                    problems.append(f"{where}.natural_questions.{i}.asks: {name!r} is not a fact every answer of the kind "
+                                    f"states -> ask for one of {sorted(facts)} (optional fields cannot be asked for)")
     return problems
 
 

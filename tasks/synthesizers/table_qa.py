@@ -1,7 +1,9 @@
 """table_qa: grounded questions about any table, from templates declared in the config (loraflow/config/table_qa.py).
 
-Per row and question kind: the kind's trained phrasings (phrasing_set "train") and held-out ones ("heldout",
-evaluation only), all with the same answer, in the row's order. What the answer may say comes from the row only:
+Per row and question kind: the kind's trained phrasings (phrasing_set "train"; accepted paraphrases from
+tasks/paraphrase.py join them, with ids ending `:p<j>`), held-out ones ("heldout", evaluation only) and natural
+questions ("natural", evaluation only, ids ending `:n<j>`, scored on the facts they ask for), all with the same
+answer, in the row's order. What the answer may say comes from the row only:
 - A missing value (options.missing_values, trimmed, any case; empty/NaN/None always) or one that does not parse as
   its field's type skips the kind for that row, with the reason and the column, unless the field is optional for
   the kind: then the next answer template that does without it is used.
@@ -37,20 +39,32 @@ def required_columns(options: TableQAOptions) -> dict[str, str]:
     return columns | {f"fields.{name}.column": options.fields[name].column for name in used_fields(options)}
 
 
-def expansion(options: TableQAOptions) -> tuple[int, dict[str, int]]:
+def expansion(options: TableQAOptions, paraphrases: dict[str, list[str]] | None = None) -> tuple[int, dict[str, int]]:
     """(units per input row, conversations per emitted unit of each kind): one unit per kind, one per phrasing."""
-    return len(options.kinds), {kind: sum(options.per_row(kind)) for kind in options.kinds}
+    return len(options.kinds), {kind: sum(phrasing_counts(options, kind, (paraphrases or {}).get(kind, [])))
+                                for kind in options.kinds}
 
 
-def synthesize(rows, options: TableQAOptions):
-    """RAW rows -> (question/answer conversations, skipped (row, kind) units with reasons)."""
+def phrasing_counts(options: TableQAOptions, kind: str, paraphrases: list[str]) -> tuple[int, int, int]:
+    """(trained, held-out, natural) phrasings each row gets: paraphrases join the trained pool (trained_per_row
+    still caps it), natural questions are all asked."""
+    spec = options.kinds[kind]
+    pool = len(spec.questions) + len(paraphrases)
+    trained = pool if options.trained_per_row is None else min(pool, options.trained_per_row)
+    return trained, options.per_row(kind)[1], len(spec.natural_questions)
+
+
+def synthesize(rows, options: TableQAOptions, paraphrases: dict[str, list[str]] | None = None):
+    """RAW rows -> (question/answer conversations, skipped (row, kind) units with reasons).
+
+    `paraphrases`: kind -> accepted extra trained phrasings (the paraphrase stage's output; None: none)."""
     sources, source_rows = provenance(rows)
     source_ids = row_ids(rows, options.id_column, sources, source_rows)
     missing = {value.strip().casefold() for value in options.missing_values} | {""}
     fields = used_fields(options)
     raw = {name: column_text(rows, options.fields[name].column) for name in fields}
     values = {name: clean_values(raw[name], options.fields[name], missing) for name in fields}
-    kinds = [(kind, KindPlan(options, kind)) for kind in options.kinds]
+    kinds = [(kind, KindPlan(options, kind, (paraphrases or {}).get(kind, []))) for kind in options.kinds]
 
     out = {key: [] for key in ("ids", "messages", "kind", "rows", "phrasing_set", "facts")}
     skipped = {key: [] for key in ("rows", "kinds", "columns", "reasons")}
@@ -75,10 +89,10 @@ def synthesize(rows, options: TableQAOptions):
             # ---- one conversation per phrasing the row gets
             for index, phrasing_set in plan.phrasings(options.seed, source_ids[row]):
                 question = render(plan.questions[index], row_values, options.fields)
-                out["ids"].append(f"{sources[row]}:{source_rows[row]}:{kind}:{index}")
+                out["ids"].append(f"{sources[row]}:{source_rows[row]}:{kind}:{plan.label(index)}")
                 out["messages"].append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
                 out["kind"].append(kind), out["rows"].append(row), out["phrasing_set"].append(phrasing_set)
-                out["facts"].append(facts)
+                out["facts"].append(plan.asked_facts(index, facts, options.fields))
 
     conversations = conversations_frame(
         ids=out["ids"], messages=out["messages"], kind=out["kind"], source=[sources[row] for row in out["rows"]],
@@ -90,29 +104,55 @@ def synthesize(rows, options: TableQAOptions):
 
 class KindPlan:
     """A kind's templates parsed once: its required and optional fields, questions, answers (with the fields each
-    needs) and the phrasings a row gets."""
+    needs) and the phrasings a row gets. Question indexes: trained, held-out, paraphrases, natural, in that order."""
 
-    def __init__(self, options: TableQAOptions, kind: str):
+    def __init__(self, options: TableQAOptions, kind: str, paraphrases: list[str] = ()):
         spec = options.kinds[kind]
         self.kind = kind
         self.optional = [name for name in options.kind_fields(kind) if name in spec.optional]
         self.required = [name for name in options.kind_fields(kind) if name not in spec.optional]
         self.asked = options.question_fields(kind)
         self.types = {name: options.fields[name].type for name in options.kind_fields(kind)}
-        self.questions = [template_parts(template) for template in [*spec.questions, *spec.heldout_questions]]
+        naturals = [natural.question for natural in spec.natural_questions]
+        self.questions = [template_parts(template)
+                          for template in [*spec.questions, *spec.heldout_questions, *paraphrases, *naturals]]
         self.answers = [(template_parts(template), set(placeholders(template))) for template in spec.answers]
         self.trained, self.heldout = len(spec.questions), len(spec.heldout_questions)
-        self.per_row = options.per_row(kind)
+        self.paraphrased, self.natural = len(paraphrases), len(naturals)
+        self.natural_asks = [natural.asks for natural in spec.natural_questions]
+        self.per_row = phrasing_counts(options, kind, list(paraphrases))[:2]
+
+    def label(self, index: int) -> str:
+        """The id suffix of a question: its index for trained and held-out phrasings, p<j> for the j-th paraphrase,
+        n<j> for the j-th natural question (so an id says where its wording came from)."""
+        first_paraphrase = self.trained + self.heldout
+        if index < first_paraphrase:
+            return str(index)
+        if index < first_paraphrase + self.paraphrased:
+            return f"p{index - first_paraphrase}"
+        return f"n{index - first_paraphrase - self.paraphrased}"
+
+    def asked_facts(self, index: int, facts: list[dict], fields: dict[str, TableField]) -> list[dict]:
+        """The facts a question is scored on: all of the answer's, or for a natural question those it asks for."""
+        natural = index - self.trained - self.heldout - self.paraphrased
+        if natural < 0 or self.natural_asks[natural] is None:
+            return facts
+        columns = {fields[name].column for name in self.natural_asks[natural]}
+        return [fact for fact in facts if fact["column"] in columns]
 
     def phrasings(self, seed: int, source_id: str) -> list[tuple[int, str]]:
         """(question index, phrasing set) of the phrasings a row is asked: all of them, or a seeded choice per row
-        (by its id, so it does not change when the table is re-ordered or grows)."""
-        trained, heldout = range(self.trained), range(self.trained, self.trained + self.heldout)
-        if self.per_row != (self.trained, self.heldout):
+        (by its id, so it does not change when the table is re-ordered or grows); every natural question."""
+        first_paraphrase = self.trained + self.heldout
+        trained = [*range(self.trained), *range(first_paraphrase, first_paraphrase + self.paraphrased)]
+        heldout = range(self.trained, first_paraphrase)
+        if self.per_row != (len(trained), self.heldout):
             rng = row_random(seed, source_id, self.kind)
-            trained = sorted(rng.sample(list(trained), self.per_row[0]))
+            trained = sorted(rng.sample(trained, self.per_row[0]))
             heldout = sorted(rng.sample(list(heldout), self.per_row[1]))
-        return [(index, "train") for index in trained] + [(index, "heldout") for index in heldout]
+        natural = range(first_paraphrase + self.paraphrased, first_paraphrase + self.paraphrased + self.natural)
+        return ([(index, "train") for index in trained] + [(index, "heldout") for index in heldout]
+                + [(index, "natural") for index in natural])
 
 
 def row_random(seed: int, source_id: str, purpose: str) -> random.Random:
