@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(tmp_path: Path, model_dir: Path | None = None) -> Path:
-    """Four titles, two optimizer steps, a handful of questions, a gate that lets the tiny model through.
+    """Four titles, two optimizer steps, one question of each kind (trained, held-out, natural, unknown title) and
+    a general one, 8 new tokens each, a gate that lets the tiny model through.
 
     `model_dir`: a local base model (the tiny random Llama, where the real SmolLM2 is not the point)."""
     path = tmp_path / "tiny.yaml"
@@ -33,9 +34,10 @@ format: {{system_prompt: "You are an anime catalog assistant."}}
 tokenize: {{validation_fraction: 0.25}}
 train: {{max_steps: 2, micro_batch_size: 4, learning_rate: 0.001, gradient_checkpointing: false}}
 eval:
-  max_questions: 4
-  max_new_tokens: 16
+  max_questions: 2
+  max_new_tokens: 8
   general_questions: ["What is 2 + 2?"]
+  general_max_new_tokens: 8
   general_expected: {{"What is 2 + 2?": "4|four"}}
   gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_general_regressions: null}}
 """)
