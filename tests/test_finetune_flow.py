@@ -1,9 +1,9 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
 an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
-one refused by the gate, and two identical runs at once training once."""
+one refused by the gate. Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
+pytest-xdist's `--dist loadfile` can run it beside this one)."""
 
 import json
-import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -87,16 +87,3 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert any(r.startswith("FAIL: validation loss") for r in third["publish"]["gate_reasons"]), third["publish"]["gate_reasons"]
     record = json.loads((tmp_path / "store" / "published" / "tiny.json").read_text())
     assert record["model_dir"] == first["publish"]["model_dir"]
-
-
-def test_two_identical_runs_at_once_train_and_publish_once(tmp_path):
-    from tests.tiny_llama import build_tiny_llama
-
-    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))  # concurrency, not the model, is the point
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        summaries = pool.starmap(run_cli, [(config, tmp_path / "home-a"), (config, tmp_path / "home-b")])
-    trained = [not s["train"]["cached"] for s in summaries]
-    published = [s["publish"]["published"] for s in summaries]
-    assert sorted(trained) == [False, True], trained
-    assert sorted(published) == [False, True], published
-    assert summaries[0]["publish"]["model_dir"] == summaries[1]["publish"]["model_dir"]
