@@ -32,13 +32,15 @@ demo: setup
 prepare-demo: setup
 	$(BIN)/loraflow prepare configs/anime_demo.yaml
 
-# One worker per core (pytest-xdist); each test file on one worker, so a module's fixture is built once (tests/conftest.py).
+# One worker per core (pytest-xdist); each test file on one worker, so a module's fixture is built once; files in the
+# order tests/conftest.py sorts them, longest first (xdist's default --loadscope-reorder would start the files with
+# the most tests first, leaving the longest, which hold one or two tests, for the end).
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu and not soak" -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -m "not gpu and not soak" -n auto --dist loadfile --no-loadscope-reorder
 
 # Also the load and soak runs against a real server (tests/test_orchestration_load.py, about 25 minutes more).
 test-all: setup
-	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -m "not gpu" -n auto --dist loadfile --no-loadscope-reorder
 
 # Optional: llama.cpp's Python binding, for scripts/gguf_in_llama_cpp.py and tests/test_gguf_llama_cpp.py. PyPI has
 # only its source release: this builds llama.cpp (about 18 minutes on 2 cores).

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from loraflow.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 from loraflow.config.evaluate import HEADLINE_METRICS
 
 
@@ -198,10 +199,14 @@ def cmd_notify(args) -> int:
 
 def cmd_detect_crashed(args) -> int:
     """Create the crash-detection automation on the server PREFECT_API_URL points at."""
-    from loraflow.automations import SILENT_SECONDS, ensure_crash_detection
+    from loraflow.automations import ensure_crash_detection
 
-    print(f"automation {ensure_crash_detection()}: a run silent for {SILENT_SECONDS} s is marked Crashed "
-          "(its worker must set PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30)")
+    if args.silent_seconds <= HEARTBEAT_SECONDS:
+        print(f"error: --silent-seconds {args.silent_seconds} would mark live runs Crashed: their heartbeats are "
+              f"{HEARTBEAT_SECONDS} s apart; give more than {HEARTBEAT_SECONDS}", file=sys.stderr)
+        return 2
+    print(f"automation {ensure_crash_detection(args.silent_seconds)}: a run silent for {args.silent_seconds} s is "
+          f"marked Crashed (its worker must set PREFECT_FLOWS_HEARTBEAT_FREQUENCY={HEARTBEAT_SECONDS})")
     return 0
 
 
@@ -231,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     notify = command("notify-on-failure", cmd_notify, "post failed runs to a webhook (Prefect automation)")
     notify.add_argument("webhook_url", help="URL that receives a POST for every failed or crashed flow run")
-    command("detect-crashed-runs", cmd_detect_crashed,
-            "mark runs whose process died (no heartbeat for 90 s) Crashed (Prefect automation)")
+    crashed = command("detect-crashed-runs", cmd_detect_crashed,
+                      "mark runs whose process died (no heartbeat for 90 s) Crashed (Prefect automation)")
+    crashed.add_argument("--silent-seconds", type=int, default=SILENT_SECONDS,
+                         help=f"seconds without a heartbeat after which a run is marked Crashed (default: {SILENT_SECONDS}; "
+                              f"more than the {HEARTBEAT_SECONDS} s between a run's heartbeats)")
     server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
     server.add_argument("--host", default="127.0.0.1",

@@ -6,16 +6,19 @@ interface needs Prefect's basic auth: `PREFECT_SERVER_API_AUTH_STRING` ("user:pa
 environment, never from the command line, so it shows in no process list, log or artifact.
 """
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraflow.automations import HEARTBEAT_SECONDS
+from loraflow.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 
 CPU_POOL = "loraflow-cpu"
 GPU_POOL = "loraflow-gpu"
@@ -115,15 +118,36 @@ class LocalPrefect:
                               capture_output=True, text=True, check=check, timeout=300)
 
     def ensure_pools(self) -> None:
-        """Create the CPU and GPU process work pools if they are missing."""
-        for pool in (CPU_POOL, GPU_POOL):
-            if self.prefect("work-pool", "inspect", pool, check=False).returncode != 0:
-                self.prefect("work-pool", "create", pool, "--type", "process")
+        """Create the CPU and GPU process work pools if they are missing, with the process worker's default job
+        template (what `prefect work-pool create --type process` sends). Through the API: each `prefect work-pool`
+        command is a Python start that imports all of Prefect (about 10 s of CPU), and this took four of them."""
+        from prefect.workers.process import ProcessWorker
 
-    def ensure_crash_detection(self) -> None:
-        """Create the automation that marks runs whose process died Crashed (loraflow.automations)."""
-        subprocess.run([sys.executable, "-m", "loraflow.cli", "detect-crashed-runs"], env=self.env, cwd=REPO,
-                       capture_output=True, text=True, check=True, timeout=120)
+        for pool in (CPU_POOL, GPU_POOL):
+            if self.api("GET", f"/work_pools/{pool}", missing_ok=True) is None:
+                self.api("POST", "/work_pools/", {"name": pool, "type": "process",
+                                                  "base_job_template": ProcessWorker.get_default_base_job_template()})
+
+    def api(self, method: str, path: str, body: dict | None = None, missing_ok: bool = False):
+        """One call to this server's REST API (basic auth from the environment, as the CLI's); its JSON answer, or
+        None for a 404 when `missing_ok`."""
+        headers = {"Content-Type": "application/json"}
+        if self.env.get("PREFECT_API_AUTH_STRING"):
+            headers["Authorization"] = "Basic " + base64.b64encode(self.env["PREFECT_API_AUTH_STRING"].encode()).decode()
+        request = urllib.request.Request(f"{self.api_url}{path}", method=method, headers=headers,
+                                         data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if missing_ok and error.code == 404:
+                return None
+            raise
+
+    def ensure_crash_detection(self, silent_seconds: int = SILENT_SECONDS) -> None:
+        """Create the automation that marks runs silent for `silent_seconds` Crashed (loraflow.automations)."""
+        subprocess.run([sys.executable, "-m", "loraflow.cli", "detect-crashed-runs", "--silent-seconds", str(silent_seconds)],
+                       env=self.env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
 
     def start_worker(self, pool: str = CPU_POOL, name: str | None = None, limit: int | None = None) -> subprocess.Popen:
         """Start a process worker polling `pool` (in its own process group, with the runs it starts), running at

@@ -15,6 +15,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# Process workers that tests start (loraflow.server.LocalPrefect passes this environment on) look for scheduled
+# runs every 2 s instead of Prefect's 10: a run triggered through the API starts up to 8 s sooner.
+os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
 # Under pytest-xdist (README's `make test`: one worker per core) each worker and the runs it starts use one
 # thread: two workers with two threads each on two cores make every matmul wait for a busy core.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -22,14 +25,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+# The longest test files (seconds on one worker, 2-core EPYC, 2026-12-03), started before the other `slow` ones: the
+# first to start are the last to end.
+LONGEST_FILES = ("test_orchestration_faults.py",   # 220: worker kill + 60 s crash window, Cancel, both re-runs
+                 "test_finetune_flow.py",          # 190: three `loraflow run`s on SmolLM2
+                 "test_orchestration_restarts.py", # 110: its own server and PostgreSQL, restarted mid-run
+                 "test_distributed.py",            # 80: DDP launches, a kill -9 and a resume
+                 "test_concurrent_runs.py")        # 75: two `loraflow run`s at once
+
+
 def pytest_collection_modifyitems(config, items):
-    """Long tests (`slow`) first, so that under pytest-xdist's `--dist loadfile` (README's `make test`: each test
-    file on one worker, so a module's shared fixture, a server or a trained adapter, is built once) the files
-    holding them start first and the workers do not end on one of them alone.
+    """Long tests (`slow`) first, the longest files first of all, so that under pytest-xdist's `--dist loadfile
+    --no-loadscope-reorder` (README's `make test`: each test file on one worker, so a module's shared fixture, a
+    server or a trained adapter, is built once; files in the order of their first test here) the files holding them
+    start first and the workers do not end on one of them alone. (xdist's default `--loadscope-reorder` sends the
+    files with the most tests first, which put the longest ones, holding one to three tests, at the end.)
 
     (Not `--dist loadgroup` with xdist_group marks: pytest 9 builds node ids from `Item._id`, and pytest-xdist 3.8
     tags a group by rewriting `item._nodeid`, so the marks were ignored and a module fixture was built per worker.)"""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    def order(item):
+        name = item.path.name
+        return (item.get_closest_marker("slow") is None, LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES))
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,8 @@ def test_an_empty_validation_split_is_warned_about(prefect_api, tmp_path):
     assert none_asked["warnings"] == []
 
 
-@pytest.mark.parametrize("command", ["check", "schema", "prepare", "run", "ask", "notify-on-failure", "server"])
+@pytest.mark.parametrize("command", ["check", "schema", "prepare", "run", "ask", "notify-on-failure",
+                                     "detect-crashed-runs", "server"])
 def test_every_subcommand_argument_has_a_help_text(command):
     from loraflow.cli import build_parser
 
@@ -86,6 +87,14 @@ def test_every_subcommand_argument_has_a_help_text(command):
     for action in subparser._actions:
         assert action.help and action.help != "==SUPPRESS==", (command, action.dest)
     assert subparser.description
+
+
+def test_a_crash_window_no_longer_than_the_heartbeat_interval_is_refused(capsys):
+    from loraflow.automations import HEARTBEAT_SECONDS
+    from loraflow.cli import main
+
+    assert main(["detect-crashed-runs", "--silent-seconds", str(HEARTBEAT_SECONDS)]) == 2
+    assert f"heartbeats are {HEARTBEAT_SECONDS} s apart" in capsys.readouterr().err
 
 
 @pytest.mark.slow

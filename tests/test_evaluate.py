@@ -185,7 +185,7 @@ def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
     model_dir = build_tiny_llama(tmp_path / "model")
     tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
     trained = train_adapter(tokens, model_dir, TrainConfig(max_steps=4, micro_batch_size=2, learning_rate=1e-2), tmp_path / "train")
-    config = EvalConfig(max_new_tokens=8, batch_size=4, max_questions=6)
+    config = EvalConfig(max_new_tokens=8, batch_size=4, max_questions=6, general_max_new_tokens=8)
     result = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval")
 
     assert result.questions == 6

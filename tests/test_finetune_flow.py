@@ -1,9 +1,9 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
 an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
-one refused by the gate, and two identical runs at once training once."""
+one refused by the gate. Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
+pytest-xdist's `--dist loadfile` can run it beside this one)."""
 
 import json
-import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(tmp_path: Path, model_dir: Path | None = None) -> Path:
-    """Four titles, two optimizer steps, a handful of questions, a gate that lets the tiny model through.
+    """Four titles, two optimizer steps, one question of each kind (trained, held-out, natural, unknown title) and
+    a general one, 8 new tokens each, a gate that lets the tiny model through.
 
     `model_dir`: a local base model (the tiny random Llama, where the real SmolLM2 is not the point)."""
     path = tmp_path / "tiny.yaml"
@@ -33,9 +34,10 @@ format: {{system_prompt: "You are an anime catalog assistant."}}
 tokenize: {{validation_fraction: 0.25}}
 train: {{max_steps: 2, micro_batch_size: 4, learning_rate: 0.001, gradient_checkpointing: false}}
 eval:
-  max_questions: 4
-  max_new_tokens: 16
+  max_questions: 2
+  max_new_tokens: 8
   general_questions: ["What is 2 + 2?"]
+  general_max_new_tokens: 8
   general_expected: {{"What is 2 + 2?": "4|four"}}
   gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_general_regressions: null}}
 """)
@@ -85,16 +87,3 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert any(r.startswith("FAIL: validation loss") for r in third["publish"]["gate_reasons"]), third["publish"]["gate_reasons"]
     record = json.loads((tmp_path / "store" / "published" / "tiny.json").read_text())
     assert record["model_dir"] == first["publish"]["model_dir"]
-
-
-def test_two_identical_runs_at_once_train_and_publish_once(tmp_path):
-    from tests.tiny_llama import build_tiny_llama
-
-    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))  # concurrency, not the model, is the point
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        summaries = pool.starmap(run_cli, [(config, tmp_path / "home-a"), (config, tmp_path / "home-b")])
-    trained = [not s["train"]["cached"] for s in summaries]
-    published = [s["publish"]["published"] for s in summaries]
-    assert sorted(trained) == [False, True], trained
-    assert sorted(published) == [False, True], published
-    assert summaries[0]["publish"]["model_dir"] == summaries[1]["publish"]["model_dir"]
