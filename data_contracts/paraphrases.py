@@ -3,7 +3,7 @@
 One row per accepted paraphrase, in the order the synthesizer uses them (kind, then the trained phrasing it
 rewrites, then the sample): `paraphrase` is a question template like the config's own ({field} placeholders),
 `template` the trained phrasing it rewrites, `sample` which of that phrasing's samples it was. Refused samples go
-to the stage's quarantine with the rule that refused them (tasks/synthesizers/paraphrase_filters.py).
+to the stage's quarantine with the rule that refused them (tasks/paraphrase_filters.py).
 """
 
 import pandera.pandas as pa

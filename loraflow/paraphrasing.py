@@ -3,7 +3,7 @@
 Each template is its own `generate` call (one prompt, `count` samples, no padding) seeded from the seed and the
 template's text, so a template's samples do not depend on which other templates are asked, nor on their order.
 The prompt shows one worked example and asks to keep the {placeholders} as written; whether the model did is for
-the filters to judge (tasks/synthesizers/paraphrase_filters.py), not for this module.
+the filters to judge (tasks/paraphrase_filters.py), not for this module.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Runs once per config, over the templates (never over rows): each kind's trained phrasings are rewritten
 `candidates_per_template` times by the paraphraser (the base model unless `paraphrase.model` names another), offline,
-and every sample is judged by tasks/synthesizers/paraphrase_filters.py. Accepted ones are the artifact; refused
+and every sample is judged by tasks/paraphrase_filters.py. Accepted ones are the artifact; refused
 ones go to the stage's quarantine with their rule, so rows_in (samples) = rows_out (accepted) + rows_quarantined.
 The Prefect task is cached on the options, the paraphraser's fingerprint and this code: an unchanged re-run loads
 no model. The synthesize stage reads the artifact (tasks/synthesize.py: read_paraphrases) and adds its phrasings to the
@@ -23,7 +23,7 @@ from loraflow.paraphrasing import sample_paraphrases
 from loraflow.stage import StageResult, write_stage_output
 from loraflow.store import ArtifactStore
 from loraflow.tasking import stage_task
-from tasks.synthesizers.paraphrase_filters import accepted_by_kind, judge
+from tasks.paraphrase_filters import accepted_by_kind, judge
 
 __all__ = ["paraphrase_inputs", "paraphrase_requests", "generate_candidates", "paraphrase_frames", "run_paraphrase", "paraphrase_task"]
 

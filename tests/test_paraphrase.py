@@ -12,7 +12,7 @@ from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.table_qa import TableQAOptions, placeholders
 from tasks import paraphrase
 from tasks.synthesize import synthesize_frame
-from tasks.synthesizers.paraphrase_filters import cleaned, judge
+from tasks.paraphrase_filters import cleaned, judge
 from tests.test_table_qa import options, staff
 from tests.test_table_qa_config import write_config
 from tests.test_table_qa_flow import tea_config
