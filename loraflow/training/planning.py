@@ -126,14 +126,10 @@ def check_budget_before_loading(model_dir: Path, config: TrainConfig, env: dict,
         return
 
 
-def fsdp_memory_estimate(model_dir: Path, config: TrainConfig, env: dict, longest_example: int,
-                         processes: int) -> dict | None:
-    """Per-GPU peak of FSDP-QLoRA with `processes` processes (loraflow.training.fsdp_memory), from config.json; None
-    when the config is not Llama-style. Tokens per micro-batch: packed rows x row length, or padded rows x the
-    longest example."""
+def _fsdp_plan_inputs(model_dir: Path, config: TrainConfig, env: dict, longest_example: int) -> tuple[dict, int, dict] | None:
+    """(config.json, tokens per micro-batch, the estimate's keyword arguments), or None without a config.json.
+    Tokens per micro-batch: packed rows x row length, or padded rows x the longest example."""
     import json
-
-    from loraflow.training.fsdp_memory import fsdp_peak_per_gpu
 
     config_file = Path(model_dir) / "config.json"
     if not config_file.exists():
@@ -142,10 +138,23 @@ def fsdp_memory_estimate(model_dir: Path, config: TrainConfig, env: dict, longes
         tokens = (config.pack_rows_per_micro_batch or config.micro_batch_size) * max(config.pack_max_tokens, longest_example)
     else:
         tokens = config.micro_batch_size * longest_example
+    options = dict(lora_r=config.lora_r, target_modules=config.target_modules, quantization=env["quantization"],
+                   checkpointing=config.gradient_checkpointing)
+    return json.loads(config_file.read_text()), tokens, options
+
+
+def fsdp_memory_estimate(model_dir: Path, config: TrainConfig, env: dict, longest_example: int,
+                         processes: int) -> dict | None:
+    """Per-GPU peak of FSDP-QLoRA with `processes` processes (loraflow.training.fsdp_memory), from config.json; None
+    when there is none or it is not Llama-style."""
+    from loraflow.training.fsdp_memory import fsdp_peak_per_gpu
+
+    inputs = _fsdp_plan_inputs(model_dir, config, env, longest_example)
+    if inputs is None:
+        return None
+    model_config, tokens, options = inputs
     try:
-        return fsdp_peak_per_gpu(json.loads(config_file.read_text()), processes, tokens, lora_r=config.lora_r,
-                                 target_modules=config.target_modules, quantization=env["quantization"],
-                                 checkpointing=config.gradient_checkpointing)
+        return fsdp_peak_per_gpu(model_config, processes, tokens, **options)
     except (AttributeError, KeyError, TypeError):
         return None
 
@@ -153,8 +162,6 @@ def fsdp_memory_estimate(model_dir: Path, config: TrainConfig, env: dict, longes
 def check_fsdp_budget(model_dir: Path, config: TrainConfig, env: dict, longest_example: int, processes: int, log) -> dict | None:
     """Log FSDP's per-GPU peak estimate before launching; MemoryBudgetError (naming the GPU count or budget that
     would work) when it exceeds train.memory_budget_gb."""
-    import json
-
     from loraflow.training.fsdp_memory import describe, smallest_budget_message
     from loraflow.training.speed import MemoryBudgetError
 
@@ -162,13 +169,9 @@ def check_fsdp_budget(model_dir: Path, config: TrainConfig, env: dict, longest_e
     if estimate is None:
         return None
     log.info("train: %s", describe(estimate))
-    if config.memory_budget_gb is not None:
-        message = smallest_budget_message(json.loads((Path(model_dir) / "config.json").read_text()),
-                                          config.memory_budget_gb, processes, estimate["tokens_per_micro_batch"],
-                                          lora_r=config.lora_r, target_modules=config.target_modules,
-                                          quantization=env["quantization"], checkpointing=config.gradient_checkpointing)
-        if message:
-            raise MemoryBudgetError(message)
+    if config.memory_budget_gb is not None and estimate["total_gib"] > config.memory_budget_gb:
+        model_config, tokens, options = _fsdp_plan_inputs(model_dir, config, env, longest_example)
+        raise MemoryBudgetError(smallest_budget_message(model_config, config.memory_budget_gb, processes, tokens, **options))
     return estimate
 
 

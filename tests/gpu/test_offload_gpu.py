@@ -83,17 +83,23 @@ def _step(offload: bool, batch, lean: bool = False, nf4_folder=None, timed: int 
     return loss.detach().float(), grads, peak, plan, (statistics.median(seconds) if seconds else None)
 
 
+def _worst_relative_difference(reference: dict, other: dict) -> float:
+    """The largest max |other − reference| / max |reference| over every LoRA gradient (each must be nonzero)."""
+    assert other.keys() == reference.keys() and len(reference) == LAYERS * 7 * 2
+    worst = 0.0
+    for name in reference:
+        scale = reference[name].abs().max().item()
+        assert scale > 0, name
+        worst = max(worst, (other[name] - reference[name]).abs().max().item() / scale)
+    return worst
+
+
 def test_offloaded_checkpointing_matches_plain_checkpointing_on_cuda():
     batch = _batch()
     plain_loss, plain, plain_peak, plan, _ = _step(False, batch)
     loss, offloaded, peak, _, _ = _step(True, batch)
     torch.testing.assert_close(loss, plain_loss, atol=0, rtol=0)  # the forward is the same computation
-    assert offloaded.keys() == plain.keys() and len(plain) == LAYERS * 7 * 2
-    worst = 0.0
-    for name in plain:
-        scale = plain[name].abs().max().item()
-        assert scale > 0, name
-        worst = max(worst, (offloaded[name] - plain[name]).abs().max().item() / scale)
+    worst = _worst_relative_difference(plain, offloaded)
     # The recompute runs the same kernels on the same inputs: bit-identical in practice; bf16 tolerance allowed.
     assert worst < 1e-2
     # Plain checkpointing keeps all LAYERS bf16 layer inputs on the GPU through backward; offload at most two.
@@ -113,12 +119,7 @@ def test_lean_recompute_on_nf4_gives_the_gradients_of_the_full_recompute(offload
     full_loss, full, _, _, full_s = _step(offload, batch, lean=False, nf4_folder=folder, timed=5)
     lean_loss, lean, _, plan, lean_s = _step(offload, batch, lean=True, nf4_folder=folder, timed=5)
     torch.testing.assert_close(lean_loss, full_loss, atol=0, rtol=0)  # the forward pass is the same computation
-    assert lean.keys() == full.keys() and len(full) == LAYERS * 7 * 2
-    worst = 0.0
-    for name in full:
-        scale = full[name].abs().max().item()
-        assert scale > 0, name
-        worst = max(worst, (lean[name] - full[name]).abs().max().item() / scale)
+    worst = _worst_relative_difference(full, lean)
     print(f"lean vs full recompute ({'offloaded' if offload else 'on GPU'}, NF4): loss {lean_loss.item():.6f}, worst "
           f"relative grad diff {worst:.2e}, step {full_s * 1e3:.1f} -> {lean_s * 1e3:.1f} ms")
     # bf16: the input gradient is summed in another order (one addmm instead of two GEMMs and an add).
