@@ -247,32 +247,75 @@ def run_loraflow(args, examples, log) -> dict:
     isolation = _isolation(torch, model, device, args.vocab)
     result = _train_loop_counted(torch, model, batches, args.steps, args.warmup, device, log)
     if args.profile and device.type == "cuda":
-        result["profile_top_kernels"] = _profile_step(torch, model, batches[0][0], device, log)
+        result["profile"] = _profile_step(torch, model, batches[0][0], device, log)
     return {**result, "isolation_max_rel_diff": isolation, "document_masking": True, "plan": plan.as_dict(),
             "micro_batch": f"{args.rows_per_step} packed rows of {args.seq_len}"}
 
 
-def _profile_step(torch, model, cpu_batch, device, log) -> list[dict]:
-    """One forward+backward under torch.profiler: CUDA time per kernel family, largest first."""
+def _profile_step(torch, model, cpu_batch, device, log) -> dict:
+    """One whole step (forward, backward, optimizer) under torch.profiler, after one unprofiled step.
+
+    Reports the step's wall time against the GPU's busy time (the union of kernel intervals: the rest is the GPU
+    waiting on the host), the optimizer's share, CUDA time per kernel family and the host ops with the most self time.
+    """
+    import bitsandbytes as bnb
     from torch.profiler import ProfilerActivity, profile
 
     batch = {k: v.to(device) for k, v in cpu_batch.items()}
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+
+    def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
+
+    def optimizer_step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    forward_backward(), optimizer_step()  # the optimizer's state exists from here on
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        forward_backward()
         torch.cuda.synchronize()
-    model.zero_grad(set_to_none=True)
+        middle = time.perf_counter()
+        optimizer_step()
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_us, reach = 0.0, float("-inf")
+    for begin, finish in kernels:  # union of intervals: overlapping streams count once
+        if finish > reach:
+            busy_us += finish - max(begin, reach)
+            reach = finish
     events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) or 1
-    rows = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
-    table = [{"kernel": e.key[:120], "ms": round(e.self_device_time_total / 1000, 2),
-              "share": round(e.self_device_time_total / total, 4), "calls": e.count} for e in rows]
-    log(f"  profile: {total / 1000:.1f} ms of CUDA time in one step")
-    for row in table:
+    device_total = sum(e.self_device_time_total for e in events) or 1
+    by_device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    summary = {
+        "wall_ms": round((end - start) * 1000, 2),
+        "forward_backward_wall_ms": round((middle - start) * 1000, 2),
+        "optimizer_wall_ms": round((end - middle) * 1000, 2),
+        "gpu_busy_ms": round(busy_us / 1000, 2),
+        "kernel_launches": len(kernels),
+        "top_kernels": [{"kernel": e.key[:120], "ms": round(e.self_device_time_total / 1000, 2),
+                         "share": round(e.self_device_time_total / device_total, 4), "calls": e.count}
+                        for e in by_device],
+        "top_host_ops": [{"op": e.key[:120], "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
+                         for e in by_host],
+    }
+    log(f"  profile: step {summary['wall_ms']} ms wall (forward+backward {summary['forward_backward_wall_ms']}, "
+        f"optimizer {summary['optimizer_wall_ms']}), GPU busy {summary['gpu_busy_ms']} ms, "
+        f"{len(kernels)} kernels")
+    for row in summary["top_kernels"]:
         log(f"    {row['share']:6.1%} {row['ms']:9.2f} ms {row['calls']:6d}x  {row['kernel']}")
-    return table
+    log("  host ops with the most self time:")
+    for row in summary["top_host_ops"]:
+        log(f"    {row['self_cpu_ms']:9.2f} ms {row['calls']:6d}x  {row['op']}")
+    return summary
 
 
 def run_unsloth(args, examples, log) -> dict:

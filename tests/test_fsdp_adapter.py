@@ -133,3 +133,55 @@ def test_an_fsdp_checkpoint_keeps_the_trained_adapter_and_a_resume_restores_it(g
     assert held == [id(p) for p in fresh.parameters() if p.requires_grad]
     flat = [p for p in fresh.parameters() if p.requires_grad]
     assert any(p.abs().sum() > 0 for p in flat)
+
+
+def test_a_resume_restores_the_fsdp_optimizer_state_that_accelerates_load_leaves_empty(gloo_group, tmp_path):
+    """accelerate's sharded optimizer load (what Trainer resumes with) fills a fresh optimizer's empty state dict,
+    so the Adam moments and step count never come back; loraflow's restore brings every one back exactly."""
+    import types
+
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer, save_fsdp_optimizer
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraflow.training.fsdp_checkpoint import restore_fsdp_optimizer
+
+    def wrap(model):
+        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                        device_id=torch.device("cpu"))
+
+    PartialState(cpu=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    fresh, trained = wrap(copy.deepcopy(peft_model)), wrap(peft_model)
+    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        trained(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="SHARDED_STATE_DICT")
+    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, is_fsdp2=False,
+                                        wait_for_everyone=lambda: None)
+    save_fsdp_optimizer(plugin, accelerator, optimizer, trained, tmp_path)
+
+    resumed = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    load_fsdp_optimizer(plugin, accelerator, resumed, fresh, tmp_path)
+    assert resumed.state_dict()["state"] == {}, "accelerate's load brought the optimizer state back"
+
+    before = [p.detach().clone() for p in fresh.parameters()]
+    wrapped_optimizer = types.SimpleNamespace(optimizer=resumed)  # as Trainer's callbacks see it (accelerate's wrapper)
+    assert restore_fsdp_optimizer(fresh, wrapped_optimizer, tmp_path) == 2 * 7 * 2
+    saved, restored = optimizer.state_dict()["state"], resumed.state_dict()["state"]
+    assert set(saved) == set(restored)
+    for index, state in saved.items():
+        assert float(restored[index]["step"]) == float(state["step"]) == 3.0
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(restored[index][moment], state[moment]), (index, moment)
+    # Creating the state took a zero-learning-rate step: the parameters are untouched.
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
