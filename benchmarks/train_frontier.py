@@ -113,7 +113,10 @@ def run_loraflow_stage(args, log) -> dict:
     steps = timed_steps(args, rows * max_tokens)
     batches = tt._packed_batches(torch, examples, _with(args, steps=steps))
     isolation = tt._isolation(torch, model, device, args.vocab)
-    result = tt._train_loop_counted(torch, model, batches, steps, args.warmup, device, log)
+    optimizer_class = tt.loraflow_optimizer_class(args) if device.type == "cuda" else None
+    result = tt._train_loop_counted(torch, model, batches, steps, args.warmup, device, log, optimizer_class=optimizer_class)
+    if args.profile and device.type == "cuda":
+        result["profile"] = tt._profile_step(torch, model, batches[0][0], device, log, optimizer_class)
     return {**result, "isolation_max_rel_diff": isolation, "plan": plan, "rows_per_step": rows,
             "micro_batch": f"{rows} packed rows of {max_tokens}"}
 
@@ -175,6 +178,10 @@ def run_unsloth_sweep(args, log) -> dict:
         try:
             batches = tt._packed_batches(torch, _examples(variant), _with(variant, steps=steps))
             result = tt._train_loop_counted(torch, model, batches, steps, args.warmup, device, log)
+            if args.profile:
+                import bitsandbytes as bnb
+
+                result["profile"] = tt._profile_step(torch, model, batches[0][0], device, log, bnb.optim.PagedAdamW8bit)
             runs[key] = {**result, "rows_per_step": variant.rows_per_step,
                          "micro_batch": f"{variant.rows_per_step} packed rows of {variant.seq_len}"}
         except torch.cuda.OutOfMemoryError as error:
@@ -209,6 +216,7 @@ def run_child(args, recipe: str, extra: list[str], log_file) -> dict | None:
                "--seed", str(args.seed), "--vocab", str(args.vocab)]
     if args.tokenizer_dir:
         command += ["--tokenizer-dir", args.tokenizer_dir]
+    command += ["--profile"] * args.profile + ["--bnb-stock-step"] * args.bnb_stock_step
     command += extra
     start = time.perf_counter()
     print(f"[{recipe} {' '.join(extra)}] starting", flush=True)
@@ -423,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-full-recompute", action="store_true",
                         help="also run each loraflow row with lean recompute off (the lever's A/B, same run)")
     parser.add_argument("--lean-recompute", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="after timing, profile one step of each run (CUDA)")
+    parser.add_argument("--bnb-stock-step", action="store_true",
+                        help="loraflow: bitsandbytes' own optimizer step (a device sync per parameter; the lever's A/B)")
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--out", default=str(HERE / "results"))
     # child-only

@@ -158,11 +158,24 @@ def run_baseline(args, examples, log) -> dict:
     return {**result, "isolation_max_rel_diff": isolation, "document_masking": False, "micro_batch": "1 example"}
 
 
-def _train_loop_counted(torch, model, batches, steps, warmup, device, log) -> dict:
+def loraflow_optimizer_class(args):
+    """The product's optimizer for loraflow's recipes: bitsandbytes' paged 8-bit AdamW with loraflow's step
+    (one device sync per step), or bitsandbytes' own step with --bnb-stock-step (the lever's A/B)."""
+    import bitsandbytes as bnb
+
+    from loraflow.training.optimizer import synchronising_once
+
+    stock = bnb.optim.PagedAdamW8bit
+    return stock if getattr(args, "bnb_stock_step", False) else synchronising_once(stock)
+
+
+def _train_loop_counted(torch, model, batches, steps, warmup, device, log, optimizer_class=None) -> dict:
+    """Timed steps with paged 8-bit AdamW (bitsandbytes' class unless `optimizer_class` is given) on CUDA."""
     import bitsandbytes as bnb
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4) if device.type == "cuda" else torch.optim.AdamW(params, lr=2e-4)
+    optimizer_class = optimizer_class or bnb.optim.PagedAdamW8bit
+    optimizer = optimizer_class(params, lr=2e-4) if device.type == "cuda" else torch.optim.AdamW(params, lr=2e-4)
     model.train()
     losses, times, tokens, label_tokens = [], [], 0, 0
     if device.type == "cuda":
@@ -199,6 +212,7 @@ def _train_loop_counted(torch, model, batches, steps, warmup, device, log) -> di
         "tokens_per_step": tokens / len(times),
         "steps": steps,
         "warmup_steps": warmup,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}",
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "peak_gb": _peak_gb(torch),
@@ -225,6 +239,11 @@ def run_loraflow(args, examples, log) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    if args.no_lora_autograd:  # the lever's A/B: LoRA layers keep the fused forward, autograd does their backward
+        import loraflow.training.lora_fast as lora_fast
+
+        lora_fast.handled_base = lambda base: False
+
     from loraflow.config.train import TrainConfig
     from loraflow.training import configure_model_for_speed
 
@@ -245,25 +264,25 @@ def run_loraflow(args, examples, log) -> dict:
     log(f"  plan: {plan.as_dict()}")
     batches = _packed_batches(torch, examples, args)
     isolation = _isolation(torch, model, device, args.vocab)
-    result = _train_loop_counted(torch, model, batches, args.steps, args.warmup, device, log)
+    result = _train_loop_counted(torch, model, batches, args.steps, args.warmup, device, log,
+                                 optimizer_class=loraflow_optimizer_class(args) if device.type == "cuda" else None)
     if args.profile and device.type == "cuda":
-        result["profile"] = _profile_step(torch, model, batches[0][0], device, log)
+        result["profile"] = _profile_step(torch, model, batches[0][0], device, log, loraflow_optimizer_class(args))
     return {**result, "isolation_max_rel_diff": isolation, "document_masking": True, "plan": plan.as_dict(),
             "micro_batch": f"{args.rows_per_step} packed rows of {args.seq_len}"}
 
 
-def _profile_step(torch, model, cpu_batch, device, log) -> dict:
+def _profile_step(torch, model, cpu_batch, device, log, optimizer_class) -> dict:
     """One whole step (forward, backward, optimizer) under torch.profiler, after one unprofiled step.
 
     Reports the step's wall time against the GPU's busy time (the union of kernel intervals: the rest is the GPU
     waiting on the host), the optimizer's share, CUDA time per kernel family and the host ops with the most self time.
     """
-    import bitsandbytes as bnb
     from torch.profiler import ProfilerActivity, profile
 
     batch = {k: v.to(device) for k, v in cpu_batch.items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
+    optimizer = optimizer_class(params, lr=2e-4)
 
     def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -519,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn", default=None, help="attention implementation (default: flex on CUDA)")
     parser.add_argument("--no-liger", action="store_true")
     parser.add_argument("--no-fuse-lora", action="store_true", help="loraflow: keep peft's own LoRA forward")
+    parser.add_argument("--no-lora-autograd", action="store_true",
+                        help="loraflow: LoRA layers without their own autograd function (the epilogue fusion only)")
+    parser.add_argument("--bnb-stock-step", action="store_true",
+                        help="loraflow: bitsandbytes' own optimizer step (a device sync per parameter)")
     parser.add_argument("--tag", default="", help="suffix of the result file name (e.g. -levers)")
     parser.add_argument("--profile", action="store_true", help="loraflow: print the top CUDA kernels of one step")
     parser.add_argument("--child-timeout", type=int, default=420)

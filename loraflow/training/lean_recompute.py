@@ -59,19 +59,39 @@ def dense_weight(base_layer, dtype: torch.dtype) -> torch.Tensor | None:
     return None
 
 
+def handled_base(base) -> bool:
+    """Whether `base` (a LoRA layer's base_layer) is one whose dense weight `dense_weight` gives, with no trained bias."""
+    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
+        return False
+    return getattr(getattr(base, "weight", None), "quant_state", None) is not None or type(base) is torch.nn.Linear
+
+
 def output_unread(layer) -> bool:
     """Whether a recompute is running and `layer` (a peft LoRA linear) is marked, over a base this module handles."""
     if not (getattr(_state, "on", False) and getattr(layer, SKIP_ATTRIBUTE, False)):
         return False
-    base = layer.base_layer
-    if getattr(base, "bias", None) is not None and base.bias.requires_grad:
-        return False
-    return getattr(base.weight, "quant_state", None) is not None or type(base) is torch.nn.Linear
+    return handled_base(layer.base_layer)
 
 
 def unread_lora_linear(layer, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
     """A placeholder for `layer`'s output (zeros) whose backward gives the real gradients of x, A and B."""
     return _UnreadLoraLinear.apply(x, lora_a, lora_b, scaling, layer.base_layer)
+
+
+def lora_linear_backward(ctx, grad):
+    """Gradients of y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (W frozen) for x, A and B, from the saved x, x·Aᵀ, A and B.
+
+    The input gradient is one buffer: s·(g·B)·A, then g·W added into it by the GEMM's epilogue (beta=1)."""
+    x, projected, lora_a, lora_b = ctx.saved_tensors
+    grad_2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+    x_2d, projected_2d = x.reshape(-1, x.shape[-1]), projected.reshape(-1, projected.shape[-1])
+    grad_projected = (grad_2d @ lora_b).mul_(ctx.scaling)  # [tokens, r]
+    grad_b = (grad_2d.t() @ projected_2d).mul_(ctx.scaling)  # [out, r]
+    grad_a = grad_projected.t() @ x_2d  # [r, in]
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_projected @ lora_a).addmm_(grad_2d, dense_weight(ctx.base, x.dtype)).view(x.shape)
+    return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
 
 
 class _UnreadLoraLinear(torch.autograd.Function):
@@ -85,13 +105,4 @@ class _UnreadLoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.base = scaling, base
         return x.new_zeros(()).expand(*x.shape[:-1], lora_b.shape[0])
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, projected, lora_a, lora_b = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
-        x_2d, projected_2d = x.reshape(-1, x.shape[-1]), projected.reshape(-1, projected.shape[-1])
-        grad_projected = (grad_2d @ lora_b) * ctx.scaling  # [tokens, r]
-        grad_b = (grad_2d.t() @ projected_2d) * ctx.scaling  # [out, r]
-        grad_a = grad_projected.t() @ x_2d  # [r, in]
-        grad_x = torch.addmm(grad_projected @ lora_a, grad_2d, dense_weight(ctx.base, x.dtype))
-        return grad_x.view(x.shape), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None
+    backward = staticmethod(lora_linear_backward)

@@ -7,6 +7,11 @@ memory-bound passes per adapted layer in the forward and more in the backward. O
 
 Here `torch.addmm(result, h, B.T, alpha=scaling)` folds them into the up-projection GEMM's epilogue (beta=1
 reads the base output once and writes the sum). The math is the same; only the rounding order differs.
+
+While training (grad enabled, a plain or NF4 base without a trained bias) the whole layer is one autograd function,
+`_LoraLinear`: the same forward, and a backward that builds the input gradient in one buffer (the LoRA term, then
+`g·W` added by the base GEMM's epilogue) instead of autograd's two [tokens, in_features] gradients and their sum,
+and hands A and B their gradients as fresh contiguous tensors.
 Layers with dropout, DoRA or other variants, several active adapters, merged or disabled adapters, or
 per-request `adapter_names` keep peft's own forward.
 """
@@ -19,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraflow.training.lean_recompute import output_unread, unread_lora_linear
+from loraflow.training.lean_recompute import (
+    dense_weight,
+    handled_base,
+    lora_linear_backward,
+    output_unread,
+    unread_lora_linear,
+)
 
 
 def _eligible(layer, args, kwargs) -> str | None:
@@ -44,9 +55,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dtype = _compute_dtype(self.base_layer, x)
         return unread_lora_linear(self, x.to(dtype), self.lora_A[name].weight.to(dtype),
                                   self.lora_B[name].weight.to(dtype), self.scaling[name])
+    lora_a = self.lora_A[name].weight
+    if torch.is_grad_enabled() and lora_a.requires_grad and handled_base(self.base_layer):
+        dtype = _compute_dtype(self.base_layer, x)
+        return _LoraLinear.apply(x.to(dtype), lora_a.to(dtype), self.lora_B[name].weight.to(dtype),
+                                 self.scaling[name], self.base_layer)
     result = self.base_layer(x, *args, **kwargs)
     dtype = result.dtype
-    lora_a = self.lora_A[name].weight
     lora_b = self.lora_B[name].weight
     # Explicit casts: under autocast they match what autocast would do; without it (fp32 CPU) they are no-ops.
     h = F.linear(x.to(dtype), lora_a.to(dtype))
@@ -55,6 +70,23 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), lora_b.to(dtype).t(), alpha=self.scaling[name]
     )
     return fused.view(result.shape)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (+ a frozen bias) with W frozen (dense or NF4, dequantized for each GEMM)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling, base):
+        x_2d = x.reshape(-1, x.shape[-1])
+        projected = x_2d @ lora_a.t()
+        out = (x_2d @ dense_weight(base, x.dtype).t()).addmm_(projected, lora_b.t(), alpha=scaling)
+        if base.bias is not None:
+            out.add_(base.bias.to(out.dtype))
+        ctx.save_for_backward(x, projected, lora_a, lora_b)
+        ctx.scaling, ctx.base = scaling, base
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    backward = staticmethod(lora_linear_backward)
 
 
 def _compute_dtype(base_layer, x: torch.Tensor) -> torch.dtype:

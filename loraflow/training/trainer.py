@@ -148,10 +148,13 @@ def resumable_trainer_class():
 
     Trainer's LengthGroupedSampler draws its order from the global RNG when an epoch starts; a resumed run
     restores that RNG only after the resumed epoch has begun, so it would see the first epoch's order again
-    (measured: resumed losses off by up to 0.3 on CPU fp32; with this sampler they are equal)."""
+    (measured: resumed losses off by up to 0.3 on CPU fp32; with this sampler they are equal). Its 8-bit
+    optimizer steps with one device sync (`loraflow.training.optimizer`)."""
     import torch
     from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from loraflow.training.optimizer import synchronising_once
 
     class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
         def __init__(self, batch_size: int, lengths: list[int], seed: int):
@@ -166,6 +169,12 @@ def resumable_trainer_class():
             return super().__iter__()
 
     class ResumableTrainer(Trainer):
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args, model=None):
+            # bitsandbytes' 8-bit optimizers (paged_adamw_8bit) with one device sync per step, not per parameter.
+            optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+            return synchronising_once(optimizer_class), kwargs
+
         def _get_train_sampler(self, *args, **kwargs):  # (self, train_dataset=None) in 5.23, (self) in older releases
             sampler = super()._get_train_sampler(*args, **kwargs)
             if type(sampler) is not LengthGroupedSampler:

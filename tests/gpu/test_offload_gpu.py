@@ -124,3 +124,45 @@ def test_lean_recompute_on_nf4_gives_the_gradients_of_the_full_recompute(offload
           f"relative grad diff {worst:.2e}, step {full_s * 1e3:.1f} -> {lean_s * 1e3:.1f} ms")
     # bf16: the input gradient is summed in another order (one addmm instead of two GEMMs and an add).
     assert worst < 2e-2
+
+
+def _whole_step(fuse_lora: bool, batch, nf4_folder, timed: int = 5):
+    """One forward+backward with no layer checkpointed: loss, LoRA grads and the median seconds of `timed` more."""
+    import statistics
+    import time
+
+    from loraflow.config.train import TrainConfig
+    from loraflow.training import configure_model_for_speed
+
+    model = _model(nf4_folder)
+    plan = configure_model_for_speed(model, TrainConfig(quantization="none"), memory_budget_gb=1e3,
+                                     tokens_per_micro_batch=ROWS * ROW, fuse_lora=fuse_lora)
+    assert plan.checkpointed_layers == 0 and plan.lora_fused_layers == (LAYERS * 7 if fuse_lora else 0)
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seconds = []
+    for _ in range(timed):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(**batch).loss.backward()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - began)
+    return loss.detach().float(), grads, statistics.median(seconds)
+
+
+def test_the_fused_lora_layer_on_nf4_gives_peft_s_loss_and_gradients(tmp_path_factory):
+    """Training through `_LoraLinear` (one autograd function per LoRA layer, the input gradient in one buffer)
+    against peft's own forward over bitsandbytes' NF4 layer."""
+    folder = tmp_path_factory.getbasetemp() / "nf4-model"
+    batch = _batch()
+    peft_loss, peft_grads, peft_s = _whole_step(False, batch, folder)
+    fused_loss, fused_grads, fused_s = _whole_step(True, batch, folder)
+    worst = _worst_relative_difference(peft_grads, fused_grads)
+    print(f"fused LoRA layer vs peft (NF4): loss {fused_loss.item():.6f} vs {peft_loss.item():.6f}, worst relative "
+          f"grad diff {worst:.2e}, step {peft_s * 1e3:.1f} -> {fused_s * 1e3:.1f} ms")
+    torch.testing.assert_close(fused_loss, peft_loss, atol=0, rtol=2e-3)  # bf16: the epilogue adds in another order
+    assert worst < 2e-2
