@@ -12,6 +12,7 @@ While training (grad enabled, a plain or NF4 base without a trained bias) the wh
 `_LoraLinear`: the same forward, and a backward that builds the input gradient in one buffer (the LoRA term, then
 `g·W` added by the base GEMM's epilogue) instead of autograd's two [tokens, in_features] gradients and their sum,
 and hands A and B their gradients as fresh contiguous tensors.
+
 Layers with dropout, DoRA or other variants, several active adapters, merged or disabled adapters, or
 per-request `adapter_names` keep peft's own forward.
 """
