@@ -264,10 +264,10 @@ def run_loraflow(args, examples, log) -> dict:
     log(f"  plan: {plan.as_dict()}")
     batches = _packed_batches(torch, examples, args)
     isolation = _isolation(torch, model, device, args.vocab)
-    result = _train_loop_counted(torch, model, batches, args.steps, args.warmup, device, log,
-                                 optimizer_class=loraflow_optimizer_class(args) if device.type == "cuda" else None)
+    optimizer_class = loraflow_optimizer_class(args) if device.type == "cuda" else None
+    result = _train_loop_counted(torch, model, batches, args.steps, args.warmup, device, log, optimizer_class=optimizer_class)
     if args.profile and device.type == "cuda":
-        result["profile"] = _profile_step(torch, model, batches[0][0], device, log, loraflow_optimizer_class(args))
+        result["profile"] = _profile_step(torch, model, batches[0][0], device, log, optimizer_class)
     return {**result, "isolation_max_rel_diff": isolation, "document_masking": True, "plan": plan.as_dict(),
             "micro_batch": f"{args.rows_per_step} packed rows of {args.seq_len}"}
 

@@ -28,6 +28,42 @@ def _train(model, batch, steps: int = 3):
         model(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return optimizer
+
+
+def _fresh_and_trained_fsdp_models():
+    """Two FSDP1-wrapped copies of one tiny LoRA Llama (loraflow's FSDP config), the second trained 3 steps with
+    AdamW: (fresh, trained, the trained one's optimizer)."""
+    from accelerate import PartialState
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def wrap(model):
+        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                        device_id=torch.device("cpu"))
+
+    PartialState(cpu=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    fresh, trained = wrap(copy.deepcopy(peft_model)), wrap(peft_model)
+    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    return fresh, trained, _train(trained, batch)
+
+
+def _accelerate_fsdp_setup():
+    """accelerate's FSDP1 sharded-state-dict plugin and the few accelerator fields its save/load helpers read."""
+    import types
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="SHARDED_STATE_DICT")
+    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, is_fsdp2=False,
+                                        wait_for_everyone=lambda: None)
+    return plugin, accelerator
 
 
 @pytest.fixture
@@ -79,44 +115,22 @@ def test_fsdp_adapter_equals_the_single_process_adapter(gloo_group, tmp_path):
 def test_an_fsdp_checkpoint_keeps_the_trained_adapter_and_a_resume_restores_it(gloo_group, tmp_path):
     """accelerate's adapter-only FSDP load (what Trainer resumes with) takes none of the LoRA keys; loraflow's
     gathered adapter in the checkpoint puts them back, exactly."""
-    import types
-
-    from accelerate import PartialState
-    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_model
-    from peft import LoraConfig, get_peft_model
-    from peft.utils.other import fsdp_auto_wrap_policy
+    from accelerate.utils import load_fsdp_model, save_fsdp_model
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from loraflow.training.fsdp_checkpoint import FSDP_ADAPTER_FILE, restore_fsdp_adapter, save_fsdp_adapter
-
-    def wrap(model):
-        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
-                                        device_id=torch.device("cpu"))
 
     def lora_values(wrapped):
         with FullyShardedDataParallel.summon_full_params(wrapped):
             return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
                     for n, p in wrapped.named_parameters() if "lora_" in n}
 
-    PartialState(cpu=True)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    fresh = wrap(copy.deepcopy(peft_model))
-    trained = wrap(peft_model)
-    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    _train(trained, batch)
+    fresh, trained, _ = _fresh_and_trained_fsdp_models()
     expected, initial = lora_values(trained), lora_values(fresh)
     assert any(not torch.equal(expected[n], initial[n]) for n in expected if "lora_B" in n), "training moved B"
 
     # What Trainer's resume does today: nothing of the adapter is loaded.
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="SHARDED_STATE_DICT")
-    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, is_fsdp2=False,
-                                        wait_for_everyone=lambda: None)
-    from accelerate.utils import save_fsdp_model
-
+    plugin, accelerator = _accelerate_fsdp_setup()
     save_fsdp_model(plugin, accelerator, trained, tmp_path, adapter_only=True)
     result = load_fsdp_model(plugin, accelerator, fresh, tmp_path, adapter_only=True)
     assert any("lora_B" in key for key in result.missing_keys), "accelerate's adapter-only load took the LoRA keys"
@@ -140,34 +154,12 @@ def test_a_resume_restores_the_fsdp_optimizer_state_that_accelerates_load_leaves
     so the Adam moments and step count never come back; loraflow's restore brings every one back exactly."""
     import types
 
-    from accelerate import PartialState
-    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer, save_fsdp_optimizer
-    from peft import LoraConfig, get_peft_model
-    from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from accelerate.utils import load_fsdp_optimizer, save_fsdp_optimizer
 
     from loraflow.training.fsdp_checkpoint import restore_fsdp_optimizer
 
-    def wrap(model):
-        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
-                                        device_id=torch.device("cpu"))
-
-    PartialState(cpu=True)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, vocab_size=128))
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    fresh, trained = wrap(copy.deepcopy(peft_model)), wrap(peft_model)
-    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        trained(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="SHARDED_STATE_DICT")
-    accelerator = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, is_fsdp2=False,
-                                        wait_for_everyone=lambda: None)
+    fresh, trained, optimizer = _fresh_and_trained_fsdp_models()
+    plugin, accelerator = _accelerate_fsdp_setup()
     save_fsdp_optimizer(plugin, accelerator, optimizer, trained, tmp_path)
 
     resumed = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)

@@ -8,8 +8,8 @@ restarted from the initial adapter: on an H200 the resumed step 3 had step 1's l
 
 So each FSDP checkpoint also holds the adapter gathered through FSDP's full state dict (`FSDP_ADAPTER_FILE`,
 written before the completion marker, so the marker vouches for it), and on resume `FsdpAdapterCheckpoint` loads
-it back through FSDP's full state dict after Trainer has restored the rest (optimizer, scheduler, RNG, step),
-checking that every LoRA tensor was taken.
+it back through FSDP's full state dict after Trainer has restored the rest (scheduler, RNG, step), checking that
+every LoRA tensor was taken.
 
 The optimizer has the same trouble: accelerate's `load_fsdp_optimizer` asks the not-yet-stepped optimizer for its
 state dict as the load target, which holds no state, so the checkpoint's Adam moments and step count are never read
