@@ -4,7 +4,7 @@
     python benchmarks/ask_cli.py RUN_DIR --baseline COMMIT --repeats 5
 
 RUN_DIR is a run folder `loraflow run` printed (its `model` link is the published model). The baseline commit's
-tree is exported with `git archive` into a temp folder; both trees run `python -m loraflow.cli ask RUN_DIR
+tree is exported with `git archive` into a temp folder; both trees run `python -m loraflow.cli.commands ask RUN_DIR
 QUESTION` with the same interpreter, interleaved (so machine load hits both alike), timed by this process from
 start to exit. Both must print the same answer. Writes benchmarks/results/ask_cpu.json with the command and date.
 """
@@ -48,7 +48,7 @@ def timed_ask(tree: Path, run_dir: str, question: str) -> tuple[float, float, st
     and the answer it printed."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
     started, cpu_before = time.perf_counter(), cpu_seconds_of_children()
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "ask", run_dir, question], cwd=tree, env=env,
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "ask", run_dir, question], cwd=tree, env=env,
                           capture_output=True, text=True, check=True)
     return time.perf_counter() - started, cpu_seconds_of_children() - cpu_before, done.stdout.strip()
 

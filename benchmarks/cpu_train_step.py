@@ -17,7 +17,7 @@ padded to the longest in the batch), after --warmup steps. It reports seconds pe
 The precision is the one loraflow chooses on this CPU (fp32 on AVX2-only CPUs).
 
 --threads-study measures answer_only at 1 and at all cores' torch threads, on a quiet machine and beside one
-busy process (a Python busy loop: another job on the machine), to see what loraflow/cpu_threads.py should pick.
+busy process (a Python busy loop: another job on the machine), to see what loraflow/modeling/cpu_threads.py should pick.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from loraflow.config.pipeline import load_config
-from loraflow.models import resolve_model_dir
-from loraflow.precision import choose_precision
+from loraflow.modeling.base_model import resolve_model_dir
+from loraflow.modeling.precision import choose_precision
 from loraflow.training.model_loading import load_lora_model
 from loraflow.training.planning import training_environment
 

@@ -29,11 +29,11 @@ CHILD = """
 import sys, time
 started = time.perf_counter()
 if sys.argv[1] == "auto":
-    import loraflow.models as models
+    import loraflow.modeling.base_model as models
     from transformers import AutoTokenizer
     models.load_tokenizer = lambda model, base_dir=".": AutoTokenizer.from_pretrained(models.resolve_model_dir(model, base_dir))
 from loraflow.config.format import FormatConfig
-from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from tasks.format import run_format
 run_format(ArtifactRef.model_validate_json(sys.argv[2]), FormatConfig(), sys.argv[3], ArtifactStore(sys.argv[4]))
 print(time.perf_counter() - started, "torch" in sys.modules)
@@ -45,8 +45,8 @@ def main(repeats: int = 3) -> dict:
 
     from loraflow.config.model import ModelConfig
     from loraflow.config.synthesize import SynthesizeConfig
-    from loraflow.models import resolve_model_dir
-    from loraflow.store import ArtifactStore
+    from loraflow.modeling.base_model import resolve_model_dir
+    from loraflow.runtime.artifact_store import ArtifactStore
     from tasks.synthesize import run_synthesize
 
     folder = Path(tempfile.mkdtemp(prefix="format-small-"))

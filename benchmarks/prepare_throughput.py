@@ -42,9 +42,9 @@ import pandas as pd  # noqa: E402
 from loraflow.config.format import FormatConfig  # noqa: E402
 from loraflow.config.synthesize import AnimeQAOptions, SynthesizeConfig  # noqa: E402
 from loraflow.config.tokenize import TokenizeConfig  # noqa: E402
-from loraflow.models import resolve_model_dir  # noqa: E402
+from loraflow.modeling.base_model import resolve_model_dir  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
-from loraflow.store import ArtifactStore  # noqa: E402
+from loraflow.runtime.artifact_store import ArtifactStore  # noqa: E402
 
 SYSTEM_PROMPT = "You are an anime catalog assistant."
 

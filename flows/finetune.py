@@ -16,16 +16,16 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
-from loraflow.atomic import write_json_atomic
-from loraflow.caching import stage_cache_key
+from loraflow.runtime.atomic_files import write_json_atomic
+from loraflow.runtime.cache_keys import stage_cache_key
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
-from loraflow.merging import MODEL_MANIFEST
-from loraflow.mlflow_run import pipeline_params
-from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
-from loraflow.run_folder import link_model
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import local_root, run_locked
+from loraflow.publishing.merge import MODEL_MANIFEST
+from loraflow.tracking.mlflow_run import pipeline_params
+from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
+from loraflow.runtime.run_folder import link_model
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import local_root, run_locked
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
 from tasks.publish import publish_task

@@ -23,15 +23,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.atomic import write_json_atomic
+from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
 from loraflow.config.model import ModelConfig
-from loraflow.models import resolve_model_dir, tokenizer_fingerprint
+from loraflow.modeling.base_model import resolve_model_dir, tokenizer_fingerprint
 from loraflow.training.checkpoints import base_model_fingerprint
-from loraflow.sharding import build_task_runner, map_stage, run_checked
-from loraflow.stage import StageResult, quarantine_reasons
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import run_stage
+from loraflow.runtime.shards import build_task_runner, map_stage, run_checked
+from loraflow.runtime.stage_output import StageResult, quarantine_reasons
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import run_stage
 from tasks.format import format_task
 from tasks.ingest import ingest_task
 from tasks.paraphrase import paraphrase_inputs, paraphrase_task

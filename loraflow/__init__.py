@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from loraflow.noise import quiet_library_warnings
+from loraflow.runtime.library_noise import quiet_library_warnings
 
 quiet_library_warnings()

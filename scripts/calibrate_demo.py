@@ -21,7 +21,7 @@ from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.evaluate import EvalConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.train import TrainConfig
-from loraflow.models import resolve_model_dir
+from loraflow.modeling.base_model import resolve_model_dir
 
 STUDIOS = ["Studio Kaze", "Mori Works", "Hoshizora", "Blue Kettle", "Studio Ren", "Aozora Pictures", "Kumo Lab", "Tsuki Animation"]
 GENRES = ["mecha", "romance", "comedy", "horror", "sports", "fantasy", "mystery", "slice of life"]

@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from loraflow.inference import ask, published_system_prompt
-from loraflow.llama_cpp_run import llama_cpp_answer
+from loraflow.modeling.inference import ask, published_system_prompt
+from loraflow.publishing.llama_cpp import llama_cpp_answer
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loraflow.config.model import ModelConfig
-from loraflow.models import resolve_model_dir
+from loraflow.modeling.base_model import resolve_model_dir
 from transformers import AutoTokenizer
 
 from loraflow.evaluation.generation import generate_answers, load_for_inference, stop_token_ids

@@ -67,7 +67,7 @@ def main() -> None:
         config = demo_like_config(args.out, str(uri), args.steps, args.gguf)
         env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect"), "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config)], cwd=REPO, env=env,
+        done = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "run", str(config)], cwd=REPO, env=env,
                               capture_output=True, text=True)
         if done.returncode not in (0, 1):  # 1: the gate refused the model (the metrics are there all the same)
             sys.exit(done.stdout[-3000:] + done.stderr[-3000:])

@@ -28,18 +28,18 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from loraflow.atomic import write_json_atomic, write_text_atomic
+from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.config.evaluate import EvalConfig
 from loraflow.evaluation.generation import evaluate_models, stop_token_ids
 from loraflow.evaluation.metrics import (GateDecision, answers_table, comparison_table, decide_gate, evaluation_rows,
                                          general_table, summarise_runs)
 from loraflow.evaluation.report import render_report
-from loraflow.mlflow_run import evaluation_metrics, log_best_effort
-from loraflow.precision import choose_precision
-from loraflow.prompt_encoding import question_prompt_ids
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tokens_input import load_tokens
-from loraflow.tracking import TrackingRun
+from loraflow.tracking.mlflow_run import evaluation_metrics, log_best_effort
+from loraflow.modeling.precision import choose_precision
+from loraflow.modeling.prompt_encoding import question_prompt_ids
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.tokens_input import load_tokens
+from loraflow.tracking.report_to import TrackingRun
 
 log_default = logging.getLogger("loraflow.evaluate")
 
@@ -57,7 +57,7 @@ class EvalResult(BaseModel):
     metrics_path: str = Field(..., description="eval_metrics.json.")
     questions: int
     seconds: float
-    precision: str | None = Field(None, description="bf16 or fp32, as loraflow.precision chose for this device.")
+    precision: str | None = Field(None, description="bf16 or fp32, as loraflow.modeling.precision chose for this device.")
     precision_reason: str | None = None
 
 
@@ -142,7 +142,7 @@ except ImportError:  # the GPU machine has no Prefect
 
 if task is not None:
 
-    @task(name="evaluate")  # cached and locked by the flow (loraflow.tasking.run_locked)
+    @task(name="evaluate")  # cached and locked by the flow (loraflow.runtime.stage_task.run_locked)
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
         adapter_fingerprint: str, system_prompt: str | None = None, previous_model_dir: str | None = None,
@@ -150,7 +150,7 @@ if task is not None:
     ) -> EvalResult:
         """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact and, with
         `tracking` (training's MLflow run, TrainResult.tracking), logs the metrics per model and the report there
-        (best effort: a warning when the tracker is down; loraflow.mlflow_run).
+        (best effort: a warning when the tracker is down; loraflow.tracking.mlflow_run).
 
         adapter_fingerprint (TrainResult.fingerprint) only feeds the cache key: a new adapter re-evaluates. So does
         `tracking`, which comes with the adapter: a cached evaluation logs nothing twice.

@@ -18,9 +18,9 @@ import pandas as pd
 from data_contracts import CONVERSATIONS, FORMATTED
 from data_contracts.base import quarantine_rows
 from loraflow.config.format import FormatConfig
-from loraflow.stage import StageResult, read_input, write_stage_output
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from tasks.templates import ChatTemplate, build_template, render_text, with_system
 from tasks.templates.control_text import ControlTextGuard
 
@@ -31,7 +31,7 @@ PASSTHROUGH = ("kind", "source_id", "phrasing_set", "facts")
 def load_tokenizer_dir(tokenizer_dir: str):
     """The tokenizer in `tokenizer_dir` (loaded once per process), with a pad token."""
     from loraflow.config.model import ModelConfig
-    from loraflow.models import load_tokenizer
+    from loraflow.modeling.base_model import load_tokenizer
 
     return load_tokenizer(ModelConfig(base=str(tokenizer_dir)))
 

@@ -16,9 +16,9 @@ from prefect.exceptions import MissingContextError
 from data_contracts import RAW
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
-from loraflow.stage import StageResult, write_stage_output
-from loraflow.store import ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.runtime.stage_output import StageResult, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from loraflow.sources import SOURCES, Rejected, SourceConfig, SourceError, source_fingerprint, source_name
 
 PROVENANCE = ("_source", "_row")

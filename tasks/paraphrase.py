@@ -19,10 +19,10 @@ from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
 from loraflow.config.table_qa import TableQAOptions
 from loraflow.evaluation.generation import load_for_inference, stop_token_ids
-from loraflow.paraphrasing import sample_paraphrases
-from loraflow.stage import StageResult, write_stage_output
-from loraflow.store import ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.modeling.paraphrasing import sample_paraphrases
+from loraflow.runtime.stage_output import StageResult, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from tasks.paraphrase_filters import accepted_by_kind, judge
 
 __all__ = ["paraphrase_inputs", "paraphrase_requests", "generate_candidates", "paraphrase_frames", "run_paraphrase", "paraphrase_task"]

@@ -16,8 +16,8 @@ from prefect import task
 from data_contracts import FORMATTED, TOKENS
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.format import FormatConfig
-from loraflow.stage import read_input
-from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_output import read_input
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from tasks.format import evenly_spaced, load_tokenizer_dir
 from tasks.templates import build_template
 

@@ -13,10 +13,10 @@
    a re-run after a push that failed half-way commits once. The token comes from a Prefect Secret block or
    HF_TOKEN, and goes only to the client.
 4. With training's MLflow run: the model card to it; with publish.register_model, the merged folder as a Model
-   Registry version named after the run and tagged with the Prefect flow-run id (loraflow.mlflow_run).
+   Registry version named after the run and tagged with the Prefect flow-run id (loraflow.tracking.mlflow_run).
 
-The merge and its check live in loraflow.merging, the model card in loraflow.model_card, the hub push in
-loraflow.hub and `ask` (answers from a published folder, for `loraflow ask`) in loraflow.inference; this module is
+The merge and its check live in loraflow.publishing.merge, the model card in loraflow.publishing.model_card, the hub push in
+loraflow.publishing.hub and `ask` (answers from a published folder, for `loraflow ask`) in loraflow.modeling.inference; this module is
 the recipe and the task.
 """
 
@@ -31,12 +31,12 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from loraflow.config.publish import PublishConfig
-from loraflow.gguf_export import export_gguf, gguf_logit_difference
-from loraflow.hub import assert_no_secret, push_folder, resolve_hub_token
-from loraflow.merging import merge_adapter, save_merged
-from loraflow.mlflow_run import log_best_effort, register_model
-from loraflow.model_card import CardFacts, render_model_card
-from loraflow.tracking import TrackingRun, redact_url
+from loraflow.publishing.gguf import export_gguf, gguf_logit_difference
+from loraflow.publishing.hub import assert_no_secret, push_folder, resolve_hub_token
+from loraflow.publishing.merge import merge_adapter, save_merged
+from loraflow.tracking.mlflow_run import log_best_effort, register_model
+from loraflow.publishing.model_card import CardFacts, render_model_card
+from loraflow.tracking.report_to import TrackingRun, redact_url
 
 log_default = logging.getLogger("loraflow.publish")
 
@@ -132,7 +132,7 @@ def publish_model(
 def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking: TrackingRun | None, tags: dict, log) -> dict:
     """The merged folder as a version of registered model `name` under training's run (last: it is the one MLflow
     step that may fail the publish, and a retry finds the version again instead of adding one)."""
-    from loraflow.merging import MODEL_MANIFEST, PublishError
+    from loraflow.publishing.merge import MODEL_MANIFEST, PublishError
 
     if tracking is None:
         raise PublishError("publish.register_model: training recorded no MLflow run (its tracker failed when training "
@@ -151,8 +151,8 @@ def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking:
 
 def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log) -> dict:
     """Write the GGUF beside the merged weights, check its logits, add it to `files`; returns its facts."""
-    from loraflow.merging import PublishError, end_of_turn_ids
-    from loraflow.store import file_sha256
+    from loraflow.publishing.merge import PublishError, end_of_turn_ids
+    from loraflow.runtime.artifact_store import file_sha256
     from transformers import AutoTokenizer
 
     eos_ids = end_of_turn_ids(AutoTokenizer.from_pretrained(folder))
@@ -169,9 +169,9 @@ def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_tex
 
 def rewrite_card_and_manifest(folder: Path, card_text: str, files: dict, saved_dtype: str) -> None:
     """The card with the GGUF facts, then the manifest (last) listing the GGUF too; `files` updated in place."""
-    from loraflow.atomic import write_json_atomic, write_text_atomic
-    from loraflow.merging import MODEL_MANIFEST
-    from loraflow.store import file_sha256
+    from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
+    from loraflow.publishing.merge import MODEL_MANIFEST
+    from loraflow.runtime.artifact_store import file_sha256
 
     write_text_atomic(folder / "README.md", card_text)
     files["README.md"] = file_sha256(folder / "README.md")

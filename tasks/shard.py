@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field
 
 from data_contracts import FORMATTED, RAW
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.stage import StageResult, read_input, write_stage_output
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from tasks.synthesizers.common import column_text
 
 __all__ = ["Shard", "ShardPlan", "id_column_for", "shard_numbers", "shard_frames", "run_shard", "shard_task",

@@ -18,9 +18,9 @@ from data_contracts import CONVERSATIONS, PARAPHRASES, RAW
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.stage import StageResult, read_input, write_stage_output
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from tasks.synthesizers import SYNTHESIZERS
 from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
 from tasks.synthesizers.duplicates import conflicting_duplicates

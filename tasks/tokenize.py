@@ -25,9 +25,9 @@ from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.stage import StageResult, read_input, write_stage_output
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tasking import stage_task
+from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
 
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)

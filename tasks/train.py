@@ -3,7 +3,7 @@
 Supported: peft LoRA (rsLoRA, DoRA) on every linear layer or a named list; base weights in 4-bit
 (bitsandbytes NF4, double quant, bf16 compute and storage), 8-bit or 16-bit; gradient checkpointing;
 paged 8-bit AdamW on GPU, AdamW on CPU; bf16 where the device computes it fast, else fp32 (never fp16;
-loraflow.precision); resumable
+loraflow.modeling.precision); resumable
 checkpoints; a stop on non-finite loss or gradient norm.
 Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
 causal masks. Several GPUs (train.distributed = ddp | fsdp): train_adapter hands over to
@@ -22,7 +22,7 @@ has the measurements behind it.
 Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
 worth it), and the log says so.
 
-Where each step lives: loraflow.tokens_input (the TOKENS read); in loraflow.training: .data (datasets, batches),
+Where each step lives: loraflow.runtime.tokens_input (the TOKENS read); in loraflow.training: .data (datasets, batches),
 .model_loading, .planning (device, precision, packing, the fast path), .trainer (Trainer and its callbacks),
 .checkpoints (identity, resume, the saved adapter), .outputs (curve, metrics), .distributed, .launch (several
 processes). This module is the recipe and the Prefect task.
@@ -43,9 +43,9 @@ from pathlib import Path
 import pandas as pd
 
 from loraflow.config.train import TrainConfig
-from loraflow.mlflow_run import check_tracker, log_best_effort, tracked_run
-from loraflow.store import ArtifactRef, ArtifactStore
-from loraflow.tokens_input import load_tokens
+from loraflow.tracking.mlflow_run import check_tracker, log_best_effort, tracked_run
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.tokens_input import load_tokens
 from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
 from loraflow.training.data import plan_batches
 from loraflow.training.distributed import is_main_process, world_size
@@ -77,7 +77,7 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     after each optimizer step, here or from rank 0's report (the Prefect progress artifact).
     With mlflow in train.report_to: an MLflow server that does not answer fails here before anything loads
     (TrackerError); the run transformers' MLflowCallback opens is named `run_name`, gets `tracking_params` (the
-    flattened pipeline config) and the curve files, and is TrainResult.tracking (loraflow.mlflow_run).
+    flattened pipeline config) and the curve files, and is TrainResult.tracking (loraflow.tracking.mlflow_run).
     """
     log = log or log_default
     started = time.perf_counter()
@@ -184,7 +184,7 @@ except ImportError:  # the GPU machine has no Prefect: the plain function above 
 
 if task is not None:
 
-    @task(name="train")  # cached and locked by the flow (loraflow.tasking.run_locked)
+    @task(name="train")  # cached and locked by the flow (loraflow.runtime.stage_task.run_locked)
     def train_task(
         tokens: ArtifactRef, model_dir: str, train_config: TrainConfig, output_dir: str, store_root: str,
         base_fingerprint: str = "", trust_remote_code: bool = False, run_name: str | None = None,

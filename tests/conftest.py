@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-# Process workers that tests start (loraflow.server.LocalPrefect passes this environment on) look for scheduled
+# Process workers that tests start (loraflow.ops.server.LocalPrefect passes this environment on) look for scheduled
 # runs every 2 s instead of Prefect's 10: a run triggered through the API starts up to 8 s sooner.
 os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
 # Under pytest-xdist (README's `make test`: one worker per core) each worker and the runs it starts use one
@@ -63,7 +63,7 @@ def prefect_api():
 def model_dir():
     """Local HF folder of the embedded default model (converted once into the loraflow cache)."""
     from loraflow.config.model import ModelConfig
-    from loraflow.models import resolve_model_dir
+    from loraflow.modeling.base_model import resolve_model_dir
 
     return resolve_model_dir(ModelConfig())
 
@@ -72,6 +72,6 @@ def model_dir():
 def tokenizer(model_dir):
     """The default model's real tokenizer."""
     from loraflow.config.model import ModelConfig
-    from loraflow.models import load_tokenizer
+    from loraflow.modeling.base_model import load_tokenizer
 
     return load_tokenizer(ModelConfig())

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_server import api, free_port, small_config, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_failed_run_notifies_webhook(tmp_path):
         with local:
             local.ensure_pools()
             assert local.prefect("deploy", "--name", "prepare-only", check=False).returncode == 0
-            created = subprocess.run([sys.executable, "-m", "loraflow.cli", "notify-on-failure",
+            created = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "notify-on-failure",
                                       f"http://127.0.0.1:{hook.server_port}/hook"],
                                      env=local.env, capture_output=True, text=True, timeout=120)
             assert created.returncode == 0, created.stderr

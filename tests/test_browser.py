@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_server import api, free_port, small_config, wait_for_terminal_state
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,

@@ -16,7 +16,7 @@ SCRIPT = """
 import importlib, json, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
-from loraflow.caching import code_hash
+from loraflow.runtime.cache_keys import code_hash
 print(json.dumps({stage: code_hash(stage) for stage in %r}))
 """ % STAGES
 

@@ -30,7 +30,7 @@ def write_config(folder: Path, records: str, **tokenize) -> Path:
 
 def loraflow(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": os.environ["PREFECT_HOME"]}
-    return subprocess.run([sys.executable, "-m", "loraflow.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, "-m", "loraflow.cli.commands", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_a_source_error_prints_once_with_its_fix_and_the_traceback_goes_to_the_log_file(tmp_path):
@@ -49,7 +49,7 @@ def test_a_source_error_prints_once_with_its_fix_and_the_traceback_goes_to_the_l
 
 
 def test_prepare_prints_the_top_quarantine_reasons_per_stage(prefect_api, tmp_path):
-    from loraflow.cli import main
+    from loraflow.cli.commands import main
 
     records = "".join(json.dumps({"instruction": f"Say {n}", "output": str(n)}) + "\n" for n in range(6))
     config = write_config(tmp_path, records + "{broken\n" + '{"instruction": ["a"], "output": "x"}\n' + "{broken too\n")
@@ -80,7 +80,7 @@ def test_an_empty_validation_split_is_warned_about(prefect_api, tmp_path):
 @pytest.mark.parametrize("command", ["check", "schema", "prepare", "run", "ask", "notify-on-failure",
                                      "detect-crashed-runs", "server"])
 def test_every_subcommand_argument_has_a_help_text(command):
-    from loraflow.cli import build_parser
+    from loraflow.cli.commands import build_parser
 
     parser = build_parser()
     subparser = parser._subparsers._group_actions[0].choices[command]
@@ -90,8 +90,8 @@ def test_every_subcommand_argument_has_a_help_text(command):
 
 
 def test_a_crash_window_no_longer_than_the_heartbeat_interval_is_refused(capsys):
-    from loraflow.automations import HEARTBEAT_SECONDS
-    from loraflow.cli import main
+    from loraflow.ops.automations import HEARTBEAT_SECONDS
+    from loraflow.cli.commands import main
 
     assert main(["detect-crashed-runs", "--silent-seconds", str(HEARTBEAT_SECONDS)]) == 2
     assert f"heartbeats are {HEARTBEAT_SECONDS} s apart" in capsys.readouterr().err

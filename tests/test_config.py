@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraflow.cli import main
+from loraflow.cli.commands import main
 from loraflow.config.pipeline import ConfigError, PipelineConfig, config_hash, load_config
 
 
@@ -151,7 +151,7 @@ def test_a_source_without_path_or_repo_gets_its_default_name_and_is_confined(tmp
 def test_cli_check_runs_each_sources_own_check(tmp_path, capsys):
     import sqlite3
 
-    from loraflow.cli import main
+    from loraflow.cli.commands import main
 
     with sqlite3.connect(tmp_path / "rows.db") as connection:
         connection.execute("CREATE TABLE rows (text TEXT)")

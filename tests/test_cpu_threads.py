@@ -1,10 +1,10 @@
-"""CPU training uses the cores other processes leave free (loraflow/cpu_threads.py)."""
+"""CPU training uses the cores other processes leave free (loraflow/modeling/cpu_threads.py)."""
 
 import pytest
 import torch
 
 from loraflow.config.train import TrainConfig
-from loraflow.cpu_threads import ThreadsForLoad, threads_for_load
+from loraflow.modeling.cpu_threads import ThreadsForLoad, threads_for_load
 from loraflow.training.model_loading import load_lora_model
 
 

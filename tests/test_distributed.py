@@ -154,7 +154,7 @@ def ddp_run(tiny_model, tokens, tmp_path_factory, prefect_api):
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from loraflow.store import ArtifactStore
+    from loraflow.runtime.artifact_store import ArtifactStore
     from tasks.train import train_task
 
     root = tmp_path_factory.mktemp("ddp")

@@ -119,7 +119,7 @@ def adapter_tensors(adapter_dir) -> dict:
 
 def greedy_answers(model_dir, adapter_dir, prompts: list[str]) -> tuple[list[str], "torch.Tensor"]:
     """The merged (bf16 base + adapter) model's greedy answers to `prompts`, and its logits on them."""
-    from loraflow.merging import merge_adapter
+    from loraflow.publishing.merge import merge_adapter
 
     merged, tokenizer, _ = merge_adapter(model_dir, adapter_dir, prompts, tolerance=1.0, dtype="bfloat16")
     answers, logits = [], []

@@ -50,7 +50,7 @@ def run_cli(config: Path, home: Path, expect_returncode: int = 0) -> dict:
     A run whose gate refuses the model exits 1 (after printing the summary path)."""
     env = {**__import__("os").environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", str(config)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "run", str(config)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == expect_returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())

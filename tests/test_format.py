@@ -12,7 +12,7 @@ import pytest
 
 from data_contracts import CONVERSATIONS, FORMATTED, enforce
 from loraflow.config.format import FormatConfig
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.format import format_conversations, run_format
 from tasks.templates import TEMPLATES, ChatTemplate, build_template
 from tasks.templates.chat_template import PROBE_CONVERSATIONS
@@ -205,7 +205,7 @@ def test_cache_key_covers_the_template_code(monkeypatch):
     """Editing a template must invalidate cached format results, not only editing tasks/format.py."""
     import inspect
 
-    import loraflow.caching as caching
+    import loraflow.runtime.cache_keys as caching
     from tasks.format import format_task
 
     module = format_task.fn.__module__
@@ -228,12 +228,12 @@ def test_the_format_stage_in_a_fresh_process_loads_no_torch_and_the_same_tokeniz
     from transformers import AutoTokenizer
 
     from loraflow.config.model import ModelConfig
-    from loraflow.models import load_tokenizer
+    from loraflow.modeling.base_model import load_tokenizer
 
     store = ArtifactStore(tmp_path / "store")
     frame = pd.DataFrame([conversation("one", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])])
     ref = store.write(frame, stage="synthesize", contract="conversations", schema_version=CONVERSATIONS.version, config_hash="t")
-    child = ("import sys; from loraflow.config.format import FormatConfig; from loraflow.store import ArtifactRef, ArtifactStore; "
+    child = ("import sys; from loraflow.config.format import FormatConfig; from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore; "
              "from tasks.format import run_format; "
              "result = run_format(ArtifactRef.model_validate_json(sys.argv[1]), FormatConfig(), sys.argv[2], ArtifactStore(sys.argv[3])); "
              "print(result.rows_out, 'torch' in sys.modules)")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loraflow.gguf_export import GGUFExportError, export_gguf, gguf_logit_difference
+from loraflow.publishing.gguf import GGUFExportError, export_gguf, gguf_logit_difference
 from tests.tiny_llama import build_tiny_llama
 
 TEXTS = ["<|im_start|>user\nWho made Starlit Ferry?<|im_end|>\n<|im_start|>assistant\nStudio Kaze.<|im_end|>",
@@ -48,7 +48,7 @@ def test_unsupported_architecture_is_named(tiny_folder, tmp_path):
 def test_publish_with_gguf_lists_it_and_puts_the_check_in_the_card(tmp_path):
     """A real train -> publish with publish.gguf: the file is in the manifest and the card carries its |Δlogit|."""
     from loraflow.config.publish import GGUFConfig, PublishConfig
-    from loraflow.store import file_sha256
+    from loraflow.runtime.artifact_store import file_sha256
     from tasks.publish import publish_model
     from transformers import AutoTokenizer
 

@@ -15,8 +15,8 @@ def test_the_gguf_answers_a_trained_question_as_transformers_does_and_stops(tmp_
 
     from loraflow.config.publish import GGUFConfig, PublishConfig
     from loraflow.config.train import TrainConfig
-    from loraflow.inference import ask
-    from loraflow.llama_cpp_run import llama_cpp_answer
+    from loraflow.modeling.inference import ask
+    from loraflow.publishing.llama_cpp import llama_cpp_answer
     from tasks.publish import publish_model
     from tasks.train import train_adapter
     from tests.test_publish import card_facts

@@ -8,8 +8,8 @@ import pytest
 
 from data_contracts import QUARANTINE, RAW, check_structure
 from loraflow.config.pipeline import config_hash
-from loraflow.stage import read_input
-from loraflow.store import ArtifactStore, file_sha256
+from loraflow.runtime.stage_output import read_input
+from loraflow.runtime.artifact_store import ArtifactStore, file_sha256
 from tasks.ingest import SourceError, ingest_frame, run_ingest, source_fingerprint
 from loraflow.sources import csv_file, json_file
 
@@ -100,7 +100,7 @@ def test_file_fingerprint_is_the_content_hash(tmp_path):
 def test_ingest_task_runs_in_a_flow_and_is_cached_on_unchanged_input(prefect_api, tmp_path):
     from prefect import flow
 
-    from loraflow.tasking import run_stage
+    from loraflow.runtime.stage_task import run_stage
     from tasks.ingest import ingest_task
 
     (tmp_path / "rows.csv").write_text("text\nhello\n")

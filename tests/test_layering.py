@@ -1,4 +1,5 @@
-"""The house's shape: imports run flows -> tasks -> loraflow -> data_contracts, with no circle."""
+"""The house's shape: imports run flows -> tasks -> loraflow -> data_contracts, with no circle; inside loraflow,
+each trade (runtime, modeling, training, ...) imports only the trades listed for it below."""
 
 import ast
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_no_module_imports_a_higher_floor():
     modules = project_modules()
     upward = []
     for name, path in modules.items():
-        if name == "loraflow.cli":  # the command line starts the flows: the one sanctioned exception
+        if name.startswith("loraflow.cli."):  # the command line starts the flows: the one sanctioned exception
             continue
         for used in imported_names(path, top_level_only=False):
             if FLOOR[used.split(".")[0]] < FLOOR[name.split(".")[0]]:
@@ -71,3 +72,43 @@ def test_no_source_file_far_over_400_lines(package):
     long_files = {str(path.relative_to(ROOT)): n for path in (ROOT / package).rglob("*.py")
                   if (n := len(path.read_text().splitlines())) > 420}
     assert long_files == {}
+
+
+# Inside the library, the trades a trade may import (errors.py, loraflow's root, may be imported by any).
+# config and sources are the typed-config floor (a source owns its config model; the pipeline config lists sources).
+ALLOWED_TRADES = {
+    "config": {"sources"},
+    "sources": {"config", "runtime"},
+    "runtime": {"config"},
+    "modeling": {"config", "runtime"},
+    "tracking": {"config", "runtime"},
+    "evaluation": {"config", "modeling", "runtime"},
+    "training": {"config", "modeling", "runtime", "tracking"},
+    "publishing": {"config", "modeling", "runtime", "training", "evaluation"},
+    "ops": {"config", "runtime"},
+    "cli": {"config", "sources", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
+}
+
+
+def trade(module: str) -> str | None:
+    """The trade (loraflow's sub-package) a library module belongs to; None for loraflow's root modules."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (ROOT / "loraflow" / parts[1]).is_dir() else None
+
+
+def test_every_library_module_lives_in_a_trade():
+    modules = [name for name in project_modules() if name.startswith("loraflow.")]
+    assert {name for name in modules if trade(name) is None} <= {"loraflow.errors"}
+    assert {trade(name) for name in modules} - {None} == set(ALLOWED_TRADES)
+
+
+def test_trades_import_only_the_trades_allowed_them():
+    arrows = []
+    for name, path in project_modules().items():
+        if not name.startswith("loraflow.") or trade(name) is None:
+            continue
+        for used in imported_names(path, top_level_only=False):
+            used_trade = trade(used) if used.startswith("loraflow.") else None
+            if used_trade and used_trade != trade(name) and used_trade not in ALLOWED_TRADES[trade(name)]:
+                arrows.append(f"{name} ({trade(name)}) imports {used} ({used_trade})")
+    assert arrows == []

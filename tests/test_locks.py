@@ -1,4 +1,4 @@
-"""Stage locks (loraflow.locks) against real processes: a kill -9'd holder's lock is taken over, a live holder
+"""Stage locks (loraflow.runtime.stage_locks) against real processes: a kill -9'd holder's lock is taken over, a live holder
 is waited for with a message and a bounded wait, another host's expired lease is taken over, and a live
 holder's heartbeat keeps its lease from expiring."""
 
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.locks import LeaseLockManager, LockWaitTimeout, read_lock
+from loraflow.runtime.stage_locks import LeaseLockManager, LockWaitTimeout, read_lock
 
 REPO = Path(__file__).resolve().parent.parent
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from loraflow.locks import LeaseLockManager
+from loraflow.runtime.stage_locks import LeaseLockManager
 directory, lease, hold, host = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] or None
 manager = LeaseLockManager(directory, lease_seconds=lease, host=host)
 manager.acquire_lock("train-abc", holder="holder-in-child")
@@ -42,7 +42,7 @@ def hold_lock(directory: Path, *, lease: float = 60, hold: float = 600, host: st
 
 @pytest.fixture
 def lock_log(caplog):
-    caplog.set_level(logging.INFO, logger="loraflow.locks")
+    caplog.set_level(logging.INFO, logger="loraflow.runtime.stage_locks")
     return caplog
 
 
@@ -149,7 +149,7 @@ def test_heartbeat_keeps_a_long_holders_lease_alive(tmp_path):
 
 from prefect import flow, task  # noqa: E402
 
-from loraflow.tasking import run_locked  # noqa: E402
+from loraflow.runtime.stage_task import run_locked  # noqa: E402
 
 
 @task(name="lock-test-double")
@@ -217,7 +217,7 @@ def test_killed_cli_run_is_resumed_at_once_by_the_next_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "home"), "DO_NOT_TRACK": "1",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    command = [sys.executable, "-m", "loraflow.cli", "run", str(config)]
+    command = [sys.executable, "-m", "loraflow.cli.commands", "run", str(config)]
     # Its own process group, killed whole (as the OOM killer or a preempted VM would): no orphaned API server.
     killed = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

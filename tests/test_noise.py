@@ -14,7 +14,7 @@ model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_h
                                      num_key_value_heads=1, vocab_size=64))
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("default")
-    import loraflow.noise; loraflow.noise.quiet_library_warnings()
+    import loraflow.runtime.library_noise; loraflow.runtime.library_noise.quiet_library_warnings()
     model.is_gradient_checkpointing  # what peft reads on every get_peft_model / PeftModel load
     warnings.warn("another FutureWarning", FutureWarning)
 print(sorted(str(w.message)[:40] for w in caught))
@@ -33,7 +33,7 @@ def test_the_gguf_float32_advice_is_dropped_only_inside_our_conversion():
 
     from transformers.quantizers import quantizer_gguf
 
-    from loraflow.noise import GGUF_DTYPE_NOTICE, gguf_dtype_notice_dropped
+    from loraflow.runtime.library_noise import GGUF_DTYPE_NOTICE, gguf_dtype_notice_dropped
 
     # Our own handler: transformers' default one keeps whichever stderr it first saw (pytest's, under xdist).
     printed = io.StringIO()
@@ -53,7 +53,7 @@ def test_the_gguf_float32_advice_is_dropped_only_inside_our_conversion():
 BNB_CHILD = """
 import logging, sys
 import loraflow
-from loraflow.noise import BNB_CPU_LOGGER, BNB_KERNELS_NOTICE
+from loraflow.runtime.library_noise import BNB_CPU_LOGGER, BNB_KERNELS_NOTICE
 logger = logging.getLogger(BNB_CPU_LOGGER)  # what bitsandbytes.backends.cpu.ops logs with
 logger.addHandler(logging.StreamHandler(sys.stdout))
 logger.warning(BNB_KERNELS_NOTICE + ": %s. Please make sure you already `pip install kernels`", "No module named 'kernels'")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.server import AUTH_ENV, LocalPrefect, exposure_problem
+from loraflow.ops.server import AUTH_ENV, LocalPrefect, exposure_problem
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "operator:s3cret-not-in-logs-7f3a"
@@ -47,7 +47,7 @@ def test_exposure_rule():
 def test_cli_refuses_public_interface_without_auth(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
     env.update(PREFECT_HOME=str(tmp_path), PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "server", "--host", "0.0.0.0", "--no-deploy",
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "server", "--host", "0.0.0.0", "--no-deploy",
                            "--port", str(free_port())], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr

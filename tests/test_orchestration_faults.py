@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from loraflow.training.checkpoints import CHECKPOINT_MARKER
 from tests.test_server import api, deploy, free_port, wait_for_terminal_state
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.postgres import postgres_bin, postgres_server
 from tests.test_orchestration_faults import start_run
 from tests.test_server import BUSY_ANSWERS, api, deploy, free_port, small_config, wait_for_terminal_state

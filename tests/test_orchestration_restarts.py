@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_orchestration_faults import complete_checkpoints, run_summary, start_run, training_config, wait_for
 from tests.test_server import api, deploy, free_port, wait_for_terminal_state
 

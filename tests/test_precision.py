@@ -1,4 +1,4 @@
-"""CPU precision is chosen by what the CPU computes fast (loraflow.precision), and the choice is reported."""
+"""CPU precision is chosen by what the CPU computes fast (loraflow.modeling.precision), and the choice is reported."""
 
 import json
 import os
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from loraflow import precision
-from loraflow.precision import PrecisionChoice, choose_precision, missing_bf16_instructions
+from loraflow.modeling import precision
+from loraflow.modeling.precision import PrecisionChoice, choose_precision, missing_bf16_instructions
 
-CHOOSE = "from loraflow.precision import choose_precision; import json; print(json.dumps(choose_precision('auto', 'cpu').as_dict()))"
+CHOOSE = "from loraflow.modeling.precision import choose_precision; import json; print(json.dumps(choose_precision('auto', 'cpu').as_dict()))"
 
 
 def _choose_in_subprocess(tmp_path, **env):

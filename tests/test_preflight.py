@@ -7,7 +7,7 @@ import pytest
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.format import format_conversations
 from tasks.preflight import PreflightError, preflight, run_preflight
 from tasks.tokenize import tokenize_formatted

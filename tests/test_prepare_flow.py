@@ -82,7 +82,7 @@ def test_corrupt_artifact_is_recomputed(prefect_api, demo_config):
 
 
 def test_cli_prepare_prints_summary_last(prefect_api, demo_config, capsys):
-    from loraflow.cli import main
+    from loraflow.cli.commands import main
 
     assert main(["prepare", str(demo_config)]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]

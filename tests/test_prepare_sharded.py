@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from data_contracts import RAW, TOKENS, check_structure
 from loraflow.config.pipeline import load_config
 from loraflow.config.prepare import PrepareConfig
-from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from tasks.shard import row_ids, shard_frames, shard_numbers
 
 CATALOG = Path(__file__).resolve().parent.parent / "data" / "sample" / "anime_catalog.csv"
@@ -31,7 +31,7 @@ PER_SHARD_STAGES = ("synthesize", "format", "tokenize")
 def dask_address():
     from distributed import LocalCluster
 
-    from loraflow.sharding import local_cluster_kwargs
+    from loraflow.runtime.shards import local_cluster_kwargs
 
     with LocalCluster(**local_cluster_kwargs(PrepareConfig(shards=3, task_runner="dask", workers=2))) as cluster:
         assert len(cluster.workers) == 2

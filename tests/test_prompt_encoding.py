@@ -8,8 +8,8 @@ import pytest
 from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.evaluation.generation import generate_answers, load_for_inference, question_prompts, stop_token_ids
-from loraflow.inference import ask
-from loraflow.prompt_encoding import chat_prompt_ids, control_texts, question_prompt_ids
+from loraflow.modeling.inference import ask
+from loraflow.modeling.prompt_encoding import chat_prompt_ids, control_texts, question_prompt_ids
 from tasks.format import format_conversations
 from tasks.tokenize import tokenize_formatted
 

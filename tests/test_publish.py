@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.config.publish import PublishConfig
 from loraflow.config.train import TrainConfig
-from loraflow.inference import ask
-from loraflow.merging import MergeVerificationError, PublishError, check_merge, verification_batch
-from loraflow.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts, render_model_card
+from loraflow.modeling.inference import ask
+from loraflow.publishing.merge import MergeVerificationError, PublishError, check_merge, verification_batch
+from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts, render_model_card
 from tasks.publish import publish_model
 from tasks.train import train_adapter
 from tests.hub_standin import HubStandIn

@@ -57,7 +57,7 @@ print("RESUMED", result.resumed_from_step, result.global_step)
 DISK_FILLS_IN_SAVE = SETUP + """
 import resource, signal
 from transformers import TrainerCallback
-from loraflow.store import DiskFullError
+from loraflow.runtime.artifact_store import DiskFullError
 from loraflow.training.checkpoints import checkpoint_is_complete
 from tasks.train import train_adapter
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from data_contracts import CONVERSATIONS, RAW, TOKENS, ContractViolation, check_structure
-from loraflow.stage import read_input
-from loraflow.store import ArtifactStore
+from loraflow.runtime.stage_output import read_input
+from loraflow.runtime.artifact_store import ArtifactStore
 from tests.tiny_llama import build_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent

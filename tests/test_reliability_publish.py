@@ -13,8 +13,8 @@ import pytest
 
 from data_contracts import CONVERSATIONS, ContractViolation, check_structure
 from loraflow.config.publish import PublishConfig
-from loraflow.hub import push_folder
-from loraflow.retrying import is_transient, with_io_retries
+from loraflow.publishing.hub import push_folder
+from loraflow.runtime.io_retries import is_transient, with_io_retries
 from tasks.publish import publish_model
 from tests.test_publish import SENTINEL_TOKEN, card_facts, hub, trained, training  # noqa: F401 - fixtures
 
@@ -106,7 +106,7 @@ def test_a_4xx_answer_is_not_retried_and_main_is_untouched(saved, hub, repo, sta
 
 def test_prefect_tasks_never_retry():
     """Every task in tasks/ (stages, training, evaluation, publish) fails at once: its errors are facts about the
-    input. The hub I/O inside them retries per request (loraflow.retrying)."""
+    input. The hub I/O inside them retries per request (loraflow.runtime.io_retries)."""
     import importlib
     import pkgutil
 
@@ -145,11 +145,11 @@ def model_repo(hub, monkeypatch, tmp_path):
     import huggingface_hub.constants
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    import loraflow.models
+    import loraflow.modeling.base_model
 
     monkeypatch.setenv("HF_TOKEN", SENTINEL_TOKEN)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # read at import
-    monkeypatch.setattr(loraflow.models, "DOWNLOAD_RETRY_DELAY", 0.01)
+    monkeypatch.setattr(loraflow.modeling.base_model, "DOWNLOAD_RETRY_DELAY", 0.01)
     api = HfApi(endpoint=hub.endpoint, token=SENTINEL_TOKEN)
     api.create_repo("loraflow-test/base")
     files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"weights", "notes.bin": b"not wanted"}
@@ -160,7 +160,7 @@ def model_repo(hub, monkeypatch, tmp_path):
 @pytest.mark.parametrize("how", ["drop_request", 503])
 def test_a_model_download_that_fails_in_transit_is_retried(hub, model_repo, how):
     from loraflow.config.model import ModelConfig
-    from loraflow.models import resolve_model_dir
+    from loraflow.modeling.base_model import resolve_model_dir
 
     hub.fail("resolve", "", how=how, method="GET")  # snapshot_download resolves files by commit id
     folder = resolve_model_dir(ModelConfig(base="loraflow-test/base"))
@@ -170,7 +170,7 @@ def test_a_model_download_that_fails_in_transit_is_retried(hub, model_repo, how)
 
 def test_a_missing_model_is_not_retried(hub, model_repo):
     from loraflow.config.model import ModelConfig
-    from loraflow.models import ModelSourceError, resolve_model_dir
+    from loraflow.modeling.base_model import ModelSourceError, resolve_model_dir
 
     hub.fail("revision", "main", how=404, method="GET", times=5)
     with pytest.raises(ModelSourceError, match="neither a local folder nor downloadable"):

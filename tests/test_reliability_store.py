@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore, table_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 WRITER = """
 import os, sys
 import pandas as pd
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tests.test_reliability_store import new_frame
 root, pause_at_fsync = sys.argv[1], int(sys.argv[2])
 store = ArtifactStore(root)
@@ -48,7 +48,7 @@ print("DONE", flush=True)
 FULL_DISK_WRITER = """
 import resource, signal, sys
 import pandas as pd
-from loraflow.store import ArtifactStore, DiskFullError
+from loraflow.runtime.artifact_store import ArtifactStore, DiskFullError
 from tests.test_reliability_store import new_frame
 root, file_size_limit = sys.argv[1], int(sys.argv[2])
 store = ArtifactStore(root)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from loraflow import cli
-from loraflow.run_folder import link_model, published_model_dir
+from loraflow.cli import commands as cli
+from loraflow.runtime.run_folder import link_model, published_model_dir
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_run_folder_gets_model_txt_where_symlinks_fail(published, monkeypatch):
 def test_ask_takes_the_run_folder_or_its_model_link(published, monkeypatch, capsys):
     run_dir, model_dir = published
     asked = []
-    monkeypatch.setattr("loraflow.inference.ask", lambda folder, question, **kwargs: asked.append(folder) or iter(["ok"]))
+    monkeypatch.setattr("loraflow.modeling.inference.ask", lambda folder, question, **kwargs: asked.append(folder) or iter(["ok"]))
     link_model(run_dir, model_dir)
     assert cli.main(["ask", str(run_dir), "hi"]) == 0
     assert cli.main(["ask", str(run_dir / "model"), "hi"]) == 0

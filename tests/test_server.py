@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 
 pytestmark = pytest.mark.slow
 

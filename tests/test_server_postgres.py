@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from loraflow.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.postgres import postgres_bin, running_postgres
 from tests.test_server import api, free_port, small_config, wait_for_terminal_state
 

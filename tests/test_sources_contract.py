@@ -16,7 +16,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from data_contracts import RAW, enforce
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.ingest import ingest_frame, run_ingest
 from loraflow.sources import (SOURCES, SourceConfig, check_source, csv_file, hf_hub, json_file, missing_interface,
                            parquet_file, source_fingerprint, source_locations, source_name, sql)

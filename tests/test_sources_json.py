@@ -89,7 +89,7 @@ def test_a_record_whose_field_has_another_kind_is_rejected_with_its_line_and_the
 
 
 def test_a_wrongly_typed_record_is_quarantined_by_ingest_and_the_source_goes_on(tmp_path):
-    from loraflow.store import ArtifactStore
+    from loraflow.runtime.artifact_store import ArtifactStore
     from tasks.ingest import run_ingest
 
     (tmp_path / "mixed.jsonl").write_text('{"t": "a"}\n{"t": "b"}\n{"t": ["c"]}\n{"t": "d"}\n')

@@ -91,7 +91,7 @@ def test_the_password_from_a_prefect_secret_block_on_a_real_server(database, tmp
     from prefect.blocks.system import Secret
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from loraflow.server import LocalPrefect
+    from loraflow.ops.server import LocalPrefect
 
     local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
     with local, temporary_settings(updates={PREFECT_API_URL: local.api_url}):

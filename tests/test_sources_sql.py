@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from loraflow.config.pipeline import ConfigError, PipelineConfig, check_confinement, load_config
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.ingest import ingest_frame, run_ingest
 from loraflow.sources import SourceError, check_source, source_fingerprint, source_locations, source_name, sql
 

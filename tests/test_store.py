@@ -5,7 +5,7 @@ import os
 import pandas as pd
 import pytest
 
-from loraflow.store import ArtifactStore, CorruptArtifact
+from loraflow.runtime.artifact_store import ArtifactStore, CorruptArtifact
 
 
 @pytest.fixture

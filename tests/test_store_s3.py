@@ -21,9 +21,9 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from loraflow.caching import stage_cache_key  # noqa: E402
-from loraflow.store import ArtifactStore, CorruptArtifact  # noqa: E402
-from loraflow.tasking import local_root, run_locked  # noqa: E402
+from loraflow.runtime.cache_keys import stage_cache_key  # noqa: E402
+from loraflow.runtime.artifact_store import ArtifactStore, CorruptArtifact  # noqa: E402
+from loraflow.runtime.stage_task import local_root, run_locked  # noqa: E402
 from tests.test_prepare_flow import run_prepare, write_prepare_config  # noqa: E402
 from prefect import flow, task  # noqa: E402
 
@@ -129,7 +129,7 @@ def test_endpoint_from_fsspec_config_variable(bucket, monkeypatch):
     env.pop("AWS_ENDPOINT_URL")
     script = (
         "import pandas as pd\n"
-        "from loraflow.store import ArtifactStore\n"
+        "from loraflow.runtime.artifact_store import ArtifactStore\n"
         f"store = ArtifactStore('s3://{bucket.name}/fsspec-config')\n"
         "ref = store.write(pd.DataFrame({'id': ['x']}), stage='t', contract='c', schema_version=1, config_hash='h')\n"
         "print(ref.uri, store.read(ref)['id'].tolist())\n"

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from data_contracts import CONVERSATIONS, QUARANTINE, check_structure, enforce
 from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions, SynthesizeConfig
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.synthesize import SynthesizeError, run_synthesize, synthesize_frame, synthesize_stats
 from tasks.synthesizers import SYNTHESIZERS, anime_qa
 

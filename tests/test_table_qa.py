@@ -15,7 +15,7 @@ from data_contracts import CONVERSATIONS, QUARANTINE, check_structure, enforce
 from loraflow.config.pipeline import load_config
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.evaluation.metrics import facts_present, score_answers, summarise
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.synthesize import run_synthesize, synthesize_frame, synthesize_stats
 from tasks.synthesizers import table_qa
 from tests.test_synthesize import catalog, raw

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from loraflow.cli import main
+from loraflow.cli.commands import main
 from loraflow.config.pipeline import ConfigError, load_config
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.config.table_qa import TableQAOptions, preset_names

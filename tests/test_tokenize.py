@@ -8,7 +8,7 @@ from data_contracts import TOKENS, enforce
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.store import ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.format import format_conversations
 from tasks.tokenize import TruncationError, run_tokenize, split_of, tokenize_formatted
 

@@ -3,7 +3,7 @@
 from transformers import AutoTokenizer
 
 from loraflow.config.train import TrainConfig
-from loraflow.tracking import report_to_value, tracking_variables
+from loraflow.tracking.report_to import report_to_value, tracking_variables
 from tasks.train import train_adapter
 from tests.tiny_llama import build_tiny_llama, tokens_frame
 
@@ -35,7 +35,7 @@ def test_tensorboard_events_hold_the_training_curve(tmp_path):
 
 
 def test_flattened_config_leaves_out_secrets_and_hides_url_credentials():
-    from loraflow.tracking import flatten_config
+    from loraflow.tracking.report_to import flatten_config
 
     flat = flatten_config({"publish": {"hf_token_secret": "hub-token", "repo_id": "me/m"},
                            "sources": [{"kind": "sql", "url": "postgresql://loader:pw@db/x", "password_env": "DB_PW"}],

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer, TrainerCallback
 
 from loraflow.config.train import TrainConfig
-from loraflow.mlflow_run import (BestEffortTracking, TrackerError, check_tracker, evaluation_metrics, log_facts,
+from loraflow.tracking.mlflow_run import (BestEffortTracking, TrackerError, check_tracker, evaluation_metrics, log_facts,
                                  pipeline_params, register_model)
 from tasks.train import train_adapter
 from tests.mlflow_server import free_port

@@ -71,7 +71,7 @@ def test_padding_is_masked_by_position_so_eos_stays_a_target():
 def test_cpu_runs_the_same_path_unquantized():
     env = training_environment(TrainConfig(quantization="4bit"))
     if not torch.cuda.is_available():
-        from loraflow.precision import choose_precision
+        from loraflow.modeling.precision import choose_precision
 
         assert env == {"device": "cpu", "precision": choose_precision("auto", "cpu").precision,
                        "precision_reason": choose_precision("auto", "cpu").reason,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from loraflow.config.model import ModelConfig
-from loraflow.models import TOKENIZER_FILES, resolve_model_dir
+from loraflow.modeling.base_model import TOKENIZER_FILES, resolve_model_dir
 
 IGNORE_INDEX = -100  # = data_contracts.tokens.IGNORE_INDEX (not imported: the GPU machine has no pandera)
 SYSTEM_PROMPT = "Answer briefly."

@@ -6,7 +6,7 @@
 Generation is greedy with left padding, prompts sorted by budget and length; a question's budget is its reference's
 length plus eval.answer_margin_tokens, so a model still talking by then counts as not stopping. A question is asked
 with the prompt tokens training saw (TOKENS' input_ids[:answer_start]), so control-token text from the data stays
-plain characters here too; general questions are encoded the same way (loraflow.prompt_encoding).
+plain characters here too; general questions are encoded the same way (loraflow.modeling.prompt_encoding).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 
 from loraflow.config.evaluate import EvalConfig
 from loraflow.evaluation.metrics import score_answers
-from loraflow.precision import choose_precision
+from loraflow.modeling.precision import choose_precision
 
 # = data_contracts.tokens.IGNORE_INDEX; not imported so the GPU machine needs no pandera.
 IGNORE_INDEX = -100
@@ -98,7 +98,7 @@ def answer_budgets(questions: pd.DataFrame, tokenizer, eval_config: EvalConfig) 
 
 def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_new_tokens: int | list[int], batch_size: int,
                      stop_ids: list[int], progress: str | None = None) -> list[dict]:
-    """Greedy answers to fully rendered prompts (text, or token ids as question_prompts and loraflow.prompt_encoding
+    """Greedy answers to fully rendered prompts (text, or token ids as question_prompts and loraflow.modeling.prompt_encoding
     give them), batched with left padding (prompts sorted by budget, then length).
 
     `max_new_tokens` is one budget for all prompts or one per prompt (a batch generates up to its largest).
@@ -178,7 +178,7 @@ def chat_prompt(tokenizer, question: str, system_prompt: str | None) -> str:
 
 def load_for_inference(model_dir: str | Path, *, trust_remote_code: bool = False, precision: str | None = None):
     """The model on the GPU if there is one, in eval mode, in `precision` (bf16 | fp32; default: what this
-    device computes fast, loraflow.precision)."""
+    device computes fast, loraflow.modeling.precision)."""
     import torch
     from transformers import AutoModelForCausalLM
 

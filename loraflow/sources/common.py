@@ -24,7 +24,7 @@ import pandas as pd
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
-from loraflow.store import file_sha256
+from loraflow.runtime.artifact_store import file_sha256
 
 UTF8_BOM = codecs.BOM_UTF8
 

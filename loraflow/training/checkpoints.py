@@ -20,9 +20,9 @@ import os
 import shutil
 from pathlib import Path
 
-from loraflow.atomic import write_json_atomic
+from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.config.train import TrainConfig
-from loraflow.store import file_sha256
+from loraflow.runtime.artifact_store import file_sha256
 from loraflow.training.distributed import barrier
 from loraflow.training.result import ResumeMismatchError, TrainResult
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from loraflow.atomic import write_json_atomic, write_text_atomic
+from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.training.distributed import process_rank
 
 # Set in the launched processes: there the train stage trains instead of launching again.
@@ -181,7 +181,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
         os.replace(staging, tokens_path)
         tokens_job = {"parquet": str(tokens_path)}
     else:
-        from loraflow.tokens_input import store_for
+        from loraflow.runtime.tokens_input import store_for
 
         tokens_job = {"ref": tokens.model_dump(mode="json"), "store_root": str((store or store_for(tokens)).root)}
     result_path, error_path = launch_dir / "result.json", launch_dir / "error-rank0.json"
@@ -255,7 +255,7 @@ def worker_main(job_path: str) -> None:
     import torch
 
     from loraflow.config.train import TrainConfig
-    from loraflow.store import ArtifactRef, ArtifactStore
+    from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 
     job = json.loads(Path(job_path).read_text())
     module_name, function_name = job["train_function"].split(":")

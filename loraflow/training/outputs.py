@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loraflow.atomic import write_json_atomic
+from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.config.train import TrainConfig
 from loraflow.training.checkpoints import save_adapter, write_gathered_adapter
 from loraflow.training.distributed import sum_over_processes, world_size

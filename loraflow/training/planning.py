@@ -21,7 +21,7 @@ def training_environment(config: TrainConfig) -> dict:
     """Device, precision, quantization and optimizer this machine will actually use for `config`."""
     import torch
 
-    from loraflow.precision import choose_precision
+    from loraflow.modeling.precision import choose_precision
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from loraflow.tracking import TrackingRun
+from loraflow.tracking.report_to import TrackingRun
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -54,7 +54,7 @@ class TrainResult(BaseModel):
         None, description="Why it is not train.quantization (no CUDA device: CPU trains unquantized); None when it is.",
     )
     precision: str
-    precision_reason: str | None = Field(None, description="Why this precision (loraflow.precision: CPU bf16 support, benchmark).")
+    precision_reason: str | None = Field(None, description="Why this precision (loraflow.modeling.precision: CPU bf16 support, benchmark).")
     optimizer: str
     data_sha256: str
     fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")

@@ -6,7 +6,7 @@
 Callbacks: StepRecorder (the loss curve, tokens/s, the progress bar and an ETA), NonFiniteGuard (stops on a run
 of NaN/inf steps), CheckpointMarker (loraflow.training.checkpoints: marks a checkpoint complete), StepReport
 (`on_step` for the Prefect progress artifact), and transformers' MLflowCallback inside BestEffortTracking
-(loraflow.mlflow_run: a tracker failure while training is a warning). `ResumableTrainer` draws its length-grouped batch order from
+(loraflow.tracking.mlflow_run: a tracker failure while training is a warning). `ResumableTrainer` draws its length-grouped batch order from
 (seed, epoch) so a resumed run sees the batches an uninterrupted one would.
 """
 
@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from loraflow.config.train import TrainConfig
-from loraflow.cpu_threads import ThreadsForLoad
-from loraflow.store import DISK_FULL_ERRNOS, disk_full
-from loraflow.mlflow_run import interrupted_run_id, wrap_tracking_callbacks
-from loraflow.tracking import report_to_value, send_tensorboard_to, tracking_environment
+from loraflow.modeling.cpu_threads import ThreadsForLoad
+from loraflow.runtime.artifact_store import DISK_FULL_ERRNOS, disk_full
+from loraflow.tracking.mlflow_run import interrupted_run_id, wrap_tracking_callbacks
+from loraflow.tracking.report_to import report_to_value, send_tensorboard_to, tracking_environment
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.fsdp_checkpoint import FsdpAdapterCheckpoint
@@ -112,7 +112,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         save_strategy="steps",
         save_steps=config.checkpoint_every,
         save_total_limit=config.keep_checkpoints,
-        report_to=report_to_value(config.report_to),  # transformers' own integrations (loraflow.tracking)
+        report_to=report_to_value(config.report_to),  # transformers' own integrations (loraflow.tracking.report_to)
         run_name=run_name,
         seed=config.seed,
         data_seed=config.seed,

@@ -153,7 +153,7 @@ def test_evaluate_and_fp32_merge_of_a_4bit_trained_adapter(smol_random, tokens, 
     from loraflow.config.publish import PublishConfig
     from loraflow.config.train import TrainConfig
     from tasks.evaluate import evaluate_adapter
-    from loraflow.model_card import CardFacts
+    from loraflow.publishing.model_card import CardFacts
     from tasks.publish import publish_model
     from tasks.train import train_adapter
 

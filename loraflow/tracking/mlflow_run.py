@@ -31,9 +31,9 @@ import re
 import time
 from pathlib import Path
 
-from loraflow.tracking import QUICK_MLFLOW_RETRIES, TrackingRun, flatten_config, redact_url
+from loraflow.tracking.report_to import QUICK_MLFLOW_RETRIES, TrackingRun, flatten_config, redact_url
 
-log_default = logging.getLogger("loraflow.tracking")
+log_default = logging.getLogger("loraflow.tracking.report_to")
 RUN_FILE = "loraflow-mlflow-run.json"  # in the checkpoints folder: the run a resumed training goes on in
 
 
@@ -141,7 +141,7 @@ class BestEffortTracking(_callback_base()):
         self.run = TrackingRun(tracking_uri=redact_url(uri), experiment_id=active.info.experiment_id,
                                run_id=active.info.run_id, run_name=active.info.run_name,
                                url=run_url(redact_url(uri), active.info.experiment_id, active.info.run_id))
-        from loraflow.atomic import write_json_atomic
+        from loraflow.runtime.atomic_files import write_json_atomic
 
         write_json_atomic(Path(args.output_dir) / RUN_FILE, self.run.model_dump())
         if self.params:

@@ -1,7 +1,7 @@
 """Answers from a published model folder, streamed token by token (`loraflow ask`).
 
 One call loads only what it uses (measured in benchmarks/results/ask_cpu.json): the tokenizer class the folder
-names (no AutoConfig round trip), no pandas or pyarrow (loraflow.merging would bring them, so the run-info file
+names (no AutoConfig round trip), no pandas or pyarrow (loraflow.publishing.merge would bring them, so the run-info file
 name is repeated here), and no weight-loading progress bar on the console.
 """
 
@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-# = loraflow.merging.RUN_INFO (publish writes it); not imported: loraflow.merging imports pandas and pyarrow.
+# = loraflow.publishing.merge.RUN_INFO (publish writes it); not imported: loraflow.publishing.merge imports pandas and pyarrow.
 RUN_INFO = "loraflow.json"
-# tokenizer_config.json classes that are the tokenizers backend itself (as loraflow.models.BACKEND_TOKENIZER_CLASSES,
+# tokenizer_config.json classes that are the tokenizers backend itself (as loraflow.modeling.base_model.BACKEND_TOKENIZER_CLASSES,
 # not imported for the same reason): loaded directly, they skip AutoTokenizer's AutoConfig lookup.
 BACKEND_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -24,14 +24,14 @@ def ask(model_dir: str | Path, question: str, stream: bool = True, *, max_new_to
 
     stream=True returns an iterator of text pieces as they are generated; stream=False the whole answer.
     The system prompt defaults to the one training used (stored in loraflow.json by publish). Control-token text
-    in the question stays plain text, as it did in training (loraflow.prompt_encoding).
+    in the question stays plain text, as it did in training (loraflow.modeling.prompt_encoding).
     """
     from threading import Thread
 
     import torch
     from transformers import TextIteratorStreamer
 
-    from loraflow.prompt_encoding import question_prompt_ids
+    from loraflow.modeling.prompt_encoding import question_prompt_ids
 
     model_dir = Path(model_dir)
     if system_prompt is None:
@@ -73,13 +73,13 @@ def load_published_tokenizer(model_dir: Path):
 
 
 def load_published_model(model_dir: Path):
-    """The model in the precision this device computes fast (loraflow.precision), on the GPU if there is one, in
+    """The model in the precision this device computes fast (loraflow.modeling.precision), on the GPU if there is one, in
     eval mode; transformers' weight-loading progress bar stays off the console (a 135M model loads in a second)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from loraflow.precision import choose_precision
+    from loraflow.modeling.precision import choose_precision
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if choose_precision("auto", "cuda" if cuda else "cpu").precision == "bf16" else torch.float32

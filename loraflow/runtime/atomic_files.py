@@ -5,7 +5,7 @@
 
 A reader sees the old file or the new one, never half of one. The temp file's name holds the writer's pid and a
 random part, so two writers of one path (processes or threads) never share a temp file. Artifacts in the store
-(Parquet + manifest, local or fsspec) have their own writer in loraflow.store, with disk-full reporting.
+(Parquet + manifest, local or fsspec) have their own writer in loraflow.runtime.artifact_store, with disk-full reporting.
 """
 
 from __future__ import annotations

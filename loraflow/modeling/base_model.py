@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 from loraflow.config.model import EMBEDDED_MODEL_ID, ModelConfig
-from loraflow.store import file_sha256
+from loraflow.runtime.artifact_store import file_sha256
+from loraflow.runtime.cache_folder import cache_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -24,11 +25,6 @@ DOWNLOAD_RETRIES, DOWNLOAD_RETRY_DELAY = 3, 2.0  # a hub download that failed in
 
 class ModelSourceError(RuntimeError):
     """The base model cannot be found or loaded; the message says what to install or set."""
-
-
-def cache_dir() -> Path:
-    """loraflow's cache folder ($LORAFLOW_CACHE, else ~/.cache/loraflow)."""
-    return Path(os.environ.get("LORAFLOW_CACHE", Path.home() / ".cache" / "loraflow"))
 
 
 def embedded_gguf() -> Path | None:
@@ -70,7 +66,7 @@ def _convert_embedded_model(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.noise import gguf_dtype_notice_dropped
+    from loraflow.runtime.library_noise import gguf_dtype_notice_dropped
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with gguf_dtype_notice_dropped():  # bfloat16 on purpose: the folder is saved in bfloat16
@@ -104,7 +100,7 @@ def resolve_model_dir(model: ModelConfig, base_dir: str | Path = ".") -> Path:
         return ensure_embedded_model()
     from huggingface_hub import snapshot_download
 
-    from loraflow.retrying import with_io_retries
+    from loraflow.runtime.io_retries import with_io_retries
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py" if model.trust_remote_code else "*.json"]
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraflow.store import ArtifactRef, artifact_exists
+from loraflow.runtime.artifact_store import ArtifactRef, artifact_exists
 
 class _MissingInput(Exception):
     pass
@@ -51,9 +51,9 @@ def _canonical(value):
 
 # Modules whose code shapes a stage's output: the stage itself and what it uses from these packages (the train,
 # evaluate and publish stages keep their recipe in tasks/ and the work in the library modules named here).
-CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.stage", "loraflow.store", "loraflow.models",
-                 "loraflow.training", "loraflow.evaluation", "loraflow.merging", "loraflow.model_card", "loraflow.hub",
-                 "loraflow.atomic", "loraflow.tokens_input", "loraflow.sources", "loraflow.prompt_encoding")
+CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.runtime.stage_output", "loraflow.runtime.artifact_store", "loraflow.modeling.base_model",
+                 "loraflow.training", "loraflow.evaluation", "loraflow.publishing.merge", "loraflow.publishing.model_card", "loraflow.publishing.hub",
+                 "loraflow.runtime.atomic_files", "loraflow.runtime.tokens_input", "loraflow.sources", "loraflow.modeling.prompt_encoding")
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-log_default = logging.getLogger("loraflow.retrying")
+log_default = logging.getLogger("loraflow.runtime.io_retries")
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:

@@ -11,11 +11,11 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
 from prefect.settings import PREFECT_API_URL
 
-from loraflow.caching import stage_cache_key
-from loraflow.locks import LeaseLockManager
-from loraflow.models import cache_dir
-from loraflow.stage import StageResult
-from loraflow.store import ArtifactStore, is_url
+from loraflow.runtime.cache_keys import stage_cache_key
+from loraflow.runtime.stage_locks import LeaseLockManager
+from loraflow.runtime.cache_folder import cache_dir
+from loraflow.runtime.stage_output import StageResult
+from loraflow.runtime.artifact_store import ArtifactStore, is_url
 
 # JSON results keep cached StageResults readable and portable (not cloudpickle blobs tied to one machine).
 stage_task = partial(task, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
@@ -79,7 +79,7 @@ def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_ke
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
     identical runs never train or publish twice. A lock whose holder died (kill -9) is taken over, and a live
-    holder is waited for with a log line and a bound (`loraflow.locks`). A cached result that `is_valid`
+    holder is waited for with a log line and a bound (`loraflow.runtime.stage_locks`). A cached result that `is_valid`
     rejects (its folder was deleted) is recomputed. Returns (result, was_cached).
     """
     policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(

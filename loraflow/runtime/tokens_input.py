@@ -12,7 +12,7 @@ import hashlib
 
 import pandas as pd
 
-from loraflow.store import ArtifactRef, ArtifactStore, table_bytes
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore, table_bytes
 
 
 def load_tokens(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None) -> tuple[pd.DataFrame, str]:
@@ -20,7 +20,7 @@ def load_tokens(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None)
     if isinstance(tokens, pd.DataFrame):
         return tokens, hashlib.sha256(table_bytes(tokens[["id", "input_ids", "labels", "split"]])).hexdigest()
     from data_contracts import TOKENS
-    from loraflow.stage import read_input
+    from loraflow.runtime.stage_output import read_input
 
     store = store or store_for(tokens)
     return read_input(store, tokens, TOKENS), tokens.sha256

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loraflow.atomic import write_json_atomic
+from loraflow.runtime.atomic_files import write_json_atomic
 
 # bf16 must beat fp32 by this factor to be chosen (a tie is not worth bf16's rounding).
 BF16_MIN_SPEEDUP = 1.15
@@ -50,7 +50,7 @@ def choose_precision(requested: str = "auto", device: str | None = None) -> Prec
             raise ValueError("precision bf16 requested but this GPU has no bf16 support: use auto or fp32")
         return PrecisionChoice("fp32", "GPU has no bf16 support")
     if requested == "bf16":
-        return PrecisionChoice("bf16", "bf16 requested (on this CPU it may be slow: see loraflow.precision)")
+        return PrecisionChoice("bf16", "bf16 requested (on this CPU it may be slow: see loraflow.modeling.precision)")
     return cpu_auto_precision()
 
 

@@ -12,9 +12,9 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from loraflow.config.prepare import PrepareConfig
-from loraflow.stage import StageResult
-from loraflow.store import ArtifactStore
-from loraflow.tasking import result_storage
+from loraflow.runtime.stage_output import StageResult
+from loraflow.runtime.artifact_store import ArtifactStore
+from loraflow.runtime.stage_task import result_storage
 
 
 def build_task_runner(config: PrepareConfig):

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from loraflow.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
+from loraflow.ops.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 from loraflow.config.evaluate import HEADLINE_METRICS
 
 
@@ -141,7 +141,7 @@ def _num(value) -> str:
 
 def cmd_ask(args) -> int:
     """Answer a question with the model a run published (streamed)."""
-    from loraflow.run_folder import published_model_dir
+    from loraflow.runtime.run_folder import published_model_dir
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists():
@@ -151,7 +151,7 @@ def cmd_ask(args) -> int:
     if model_dir is None:
         print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
         return 2
-    from loraflow.inference import ask
+    from loraflow.modeling.inference import ask
 
     for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens):
         print(piece, end="", flush=True)
@@ -164,7 +164,7 @@ def cmd_server(args) -> int:
     import signal
     import time
 
-    from loraflow.server import LocalPrefect, client_host, exposure_problem
+    from loraflow.ops.server import LocalPrefect, client_host, exposure_problem
 
     problem = exposure_problem(args.host, os.environ)
     if problem:
@@ -191,7 +191,7 @@ def cmd_server(args) -> int:
 
 def cmd_notify(args) -> int:
     """Create the failure-notification automation on the server PREFECT_API_URL points at."""
-    from loraflow.automations import ensure_failure_notification
+    from loraflow.ops.automations import ensure_failure_notification
 
     print(f"automation {ensure_failure_notification(args.webhook_url)}: failed runs are posted to {args.webhook_url}")
     return 0
@@ -199,7 +199,7 @@ def cmd_notify(args) -> int:
 
 def cmd_detect_crashed(args) -> int:
     """Create the crash-detection automation on the server PREFECT_API_URL points at."""
-    from loraflow.automations import ensure_crash_detection
+    from loraflow.ops.automations import ensure_crash_detection
 
     if args.silent_seconds <= HEARTBEAT_SECONDS:
         print(f"error: --silent-seconds {args.silent_seconds} would mark live runs Crashed: their heartbeats are "
@@ -296,7 +296,7 @@ def user_error_types() -> tuple[type, ...]:
     from data_contracts.base import ContractViolation
     from loraflow.config.pipeline import ConfigError
     from loraflow.errors import GateFailed
-    from loraflow.models import ModelSourceError
+    from loraflow.modeling.base_model import ModelSourceError
     from tasks.preflight import PreflightError
     from loraflow.sources.common import SourceError
     from tasks.synthesize import SynthesizeError
@@ -309,7 +309,7 @@ def user_error_types() -> tuple[type, ...]:
 def log_folder(config_path: str) -> Path:
     """Where a command's log file goes: <runs_dir>/<name>/logs/, or loraflow's cache when the config is invalid."""
     from loraflow.config.pipeline import ConfigError, load_config
-    from loraflow.models import cache_dir
+    from loraflow.runtime.cache_folder import cache_dir
 
     try:
         config = load_config(config_path)

@@ -7,7 +7,7 @@ TensorBoard's events go to <train output>/tensorboard/ (not its default under th
 after a finished run). Only the variables the integrations read when training begins are set (MLFLOW_TRACKING_URI,
 MLFLOW_EXPERIMENT_NAME, MLflow's HTTP retries, WANDB_MODE=offline), for the duration of training, and restored
 afterwards; a tracking URI already in the environment wins over the config's. What the later stages add to the
-MLflow run, and what happens when the tracker is down: loraflow.mlflow_run.
+MLflow run, and what happens when the tracker is down: loraflow.tracking.mlflow_run.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraflow.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
+from loraflow.ops.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 
 CPU_POOL = "loraflow-cpu"
 GPU_POOL = "loraflow-gpu"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"
 
@@ -145,8 +145,8 @@ class LocalPrefect:
             raise
 
     def ensure_crash_detection(self, silent_seconds: int = SILENT_SECONDS) -> None:
-        """Create the automation that marks runs silent for `silent_seconds` Crashed (loraflow.automations)."""
-        subprocess.run([sys.executable, "-m", "loraflow.cli", "detect-crashed-runs", "--silent-seconds", str(silent_seconds)],
+        """Create the automation that marks runs silent for `silent_seconds` Crashed (loraflow.ops.automations)."""
+        subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "detect-crashed-runs", "--silent-seconds", str(silent_seconds)],
                        env=self.env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
 
     def start_worker(self, pool: str = CPU_POOL, name: str | None = None, limit: int | None = None) -> subprocess.Popen:

@@ -25,7 +25,7 @@ LEASE_SECONDS = 60.0  # another host takes over a silent holder's lock after thi
 WAIT_SECONDS = 6 * 3600.0  # a twin run waits this long for a live holder (a training run) before failing
 NOTICE_SECONDS = 60.0  # how often a waiter says it is still waiting
 
-log_default = logging.getLogger("loraflow.locks")
+log_default = logging.getLogger("loraflow.runtime.stage_locks")
 
 
 class LockWaitTimeout(TimeoutError):

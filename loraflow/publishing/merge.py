@@ -16,8 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from loraflow.atomic import write_json_atomic, write_text_atomic
-from loraflow.store import file_sha256
+from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
+from loraflow.runtime.artifact_store import file_sha256
 
 MODEL_MANIFEST = "loraflow-manifest.json"
 RUN_INFO = "loraflow.json"

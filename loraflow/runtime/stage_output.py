@@ -6,7 +6,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from data_contracts import QUARANTINE, Contract, ContractViolation, enforce
-from loraflow.store import ArtifactRef, ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 
 
 class StageResult(BaseModel):

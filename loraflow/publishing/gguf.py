@@ -161,7 +161,7 @@ def gguf_logit_difference(folder: str | Path, gguf_path: str | Path, verify_text
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loraflow.merging import verification_batch
+    from loraflow.publishing.merge import verification_batch
 
     folder, gguf_path = Path(folder), Path(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(folder)

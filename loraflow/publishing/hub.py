@@ -3,7 +3,7 @@
     token = resolve_hub_token(publish_config.hf_token_secret)     # a Prefect Secret block, or HF_TOKEN
     push_folder(folder, files, repo_id=..., token=token, private=..., branch="main", run_branch=..., message=...)
 
-A request that fails in transit (connection, timeout, 408/429/5xx) is sent again with backoff (loraflow.retrying);
+A request that fails in transit (connection, timeout, 408/429/5xx) is sent again with backoff (loraflow.runtime.io_retries);
 a commit is skipped when its branch already holds the files, so a retry or a re-run after a push that failed
 half-way commits once, and the published branch changes only after the run branch holds every file, verified.
 The token goes only to the client: never a log line, a result or a file (assert_no_secret checks the folder).
@@ -16,8 +16,8 @@ import logging
 import os
 from pathlib import Path
 
-from loraflow.merging import PublishError
-from loraflow.retrying import with_io_retries
+from loraflow.publishing.merge import PublishError
+from loraflow.runtime.io_retries import with_io_retries
 
 log_default = logging.getLogger("loraflow.publish")
 
@@ -45,7 +45,7 @@ def push_folder(folder: Path, files: dict[str, str], *, repo_id: str, token: str
                 run_branch: str, message: str, retries: int = 3, retry_delay: float = 2.0, log=log_default) -> dict:
     """Upload `folder` as one commit to `run_branch`, verify it, then make `branch` match in one commit.
 
-    Every request is sent again after a transient failure (loraflow.retrying). A commit is made only when its
+    Every request is sent again after a transient failure (loraflow.runtime.io_retries). A commit is made only when its
     branch does not already hold the files, so a retry after a lost answer, or a re-run after a push that
     failed half-way, commits once; `branch` changes only after the run branch holds every file, verified.
     """

@@ -1,0 +1,1 @@
+"""Experiment tracking: transformers' `report_to` integrations and the pipeline's MLflow run."""
