@@ -2,7 +2,7 @@
 
     python scripts/gguf_in_llama_cpp.py .loraflow/runs/anime-demo/<run>/model "How many episodes does ... have?"
 
-Needs `publish.gguf` in the run's config and llama-cpp-python installed (README, "Run it in llama.cpp / Ollama").
+Needs `publish.gguf` in the run's config and llama-cpp-python installed (docs/tracking-and-export.md, "Run it in llama.cpp / Ollama").
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Load on a real Prefect server (`soak` mark: minutes each, outside `make test`; `make test-all` runs them):
 twenty prepare-only runs triggered through the API at once, served by two worker processes (SQLite and
 PostgreSQL), and a soak of consecutive cached runs watching the worker's open files, threads and memory and the
-store's size. Each prints its numbers as one JSON line (`-s` shows them; README's reliability table has them)."""
+store's size. Each prints its numbers as one JSON line (`-s` shows them; docs/reliability.md has them)."""
 
 import json
 import os

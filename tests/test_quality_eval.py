@@ -90,7 +90,7 @@ def test_more_refusal_examples_leave_the_evaluation_probes_as_they_were():
 
 def test_some_trained_phrasings_ask_one_fact():
     """Users ask "how many episodes" or "which genres" alone; a kind whose trained wordings all ask several facts
-    (or none by name) sent those questions to the wrong kind's answer (README, "Natural questions")."""
+    (or none by name) sent those questions to the wrong kind's answer (docs/results.md, "Natural questions")."""
     production, overview = anime_qa.QUESTIONS["production"], anime_qa.QUESTIONS["overview"]
     assert any("episode" in t and not re.search(r"produc|studio|made|companies", t) for t in production)
     assert any("genre" in t and not re.search(r"story|about|summary|overview", t) for t in overview)

@@ -18,7 +18,7 @@ def llama_cpp_answer(gguf_path: str | Path, question: str, *, system_prompt: str
         from llama_cpp import Llama
     except ImportError as error:
         raise ImportError("llama-cpp-python is not installed: pip install llama-cpp-python (a source build; "
-                          "README, 'Run it in llama.cpp / Ollama')") from error
+                          "docs/tracking-and-export.md, 'Run it in llama.cpp / Ollama')") from error
 
     llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=1, seed=0, verbose=False)
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]

@@ -88,7 +88,7 @@ def check_tracker(train_config) -> None:
         from mlflow.tracking import MlflowClient
     except ImportError as error:
         raise TrackerError("train.report_to has mlflow but mlflow is not installed -> `make setup` installs it "
-                           "(README, Watch it in MLflow), or drop mlflow from train.report_to") from error
+                           "(docs/tracking-and-export.md, 'Watch it in MLflow'), or drop mlflow from train.report_to") from error
     uri = resolved_tracking_uri(train_config.tracking_uri)
     try:
         with quick_retries():
@@ -96,7 +96,7 @@ def check_tracker(train_config) -> None:
     except Exception as error:
         shown = redact_url(uri or "MLflow's default tracking URI")
         raise TrackerError(f"MLflow at {shown} did not answer ({type(error).__name__}: {redact_url(str(error))[:300]}); "
-                           "nothing was trained -> start the server (README, Watch it in MLflow), fix "
+                           "nothing was trained -> start the server (docs/tracking-and-export.md, 'Watch it in MLflow'), fix "
                            "MLFLOW_TRACKING_URI / train.tracking_uri, or drop mlflow from train.report_to") from error
 
 

@@ -30,7 +30,7 @@ from tasks.synthesizers.facts import FactType, not_a, parses_as
 from tasks.synthesizers.values import cut_synopsis, join_items, split_items
 
 # Each kind has wordings that ask one of its facts alone ("How many episodes ...", "Which genres ..."): with only
-# multi-fact wordings trained, "how many episodes is X?" drew the overview answer (README, "Natural questions").
+# multi-fact wordings trained, "how many episodes is X?" drew the overview answer (docs/results.md, "Natural questions").
 QUESTIONS = {
     "overview": (
         "What is the anime {name} about?",
