@@ -1,13 +1,13 @@
 """Format: conversations -> text segments that keep which characters are trained.
 
-Each conversation is rendered by the configured template (tasks/templates/) into segments whose
+Each conversation is rendered by the configured template (loraflow/templates/) into segments whose
 concatenation is the training text; trained segments are the assistant contents plus the end-of-turn/EOS
 marker after each. `prompt` is the text before the final answer (what inference is given, generation
 prompt included), `reference` the final answer. Rows a template cannot render are quarantined.
 
 Text from the data that spells one of the tokenizer's control tokens (`<|im_end|>` inside an answer) is
 rendered as it is, and its spans go into `literal_spans` so tokenize keeps it plain text
-(tasks/templates/control_text.py); such rows are counted (`control_text_rows`) and warned about.
+(loraflow/templates/control_text.py); such rows are counted (`control_text_rows`) and warned about.
 """
 
 from functools import lru_cache
@@ -21,8 +21,8 @@ from loraflow.config.format import FormatConfig
 from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
-from tasks.templates import ChatTemplate, build_template, render_text, with_system
-from tasks.templates.control_text import ControlTextGuard
+from loraflow.templates import ChatTemplate, build_template, render_text, with_system
+from loraflow.templates.control_text import ControlTextGuard
 
 PASSTHROUGH = ("kind", "source_id", "phrasing_set", "facts")
 

@@ -19,7 +19,7 @@ from loraflow.config.format import FormatConfig
 from loraflow.runtime.stage_output import read_input
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from tasks.format import evenly_spaced, load_tokenizer_dir
-from tasks.templates import build_template
+from loraflow.templates import build_template
 
 PROMPT_SAMPLE = 50
 

@@ -23,7 +23,7 @@ from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
-from tasks.synthesizers.common import column_text
+from loraflow.synthesizers.common import column_text
 
 __all__ = ["Shard", "ShardPlan", "id_column_for", "shard_numbers", "shard_frames", "run_shard", "shard_task",
            "example_origins", "in_source_order", "run_merge_formatted", "merge_formatted_task"]

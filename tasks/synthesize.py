@@ -21,9 +21,9 @@ from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
-from tasks.synthesizers import SYNTHESIZERS
-from tasks.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
-from tasks.synthesizers.duplicates import conflicting_duplicates
+from loraflow.synthesizers import SYNTHESIZERS
+from loraflow.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
+from loraflow.synthesizers.duplicates import conflicting_duplicates
 
 __all__ = ["SynthesizeError", "column_problems", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 

@@ -9,7 +9,7 @@ from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
 from tasks.format import format_conversations
-from tasks.templates import TEMPLATES
+from loraflow.templates import TEMPLATES
 from tasks.tokenize import tokenize_formatted
 
 

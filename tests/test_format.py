@@ -14,8 +14,8 @@ from data_contracts import CONVERSATIONS, FORMATTED, enforce
 from loraflow.config.format import FormatConfig
 from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.format import format_conversations, run_format
-from tasks.templates import TEMPLATES, ChatTemplate, build_template
-from tasks.templates.chat_template import PROBE_CONVERSATIONS
+from loraflow.templates import TEMPLATES, ChatTemplate, build_template
+from loraflow.templates.chat_template import PROBE_CONVERSATIONS
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -176,9 +176,9 @@ def test_unrenderable_rows_are_quarantined_not_dropped(tokenizer):
 
 def test_bos_written_once_for_tokenizers_that_add_it(tokenizer):
     """A BOS-adding tokenizer gets BOS as text exactly once, also when the template writes it itself."""
-    from tasks.templates.base import TokenizerFacts
-    from tasks.templates.chatml import ChatML
-    from tasks.templates.llama2_chat import Llama2Chat
+    from loraflow.templates.base import TokenizerFacts
+    from loraflow.templates.chatml import ChatML
+    from loraflow.templates.llama2_chat import Llama2Chat
 
     facts = TokenizerFacts(eos_text="</s>", bos_text="<s>", adds_bos=True, special_texts=frozenset({"<s>", "</s>"}))
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -214,7 +214,7 @@ def test_cache_key_covers_the_template_code(monkeypatch):
 
     def edited(obj):
         source = original(obj)
-        return source + "\n# edited" if getattr(obj, "__name__", "") == "tasks.templates.gemma" else source
+        return source + "\n# edited" if getattr(obj, "__name__", "") == "loraflow.templates.gemma" else source
 
     monkeypatch.setattr(caching.inspect, "getsource", edited)
     assert caching.code_hash.__wrapped__(module) != before

@@ -75,10 +75,13 @@ def test_no_source_file_far_over_400_lines(package):
 
 
 # Inside the library, the trades a trade may import (errors.py, loraflow's root, may be imported by any).
-# config and sources are the typed-config floor (a source owns its config model; the pipeline config lists sources).
+# config and the data plug-ins (sources, synthesizers, templates) are the typed-config floor: a plug-in owns its
+# config model, and the pipeline config is built from the plug-in registries.
 ALLOWED_TRADES = {
-    "config": {"sources"},
+    "config": {"sources", "synthesizers", "templates"},
     "sources": {"config", "runtime"},
+    "synthesizers": {"config"},
+    "templates": set(),
     "runtime": {"config"},
     "modeling": {"config", "runtime"},
     "tracking": {"config", "runtime"},
@@ -86,7 +89,7 @@ ALLOWED_TRADES = {
     "training": {"config", "modeling", "runtime", "tracking"},
     "publishing": {"config", "modeling", "runtime", "training", "evaluation"},
     "ops": {"config", "runtime"},
-    "cli": {"config", "sources", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
+    "cli": {"config", "sources", "synthesizers", "templates", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
 }
 
 

@@ -13,7 +13,7 @@ from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.evaluation.metrics import (decide_gate, general_answer_ok, refused, score_answers, select_questions,
                                          summarise, without_known_titles)
 from tasks.synthesize import synthesize_frame
-from tasks.synthesizers import anime_probes, anime_qa
+from loraflow.synthesizers import anime_probes, anime_qa
 from tasks.tokenize import split_of
 from tests.test_synthesize import catalog
 

@@ -20,7 +20,7 @@ from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
 from tasks.format import format_conversations
 from tasks.preflight import preflight
-from tasks.templates import TEMPLATES
+from loraflow.templates import TEMPLATES
 from tasks.tokenize import tokenize_formatted
 
 # Any unicode but lone surrogates (control characters and unassigned code points included), and real text.

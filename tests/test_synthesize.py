@@ -14,7 +14,7 @@ from data_contracts import CONVERSATIONS, QUARANTINE, check_structure, enforce
 from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions, SynthesizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.synthesize import SynthesizeError, run_synthesize, synthesize_frame, synthesize_stats
-from tasks.synthesizers import SYNTHESIZERS, anime_qa
+from loraflow.synthesizers import SYNTHESIZERS, anime_qa
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "synthesize"
@@ -156,7 +156,7 @@ def test_a_fact_that_does_not_parse_as_its_type_is_a_skipped_question_with_the_r
 def test_every_synthesizer_declares_the_types_of_the_facts_it_renders():
     from typing import get_args
 
-    from tasks.synthesizers.facts import FactType
+    from loraflow.synthesizers.facts import FactType
 
     for kind, module in SYNTHESIZERS.items():
         assert set(module.FACT_TYPES.values()) <= set(get_args(FactType)), kind
@@ -464,7 +464,7 @@ def test_an_empty_source_gives_empty_frames(kind):
 
 def test_instruction_and_conversations_keep_whitespace_at_the_edges():
     from loraflow.config.synthesize import ConversationsOptions, InstructionOptions
-    from tasks.synthesizers import conversations as conversations_kind, instruction
+    from loraflow.synthesizers import conversations as conversations_kind, instruction
 
     rows = pd.DataFrame({"_source": ["s", "s"], "_row": [0, 1], "instruction": ["Indent:", "   "],
                          "output": ["    return 42\n", "x"]})

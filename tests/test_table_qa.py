@@ -17,7 +17,7 @@ from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.evaluation.metrics import facts_present, score_answers, summarise
 from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.synthesize import run_synthesize, synthesize_frame, synthesize_stats
-from tasks.synthesizers import table_qa
+from loraflow.synthesizers import table_qa
 from tests.test_synthesize import catalog, raw
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,12 +1,16 @@
-"""Config of the format stage: which prompt or chat template renders the conversations."""
+"""Config of the format stage: which prompt or chat template renders the conversations.
+
+`template` allows the names in the template registry (loraflow/templates/), the one place a template is named.
+"""
 
 from typing import Literal
 
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
+from loraflow.templates import template_names
 
-TemplateName = Literal["chat_template", "alpaca", "ko_instruction", "llama2_chat", "gemma", "chatml"]
+TemplateName = Literal[template_names()]
 
 
 class FormatConfig(StrictModel):
@@ -14,7 +18,7 @@ class FormatConfig(StrictModel):
 
     template: TemplateName = Field(
         "chat_template",
-        description="chat_template (the tokenizer's own, default) | alpaca | ko_instruction | llama2_chat | gemma | chatml.",
+        description="chat_template (the tokenizer's own, default) | " + " | ".join(name for name in template_names() if name != "chat_template") + ".",
     )
     system_prompt: str | None = Field(
         None,

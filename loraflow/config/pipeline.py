@@ -16,7 +16,7 @@ from loraflow.config.format import FormatConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
-from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.config.synthesize import SynthesizeConfig, missing_options
 from loraflow.config.table_qa import heldout_problems
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
@@ -50,13 +50,11 @@ class PipelineConfig(StrictModel):
         return sources
 
     @model_validator(mode="after")
-    def _table_qa_fits_the_run(self):
-        if "table_qa" not in self.synthesizer_kinds():
-            return self
-        if self.synthesize.table_qa is None:
-            raise ValueError("synthesize.table_qa: a source uses table_qa but it is not set -> declare its fields and "
-                             "kinds, or a preset (docs/table_qa.md)")
-        if self.eval.gate.min_heldout_fact_accuracy is not None:
+    def _synthesizers_in_use_are_set(self):
+        for kind in dict.fromkeys(self.synthesizer_kinds()):
+            if getattr(self.synthesize, kind) is None:
+                raise ValueError(f"synthesize.{kind}: a source uses {kind} but it is not set -> {missing_options(kind)}")
+        if "table_qa" in self.synthesizer_kinds() and self.eval.gate.min_heldout_fact_accuracy is not None:
             problems = heldout_problems(self.synthesize.table_qa)
             if problems:
                 raise ValueError("\n".join(f"synthesize.table_qa.{problem}" for problem in problems))

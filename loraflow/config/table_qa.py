@@ -23,7 +23,7 @@ from loraflow.config.paraphrase import ParaphraseOptions
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets" / "table_qa"
 RESERVED_KINDS = ("refusal",)  # the evaluation scores kind "refusal" as a refusal (loraflow/evaluation/metrics.py)
-FactTypeName = Literal["count", "score", "date", "text"]  # tasks/synthesizers/facts.py checks each
+FactTypeName = Literal["count", "score", "date", "text"]  # loraflow/synthesizers/facts.py checks each
 
 
 class TableField(StrictModel):
@@ -96,7 +96,7 @@ class QuestionKind(StrictModel):
 
 
 class TableQAOptions(StrictModel):
-    """Options of the table_qa synthesizer: fields, question kinds and their templates."""
+    """Options of the table_qa synthesizer: fields, question kinds and their templates, or a preset (docs/table_qa.md)."""
 
     preset: str | None = Field(
         None, description="A shipped preset (loraflow/config/presets/table_qa/): its fields and kinds are used unless "

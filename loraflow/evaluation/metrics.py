@@ -152,7 +152,7 @@ def select_questions(frame: pd.DataFrame, max_questions: int, seed: int = 0) -> 
     return chosen.drop(columns="_order")
 
 
-REFUSAL_KIND = "refusal"  # tasks/synthesizers/anime_probes.py: questions about made-up titles
+REFUSAL_KIND = "refusal"  # loraflow/synthesizers/anime_probes.py: questions about made-up titles
 _REFUSES = re.compile(
     r"\b(?:i|we)\s+(?:don't|do not|can't|cannot|couldn't|could not)\s+(?:know|find|recognise|recognize|tell|say)"
     r"|\bno (?:record|information|data|entry|anime) (?:of|about|on|for|called|named)\b"

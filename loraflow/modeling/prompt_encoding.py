@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-FIRST_PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A, as tasks/templates/control_text.py uses
+FIRST_PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A, as loraflow/templates/control_text.py uses
 
 
 def control_texts(tokenizer) -> list[str]:

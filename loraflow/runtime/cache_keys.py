@@ -53,7 +53,8 @@ def _canonical(value):
 # evaluate and publish stages keep their recipe in tasks/ and the work in the library modules named here).
 CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.runtime.stage_output", "loraflow.runtime.artifact_store", "loraflow.modeling.base_model",
                  "loraflow.training", "loraflow.evaluation", "loraflow.publishing.merge", "loraflow.publishing.model_card", "loraflow.publishing.hub",
-                 "loraflow.runtime.atomic_files", "loraflow.runtime.tokens_input", "loraflow.sources", "loraflow.modeling.prompt_encoding")
+                 "loraflow.runtime.atomic_files", "loraflow.runtime.tokens_input", "loraflow.sources", "loraflow.synthesizers",
+                 "loraflow.templates", "loraflow.modeling.prompt_encoding")
 
 
 @lru_cache(maxsize=None)

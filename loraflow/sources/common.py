@@ -18,12 +18,12 @@ import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
+from loraflow.config.synthesize import SynthesizerKind
 from loraflow.runtime.artifact_store import file_sha256
 
 UTF8_BOM = codecs.BOM_UTF8
@@ -41,7 +41,7 @@ class Location:
 class SourceBase(StrictModel):
     """Fields every source has, whatever its kind."""
 
-    synthesizer: Literal["anime_qa", "table_qa", "instruction", "conversations", "text"] | None = Field(
+    synthesizer: SynthesizerKind | None = Field(
         None, description="Synthesizer for this source's rows; None uses synthesize.kind (lets one run mix, e.g., QA with replay data)."
     )
 

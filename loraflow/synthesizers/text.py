@@ -1,28 +1,38 @@
 """text: one text column -> a single assistant turn (plain language modelling; the format stage renders it raw)."""
 
 import pandas as pd
+from pydantic import ConfigDict, Field
 
-from loraflow.config.synthesize import TextOptions
-from tasks.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame
-from tasks.synthesizers.facts import FactType
+from loraflow.config.base import StrictModel
+from loraflow.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame
+from loraflow.synthesizers.facts import FactType
 
-# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+# The types of the facts this synthesizer renders (loraflow/synthesizers/facts.py): none, it copies text as written.
 FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "text"
 
 
-def required_columns(options: TextOptions) -> dict[str, str]:
+class Options(StrictModel):
+    """Options of the text synthesizer (plain language modelling on one column)."""
+
+    model_config = ConfigDict(title="TextOptions")
+
+    column: str = Field("text", description="Column with the text to train on.")
+    id_column: str | None = Field(None, description="Optional column with a stable row id.")
+
+
+def required_columns(options: Options) -> dict[str, str]:
     """Config key (under synthesize.text) -> source column."""
     return {key: getattr(options, key) for key in ("column", "id_column") if getattr(options, key) is not None}
 
 
-def expansion(options: TextOptions) -> tuple[int, int]:
+def expansion(options: Options) -> tuple[int, int]:
     """(units per input row, conversations per emitted unit)."""
     return 1, 1
 
 
-def synthesize(rows: pd.DataFrame, options: TextOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Text rows -> (conversations, skipped rows with reasons). The text is kept exactly as written."""
     sources, source_rows = provenance(rows)
     source_ids = row_ids(rows, options.id_column, sources, source_rows)

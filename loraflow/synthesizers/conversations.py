@@ -7,26 +7,45 @@ with no assistant turn, an unknown speaker, an empty turn or unreadable JSON is 
 """
 
 import json
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import ConfigDict, Field
 
-from loraflow.config.synthesize import ConversationsOptions
-from tasks.synthesizers.common import conversations_frame, provenance, row_ids, skipped_frame
-from tasks.synthesizers.facts import FactType
+from loraflow.config.base import StrictModel
+from loraflow.synthesizers.common import conversations_frame, provenance, row_ids, skipped_frame
+from loraflow.synthesizers.facts import FactType
 
-# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+# The types of the facts this synthesizer renders (loraflow/synthesizers/facts.py): none, it copies text as written.
 FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "conversation"
 
 
-def required_columns(options: ConversationsOptions) -> dict[str, str]:
+class Options(StrictModel):
+    """Options of the conversations synthesizer (ShareGPT-style multi-turn rows)."""
+
+    model_config = ConfigDict(title="ConversationsOptions")
+
+    column: str = Field("conversations", description="Column holding the list of turns.")
+    role_key: str = Field("from", description="Key of a turn's speaker.")
+    content_key: str = Field("value", description="Key of a turn's text.")
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: {
+            "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+        },
+        description="Speaker names in the data -> chat roles.",
+    )
+    id_column: str | None = Field(None, description="Optional column with a stable row id.")
+
+
+def required_columns(options: Options) -> dict[str, str]:
     """Config key (under synthesize.conversations) -> source column."""
     return {key: getattr(options, key) for key in ("column", "id_column") if getattr(options, key) is not None}
 
 
-def expansion(options: ConversationsOptions) -> tuple[int, int]:
+def expansion(options: Options) -> tuple[int, int]:
     """(units per input row, conversations per emitted unit)."""
     return 1, 1
 
@@ -47,7 +66,7 @@ def parse_turns(value) -> list:
     return list(value)
 
 
-def to_messages(turns: list, options: ConversationsOptions) -> list[dict]:
+def to_messages(turns: list, options: Options) -> list[dict]:
     """Turns -> chat messages; raises ValueError naming the first bad turn."""
     messages = []
     for number, turn in enumerate(turns, start=1):
@@ -67,7 +86,7 @@ def to_messages(turns: list, options: ConversationsOptions) -> list[dict]:
     return messages
 
 
-def synthesize(rows: pd.DataFrame, options: ConversationsOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ShareGPT rows -> (conversations, skipped rows with reasons)."""
     sources, source_rows = provenance(rows)
     source_ids = row_ids(rows, options.id_column, sources, source_rows)

@@ -5,7 +5,7 @@ The space after `[/INST]` is trained with the answer, so the prompt ends at `[/I
 that space into the answer's first word, and inference must be given the prompt without it.
 """
 
-from tasks.templates.base import TurnTemplate
+from loraflow.templates.base import TurnTemplate
 
 
 class Llama2Chat(TurnTemplate):

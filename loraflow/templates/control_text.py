@@ -11,7 +11,7 @@ template wrote becomes a control token. The rows are counted and warned about.
 
 import re
 
-from tasks.templates.base import Rendered
+from loraflow.templates.base import Rendered
 
 FIRST_PLACEHOLDER = 0xF0000  # Supplementary Private Use Area-A: no tokenizer or template gives it a meaning
 

@@ -1,6 +1,6 @@
 """Alpaca: `### System:` (optional), `### Instruction:`, `### Input:` (when the row has one), `### Response:`."""
 
-from tasks.templates.base import TurnTemplate, user_parts
+from loraflow.templates.base import TurnTemplate, user_parts
 
 
 class Alpaca(TurnTemplate):

@@ -1,6 +1,6 @@
 """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn, generation prompt `<|im_start|>assistant\\n`."""
 
-from tasks.templates.base import TurnTemplate
+from loraflow.templates.base import TurnTemplate
 
 
 class ChatML(TurnTemplate):

@@ -18,16 +18,17 @@ and joined as "A, B and C"; each item is its own fact.
 """
 
 import hashlib
-import re
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import ConfigDict, Field, model_validator
 
-from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions
-from tasks.synthesizers import anime_probes
-from tasks.synthesizers.common import column_text, conversations_frame, provenance, skipped_frame, unstated_fact
-from tasks.synthesizers.facts import FactType, not_a, parses_as
-from tasks.synthesizers.values import cut_synopsis, join_items, split_items
+from loraflow.config.base import StrictModel
+from loraflow.synthesizers import anime_probes
+from loraflow.synthesizers.anime_answers import ANSWERS, clean_field, facts_per_row, mistyped_values, shown_value
+from loraflow.synthesizers.common import column_text, conversations_frame, provenance, skipped_frame, unstated_fact
+from loraflow.synthesizers.facts import FactType, not_a
 
 # Each kind has wordings that ask one of its facts alone ("How many episodes ...", "Which genres ..."): with only
 # multi-fact wordings trained, "how many episodes is X?" drew the overview answer (docs/results.md, "Natural questions").
@@ -63,6 +64,7 @@ QUESTIONS = {
         "What are the rating and score of the anime {name}?",
     ),
 }
+PHRASINGS_PER_KIND = 8
 assert all(len(templates) == PHRASINGS_PER_KIND for templates in QUESTIONS.values())
 # (text before the name, text after it): concatenation is several times faster than str.format per question.
 QUESTION_PARTS = {kind: [tuple(template.split("{name}")) for template in templates] for kind, templates in QUESTIONS.items()}
@@ -74,31 +76,110 @@ KIND_FIELDS = {
     "production": ("name", "producers", "studios", "episodes"),
     "reception": ("name", "rating", "score", "scored_by"),
 }
-LIST_FIELDS = {"genres", "producers", "studios"}
-COUNT_FIELDS = {"episodes", "scored_by"}
-# The type of every fact this synthesizer renders (tasks/synthesizers/facts.py); the rest is text.
+# The type of every fact this synthesizer renders (loraflow/synthesizers/facts.py); the rest is text.
 FACT_TYPES: dict[str, FactType] = {
     "id": "text", "name": "text", "english_name": "text", "other_name": "text", "genres": "text", "synopsis": "text",
     "producers": "text", "studios": "text", "rating": "text", "episodes": "count", "scored_by": "count", "score": "score",
 }
 
-_INTEGRAL_FLOAT = re.compile(r"^(\d+)\.0+$")
-# MyAnimeList appends its credit to synopses: "[Written by MAL Rewrite]", "(Source: Crunchyroll)".
-_CREDIT = re.compile(r"\s*[\[(](?:written by|source:)[^\])]*[\])]\s*$", re.IGNORECASE)
+# ---- options (synthesize.anime_qa)
+
+QuestionKind = Literal[tuple(QUESTIONS)]
+OptionalAnimeField = Literal["english_name", "other_name"]
 
 
-def required_columns(options: AnimeQAOptions) -> dict[str, str]:
+class AnimeColumns(StrictModel):
+    """Which source column holds each fact the anime_qa synthesizer asks about."""
+
+    id: str = Field("anime_id", description="Unique id of the title (groups its questions for the split).")
+    name: str = Field("Name", description="Main (romanised) title.")
+    english_name: str = Field("English name", description="English title.")
+    other_name: str = Field("Other name", description="Alternative / native title.")
+    genres: str = Field("Genres", description="Comma-separated genres.")
+    synopsis: str = Field("Synopsis", description="Plot summary.")
+    type: str = Field("Type", description="TV, Movie, OVA, ...")
+    episodes: str = Field("Episodes", description="Number of episodes.")
+    producers: str = Field("Producers", description="Comma-separated producers.")
+    studios: str = Field("Studios", description="Comma-separated studios.")
+    rating: str = Field("Rating", description="Age rating, e.g. 'PG-13 - Teens 13 or older'.")
+    score: str = Field("Score", description="Mean user score.")
+    scored_by: str = Field("Scored By", description="Number of users who scored the title.")
+
+
+class Options(StrictModel):
+    """Options of the anime_qa synthesizer (three question kinds per catalog row)."""
+
+    model_config = ConfigDict(title="AnimeQAOptions")
+
+    columns: AnimeColumns = Field(default_factory=AnimeColumns, description="Column names in the source.")
+    kinds: list[QuestionKind] = Field(
+        default_factory=lambda: ["overview", "production", "reception"],
+        description="Question kinds to make for every row.",
+    )
+    trained_phrasings: int = Field(2, ge=1, le=PHRASINGS_PER_KIND, description="Phrasings per kind used for training.")
+    heldout_phrasings: int = Field(1, ge=0, le=4, description="Other phrasings per kind, only asked at evaluation.")
+    missing_values: list[str] = Field(
+        default_factory=lambda: ["UNKNOWN", "Unknown", "", "nan", "NaN", "None", "N/A", "n/a", "-"],
+        description="Values treated as missing (compared after trimming, ignoring case; empty/NaN/None always are): "
+        "a question that needs one is skipped for that row and counted.",
+    )
+    optional_fields: list[OptionalAnimeField] = Field(
+        default_factory=lambda: ["english_name", "other_name"],
+        description="Title fields (english_name, other_name) whose missing value only drops their clause from the "
+        "overview answer; listed or not, a missing value in any other field a kind needs skips that kind for the row.",
+    )
+    max_synopsis_words: int = Field(
+        60, ge=5, description="Synopses are cut to this many words (at a sentence end when possible)."
+    )
+    seed: int = Field(0, description="Seed for choosing phrasings per row (deterministic).")
+    trained_title_variants: int = Field(
+        0, ge=0, le=PHRASINGS_PER_KIND,
+        description="Of the trained phrasings per kind, how many ask by the English title or alias instead of the main "
+        "title (the answer is the same), so the model also knows a title by its other names.",
+    )
+    natural_questions: int = Field(
+        3, ge=0, le=10,
+        description="Questions per row asked the way users ask (by English title or alias, a few facts in a new "
+        "combination, short or chatty), none of them a training wording: evaluation only (natural fact accuracy).",
+    )
+    unknown_titles: int = Field(
+        2, ge=0, le=10,
+        description="Made-up titles per row (in no row of the source) asked at evaluation; the right answer is a "
+        "refusal (refusal rate).",
+    )
+    refusal_examples: int = Field(
+        0, ge=0, le=20,
+        description="Other made-up titles per row trained with a refusal answer, so the model says it does not know "
+        "a title instead of inventing its facts.",
+    )
+
+    @model_validator(mode="after")
+    def _enough_templates(self):
+        if self.trained_title_variants > self.trained_phrasings:
+            raise ValueError(f"trained_title_variants = {self.trained_title_variants} > trained_phrasings = "
+                             f"{self.trained_phrasings} -> lower trained_title_variants")
+        if self.trained_phrasings + self.heldout_phrasings > PHRASINGS_PER_KIND:
+            raise ValueError(
+                f"trained_phrasings + heldout_phrasings = {self.trained_phrasings + self.heldout_phrasings}, but each "
+                f"question kind has {PHRASINGS_PER_KIND} templates -> lower one of them"
+            )
+        return self
+
+
+# ---- the synthesizer
+
+def required_columns(options: Options) -> dict[str, str]:
     """Config key (under synthesize.anime_qa) -> source column, for the fields the configured kinds use."""
     fields = {"id"} | {field for kind in options.kinds for field in KIND_FIELDS[kind]}
     return {f"columns.{field}": getattr(options.columns, field) for field in sorted(fields)}
 
 
-def expansion(options: AnimeQAOptions) -> tuple[int, int]:
+def expansion(options: Options) -> tuple[int, int]:
     """(units per input row, conversations per emitted unit): one unit per kind, one conversation per phrasing."""
     return len(options.kinds), options.trained_phrasings + options.heldout_phrasings
 
 
-def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Catalog rows -> (question/answer conversations, skipped (row, kind) units with reasons)."""
     sources, source_rows = provenance(rows)
     missing = {value.strip().casefold() for value in options.missing_values} | {""}
@@ -188,7 +269,7 @@ def synthesize(rows: pd.DataFrame, options: AnimeQAOptions) -> tuple[pd.DataFram
     return conversations, skipped_frame(skipped_rows, skipped_kinds, skipped_columns, skipped_reasons)
 
 
-# ---- questions beyond the phrasings (tasks/synthesizers/anime_probes.py)
+# ---- questions beyond the phrasings (loraflow/synthesizers/anime_probes.py)
 
 
 def alternative_title(values: dict, row: int, slot: int) -> str:
@@ -203,7 +284,7 @@ def title_value(values: dict, field: str, row: int) -> str | None:
     return values[field][row] if field in values else None
 
 
-def extra_part(values: dict, answered: dict, options: AnimeQAOptions, sources: list, source_rows: list,
+def extra_part(values: dict, answered: dict, options: Options, sources: list, source_rows: list,
                source_ids: list, first_slot: int, per_row: int) -> dict:
     """Natural questions, unknown-title probes and refusal examples of every row, as one part of the output."""
     part = {key: [] for key in ("order", "ids", "messages", "kind", "phrasing_set", "facts", "rows")}
@@ -233,101 +314,6 @@ def extra_part(values: dict, answered: dict, options: AnimeQAOptions, sources: l
             part["facts"].append(item["facts"])
             part["rows"].append(row)
     return part
-
-
-# ---- values
-
-
-def clean_field(field: str, raw: list[str | None], missing: set[str], max_synopsis_words: int) -> list:
-    """One field's values, cleaned: None where missing; a tuple of items for list fields."""
-    # Trim and collapse whitespace runs; the test lets most values (printable, no double space) skip the work.
-    collapsed = [
-        None if value is None
-        else value if value.isprintable() and "  " not in value and value[:1] != " " and value[-1:] != " "
-        else " ".join(value.split())
-        for value in raw
-    ]
-    if field in LIST_FIELDS:
-        # Catalogs repeat the same genre/studio lists a lot: split each distinct text once.
-        split = {}
-        return [
-            None if value is None else split[value] if value in split else split.setdefault(value, split_items(value, missing))
-            for value in collapsed
-        ]
-    if field in COUNT_FIELDS:
-        collapsed = [value[: value.index(".")] if value and _INTEGRAL_FLOAT.match(value) else value for value in collapsed]
-    if field == "synopsis":
-        collapsed = [None if value is None else synopsis_text(value, max_synopsis_words) for value in collapsed]
-    # casefold() never shortens a text, so values longer than every missing marker need no check.
-    longest = max(map(len, missing))
-    return [None if value is None or (len(value) <= longest and value.casefold() in missing) else value for value in collapsed]
-
-
-def mistyped_values(fact_type: FactType, values: list) -> np.ndarray:
-    """True where a present value does not parse as `fact_type` (list fields are text, so never)."""
-    if fact_type == "text":
-        return np.zeros(len(values), dtype=bool)
-    return np.array([value is not None and not parses_as(fact_type, value) for value in values], dtype=bool)
-
-
-def synopsis_text(text: str, max_words: int) -> str:
-    """A synopsis without MyAnimeList's trailing credit, cut to `max_words`."""
-    if text.endswith(("]", ")")):
-        text = _CREDIT.sub("", text)
-    # Counting spaces (C speed) first: most synopses need no cut.
-    return cut_synopsis(text, max_words) if text.count(" ") >= max_words else text
-
-
-def shown_value(raw: str | None) -> str:
-    """How a missing value is named in a skip reason."""
-    return "empty (no value)" if raw is None else repr(raw)
-
-
-def facts_per_row(column: str, values: list) -> list[list[dict] | None]:
-    """Per row, the {column, value} facts of one field (one per item of a list field); None where missing.
-
-    Rows with the same value share one list of fact dicts (built once); treat facts as read-only.
-    """
-    built = {}
-
-    def facts(value):
-        items = value if isinstance(value, tuple) else (value,)
-        return built.setdefault(value, [{"column": column, "value": item} for item in items])
-
-    return [None if value is None else built[value] if value in built else facts(value) for value in values]
-
-
-# ---- answers: one fixed sentence shape per kind; arguments are the kind's values, then their facts
-
-
-def overview_answer(name, english_name, other_name, genres, synopsis, english_facts, other_facts, genre_facts, synopsis_facts):
-    folded = name.casefold()
-    titles, facts = [], []
-    if english_name is not None and english_name.casefold() != folded:
-        titles.append(f"English title: {english_name}")
-        facts += english_facts
-    if other_name is not None and other_name.casefold() not in (folded, (english_name or "").casefold()):
-        titles.append(f"also known as {other_name}")
-        facts += other_facts
-    aka = f" ({'; '.join(titles)})" if titles else ""
-    genre_word = "genre" if len(genres) == 1 else "genres"
-    answer = f"{name}{aka} is an anime in the {genre_word} {join_items(genres)}. Synopsis: {synopsis}"
-    return answer, facts + genre_facts + synopsis_facts
-
-
-def production_answer(name, producers, studios, episodes, producer_facts, studio_facts, episode_facts):
-    unit = "episode" if episodes == "1" else "episodes"
-    answer = f"{name} was produced by {join_items(producers)}, animated by {join_items(studios)}, and runs for {episodes} {unit}."
-    return answer, producer_facts + studio_facts + episode_facts
-
-
-def reception_answer(name, rating, score, scored_by, rating_facts, score_facts, scored_by_facts):
-    unit = "voter" if scored_by == "1" else "voters"
-    answer = f"{name} is rated {rating} and has a user score of {score} from {scored_by} {unit}."
-    return answer, rating_facts + score_facts + scored_by_facts
-
-
-ANSWERS = {"overview": overview_answer, "production": production_answer, "reception": reception_answer}
 
 
 # ---- phrasings

@@ -19,9 +19,13 @@ import random
 import re
 
 from loraflow.config.table_qa import TableField, TableQAOptions, placeholders, template_parts
-from tasks.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame, unstated_fact
-from tasks.synthesizers.facts import FactType, not_a, parses_as
-from tasks.synthesizers.values import cut_synopsis, join_items, split_items
+from loraflow.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame, unstated_fact
+from loraflow.synthesizers.facts import FactType, not_a, parses_as
+from loraflow.synthesizers.values import cut_synopsis, join_items, split_items
+
+# The options model (synthesize.table_qa) lives in loraflow/config/table_qa.py with its presets, because the
+# paraphrase stage reads the same options.
+Options = TableQAOptions
 
 # Fact types are declared per field in the config (fields.<name>.type), not by this module.
 FACT_TYPES: dict[str, FactType] = {}

@@ -4,7 +4,7 @@ A system turn, when present, is written on its own line before the fixed preambl
 the `###지시사항:` / `###답변:` block without the preamble.
 """
 
-from tasks.templates.base import TurnTemplate, user_parts
+from loraflow.templates.base import TurnTemplate, user_parts
 
 WITH_INPUT = (
     "아래는 문제를 설명하는 지시사항과, 구체적인 답변을 방식을 요구하는 입력이 함께 있는 문장입니다. "

@@ -4,7 +4,7 @@ Gemma has no system role: a system turn is put in front of the first user messag
 template does.
 """
 
-from tasks.templates.base import TurnTemplate
+from loraflow.templates.base import TurnTemplate
 
 
 class Gemma(TurnTemplate):

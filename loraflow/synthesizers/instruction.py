@@ -8,26 +8,39 @@ with an empty instruction or output is skipped with a reason.
 """
 
 import pandas as pd
+from pydantic import ConfigDict, Field
 
-from loraflow.config.synthesize import InstructionOptions
-from tasks.synthesizers.common import (
+from loraflow.config.base import StrictModel
+from loraflow.synthesizers.common import (
     column_text, conversations_frame, provenance, row_ids, skipped_frame, text_or_none,
 )
-from tasks.synthesizers.facts import FactType
+from loraflow.synthesizers.facts import FactType
 
-# The types of the facts this synthesizer renders (tasks/synthesizers/facts.py): none, it copies text as written.
+# The types of the facts this synthesizer renders (loraflow/synthesizers/facts.py): none, it copies text as written.
 FACT_TYPES: dict[str, FactType] = {}
 
 KIND = "instruction"
 
 
-def required_columns(options: InstructionOptions) -> dict[str, str]:
+class Options(StrictModel):
+    """Options of the instruction synthesizer (Alpaca-style rows)."""
+
+    model_config = ConfigDict(title="InstructionOptions")
+
+    instruction_column: str = Field("instruction", description="Column with the instruction.")
+    input_column: str | None = Field("input", description="Optional column with extra input; empty means none.")
+    output_column: str = Field("output", description="Column with the reference answer.")
+    system_column: str | None = Field(None, description="Optional column with a per-row system prompt.")
+    id_column: str | None = Field(None, description="Optional column with a stable row id; else source + row index.")
+
+
+def required_columns(options: Options) -> dict[str, str]:
     """Config key (under synthesize.instruction) -> source column."""
     keys = ("instruction_column", "input_column", "output_column", "system_column", "id_column")
     return {key: getattr(options, key) for key in keys if getattr(options, key) is not None}
 
 
-def expansion(options: InstructionOptions) -> tuple[int, int]:
+def expansion(options: Options) -> tuple[int, int]:
     """(units per input row, conversations per emitted unit)."""
     return 1, 1
 
@@ -39,7 +52,7 @@ def user_message(instruction: str, input_text: str | None) -> dict:
     return {"role": "user", "content": f"{instruction}\n\n{input_text}", "input": input_text}
 
 
-def synthesize(rows: pd.DataFrame, options: InstructionOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Instruction rows -> (conversations, skipped rows with reasons)."""
     sources, source_rows = provenance(rows)
     source_ids = row_ids(rows, options.id_column, sources, source_rows)

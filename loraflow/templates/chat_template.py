@@ -11,7 +11,7 @@ probes did not cover, each example is rendered by `apply_chat_template` itself.
 
 import re
 
-from tasks.templates.base import Rendered, TokenizerFacts
+from loraflow.templates.base import Rendered, TokenizerFacts
 
 _SENTINELS = {"system": "QzxSYSqz{}", "user": "QzxUSRqz{}", "assistant": "QzxASTqz{}"}
 

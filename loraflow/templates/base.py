@@ -120,8 +120,8 @@ class TurnTemplate:
     lead = ""  # trained text before the answer (llama2's space after [/INST]: BPE merges it into the first word)
     after = ""  # untrained text after each answer's end marker
 
-    def __init__(self, facts: TokenizerFacts):
-        self.facts = facts
+    def __init__(self, facts: TokenizerFacts, tokenizer=None):
+        self.facts = facts  # fixed texts need only the tokenizer's facts; the tokenizer is for templates that render with it
 
     def head(self, system: str | None) -> str:
         return ""
