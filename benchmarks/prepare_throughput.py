@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from loraflow.config.format import FormatConfig  # noqa: E402
-from loraflow.config.synthesize import AnimeQAOptions, SynthesizeConfig  # noqa: E402
+from loraflow.config.synthesize import SynthesizeConfig  # noqa: E402
+from loraflow.synthesizers import anime_qa  # noqa: E402
 from loraflow.config.tokenize import TokenizeConfig  # noqa: E402
 from loraflow.modeling.base_model import resolve_model_dir  # noqa: E402
 from loraflow.config.model import ModelConfig  # noqa: E402
@@ -58,7 +59,7 @@ def make_rows(n_rows: int) -> pd.DataFrame:
 
 
 def synth_config() -> SynthesizeConfig:
-    return SynthesizeConfig(kind="anime_qa", anime_qa=AnimeQAOptions(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160,
+    return SynthesizeConfig(kind="anime_qa", anime_qa=anime_qa.Options(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160,
                                                                      natural_questions=0, unknown_titles=0))
 
 

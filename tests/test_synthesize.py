@@ -11,10 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from data_contracts import CONVERSATIONS, QUARANTINE, check_structure, enforce
-from loraflow.config.synthesize import PHRASINGS_PER_KIND, AnimeQAOptions, SynthesizeConfig
+from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore
 from tasks.synthesize import SynthesizeError, run_synthesize, synthesize_frame, synthesize_stats
-from loraflow.synthesizers import SYNTHESIZERS, anime_qa
+from loraflow.synthesizers import SYNTHESIZERS, anime_answers, anime_qa
+from loraflow.synthesizers.anime_qa import PHRASINGS_PER_KIND
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "synthesize"
@@ -223,19 +224,19 @@ def test_question_templates_match_the_config_and_the_config_refuses_too_many():
     assert sizes == dict.fromkeys(anime_qa.KIND_FIELDS, PHRASINGS_PER_KIND)
     assert all(len(set(templates)) == PHRASINGS_PER_KIND for templates in anime_qa.QUESTIONS.values())
     with pytest.raises(ValidationError, match="lower one of them"):
-        AnimeQAOptions(trained_phrasings=6, heldout_phrasings=3)
+        anime_qa.Options(trained_phrasings=6, heldout_phrasings=3)
     with pytest.raises(ValidationError):
-        AnimeQAOptions(optional_fields=["studios"])
+        anime_qa.Options(optional_fields=["studios"])
 
 
 def test_synopsis_is_cut_at_a_sentence_end_when_possible():
-    assert anime_qa.cut_synopsis("One two three four five. Six seven eight nine ten.", 8) == "One two three four five."
+    assert anime_answers.cut_synopsis("One two three four five. Six seven eight nine ten.", 8) == "One two three four five."
     # A sentence end that would keep less than half the words is not worth the loss: cut at the limit.
-    assert anime_qa.cut_synopsis("One two. Three four five six seven eight nine ten.", 8) == "One two. Three four five six seven eight…"
+    assert anime_answers.cut_synopsis("One two. Three four five six seven eight nine ten.", 8) == "One two. Three four five six seven eight…"
     long_sentence = "one " * 20 + "end."
-    assert anime_qa.cut_synopsis(long_sentence.strip(), 10) == ("one " * 10).strip() + "…"
-    assert anime_qa.cut_synopsis("Short one.", 10) == "Short one."
-    assert anime_qa.synopsis_text("A ship drifts. (Source: ANN)", 60) == "A ship drifts."
+    assert anime_answers.cut_synopsis(long_sentence.strip(), 10) == ("one " * 10).strip() + "…"
+    assert anime_answers.cut_synopsis("Short one.", 10) == "Short one."
+    assert anime_answers.synopsis_text("A ship drifts. (Source: ANN)", 60) == "A ship drifts."
 
 
 def test_kinds_option_and_an_answer_that_misses_a_fact_is_never_emitted(monkeypatch):
@@ -463,14 +464,13 @@ def test_an_empty_source_gives_empty_frames(kind):
 
 
 def test_instruction_and_conversations_keep_whitespace_at_the_edges():
-    from loraflow.config.synthesize import ConversationsOptions, InstructionOptions
     from loraflow.synthesizers import conversations as conversations_kind, instruction
 
     rows = pd.DataFrame({"_source": ["s", "s"], "_row": [0, 1], "instruction": ["Indent:", "   "],
                          "output": ["    return 42\n", "x"]})
-    made, skipped = instruction.synthesize(rows, InstructionOptions(input_column=None))
+    made, skipped = instruction.synthesize(rows, instruction.Options(input_column=None))
     assert made.at[0, "messages"][-1]["content"] == "    return 42\n" and len(skipped) == 1  # whitespace-only is empty
     turns = [{"from": "human", "value": "  hi\n"}, {"from": "gpt", "value": "\tindented\n"}]
     made, _ = conversations_kind.synthesize(pd.DataFrame({"_source": ["s"], "_row": [0], "conversations": [turns]}),
-                                            ConversationsOptions())
+                                            conversations_kind.Options())
     assert [m["content"] for m in made.at[0, "messages"]] == ["  hi\n", "\tindented\n"]
