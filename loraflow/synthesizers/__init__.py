@@ -53,12 +53,12 @@ def register_synthesizer(kind: str, module) -> None:
 
     Call it before anything imports loraflow.config or loraflow.sources: they build the allowed kinds once.
     """
+    _refuse_incomplete(kind, module)
     if _kinds_handed_out:
         raise RuntimeError(f"register_synthesizer({kind!r}) came after the config was built from the registry -> "
                            f"register it before importing loraflow.config, loraflow.sources, tasks or flows ({GUIDE})")
     if kind in SYNTHESIZERS and SYNTHESIZERS[kind] is not module:
         raise ValueError(f"synthesizer kind {kind!r} is taken by {SYNTHESIZERS[kind].__name__} -> choose another kind")
-    _refuse_incomplete(kind, module)
     SYNTHESIZERS[kind] = module
 
 

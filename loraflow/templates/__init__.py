@@ -56,12 +56,12 @@ def register_template(name: str, template_class) -> None:
 
     Call it before anything imports loraflow.config: it builds the allowed names once.
     """
+    _refuse_incomplete(name, template_class)
     if _names_handed_out:
         raise RuntimeError(f"register_template({name!r}) came after the config was built from the registry -> "
                            f"register it before importing loraflow.config, tasks or flows ({GUIDE})")
     if name in TEMPLATES and TEMPLATES[name] is not template_class:
         raise ValueError(f"template name {name!r} is taken by {TEMPLATES[name].__qualname__} -> choose another name")
-    _refuse_incomplete(name, template_class)
     TEMPLATES[name] = template_class
 
 
