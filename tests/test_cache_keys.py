@@ -3,7 +3,7 @@
 Sharded prepare runs a stage on Dask workers and, with `task_runner: none`, in the flow's process, which has
 imported every stage: a code hash that followed modules only because some other stage had imported them would
 make those runs miss each other's cache (it did: the paraphrase filters, imported by the paraphrase stage, were a
-submodule of loraflow.synthesizers and so counted in synthesize's hash in the flow's process only)."""
+submodule of tasks.synthesizers and so counted in synthesize's hash in the flow's process only)."""
 
 import json
 import subprocess

@@ -168,6 +168,7 @@ class Options(StrictModel):
 
 # ---- the synthesizer
 
+
 def required_columns(options: Options) -> dict[str, str]:
     """Config key (under synthesize.anime_qa) -> source column, for the fields the configured kinds use."""
     fields = {"id"} | {field for kind in options.kinds for field in KIND_FIELDS[kind]}
