@@ -2,6 +2,7 @@
 built from the registries. The worked examples of docs/add_a_synthesizer.md and docs/add_a_template.md run here,
 as written there, from a temporary module through `loraflow prepare`."""
 
+import ast
 import json
 import os
 import re
@@ -54,6 +55,17 @@ def test_every_synthesizer_owns_its_options_and_the_config_holds_them_under_its_
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_every_template_has_the_interface_under_its_own_name(name):
     assert interface_problems(name, TEMPLATES[name]) == []
+
+
+@pytest.mark.parametrize("registry, plugins", [("synthesizers", lambda: [m.__name__ for m in SYNTHESIZERS.values()]),
+                                               ("templates", lambda: [c.__module__ for c in TEMPLATES.values()])])
+def test_each_registry_imports_its_plugins_at_its_top_level(registry, plugins):
+    """A stage's cache key follows its imports: a plug-in the registry loaded any other way would escape it."""
+    tree = ast.parse((REPO / "loraflow" / registry / "__init__.py").read_text(encoding="utf-8"))
+    imported = {f"{node.module}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+                for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    imported |= {name.rpartition(".")[0] for name in imported}  # `from loraflow.templates.alpaca import Alpaca`
+    assert sorted(set(plugins()) - imported) == []
 
 
 def test_a_kind_in_use_whose_options_have_required_keys_is_refused_with_its_fix():
