@@ -89,7 +89,7 @@ ALLOWED_TRADES = {
     "training": {"config", "modeling", "runtime", "tracking"},
     "publishing": {"config", "modeling", "runtime", "training", "evaluation"},
     "ops": {"config", "runtime"},
-    "cli": {"config", "sources", "synthesizers", "templates", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
+    "cli": {"config", "sources", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
 }
 
 

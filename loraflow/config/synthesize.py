@@ -26,7 +26,7 @@ def has_defaults(options_model: type[StrictModel]) -> bool:
 
 def options_summary(kind: str) -> str:
     """The first line of a kind's options docstring (what they hold), for descriptions and errors."""
-    return (SYNTHESIZERS[kind].Options.__doc__ or f"options of {kind}").strip().splitlines()[0]
+    return (SYNTHESIZERS[kind].Options.__doc__ or f"options of {kind}").strip().splitlines()[0].rstrip(".")
 
 
 def options_field(kind: str) -> tuple:
