@@ -17,7 +17,7 @@ import pandas as pd
 from data_contracts import PARAPHRASES
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
-from loraflow.config.table_qa import TableQAOptions
+from loraflow.synthesizers.table_qa_options import TableQAOptions
 from loraflow.evaluation.generation import load_for_inference, stop_token_ids
 from loraflow.modeling.paraphrasing import sample_paraphrases
 from loraflow.runtime.stage_output import StageResult, write_stage_output

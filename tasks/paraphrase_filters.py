@@ -12,7 +12,7 @@ A paraphrase is a question template like the config's own ({field} placeholders)
 Every candidate gets a verdict: accepted, or the reason it was refused; none is dropped unrecorded.
 """
 
-from loraflow.config.table_qa import TableQAOptions, normalised_phrasing, placeholders, template_syntax_problem
+from loraflow.synthesizers.table_qa_options import TableQAOptions, normalised_phrasing, placeholders, template_syntax_problem
 
 MIN_WORDS = 3
 QUESTION_ENDS = ("?", "？", "؟")

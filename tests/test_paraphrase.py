@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from loraflow.config.pipeline import ConfigError, load_config
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.config.table_qa import TableQAOptions, placeholders
+from loraflow.synthesizers.table_qa_options import TableQAOptions, placeholders
 from tasks import paraphrase
 from tasks.synthesize import synthesize_frame
 from tasks.paraphrase_filters import cleaned, judge

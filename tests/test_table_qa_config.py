@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from loraflow.cli.commands import main
 from loraflow.config.pipeline import ConfigError, load_config
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.config.table_qa import TableQAOptions, preset_names
+from loraflow.synthesizers.table_qa_options import TableQAOptions, preset_names
 from tests.test_table_qa import options
 
 REPO = Path(__file__).resolve().parents[1]

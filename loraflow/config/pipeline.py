@@ -17,7 +17,7 @@ from loraflow.config.model import ModelConfig
 from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig, missing_options
-from loraflow.config.table_qa import heldout_problems
+from loraflow.synthesizers.table_qa_options import heldout_problems
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.config.train import TrainConfig
 from loraflow.sources import SourceConfig, source_locations, source_name

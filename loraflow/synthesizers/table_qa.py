@@ -1,4 +1,4 @@
-"""table_qa: grounded questions about any table, from templates declared in the config (loraflow/config/table_qa.py).
+"""table_qa: grounded questions about any table, from templates declared in the config (table_qa_options.py).
 
 Per row and question kind: the kind's trained phrasings (phrasing_set "train"; accepted paraphrases from
 tasks/paraphrase.py join them, with ids ending `:p<j>`), held-out ones ("heldout", evaluation only) and natural
@@ -18,13 +18,13 @@ import hashlib
 import random
 import re
 
-from loraflow.config.table_qa import TableField, TableQAOptions, placeholders, template_parts
+from loraflow.synthesizers.table_qa_options import TableField, TableQAOptions, placeholders, template_parts
 from loraflow.synthesizers.common import column_text, conversations_frame, provenance, row_ids, skipped_frame, unstated_fact
 from loraflow.synthesizers.facts import FactType, not_a, parses_as
 from loraflow.synthesizers.values import cut_synopsis, join_items, split_items
 
-# The options model (synthesize.table_qa) lives in loraflow/config/table_qa.py with its presets, because the
-# paraphrase stage reads the same options.
+# The options (synthesize.table_qa): a module of their own beside this one, with the presets they read; the
+# paraphrase stage reads them too.
 Options = TableQAOptions
 
 # Fact types are declared per field in the config (fields.<name>.type), not by this module.

@@ -4,7 +4,7 @@ A config names the table's fields (placeholder -> source column, fact type, list
 each has trained question phrasings, held-out ones (asked only at evaluation), answer templates and optional
 fields. Templates are plain text with `{field}` placeholders (`{{` and `}}` for literal braces), in any script.
 Everything a user can get wrong in a template is refused here, before a row is read, with its key and the fix.
-A `preset` (loraflow/config/presets/table_qa/<name>.yaml) supplies fields and kinds; keys set beside it win,
+A `preset` (loraflow/synthesizers/presets/table_qa/<name>.yaml) supplies fields and kinds; keys set beside it win,
 and `fields` merge one field at a time, so a preset is reused on a table with other column names.
 """
 
@@ -99,7 +99,7 @@ class TableQAOptions(StrictModel):
     """Options of the table_qa synthesizer: fields, question kinds and their templates, or a preset (docs/table_qa.md)."""
 
     preset: str | None = Field(
-        None, description="A shipped preset (loraflow/config/presets/table_qa/): its fields and kinds are used unless "
+        None, description="A shipped preset (loraflow/synthesizers/presets/table_qa/): its fields and kinds are used unless "
         "set here; `fields` entries set here replace the preset's one field at a time.",
     )
     id_column: str | None = Field(
