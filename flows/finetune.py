@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
 from loraflow.runtime.atomic_files import write_json_atomic
-from loraflow.runtime.cache_keys import stage_cache_key
+from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.publishing.merge import MODEL_MANIFEST
@@ -30,6 +30,14 @@ from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerpri
 from tasks.evaluate import evaluate_task
 from tasks.publish import publish_task
 from tasks.train import train_task
+
+
+# Train once per data, base model and training config: the tracker's run name and params (the whole pipeline
+# config) do not make another adapter.
+TRAIN_CACHE = STAGE_CACHE - "run_name" - "tracking_params"
+# Publish once per adapter, base model, publish config and destination (not per run: the card's run-specific text
+# does not make a new model).
+PUBLISH_CACHE = STAGE_CACHE - "card" - "verify_texts" - "system_prompt" - "trust_remote_code" - "tracking"
 
 
 @flow(name="finetune", log_prints=True)
@@ -49,7 +57,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     base_fingerprint = base_model_fingerprint(Path(model_dir))
     train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
     trained, cached = run_locked(
-        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_key_fn=train_cache_key,
+        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
         tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
         store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
         run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
@@ -83,7 +91,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
         publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
         published, cached = run_locked(
             publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
-            cache_key_fn=publish_cache_key,
+            cache_policy=PUBLISH_CACHE,
             model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
             output_dir=str(publish_dir), card=card_facts(config, summary, evaluation),
             verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
@@ -110,20 +118,6 @@ def finetune_flow(config: PipelineConfig) -> dict:
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
     return summary
-
-
-def train_cache_key(context, parameters: dict) -> str:
-    """Train once per data, base model and training config: the tracker's run name and params (the whole
-    pipeline config) do not make another adapter."""
-    keyed = {name: value for name, value in parameters.items() if name not in ("run_name", "tracking_params")}
-    return stage_cache_key(context, keyed)
-
-
-def publish_cache_key(context, parameters: dict) -> str:
-    """Publish once per adapter, base model, publish config and destination (not per run: the card's
-    run-specific text does not make a new model)."""
-    keyed = {name: parameters[name] for name in ("model_dir", "adapter_dir", "publish_config", "output_dir")}
-    return stage_cache_key(context, keyed)
 
 
 def published_record_path(store_root: str, run_name: str) -> Path:

@@ -28,7 +28,7 @@ from loraflow.config.pipeline import PipelineConfig, check_confinement, config_h
 from loraflow.config.model import ModelConfig
 from loraflow.modeling.base_model import resolve_model_dir, tokenizer_fingerprint
 from loraflow.training.checkpoints import base_model_fingerprint
-from loraflow.runtime.shards import build_task_runner, map_stage, run_checked
+from loraflow.runtime.shards import build_task_runner, map_stage
 from loraflow.runtime.stage_output import StageResult, quarantine_reasons
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import run_stage
@@ -175,8 +175,8 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
     source_names = [source_name(source) for source in config.sources]
 
     # ---- shard: every row to blake2b(row id) mod shards, one RAW artifact per (shard, source)
-    plan, cached, seconds = run_checked(
-        shard_task, store, ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
+    plan, cached, seconds = run_stage(
+        shard_task, store, refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
         id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
         store_root=store.root,
     )

@@ -21,7 +21,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
 
-from loraflow.runtime.cache_keys import stage_cache_key  # noqa: E402
+from loraflow.runtime.cache_keys import STAGE_CACHE  # noqa: E402
 from loraflow.runtime.artifact_store import ArtifactStore, CorruptArtifact  # noqa: E402
 from loraflow.runtime.stage_task import local_root, run_locked  # noqa: E402
 from tests.test_prepare_flow import run_prepare, write_prepare_config  # noqa: E402
@@ -106,7 +106,7 @@ def test_store_round_trip_and_damage_on_s3(bucket):
 
 
 def test_cache_key_is_none_when_an_input_object_is_gone(bucket):
-    """`stage_cache_key` asks the bucket whether an input artifact exists: a deleted object means no cache hit."""
+    """The stage cache policy asks the bucket whether an input artifact exists: a deleted object means no cache hit."""
     import pandas as pd
 
     from tasks.format import format_task
@@ -115,11 +115,11 @@ def test_cache_key_is_none_when_an_input_object_is_gone(bucket):
     ref = store.write(pd.DataFrame({"id": ["a"]}), stage="synthesize", contract="c", schema_version=1, config_hash="h")
     context = SimpleNamespace(task=format_task)
     parameters = {"conversations_ref": ref, "store_root": store.root}
-    key = stage_cache_key(context, parameters)
+    key = STAGE_CACHE.compute_key(context, parameters, {})
     assert key and key.startswith("format-")
-    assert stage_cache_key(context, parameters) == key  # stable
+    assert STAGE_CACHE.compute_key(context, parameters, {}) == key  # stable
     bucket.client.delete_object(Bucket=bucket.name, Key=key_of(bucket, ref.uri))
-    assert stage_cache_key(context, parameters) is None
+    assert STAGE_CACHE.compute_key(context, parameters, {}) is None
 
 
 def test_endpoint_from_fsspec_config_variable(bucket, monkeypatch):

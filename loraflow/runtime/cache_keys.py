@@ -1,36 +1,64 @@
-"""Prefect cache keys for stages: input artifact hashes + config + fingerprints + the stage's own code.
+"""The Prefect cache policy of every stage: input artifact hashes + parameters + the code that shapes the output.
 
-Never the run id, so an unchanged re-run is a cache hit in a new run. Returns None (no caching) when an
-input artifact is missing (a local file or an object in an fsspec store such as S3, asked through the store's
-own filesystem), so a deleted upstream file forces a recompute instead of a stale hit.
+    @stage_task(name="format")                                # the decorator carries STAGE_CACHE
+    run_locked(train_task, ..., cache_policy=STAGE_CACHE - "run_name" - "tracking_params")
+
+The key is the task's name, its parameters (an ArtifactRef by its sha256, a pydantic config by `model_dump`, a
+parameter subtracted with `-` left out) and the stage's code hash: the names and sources of every project module
+the stage module reaches in its static import graph (loraflow.runtime.code_graph). Never the run id, so an
+unchanged re-run is a cache hit in a new run. The key is None (no caching) when an input artifact is missing (a
+local file or an object in an fsspec store such as S3, asked through the store's own filesystem), so a deleted
+upstream file forces a recompute instead of a stale hit.
 """
 
 import hashlib
 import inspect
 import json
-import sys
-from functools import lru_cache
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from loraflow.runtime.artifact_store import ArtifactRef, artifact_exists
+from loraflow.runtime.code_graph import code_hash
+
 
 class _MissingInput(Exception):
     pass
 
 
-def stage_cache_key(context, parameters: dict) -> str | None:
-    """Cache key of a stage task run (Prefect `cache_key_fn`)."""
-    try:
-        payload = {name: _canonical(value) for name, value in sorted(parameters.items())}
-    except _MissingInput:
-        return None
-    task_fn = context.task.fn
-    material = json.dumps(
-        {"task": context.task.name, "code": code_hash(task_fn.__module__), "params": payload}, sort_keys=True
-    )
-    return f"{context.task.name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+@dataclass
+class StageCachePolicy(CachePolicy):
+    """Cache key of a stage task run; `policy - "name"` leaves a parameter out of the key (Prefect's idiom)."""
+
+    exclude: tuple[str, ...] = ()
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        """`<task name>-<hash>`, or None when an input artifact is missing."""
+        try:
+            payload = {name: _canonical(value) for name, value in sorted(inputs.items()) if name not in self.exclude}
+        except _MissingInput:
+            return None
+        task = task_ctx.task
+        material = json.dumps({"task": task.name, "code": stage_code_hash(task.fn), "params": payload}, sort_keys=True)
+        return f"{task.name}-{hashlib.sha256(material.encode()).hexdigest()[:32]}"
+
+    def __sub__(self, name: str) -> "StageCachePolicy":
+        return replace(self, exclude=(*self.exclude, name))
+
+    def __add__(self, other):
+        # Prefect's CompoundCachePolicy drops a part's None, which would turn a missing input into a stale hit.
+        raise TypeError("StageCachePolicy is the whole key: combining it would ignore its 'missing input' None")
+
+
+STAGE_CACHE = StageCachePolicy()
+
+
+def stage_code_hash(fn) -> str:
+    """The code hash of the module that defines a stage's function, read from that function's source file."""
+    return code_hash(fn.__module__, start_file=Path(inspect.getsourcefile(fn)).resolve())
 
 
 def _canonical(value):
@@ -47,35 +75,3 @@ def _canonical(value):
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-# Modules whose code shapes a stage's output: the stage itself and what it uses from these packages (the train,
-# evaluate and publish stages keep their recipe in tasks/ and the work in the library modules named here).
-CODE_PREFIXES = ("tasks.", "data_contracts", "loraflow.runtime.stage_output", "loraflow.runtime.artifact_store", "loraflow.modeling.base_model",
-                 "loraflow.training", "loraflow.evaluation", "loraflow.publishing.merge", "loraflow.publishing.model_card", "loraflow.publishing.hub",
-                 "loraflow.runtime.atomic_files", "loraflow.runtime.tokens_input", "loraflow.sources", "loraflow.synthesizers",
-                 "loraflow.templates", "loraflow.modeling.prompt_encoding")
-
-
-@lru_cache(maxsize=None)
-def code_hash(module_name: str) -> str:
-    """Hash of a stage module's source and of every project module it reaches (synthesizers, templates,
-    sources, contracts), so editing any of them invalidates that stage's cache and only that stage's."""
-    seen, pending = set(), [module_name]
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in sys.modules:
-            continue
-        seen.add(name)
-        parent = name.rpartition(".")[0]
-        if parent.startswith(CODE_PREFIXES):  # a package's registry names its plug-in modules
-            pending.append(parent)
-        for value in vars(sys.modules[name]).values():
-            used = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-            if isinstance(used, str) and used.startswith(CODE_PREFIXES) and used not in seen:
-                pending.append(used)
-    seen |= {name for name in sys.modules if name.startswith("data_contracts")}  # contract objects hide their module
-    digest = hashlib.sha256()
-    for name in sorted(seen):
-        digest.update(name.encode() + inspect.getsource(sys.modules[name]).encode())
-    return digest.hexdigest()[:16]

@@ -1,20 +1,17 @@
 """Running a stage task over shards on a Prefect task runner (prefect-dask's DaskTaskRunner, or in process).
 
-`map_stage` is `run_stage` for many shards at once: every shard's task is submitted, all are awaited (so one
-failing shard does not cancel the others' work, which stays cached), and a cached result whose artifact is
-missing or corrupt is recomputed with `refresh_cache=True`, like `run_stage` does for a single task.
+`map_stage` is `run_stage` for many shards at once (`run_verified` with `mapped=True`): every shard's task is
+submitted, all are awaited, and a cached result whose artifact is missing or corrupt is recomputed.
 """
 
 import time
 
-from prefect import get_run_logger
-from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from loraflow.config.prepare import PrepareConfig
 from loraflow.runtime.stage_output import StageResult
 from loraflow.runtime.artifact_store import ArtifactStore
-from loraflow.runtime.stage_task import result_storage
+from loraflow.runtime.stage_task import result_storage, run_verified, stage_refs
 
 
 def build_task_runner(config: PrepareConfig):
@@ -46,35 +43,6 @@ def map_stage(stage_task_fn, store: ArtifactStore, shard_parameters: list[dict],
     """
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
-    futures = [configured.submit(**parameters, **shared) for parameters in shard_parameters]
-    wait(futures)
-    outcomes = [(future.result(), future.state.name == "Cached") for future in futures]  # raises a shard's error
-    stale = [index for index, (result, _) in enumerate(outcomes) if not _artifacts_valid(store, result)]
-    if stale:
-        get_run_logger().warning("%s: %d shard(s) have a missing or corrupt cached artifact; recomputing them",
-                                 stage_task_fn.name, len(stale))
-        refreshed = configured.with_options(refresh_cache=True)
-        redo = [refreshed.submit(**shard_parameters[index], **shared) for index in stale]
-        wait(redo)
-        for index, future in zip(stale, redo):
-            outcomes[index] = (future.result(), False)
+    outcomes = run_verified(configured, lambda result: all(map(store.is_valid, stage_refs(result))),
+                            [{**parameters, **shared} for parameters in shard_parameters], mapped=True)
     return outcomes, time.perf_counter() - started
-
-
-def _artifacts_valid(store: ArtifactStore, result: StageResult) -> bool:
-    refs = [result.output] + ([result.quarantine] if result.quarantine else [])
-    return all(store.is_valid(ref) for ref in refs)
-
-
-def run_checked(task_fn, store: ArtifactStore, refs_of, **parameters):
-    """Run a task whose result holds several artifacts (`refs_of(result)` lists them); recompute it when any is
-    missing or corrupt. Returns (result, was_cached, seconds)."""
-    started = time.perf_counter()
-    configured = task_fn.with_options(result_storage=result_storage(store.root))
-    state = configured(**parameters, return_state=True)
-    result, cached = state.result(), state.name == "Cached"
-    if not all(store.is_valid(ref) for ref in refs_of(result)):
-        get_run_logger().warning("%s: a cached artifact is missing or corrupt; recomputing", task_fn.name)
-        state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
-        result, cached = state.result(), False
-    return result, cached, time.perf_counter() - started

@@ -1,5 +1,6 @@
-"""The thin Prefect layer every stage shares: a task decorator with content-based caching, and
-`run_stage`, which calls a stage task, verifies its output artifact and recomputes it if corrupt."""
+"""The thin Prefect layer every stage shares: a task decorator with content-based caching (STAGE_CACHE), and
+`run_verified`, which runs stage tasks, verifies what their results point at and recomputes a stale cached one;
+`run_stage` and `run_locked` are its two uses."""
 
 import hashlib
 import time
@@ -7,18 +8,18 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import RemoteFileSystem
+from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL
 
-from loraflow.runtime.cache_keys import stage_cache_key
+from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.runtime.stage_locks import LeaseLockManager
 from loraflow.runtime.cache_folder import cache_dir
 from loraflow.runtime.stage_output import StageResult
-from loraflow.runtime.artifact_store import ArtifactStore, is_url
+from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore, is_url
 
 # JSON results keep cached StageResults readable and portable (not cloudpickle blobs tied to one machine).
-stage_task = partial(task, cache_key_fn=stage_cache_key, persist_result=True, result_serializer="json")
+stage_task = partial(task, cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json")
 
 
 def result_storage(store_root: str) -> Path | RemoteFileSystem:
@@ -53,28 +54,50 @@ def local_root(store_root: str) -> Path:
     return Path(store_root.removeprefix("file://")).resolve()
 
 
-def run_stage(stage_task_fn, store: ArtifactStore, **parameters) -> tuple[StageResult, bool, float]:
-    """Run a stage task (or take its cached result) and return (result, was_cached, seconds).
+def run_verified(configured_task, is_valid, calls: list[dict], *, mapped: bool = False) -> list[tuple[object, bool]]:
+    """Run `configured_task` once per parameter set in `calls` (or take its cached result); returns
+    [(result, was_cached)] in call order.
 
-    A cached result whose artifact is missing or corrupt is never used: the task is re-run with
-    `refresh_cache=True`, which recomputes and overwrites the cache entry.
+    A result that `is_valid` rejects (a cached result whose artifact or folder is missing or corrupt) is never
+    used: that call is re-run with `refresh_cache=True`, which recomputes it and overwrites the cache entry.
+    `mapped` submits every call to the flow's task runner and awaits them all (one failing call does not cancel
+    the others' work, which stays cached); otherwise they run one after another in this thread.
     """
+    outcomes = _run_all(configured_task, calls, mapped)
+    stale = [index for index, (result, _) in enumerate(outcomes) if not is_valid(result)]
+    if stale:
+        get_run_logger().warning("%s: %d cached result(s) point at a missing or corrupt output; recomputing",
+                                 configured_task.name, len(stale))
+        redone = _run_all(configured_task.with_options(refresh_cache=True), [calls[index] for index in stale], mapped)
+        for index, (result, _) in zip(stale, redone):
+            outcomes[index] = (result, False)
+    return outcomes
+
+
+def _run_all(configured_task, calls: list[dict], mapped: bool) -> list[tuple[object, bool]]:
+    if mapped:
+        futures = [configured_task.submit(**parameters) for parameters in calls]
+        wait(futures)
+        return [(future.result(), future.state.name == "Cached") for future in futures]  # raises a call's error
+    states = [configured_task(**parameters, return_state=True) for parameters in calls]
+    return [(state.result(), state.name == "Cached") for state in states]
+
+
+def stage_refs(result: StageResult) -> list[ArtifactRef]:
+    """The artifacts a stage result points at: its output and, when it has one, its quarantine."""
+    return [result.output] + ([result.quarantine] if result.quarantine else [])
+
+
+def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, **parameters) -> tuple[object, bool, float]:
+    """Run a stage task (or take its cached result) and return (result, was_cached, seconds); a cached result
+    any of whose artifacts (`refs_of(result)`) is missing or corrupt is recomputed."""
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
-    state = configured(**parameters, return_state=True)
-    result: StageResult = state.result()
-    cached = state.name == "Cached"
-    refs = [result.output] + ([result.quarantine] if result.quarantine else [])
-    if not all(store.is_valid(ref) for ref in refs):
-        get_run_logger().warning(
-            "%s: cached artifact %s is missing or corrupt; recomputing it", result.stage, result.output.uri
-        )
-        state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
-        result, cached = state.result(), False
+    [(result, cached)] = run_verified(configured, lambda result: all(map(store.is_valid, refs_of(result))), [parameters])
     return result, cached, time.perf_counter() - started
 
 
-def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_key, **parameters) -> tuple[object, bool]:
+def run_locked(task_fn, lock_root: str, is_valid, *, cache_policy=STAGE_CACHE, **parameters) -> tuple[object, bool]:
     """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation, file locks in the store).
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
@@ -82,16 +105,9 @@ def run_locked(task_fn, lock_root: str, is_valid, *, cache_key_fn=stage_cache_ke
     holder is waited for with a log line and a bound (`loraflow.runtime.stage_locks`). A cached result that `is_valid`
     rejects (its folder was deleted) is recomputed. Returns (result, was_cached).
     """
-    policy = CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(
-        isolation_level="SERIALIZABLE",
-        lock_manager=LeaseLockManager(local_root(lock_root) / "locks"),
-    )
+    policy = cache_policy.configure(isolation_level="SERIALIZABLE",
+                                    lock_manager=LeaseLockManager(local_root(lock_root) / "locks"))
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))
-    state = configured(**parameters, return_state=True)
-    result, cached = state.result(), state.name == "Cached"
-    if not is_valid(result):
-        get_run_logger().warning("%s: cached result points at missing output; recomputing", task_fn.name)
-        state = configured.with_options(refresh_cache=True)(**parameters, return_state=True)
-        result, cached = state.result(), False
+    [(result, cached)] = run_verified(configured, is_valid, [parameters])
     return result, cached
