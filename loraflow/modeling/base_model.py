@@ -10,12 +10,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from loraflow.config.model import EMBEDDED_MODEL_ID, ModelConfig
 from loraflow.runtime.artifact_store import file_sha256
+from loraflow.runtime.atomic_files import atomic_folder, write_json_atomic
 from loraflow.runtime.cache_folder import cache_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,18 +74,11 @@ def _convert_embedded_model(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         manifest = {"source": str(gguf), "gguf_sha256": file_sha256(gguf), "dtype": "bfloat16"}
-        (staging / "loraflow-manifest.json").write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        write_json_atomic(staging / "loraflow-manifest.json", manifest)
 
 
 def resolve_model_dir(model: ModelConfig, base_dir: str | Path = ".") -> Path:

@@ -14,8 +14,9 @@ llama.cpp) and Qwen2; any other architecture raises GGUFExportError naming it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from loraflow.runtime.atomic_files import atomic_file
 
 # HF model_type -> (gguf architecture, permute q/k, tokenizer pre-tokenizer name llama.cpp uses for it)
 SUPPORTED_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -113,46 +114,43 @@ def export_gguf(folder: str | Path, *, quantization: str = "f16", eos_ids: list[
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     name_map = gguf.get_tensor_name_map(arch, n_layers)
     target = folder / gguf_file_name(quantization)
-    partial = target.with_name(f".{target.name}.partial")
-    writer = gguf.GGUFWriter(partial, arch_name)
-    writer.add_name(folder.name)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_block_count(n_layers)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(rope_theta))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantization == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
-    _add_tokenizer(writer, folder, model_type, eos_ids or [])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tied = config.get("tie_word_embeddings", False)
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for hf_name in handle.keys():
-                if tied and hf_name == "lm_head.weight":
-                    continue  # llama.cpp reuses token_embd for a tied output
-                gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise GGUFExportError(f"{shard.name}: tensor {hf_name} has no GGUF name for {arch_name}")
-                array = handle.get_tensor(hf_name).to(torch.float32).numpy()
-                if permute and hf_name.endswith("q_proj.weight"):
-                    array = permute_for_rotary(array, n_head, n_head)
-                elif permute and hf_name.endswith("k_proj.weight"):
-                    array = permute_for_rotary(array, n_head, n_head_kv)
-                payload, raw_dtype = _tensor_payload(gguf_name, array, quantization)
-                writer.add_tensor(gguf_name, payload, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with open(partial, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, target)
+    with atomic_file(target) as partial:
+        writer = gguf.GGUFWriter(partial, arch_name)
+        writer.add_name(folder.name)
+        writer.add_context_length(config.get("max_position_embeddings", 2048))
+        writer.add_embedding_length(config["hidden_size"])
+        writer.add_feed_forward_length(config["intermediate_size"])
+        writer.add_block_count(n_layers)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_head_kv)
+        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        writer.add_rope_freq_base(float(rope_theta))
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_vocab_size(config["vocab_size"])
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantization == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+        _add_tokenizer(writer, folder, model_type, eos_ids or [])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        tied = config.get("tie_word_embeddings", False)
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                for hf_name in handle.keys():
+                    if tied and hf_name == "lm_head.weight":
+                        continue  # llama.cpp reuses token_embd for a tied output
+                    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                    if gguf_name is None:
+                        raise GGUFExportError(f"{shard.name}: tensor {hf_name} has no GGUF name for {arch_name}")
+                    array = handle.get_tensor(hf_name).to(torch.float32).numpy()
+                    if permute and hf_name.endswith("q_proj.weight"):
+                        array = permute_for_rotary(array, n_head, n_head)
+                    elif permute and hf_name.endswith("k_proj.weight"):
+                        array = permute_for_rotary(array, n_head, n_head_kv)
+                    payload, raw_dtype = _tensor_payload(gguf_name, array, quantization)
+                    writer.add_tensor(gguf_name, payload, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return target
 
 

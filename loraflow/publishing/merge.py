@@ -12,11 +12,10 @@ folder, its saved weights re-read and compared bit for bit, its manifest written
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
+from loraflow.runtime.atomic_files import atomic_folder, write_json_atomic, write_text_atomic
 from loraflow.runtime.artifact_store import file_sha256
 
 MODEL_MANIFEST = "loraflow-manifest.json"
@@ -96,29 +95,25 @@ def save_merged(merged, tokenizer, folder: Path, *, model_dir: Path, adapter_dir
     from transformers import GenerationConfig
 
     saved_dtype = _base_dtype(model_dir)
-    staging = folder.with_name(f".{folder.name}-staging")
-    shutil.rmtree(staging, ignore_errors=True)
     merged = merged.to(getattr(torch, saved_dtype))
-    merged.save_pretrained(staging, safe_serialization=True)
-    verify_saved_weights(merged, staging)
-    tokenizer.save_pretrained(staging)
-    if (model_dir / "generation_config.json").exists():
-        generation = GenerationConfig.from_pretrained(model_dir)
-    else:
-        generation = GenerationConfig()
-    eos = end_of_turn_ids(tokenizer)
-    generation.eos_token_id = eos if len(eos) > 1 else eos[0]
-    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    generation.save_pretrained(staging)
-    shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("README.md"))
-    write_text_atomic(staging / "README.md", card)
-    write_json_atomic(staging / RUN_INFO, run_info)
-    files = folder_hashes(staging)
-    write_json_atomic(staging / MODEL_MANIFEST, {"files": files, "saved_dtype": saved_dtype})
-    files[MODEL_MANIFEST] = file_sha256(staging / MODEL_MANIFEST)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+    with atomic_folder(folder) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        verify_saved_weights(merged, staging)
+        tokenizer.save_pretrained(staging)
+        if (model_dir / "generation_config.json").exists():
+            generation = GenerationConfig.from_pretrained(model_dir)
+        else:
+            generation = GenerationConfig()
+        eos = end_of_turn_ids(tokenizer)
+        generation.eos_token_id = eos if len(eos) > 1 else eos[0]
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        generation.save_pretrained(staging)
+        shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("README.md"))
+        write_text_atomic(staging / "README.md", card)
+        write_json_atomic(staging / RUN_INFO, run_info)
+        files = folder_hashes(staging)
+        write_json_atomic(staging / MODEL_MANIFEST, {"files": files, "saved_dtype": saved_dtype})
+        files[MODEL_MANIFEST] = file_sha256(staging / MODEL_MANIFEST)
     return saved_dtype, files
 
 

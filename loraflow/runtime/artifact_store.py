@@ -16,7 +16,6 @@ import io
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
+
+from loraflow.runtime.atomic_files import atomic_file
 
 
 class ArtifactRef(BaseModel):
@@ -133,27 +134,14 @@ class ArtifactStore:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temp_files(folder)
         # The temp name carries host and pid, so a later write can tell a dead writer's leftover from a live one.
-        prefix = f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
         try:
-            handle, temp_path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".part")
+            with atomic_file(path, temp_prefix=f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-") as temp:
+                temp.write_bytes(payload)
         except OSError as error:
             full = _disk_full(error, path, len(payload))
             if full is None:
                 raise
             raise full from error
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp_path, path)
-        except BaseException as error:
-            if os.path.exists(temp_path):
-                os.unlink(temp_path)
-            full = _disk_full(error, path, len(payload)) if isinstance(error, OSError) else None
-            if full is not None:
-                raise full from error
-            raise
 
     def _cat(self, path: str) -> bytes:
         return self.fs.cat_file(path)

@@ -21,6 +21,8 @@ from pathlib import Path
 import anyio
 from prefect.locking.filesystem import FileSystemLockManager
 
+from loraflow.runtime.atomic_files import write_text_atomic
+
 LEASE_SECONDS = 60.0  # another host takes over a silent holder's lock after this long
 WAIT_SECONDS = 6 * 3600.0  # a twin run waits this long for a live holder (a training run) before failing
 NOTICE_SECONDS = 60.0  # how often a waiter says it is still waiting
@@ -221,9 +223,8 @@ class LeaseLockManager(FileSystemLockManager):
                 record = read_lock(path)
                 if stop.is_set() or record is None or record.get("holder") != holder:
                     return  # released, or taken over: never write over someone else's lock
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-                tmp.write_text(json.dumps(self._record(holder, record.get("since"))))
-                os.replace(tmp, path)  # atomic: readers see the old or the new lease, never half
+                # atomic: readers see the old or the new lease, never half
+                write_text_atomic(path, json.dumps(self._record(holder, record.get("since"))))
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release `holder`'s lock for `key` and stop renewing it (ValueError if it does not hold it, as Prefect's)."""

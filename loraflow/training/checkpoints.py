@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from loraflow.runtime.atomic_files import write_json_atomic
+from loraflow.runtime.atomic_files import atomic_folder, write_json_atomic
 from loraflow.config.train import TrainConfig
 from loraflow.runtime.artifact_store import file_sha256
 from loraflow.training.distributed import barrier
@@ -170,21 +170,17 @@ class CheckpointMarker(_callback_base()):
 def save_adapter(model, adapter_dir: Path, manifest: dict, saved_by_trainer: Path | None = None) -> None:
     """Save the adapter into a staging folder, write its manifest last, then swap it into place.
     `saved_by_trainer`: a folder Trainer.save_model already wrote (FSDP); only its safetensors and configs are kept."""
-    staging = adapter_dir.with_name(f".{adapter_dir.name}-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    if saved_by_trainer is None:
-        model.save_pretrained(staging, safe_serialization=True)
-    else:
-        os.replace(saved_by_trainer, staging)
-        for path in staging.iterdir():  # training_args.bin is a pickle: never shipped
-            if path.is_file() and path.suffix not in (".safetensors", ".json", ".md"):
-                path.unlink()
-    _check_has_lora_tensors(staging)
-    files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
-    write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    os.replace(staging, adapter_dir)
+    with atomic_folder(adapter_dir) as staging:
+        if saved_by_trainer is None:
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            os.replace(saved_by_trainer, staging)  # onto the empty staging folder
+            for path in staging.iterdir():  # training_args.bin is a pickle: never shipped
+                if path.is_file() and path.suffix not in (".safetensors", ".json", ".md"):
+                    path.unlink()
+        _check_has_lora_tensors(staging)
+        files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        write_json_atomic(staging / ADAPTER_MANIFEST, {**manifest, "files": files})
 
 
 def adapter_tensors_from_full_state_dict(full_state_dict: dict, adapter_name: str = "default") -> dict:

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
+from loraflow.runtime.atomic_files import atomic_file, write_json_atomic, write_text_atomic
 from loraflow.training.distributed import process_rank
 
 # Set in the launched processes: there the train stage trains instead of launching again.
@@ -176,9 +176,8 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
 
     if isinstance(tokens, pd.DataFrame):
         tokens_path = launch_dir / "tokens.parquet"  # the hash of a frame survives the Parquet round trip
-        staging = tokens_path.with_name(".tokens.parquet.tmp")
-        tokens.to_parquet(staging, index=False)
-        os.replace(staging, tokens_path)
+        with atomic_file(tokens_path) as staging:
+            tokens.to_parquet(staging, index=False)
         tokens_job = {"parquet": str(tokens_path)}
     else:
         from loraflow.runtime.tokens_input import store_for
