@@ -22,7 +22,7 @@ from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel
 
 from loraflow.runtime.artifact_store import ArtifactRef, artifact_exists
-from loraflow.runtime.code_graph import code_hash
+from loraflow.runtime.code_graph import code_hash, module_file
 
 
 class _MissingInput(Exception):
@@ -57,7 +57,11 @@ STAGE_CACHE = StageCachePolicy()
 
 
 def stage_code_hash(fn) -> str:
-    """The code hash of the module that defines a stage's function, read from that function's source file."""
+    """The code hash of the module that defines a stage's function. A project module is read from the project's
+    files by name (on a Dask worker the function arrives rebuilt from its code, with no file of its own); a module
+    elsewhere (a task defined in a test) from the function's source file."""
+    if module_file(fn.__module__) is not None:
+        return code_hash(fn.__module__)
     return code_hash(fn.__module__, start_file=Path(inspect.getsourcefile(fn)).resolve())
 
 
