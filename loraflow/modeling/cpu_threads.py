@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 
+from transformers import TrainerCallback
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, else the CPU count)."""
@@ -29,13 +31,7 @@ def threads_for_load(cores: int, load_average: float, own_threads: int) -> int:
     return max(1, min(cores, cores - busy))
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class ThreadsForLoad(_callback_base()):
+class ThreadsForLoad(TrainerCallback):
     """Every `every` steps, set torch's thread count from the 1-minute load average (CPU training only)."""
 
     def __init__(self, log=None, every: int = 5, cores: int | None = None):

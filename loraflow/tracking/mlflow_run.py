@@ -31,6 +31,8 @@ import re
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from loraflow.tracking.report_to import QUICK_MLFLOW_RETRIES, TrackingRun, flatten_config, redact_url
 
 log_default = logging.getLogger("loraflow.tracking.report_to")
@@ -100,13 +102,7 @@ def check_tracker(train_config) -> None:
                            "MLFLOW_TRACKING_URI / train.tracking_uri, or drop mlflow from train.report_to") from error
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class BestEffortTracking(_callback_base()):
+class BestEffortTracking(TrainerCallback):
     """Wraps transformers' MLflowCallback so that a tracker failure while training is one warning, not a lost run;
     records the run the callback opened (`run`) and adds `params` (the flattened pipeline config) to it."""
 

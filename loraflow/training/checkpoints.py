@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from loraflow.runtime.atomic_files import atomic_folder, write_json_atomic
 from loraflow.config.train import TrainConfig
 from loraflow.runtime.artifact_store import file_sha256
@@ -135,13 +137,7 @@ def checkpoint_is_complete(folder: Path) -> bool:
 
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class CheckpointMarker(_callback_base()):
+class CheckpointMarker(TrainerCallback):
     """Writes `loraflow-complete.json` into a checkpoint after the Trainer has finished saving it.
 
     Trainer writes checkpoint files in place (no temp folder), so a crash can leave a partial

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from loraflow.training.distributed import is_main_process
 
 FSDP_ADAPTER_FILE = "loraflow-fsdp-adapter.safetensors"
@@ -97,13 +99,7 @@ def restore_fsdp_optimizer(model, optimizer, folder: Path) -> int:
     return restored
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class FsdpAdapterCheckpoint(_callback_base()):
+class FsdpAdapterCheckpoint(TrainerCallback):
     """Under FSDP: writes the gathered adapter into each checkpoint (before `CheckpointMarker` marks it complete)
     and, when resuming from `resume_from`, loads it and the optimizer state back once Trainer has restored the rest."""
 

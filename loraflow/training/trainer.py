@@ -16,6 +16,8 @@ import math
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from loraflow.config.train import TrainConfig
 from loraflow.modeling.cpu_threads import ThreadsForLoad
 from loraflow.runtime.artifact_store import DISK_FULL_ERRNOS, disk_full
@@ -189,13 +191,7 @@ def resumable_trainer_class():
 
 # ---- callbacks -----------------------------------------------------------------------------------------
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class StepRecorder(_callback_base()):
+class StepRecorder(TrainerCallback):
     """Records each step's loss, grad norm, lr and tokens/s (the loss curve), draws the progress bar and logs
     an ETA after the first few steps (then at every tenth of the run).
 
@@ -280,7 +276,7 @@ class StepRecorder(_callback_base()):
         return round(tokens / elapsed, 1) if elapsed > 0 else None
 
 
-class StepReport(_callback_base()):
+class StepReport(TrainerCallback):
     """Calls `on_step(step, max_steps, loss)` for each logged optimizer step."""
 
     def __init__(self, on_step):
@@ -291,7 +287,7 @@ class StepReport(_callback_base()):
             self.on_step(state.global_step, state.max_steps, _float(logs.get("loss")))
 
 
-class NonFiniteGuard(_callback_base()):
+class NonFiniteGuard(TrainerCallback):
     """Stops training with NonFiniteTrainingError after `patience` consecutive non-finite steps."""
 
     def __init__(self, patience: int):
