@@ -64,7 +64,8 @@ def test_the_walk_follows_function_imports_submodules_relative_imports_and_regis
     write(tmp_path / "loraflow/lib/__init__.py", "from . import registry\n")
     write(tmp_path / "loraflow/lib/tool.py", "from .helpers import helper\n")
     write(tmp_path / "loraflow/lib/helpers.py", "")
-    write(tmp_path / "loraflow/lib/registry.py", "import importlib\nPLUGIN = importlib.import_module('loraflow.plugin')\n")
+    write(tmp_path / "loraflow/lib/registry.py",
+          "import importlib\nPLUGIN = importlib.import_module('loraflow.plugin')\n")
     write(tmp_path / "loraflow/plugin.py", "")
     write(tmp_path / "loraflow/cli/__init__.py", "")
     write(tmp_path / "loraflow/unused.py", "")

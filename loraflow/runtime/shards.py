@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from loraflow.config.prepare import PrepareConfig
 from loraflow.runtime.stage_output import StageResult
 from loraflow.runtime.artifact_store import ArtifactStore
-from loraflow.runtime.stage_task import result_storage, run_verified, stage_refs
+from loraflow.runtime.stage_task import artifacts_valid, result_storage, run_verified
 
 
 def build_task_runner(config: PrepareConfig):
@@ -43,6 +43,6 @@ def map_stage(stage_task_fn, store: ArtifactStore, shard_parameters: list[dict],
     """
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
-    outcomes = run_verified(configured, lambda result: all(map(store.is_valid, stage_refs(result))),
-                            [{**parameters, **shared} for parameters in shard_parameters], mapped=True)
+    calls = [{**parameters, **shared} for parameters in shard_parameters]
+    outcomes = run_verified(configured, artifacts_valid(store), calls, mapped=True)
     return outcomes, time.perf_counter() - started

@@ -88,12 +88,17 @@ def stage_refs(result: StageResult) -> list[ArtifactRef]:
     return [result.output] + ([result.quarantine] if result.quarantine else [])
 
 
+def artifacts_valid(store: ArtifactStore, refs_of=stage_refs):
+    """The check `run_verified` needs for results that point at artifacts: every one of them is valid in `store`."""
+    return lambda result: all(store.is_valid(ref) for ref in refs_of(result))
+
+
 def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, **parameters) -> tuple[object, bool, float]:
     """Run a stage task (or take its cached result) and return (result, was_cached, seconds); a cached result
     any of whose artifacts (`refs_of(result)`) is missing or corrupt is recomputed."""
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
-    [(result, cached)] = run_verified(configured, lambda result: all(map(store.is_valid, refs_of(result))), [parameters])
+    [(result, cached)] = run_verified(configured, artifacts_valid(store, refs_of), [parameters])
     return result, cached, time.perf_counter() - started
 
 
