@@ -1,6 +1,9 @@
 """Atomic files and folders (loraflow.runtime.atomic_files): a reader sees the old version or the new one, never
 half of one and never none; an error while writing leaves the old version and no staging leftovers."""
 
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -71,3 +74,19 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
     with atomic_file(target) as temp:  # any writer fills the temp path
         temp.write_bytes(b'{"loss": 0.5}')
     assert target.read_text() == '{"loss": 0.5}' and leftovers(tmp_path) == []
+
+
+def test_the_next_write_removes_what_a_killed_writer_left_and_keeps_a_live_writers(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), socket.gethostname()  # reaped: its pid no longer exists
+    killed_folder = tmp_path / f".model.{host}.{dead_pid}.0123abcd.staging"
+    killed_file = tmp_path / f".metrics.json.{host}.{dead_pid}.0123abcd.part"
+    live_folder = tmp_path / f".model.{host}.{1}.0123abcd.staging"  # pid 1 is alive
+    for folder in (killed_folder, live_folder):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    killed_file.write_text('{"loss": 0.')
+    with atomic_folder(tmp_path / "model") as staging:
+        (staging / "config.json").write_text("{}")
+    write_json_atomic(tmp_path / "metrics.json", {"loss": 1.0})
+    assert leftovers(tmp_path) == [live_folder.name]

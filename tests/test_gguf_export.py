@@ -22,7 +22,7 @@ def test_gguf_round_trip_logits_tokenizer_and_stop_ids(tiny_folder, quantization
     from transformers import AutoTokenizer
 
     path = export_gguf(tiny_folder, quantization=quantization, eos_ids=[2])
-    assert path.name == f"model-{quantization}.gguf" and not list(tiny_folder.glob(".*.partial"))
+    assert path.name == f"model-{quantization}.gguf" and not list(tiny_folder.glob(f".{path.name}.*"))
     reader = gguf.GGUFReader(path)
     fields = reader.fields
     assert fields["general.architecture"].contents() == "llama"

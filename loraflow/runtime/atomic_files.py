@@ -12,7 +12,8 @@ renamed over the old one; a folder is swapped with the old one in one rename (Li
 and the old one, now at the staging name, is removed after. Where the file system cannot exchange (not Linux, some
 network file systems), the old folder is renamed aside and the new one in: two renames, an instant apart. An error
 inside the `with` leaves the target as it was and removes what was staged. Temp names hold the writer's pid and a
-random part, so two writers of one path (processes or threads) never share one. Artifacts in an object store are
+random part, so two writers of one path (processes or threads) never share one, and the next write of a path
+removes what a killed writer on this host left (its pid is gone). Artifacts in an object store are
 written whole by the store (loraflow.runtime.artifact_store), which uses `atomic_file` for a local store.
 """
 
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
 from contextlib import contextmanager
@@ -33,10 +36,13 @@ from typing import Iterator
 @contextmanager
 def atomic_file(path: str | Path, *, temp_prefix: str | None = None) -> Iterator[Path]:
     """A temp path beside `path` (parent folders made) for the body to write; on a clean exit it is fsynced and
-    renamed onto `path`, on an error removed. `temp_prefix` names it (default `.<name>.<pid>.`)."""
+    renamed onto `path`, on an error removed. `temp_prefix` names it (default `.<name>.<host>.<pid>.`, whose dead
+    writers' leftovers are removed here; a caller with its own prefix removes its own, as the artifact store does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{temp_prefix or f'.{path.name}.{os.getpid()}.'}{uuid.uuid4().hex[:12]}.part")
+    if temp_prefix is None:
+        _remove_dead_writers_leftovers(path, ".part")
+    temp = path.with_name(f"{temp_prefix or _temp_prefix(path)}{uuid.uuid4().hex[:12]}.part")
     try:
         yield temp
         with open(temp, "rb+") as written:  # whoever wrote it may not have synced it
@@ -52,7 +58,8 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     folder, if any, swapped out and then removed), on an error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.staging")
+    _remove_dead_writers_leftovers(path, ".staging")
+    staging = path.with_name(f"{_temp_prefix(path)}{uuid.uuid4().hex[:12]}.staging")
     staging.mkdir()
     try:
         yield staging
@@ -86,6 +93,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, payload, *, indent: int = 1) -> Path:
     """`payload` as JSON (values JSON cannot hold are written as str()) to `path`; returns the path."""
     return write_text_atomic(path, json.dumps(payload, indent=indent, default=str))
+
+
+# ---- temp names: .<name>.<host>.<pid>.<random><suffix>, so a later writer can tell a dead writer's leftover
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _remove_dead_writers_leftovers(path: Path, suffix: str) -> None:
+    """Remove temp files or staging folders of `path` that a writer on this host left when it was killed."""
+    host_part = f".{path.name}.{socket.gethostname()}."
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+        pid = leftover.name[len(host_part):].split(".", 1)[0] if leftover.name.startswith(host_part) else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 # ---- Linux's atomic exchange of two paths (Python's os module has no renameat2)
