@@ -4,7 +4,9 @@ Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Train
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
 published again. A retrained adapter is evaluated beside the model published last under the same run name
-(`<store>/published/<name>.json`), and the gate refuses it if it is worse, so a regression is never published.
+(`<store>/published/<name>.json`), and the gate (its own cheap step on the cached evaluation) refuses it if it is
+worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
+eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
 """
 
 import hashlib
@@ -27,7 +29,9 @@ from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import local_root, run_locked
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
+from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from tasks.evaluate import evaluate_task
+from tasks.gate import gate_task
 from tasks.publish import publish_task
 from tasks.train import train_task
 
@@ -77,15 +81,17 @@ def finetune_flow(config: PipelineConfig) -> dict:
         system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
         trust_remote_code=config.model.trust_remote_code, tracking=trained.tracking,
     )
+    # ---- the gate: its own cheap step on the (cached) metrics
+    gate = gate_task(evaluation, config.eval.gate, tracking=trained.tracking)
     summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
-                       "previous_model_dir": previous_model_dir, "gate": evaluation.gate.model_dump(),
+                       "previous_model_dir": previous_model_dir, "gate": gate.model_dump(),
                        "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
-    summary["publish"] = {"gate_passed": evaluation.gate.passed, "gate_reasons": evaluation.gate.reasons,
-                          "adapter_dir": trained.adapter_dir}
-    if not evaluation.gate.passed:
-        logger.warning("gate failed, nothing published: %s", "; ".join(evaluation.gate.reasons))
+    summary["publish"] = {"gate_passed": gate.passed, "gate_reasons": gate.reasons, "adapter_dir": trained.adapter_dir}
+    summary["candidate"] = {"base_model_dir": model_dir, "adapter_dir": trained.adapter_dir,  # `loraflow ask` a refused one
+                            "system_prompt": config.format.system_prompt}
+    if not gate.passed:
         summary["publish"]["published"] = False
     else:
         publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
@@ -93,7 +99,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
             publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
             cache_policy=PUBLISH_CACHE,
             model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
-            output_dir=str(publish_dir), card=card_facts(config, summary, evaluation),
+            output_dir=str(publish_dir), card=card_facts(config, summary, evaluation, gate),
             verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
             system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
             tracking=trained.tracking,
@@ -117,6 +123,11 @@ def finetune_flow(config: PipelineConfig) -> dict:
     write_summary(run_dir, summary)
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
+    if not gate.passed:  # a refusal nobody can miss: a named end state and an event with the reasons
+        message = refusal_message(config.name, gate.failures, str(run_dir))
+        logger.warning(message)
+        emit_refusal(config.name, gate.failures, gate.reasons, str(run_dir), trained.adapter_dir)
+        return refused_state(summary, message, fail=config.eval.gate.fail_on_refusal)
     return summary
 
 
@@ -156,7 +167,7 @@ def verification_texts(store_root: str, tokens: ArtifactRef, count: int) -> list
     return [prompt + reference for prompt, reference in zip(rows["prompt"][:count], rows["reference"][:count])]
 
 
-def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
+def card_facts(config: PipelineConfig, summary: dict, evaluation, gate) -> CardFacts:
     """What the model card says, all taken from this run's summary (no secrets are in it)."""
     return CardFacts(
         run_name=config.name,
@@ -177,7 +188,7 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
             "peak_memory_bytes", "peak_memory_kind")},
         train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
-        gate=evaluation.gate.model_dump(),
+        gate=gate.model_dump(),
     )
 
 

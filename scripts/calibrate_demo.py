@@ -108,6 +108,7 @@ def main():
     from transformers import AutoTokenizer
 
     from tasks.evaluate import evaluate_adapter
+    from tasks.gate import gate_candidate
     from tasks.train import train_adapter
 
     import torch
@@ -148,7 +149,7 @@ def main():
         "settings": vars(args), "train_rows": trained.train_rows, "steps": trained.global_step,
         "train_seconds": trained.seconds, "replay_seconds": round(replay_seconds, 1), "eval_seconds": evaluated.seconds,
         "total_seconds": round(time.perf_counter() - started, 1), "final_loss": trained.final_loss,
-        "base": evaluated.base, "finetuned": evaluated.finetuned, "gate": evaluated.gate.model_dump(),
+        "base": evaluated.base, "finetuned": evaluated.finetuned, "gate": gate_candidate(evaluated, eval_config.gate).model_dump(),
     }
     (out / "calibration.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

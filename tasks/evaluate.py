@@ -1,4 +1,4 @@
-"""evaluate: the base model against base + adapter, and the gate that decides whether publish runs.
+"""evaluate: the base model against base + adapter (and the champion), the metrics the gate decides on.
 
 Measured for both models:
 - validation loss and perplexity (split "validation"; "heldout" when there is no validation split);
@@ -8,14 +8,17 @@ Measured for both models:
   case, whitespace and thousands separators), ROUGE-L F1 against the reference, stop rate (the answer
   ended with EOS / end-of-turn before max_new_tokens) and answer length vs. reference length;
 - general-knowledge questions: both answers are kept; a right base answer that turns wrong is a regression;
-- with `previous_model_dir` (the model published last under this run name), the same for that model, and
-  the gate refuses a new model that is worse than it (a retraining regression is never published).
+- with `previous_model_dir` (the model name's champion), the same for that model, so the gate (tasks/gate.py)
+  can compare like with like.
 
-The metrics and the gate are pure functions in loraflow.evaluation.metrics, the model work (generation, loss) in
+Every metric comes with its sample size. The evaluation does not read eval.gate, and the flow keys it without it:
+changing a threshold re-decides the gate on these cached metrics without generating an answer again.
+
+The metrics are pure functions in loraflow.evaluation.metrics, the model work (generation, loss) in
 loraflow.evaluation.generation, the report in loraflow.evaluation.report; this module is the recipe and the task.
 
 Writes eval_table.parquet (metric, base, finetuned), eval_answers.parquet (every answer side by side),
-eval_report.md and eval_metrics.json; returns an EvalResult with the gate decision and its reasons.
+eval_report.md and eval_metrics.json; returns an EvalResult.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pydantic import BaseModel, Field
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.config.evaluate import EvalConfig
 from loraflow.evaluation.generation import evaluate_models, stop_token_ids
-from loraflow.evaluation.metrics import (GateDecision, answers_table, comparison_table, decide_gate, evaluation_rows,
-                                         general_table, summarise_runs)
+from loraflow.evaluation.metrics import (answers_table, comparison_table, evaluation_rows, general_table, loss_sample,
+                                         summarise_runs)
 from loraflow.evaluation.report import render_report
 from loraflow.tracking.mlflow_run import evaluation_metrics, log_best_effort
 from loraflow.modeling.precision import choose_precision
@@ -45,12 +48,12 @@ log_default = logging.getLogger("loraflow.evaluate")
 
 
 class EvalResult(BaseModel):
-    """Evaluation outputs: metrics per model, the gate decision and where the tables are."""
+    """Evaluation outputs: metrics per model (with sample sizes) and where the tables are; the gate decides on them."""
 
     base: dict = Field(..., description="Metrics of the base model.")
     finetuned: dict = Field(..., description="Metrics of base + adapter.")
-    previous: dict | None = Field(None, description="Metrics of the previously published model, when there is one.")
-    gate: GateDecision
+    previous: dict | None = Field(None, description="Metrics of the champion (the published version in force), when there is one.")
+    general_regressions: int = Field(0, description="General answers the base got right and the fine-tuned model gets wrong.")
     table_path: str = Field(..., description="eval_table.parquet: metric, base, finetuned, delta.")
     answers_path: str = Field(..., description="eval_answers.parquet: every question with both answers.")
     report_path: str = Field(..., description="eval_report.md: table, general answers, examples.")
@@ -74,11 +77,11 @@ def evaluate_adapter(
     trust_remote_code: bool = False,
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> EvalResult:
-    """Evaluate the base model and base + adapter on the TOKENS artifact's questions; decide the gate.
+    """Evaluate the base model and base + adapter on the TOKENS artifact's questions (eval.gate is not read).
 
     `system_prompt` must be the one the format stage used (None = the template's default), so general
-    questions are asked the way the trained questions were. `previous_model_dir`: the merged model published
-    last for this run, evaluated on the same questions so the gate can refuse a regression.
+    questions are asked the way the trained questions were. `previous_model_dir`: the model name's champion,
+    evaluated on the same questions so the gate can refuse a regression.
     """
     import torch
     from transformers import AutoTokenizer
@@ -106,11 +109,9 @@ def evaluate_adapter(
                            stop_ids=stop_ids, pad_id=pad_id, precision=choice.precision,
                            previous_model_dir=previous_model_dir, trust_remote_code=trust_remote_code, log=log)
 
-    # ---- metrics and the gate ----
+    # ---- metrics, each with its sample size ----
     general = general_table(eval_config, runs)
-    summaries = summarise_runs(runs, general, loss_split)
-    decision = decide_gate(summaries["base"], summaries["finetuned"], eval_config.gate, int(general["regression"].sum()),
-                           previous=summaries.get("previous"))
+    summaries = summarise_runs(runs, general, loss_split, loss_sample(loss_rows))
     answers = answers_table(runs["base"]["scored"], runs["finetuned"]["scored"])
     table = comparison_table(*({k: v for k, v in summaries[name].items() if k != "eval_loss_split"}
                                for name in ("base", "finetuned", "previous") if name in summaries))
@@ -120,16 +121,17 @@ def evaluate_adapter(
     table.to_parquet(paths["eval_table.parquet"], index=False)
     answers.to_parquet(paths["eval_answers.parquet"], index=False)
     general.to_parquet(output_dir / "eval_general.parquet", index=False)
-    write_text_atomic(paths["eval_report.md"], render_report(table, answers, general, decision))
+    write_text_atomic(paths["eval_report.md"], render_report(table, answers, general))
     result = EvalResult(
-        base=summaries["base"], finetuned=summaries["finetuned"], previous=summaries.get("previous"), gate=decision,
+        base=summaries["base"], finetuned=summaries["finetuned"], previous=summaries.get("previous"),
+        general_regressions=int(general["regression"].sum()),
         table_path=str(paths["eval_table.parquet"]), answers_path=str(paths["eval_answers.parquet"]),
         report_path=str(paths["eval_report.md"]), metrics_path=str(paths["eval_metrics.json"]),
         questions=len(questions), seconds=round(time.perf_counter() - started, 2),
         precision=choice.precision, precision_reason=choice.reason,
     )
     write_json_atomic(paths["eval_metrics.json"], {**result.model_dump(), "general": general.to_dict("records")})
-    log.info("evaluate: gate %s in %.0f s — %s", "passed" if decision.passed else "FAILED", result.seconds, "; ".join(decision.reasons))
+    log.info("evaluate: %d questions per model in %.0f s", len(questions), result.seconds)
     return result
 
 
@@ -167,6 +169,6 @@ if task is not None:
         table = pd.read_parquet(result.table_path)
         create_table_artifact(json.loads(table.to_json(orient="records")), key="evaluation-table")
         per_model = {"base": result.base, "finetuned": result.finetuned, "previous": result.previous}
-        log_best_effort(tracking, "evaluate", get_run_logger(), metrics=evaluation_metrics(per_model, result.gate.passed),
+        log_best_effort(tracking, "evaluate", get_run_logger(), metrics=evaluation_metrics(per_model),
                         files=[result.report_path, result.metrics_path, result.table_path], folder="eval")
         return result

@@ -11,7 +11,6 @@ from loraflow.config.train import TrainConfig
 from loraflow.evaluation.generation import chat_prompt, generate_answers, load_for_inference, stop_token_ids
 from loraflow.evaluation.metrics import (
     comparison_table,
-    decide_gate,
     facts_present,
     general_answer_ok,
     lcs_length,
@@ -21,7 +20,9 @@ from loraflow.evaluation.metrics import (
     select_questions,
     summarise,
 )
+from loraflow.evaluation.gate import decide_gate
 from tasks.evaluate import evaluate_adapter
+from tasks.gate import gate_candidate
 from tests.tiny_llama import build_tiny_llama, smollm2_dir, tokens_frame
 
 
@@ -124,22 +125,35 @@ def test_gate_decisions_with_reasons():
     assert no_facts.passed and no_facts.reasons[0].startswith("SKIP")
 
 
-def test_gate_refuses_a_regression_against_the_previously_published_model():
+def test_gate_compares_like_with_like_against_the_champion():
     base = {"fact_accuracy": 0.0, "stop_rate": 0.2, "eval_loss": 3.0}
-    previous = {"fact_accuracy": 0.9, "stop_rate": 1.0, "eval_loss": 1.0}
-    gate = GateConfig(min_fact_accuracy=0.5, min_stop_rate=0.9, previous_tolerance=0.02, previous_loss_tolerance=0.05)
-    better = decide_gate(base, {"fact_accuracy": 0.89, "stop_rate": 1.0, "eval_loss": 1.04}, gate, previous=previous)
+    sizes = {"fact_questions": 8, "natural_questions": 8, "eval_loss_examples": 40, "eval_loss_tokens": 900}
+    champion = {"fact_accuracy": 0.9, "natural_fact_accuracy": 0.625, "stop_rate": 1.0, "eval_loss": 1.0, **sizes}
+    gate = GateConfig(min_fact_accuracy=0.5, min_stop_rate=0.9, min_natural_fact_accuracy=None, previous_tolerance=0.02,
+                      previous_loss_tolerance=0.05)
+    better = decide_gate(base, {"fact_accuracy": 0.89, "natural_fact_accuracy": 1.0, "stop_rate": 1.0, "eval_loss": 1.04,
+                                **sizes}, gate, previous=champion)
     assert better.passed, better.reasons
-    assert "PASS: fact_accuracy 0.890 >= previous model's 0.900 - 0.020" in better.reasons
-    worse = decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, gate, previous=previous)
+    assert "PASS: fact_accuracy 0.890, n=8 >= champion's 0.900, n=8 - 0.020 (trained phrasings)" in better.reasons
+    assert "PASS: natural_fact_accuracy 1.000, n=8 >= champion's 0.625, n=8 - 0.020 (natural questions)" in better.reasons
+    worse = decide_gate(base, {"fact_accuracy": 0.85, "natural_fact_accuracy": 0.5, "stop_rate": 1.0, "eval_loss": 1.2,
+                               **sizes}, gate, previous=champion)
     assert not worse.passed
-    assert [r for r in worse.reasons if r.startswith("FAIL")] == [
-        "FAIL: fact_accuracy 0.850 >= previous model's 0.900 - 0.020",
-        "FAIL: validation loss 1.2000 <= previous model's 1.0000 + 5%",
+    assert worse.failures == [
+        "FAIL: fact_accuracy 0.850, n=8 >= champion's 0.900, n=8 - 0.020 (trained phrasings)",
+        "FAIL: natural_fact_accuracy 0.500, n=8 >= champion's 0.625, n=8 - 0.020 (natural questions)",
+        "FAIL: validation loss 1.2000 <= champion's 1.0000 + 5% (40 example(s), 900 token(s))",
     ]
-    # Switched off, or nothing published before: the same model passes.
+    # The refused model: better on every question metric, its loss higher but measured on one example.
+    one_row = {**sizes, "eval_loss_examples": 1, "eval_loss_tokens": 34}
+    tiny_loss = decide_gate(base, {"fact_accuracy": 1.0, "natural_fact_accuracy": 1.0, "stop_rate": 1.0, "eval_loss": 1.6533,
+                                   **one_row}, gate, previous={**champion, "eval_loss": 1.4295, **one_row})
+    assert tiny_loss.passed, tiny_loss.reasons
+    assert ("NOTE: validation loss 1.6533 vs champion's 1.4295 stands on 1 example(s), 34 token(s), fewer than "
+            "eval.gate.min_loss_examples 20 / min_loss_tokens 200: reported, not gated") in tiny_loss.reasons
+    # Switched off, or no champion yet: the worse model passes.
     off = GateConfig(min_fact_accuracy=0.5, min_stop_rate=0.9, must_not_regress_previous=False)
-    assert decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, off, previous=previous).passed
+    assert decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, off, previous=champion).passed
     assert decide_gate(base, {"fact_accuracy": 0.85, "stop_rate": 1.0, "eval_loss": 1.2}, gate).passed
 
     table = comparison_table({"fact_accuracy": 0.0, "by_kind": {"a": 0.0}}, {"fact_accuracy": 0.85, "by_kind": {"a": 1.0}},
@@ -193,14 +207,16 @@ def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
         assert {"fact_accuracy", "heldout_fact_accuracy", "rouge_l", "stop_rate", "eval_loss", "perplexity"} <= set(summary)
         assert summary["eval_loss_split"] == "validation"
     assert result.finetuned["eval_loss"] != result.base["eval_loss"]
-    assert not result.gate.passed  # a random 2-layer model learns no facts in 4 steps
+    assert not gate_candidate(result, config.gate).passed  # a random 2-layer model learns no facts in 4 steps
     answers = pd.read_parquet(result.answers_path)
     assert len(answers) == 6 and {"base_answer", "finetuned_answer", "finetuned_fact_hit"} <= set(answers.columns)
     table = pd.read_parquet(result.table_path)
     assert "fact_accuracy_by_kind[production]" in set(table["metric"])
     report = open(result.report_path).read()
     assert "| metric | base | fine-tuned | delta |" in report and "### General questions" in report
-    assert json.loads(open(result.metrics_path).read())["gate"]["passed"] is False
+    assert "gate" not in json.loads(open(result.metrics_path).read())  # decided by the gate step, on these metrics
+    assert result.finetuned["eval_loss_examples"] == int((tokens["split"] == "validation").sum()) > 0
+    assert result.finetuned["eval_loss_tokens"] > 0
 
     # Beside a previously published model (here the base folder itself, so its metrics must equal the base's):
     beside = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval-previous",
@@ -208,5 +224,5 @@ def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
     assert beside.finetuned == result.finetuned
     assert {k: beside.previous[k] for k in ("fact_accuracy", "rouge_l", "eval_loss")} == \
         {k: result.base[k] for k in ("fact_accuracy", "rouge_l", "eval_loss")}
-    assert any("previous model's" in reason for reason in beside.gate.reasons)
-    assert "previously published |" in open(beside.report_path).read()
+    assert any("champion's" in reason for reason in gate_candidate(beside, config.gate).reasons)
+    assert "champion |" in open(beside.report_path).read()

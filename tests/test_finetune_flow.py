@@ -1,6 +1,6 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
 an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
-one refused by the gate. Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
+one refused by the gate (Refused, still askable). Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
 pytest-xdist's `--dist loadfile` can run it beside this one)."""
 
 import json
@@ -44,15 +44,22 @@ eval:
     return path
 
 
-def run_cli(config: Path, home: Path, expect_returncode: int = 0) -> dict:
-    """`loraflow run CONFIG` in its own process (its own ephemeral Prefect API); returns the summary.
-
-    A run whose gate refuses the model exits 1 (after printing the summary path)."""
+def loraflow(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`loraflow ARGS` in its own process (its own ephemeral Prefect API in `home`)."""
     env = {**__import__("os").environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    done = subprocess.run([sys.executable, "-m", "loraflow.cli.commands", "run", str(config)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "loraflow.cli.commands", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+def run_cli(config: Path, home: Path, expect_returncode: int = 0, stderr: list | None = None) -> dict:
+    """`loraflow run CONFIG`; returns the summary (its stderr appended to `stderr`, when given).
+
+    A run whose gate refuses the model exits 1 (after printing the summary path)."""
+    done = loraflow(home, "run", str(config))
     assert done.returncode == expect_returncode, done.stdout[-3000:] + done.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
 
 
@@ -76,14 +83,23 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
     assert second["eval"]["previous"] is None  # the published model is this very adapter's
 
-    # A source row more and a learning rate too small to learn anything: retrained, evaluated beside the model
-    # published by the first run, and refused (its validation loss is the base's, above the published model's).
-    config.write_text(config.read_text().replace("max_rows: 4", "max_rows: 5").replace("learning_rate: 0.001", "learning_rate: 1.0e-9"))
-    third = run_cli(config, tmp_path / "home", expect_returncode=1)
+    # A source row more and a learning rate too small to learn anything: retrained and evaluated beside the champion
+    # (the first run's model). Its loss stands on one or two examples, so by default it is reported, not gated:
+    changed = config.read_text().replace("max_rows: 4", "max_rows: 5").replace("learning_rate: 0.001", "learning_rate: 1.0e-9")
+    config.write_text(changed.replace("max_general_regressions: null}", "max_general_regressions: null, "
+                                      "min_loss_examples: 1, min_loss_tokens: 1}"))  # here it is gated, and refuses
+    errors = []
+    third = run_cli(config, tmp_path / "home", expect_returncode=1, stderr=errors)
     assert not third["train"]["cached"] and third["tokens"]["sha256"] != first["tokens"]["sha256"]
     assert third["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
     assert third["eval"]["previous"]["eval_loss"] < third["eval"]["finetuned"]["eval_loss"], third["eval"]
     assert not third["publish"]["gate_passed"] and not third["publish"]["published"]
     assert any(r.startswith("FAIL: validation loss") for r in third["publish"]["gate_reasons"]), third["publish"]["gate_reasons"]
+    assert "(run state Refused)" in errors[0] and f"loraflow ask {third['run_dir']}" in errors[0]
     record = json.loads((tmp_path / "store" / "published" / "tiny.json").read_text())
     assert record["model_dir"] == first["publish"]["model_dir"]
+    # The refused candidate still answers, and says it is not the published model.
+    asked = loraflow(tmp_path / "home", "ask", third["run_dir"], "What is 2 + 2?", "--max-new-tokens", "4")
+    assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr[-2000:]
+    assert "candidate the gate refused, NOT a published model" in asked.stderr
+

@@ -10,8 +10,9 @@ import pytest
 from loraflow.config.evaluate import EvalConfig, GateConfig
 from loraflow.config.general_suite import GENERAL_SUITE
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.evaluation.metrics import (decide_gate, general_answer_ok, refused, score_answers, select_questions,
-                                         summarise, without_known_titles)
+from loraflow.evaluation.gate import decide_gate
+from loraflow.evaluation.metrics import (general_answer_ok, refused, score_answers, select_questions, summarise,
+                                         without_known_titles)
 from tasks.synthesize import synthesize_frame
 from loraflow.synthesizers import anime_probes, anime_qa
 from tasks.tokenize import split_of

@@ -106,16 +106,20 @@ def cmd_run(args) -> int:
         return 2
     from flows.finetune import finetune_flow
 
-    summary = finetune_flow(config)
+    state = finetune_flow(config, return_state=True)
+    summary = state.result(raise_on_failure=False)  # a refused run (Refused, or Failed by config) holds its summary
+    if isinstance(summary, BaseException):
+        raise summary
     print_stage_table(summary)
     print_eval_table(summary)
     print(Path(summary["run_dir"]) / "summary.json")
     if not summary["publish"]["gate_passed"]:
         from loraflow.errors import GateFailed
 
-        raise GateFailed(f"the evaluation gate refused the fine-tuned model, nothing was published: "
-                         f"{'; '.join(summary['publish']['gate_reasons'])} -> improve the data or training, or change "
-                         f"eval.gate in the config")
+        raise GateFailed(f"the evaluation gate refused the fine-tuned model (run state {state.name}), nothing was "
+                         f"published: {'; '.join(summary['publish']['gate_reasons'])} -> improve the data or training, "
+                         f"or change eval.gate in the config (re-decided without re-evaluating); ask the candidate with "
+                         f"`loraflow ask {summary['run_dir']} QUESTION`")
     return 0
 
 
@@ -140,20 +144,26 @@ def _num(value) -> str:
 
 
 def cmd_ask(args) -> int:
-    """Answer a question with the model a run published (streamed)."""
-    from loraflow.runtime.run_folder import published_model_dir
+    """Answer a question with the model a run published (streamed), or with the candidate its gate refused."""
+    from loraflow.runtime.run_folder import published_model_dir, refused_candidate
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists():
         print(f"{run_dir / 'summary.json'}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
         return 2
-    model_dir = published_model_dir(run_dir)
+    model_dir, adapter_dir, system_prompt = published_model_dir(run_dir), None, None
+    candidate = refused_candidate(run_dir) if model_dir is None else None
+    if candidate:
+        model_dir, adapter_dir, system_prompt = candidate["base_model_dir"], candidate["adapter_dir"], candidate["system_prompt"]
+        print(f"note: this is the candidate the gate refused, NOT a published model ({'; '.join(candidate['reasons'])}); "
+              f"answering from its adapter {adapter_dir}", file=sys.stderr)
     if model_dir is None:
-        print(f"{args.run_dir}: this run published no model (gate failed or not run)", file=sys.stderr)
+        print(f"{args.run_dir}: this run published no model and has no candidate (it stopped before training)", file=sys.stderr)
         return 2
     from loraflow.modeling.inference import ask
 
-    for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens):
+    for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens, system_prompt=system_prompt,
+                     adapter_dir=adapter_dir):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("config", help=config_help)
     command("run", cmd_run, "run the whole pipeline (prepare, train, evaluate, publish); prints the summary path last") \
         .add_argument("config", help=config_help)
-    ask = command("ask", cmd_ask, "ask the model a run published (the answer is streamed)")
+    ask = command("ask", cmd_ask, "ask the model a run published, or the candidate its gate refused (the answer is streamed)")
     ask.add_argument("run_dir", help="the run folder `loraflow run` printed (summary.json, model/), or a model folder")
     ask.add_argument("question", help="the question, quoted")
     ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")

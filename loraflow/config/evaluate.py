@@ -21,14 +21,32 @@ class GateConfig(StrictModel):
     must_not_regress_previous: bool = Field(
         True,
         description=(
-            "When a model was published before under this run name, the new one is evaluated beside it on the same "
-            "questions and must not be worse: main metric (fact accuracy, else ROUGE-L) at least the previous one's "
-            "minus previous_tolerance, and validation loss at most the previous one's times (1 + previous_loss_tolerance)."
+            "When a model name has a champion (the published version in force), the candidate is evaluated beside it on "
+            "the same questions and must not be worse on any question metric both were asked (at least the champion's "
+            "minus previous_tolerance), nor in validation loss (at most the champion's times 1 + previous_loss_tolerance) "
+            "where that loss stands on enough examples (min_loss_examples, min_loss_tokens)."
         ),
     )
-    previous_tolerance: float = Field(0.02, ge=0, le=1, description="Drop in the main metric allowed against the previous model.")
+    previous_tolerance: float = Field(
+        0.02, ge=0, le=1,
+        description="Drop allowed against the champion in each question metric both models were asked (trained, "
+        "held-out and natural fact accuracy, refusal rate, general accuracy; ROUGE-L where the data has no facts).",
+    )
     previous_loss_tolerance: float = Field(
-        0.05, ge=0, description="Relative rise in validation loss allowed against the previous model (0.05 = 5 %).",
+        0.05, ge=0, description="Relative rise in validation loss allowed against the champion (0.05 = 5 %); gated only "
+        "when the loss stands on at least min_loss_examples examples and min_loss_tokens tokens.",
+    )
+    min_loss_examples: int = Field(
+        20, ge=1, description="Fewest validation examples a loss must stand on to be gated; below it the loss is "
+        "reported beside the champion's, never gated.",
+    )
+    min_loss_tokens: int = Field(
+        200, ge=1, description="Fewest scored (answer) tokens a loss must stand on to be gated; below it the loss is "
+        "reported, never gated.",
+    )
+    fail_on_refusal: bool = Field(
+        False, description="A refused candidate ends the flow run Failed instead of Completed(name='Refused'). Either "
+        "way the event loraflow.model.refused is emitted and `loraflow notify-on-failure` posts it.",
     )
     max_general_regressions: int | None = Field(
         1, ge=0, description="Most general answers the base got right that may turn wrong (None: reported, not gated).",

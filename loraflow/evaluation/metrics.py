@@ -3,7 +3,7 @@
 Fact accuracy per question kind (every fact value of the row appears in the answer, after normalising case,
 whitespace and thousands separators), ROUGE-L F1 against the reference, stop rate, answer and reference lengths;
 general-knowledge answers judged against the expected ones or, without one, against the base model's answer;
-`decide_gate` turns the summaries into a PASS/FAIL decision with one reason per check.
+each metric with its sample size. The publish gate that reads these summaries is loraflow.evaluation.gate.
 """
 
 from __future__ import annotations
@@ -15,16 +15,7 @@ import re
 import unicodedata
 
 import pandas as pd
-from pydantic import BaseModel
-
-from loraflow.config.evaluate import EvalConfig, GateConfig
-
-
-class GateDecision(BaseModel):
-    """Whether the fine-tuned model may be published, and why (one line per check)."""
-
-    passed: bool
-    reasons: list[str]
+from loraflow.config.evaluate import EvalConfig
 
 
 def normalise(text: str) -> str:
@@ -216,6 +207,9 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
         hits = rows["fact_hit"].dropna()
         return round(float(hits.astype(bool).mean()), 4) if len(hits) else None
 
+    def answered(rows: pd.DataFrame) -> int:
+        return int(rows["fact_hit"].notna().sum())
+
     def mean(values) -> float | None:
         values = pd.Series(values, dtype=float).dropna()
         return round(float(values.mean()), 4) if len(values) else None
@@ -238,10 +232,16 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
         "eval_loss": None if eval_loss is None else round(eval_loss, 4),
         "perplexity": None if eval_loss is None else round(math.exp(min(eval_loss, 50.0)), 3),
         "questions": int(len(scored)),
+        # Sample sizes: the gate compares like with like and says how many answers each rate stands on.
+        "fact_questions": answered(trained),
+        "heldout_questions": answered(heldout),
+        "natural_questions": answered(natural),
+        "refusal_questions": answered(scored[scored["set"] == "unknown"]),
     }
     if general is not None:
         summary["general_right"] = sum(1 for g in general if g["ok"])
         summary["general_total"] = len(general)
+        summary["general_accuracy"] = round(summary["general_right"] / len(general), 4) if general else None
     return summary
 
 
@@ -265,70 +265,23 @@ def general_table(eval_config: EvalConfig, runs: dict) -> pd.DataFrame:
     return general
 
 
-def summarise_runs(runs: dict, general: pd.DataFrame, loss_split: str) -> dict:
-    """`summarise` for every model run (base, finetuned, previous), with the split the loss was taken on."""
+def loss_sample(loss_rows: pd.DataFrame) -> dict:
+    """How much the validation loss stands on: examples and scored tokens (labels other than -100, after the shift
+    by one that causal-LM loss makes; loraflow.evaluation.generation.mean_loss)."""
+    tokens = sum(int((pd.Series(list(labels)[1:]) != -100).sum()) for labels in loss_rows["labels"]) if len(loss_rows) else 0
+    return {"eval_loss_examples": int(len(loss_rows)), "eval_loss_tokens": tokens}
+
+
+def summarise_runs(runs: dict, general: pd.DataFrame, loss_split: str, loss_size: dict | None = None) -> dict:
+    """`summarise` for every model run (base, finetuned, previous), with the split the loss was taken on and its
+    sample size (`loss_sample`)."""
     summaries = {
         name: summarise(run["scored"], run["loss"], [{"ok": ok} for ok in general[f"{name}_ok"]])
         for name, run in runs.items()
     }
     for name in summaries:
-        summaries[name]["eval_loss_split"] = loss_split
+        summaries[name] |= {"eval_loss_split": loss_split, **(loss_size or {})}
     return summaries
-
-
-def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int = 0,
-                previous: dict | None = None) -> GateDecision:
-    """Apply the gate's thresholds; every check adds a PASS/FAIL line, and any FAIL blocks publish.
-
-    `previous`: metrics of the previously published model on the same questions (None: first publish)."""
-    reasons, passed = [], True
-
-    def check(ok: bool, text: str):
-        nonlocal passed
-        passed &= ok
-        reasons.append(f"{'PASS' if ok else 'FAIL'}: {text}")
-
-    accuracy = finetuned.get("fact_accuracy")
-    if accuracy is None:
-        reasons.append("SKIP: no questions with facts, so fact accuracy is not gated")
-    else:
-        check(accuracy >= gate.min_fact_accuracy, f"fact accuracy {accuracy:.3f} >= {gate.min_fact_accuracy:.3f} (trained phrasings)")
-    stop_rate = finetuned.get("stop_rate")
-    if stop_rate is not None:
-        check(stop_rate >= gate.min_stop_rate, f"stop rate {stop_rate:.3f} >= {gate.min_stop_rate:.3f}")
-    for metric, minimum, what in (("heldout_fact_accuracy", gate.min_heldout_fact_accuracy, "held-out phrasings"),
-                                  ("natural_fact_accuracy", gate.min_natural_fact_accuracy, "natural questions"),
-                                  ("refusal_rate", gate.min_refusal_rate, "made-up titles refused")):
-        value = finetuned.get(metric)
-        if minimum is None:
-            continue
-        if value is None:
-            reasons.append(f"SKIP: no {what} in the data, so {metric} is not gated")
-        else:
-            check(value >= minimum, f"{metric} {value:.3f} >= {minimum:.3f} ({what})")
-    if gate.must_beat_base:
-        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
-        ours, theirs = finetuned.get(metric), base.get(metric)
-        if ours is None or theirs is None:
-            reasons.append(f"SKIP: {metric} missing, so must_beat_base is not checked")
-        else:
-            check(ours > theirs, f"{metric} {ours:.3f} beats base {theirs:.3f}")
-    if previous is not None and gate.must_not_regress_previous:
-        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
-        ours, theirs = finetuned.get(metric), previous.get(metric)
-        if ours is not None and theirs is not None:
-            check(ours >= theirs - gate.previous_tolerance,
-                  f"{metric} {ours:.3f} >= previous model's {theirs:.3f} - {gate.previous_tolerance:.3f}")
-        ours, theirs = finetuned.get("eval_loss"), previous.get("eval_loss")
-        if ours is not None and theirs is not None:
-            limit = theirs * (1 + gate.previous_loss_tolerance)
-            check(ours <= limit, f"validation loss {ours:.4f} <= previous model's {theirs:.4f} + {gate.previous_loss_tolerance:.0%}")
-    if gate.max_general_regressions is not None:
-        check(general_regressions <= gate.max_general_regressions,
-              f"{general_regressions} general answer(s) went from right to wrong (allowed {gate.max_general_regressions})")
-    elif general_regressions:
-        reasons.append(f"NOTE: {general_regressions} general answer(s) went from right to wrong (not gated)")
-    return GateDecision(passed=passed, reasons=reasons)
 
 
 def comparison_table(base: dict, finetuned: dict, previous: dict | None = None) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""The evaluation report: gate decision, metric table, general answers and a few answers side by side (markdown)."""
+"""The evaluation report (metric table, general answers and a few answers side by side) and the gate's decision, in
+markdown."""
 
 from __future__ import annotations
 
@@ -7,19 +8,19 @@ import re
 
 import pandas as pd
 
-from loraflow.evaluation.metrics import GateDecision
+from loraflow.evaluation.gate import GateDecision
 
 SETS = (("trained", "trained phrasings"), ("heldout", "held-out phrasings"), ("natural", "natural questions"),
         ("unknown", "made-up titles: a refusal is right"))
 
 
-def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFrame, decision: GateDecision,
-                  examples: int = 4) -> str:
-    """Markdown: gate decision, metric table, general answers, a few answers side by side."""
-    lines = [f"## Evaluation: gate {'passed' if decision.passed else 'FAILED'}", ""]
+def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFrame, examples: int = 4) -> str:
+    """Markdown: metric table (with sample sizes), general answers, a few answers side by side. The gate's decision
+    is not here: the gate step decides it on these metrics and reports it (render_gate)."""
+    lines = ["## Evaluation", ""]
     previous = "previous" in table.columns
-    header = "| metric | base | fine-tuned | delta |" + (" previously published |" if previous else "")
-    lines += [f"- {reason}" for reason in decision.reasons] + ["", header, "|---" * header.count(" |") + "|"]
+    header = "| metric | base | fine-tuned | delta |" + (" champion |" if previous else "")
+    lines += [header, "|---" * header.count(" |") + "|"]
     for row in table.itertuples():
         lines.append(f"| {row.metric} | {_fmt(row.base)} | {_fmt(row.finetuned)} | {_fmt(row.delta, signed=True)} |"
                      + (f" {_fmt(row.previous)} |" if previous else ""))
@@ -38,6 +39,12 @@ def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFr
                 lines.append(f"| {_cell(_question_of(row.prompt))} | {_cell(row.reference)} | {_cell(row.base_answer)} | "
                              f"{_cell(row.finetuned_answer)} |")
     return "\n".join(lines) + "\n"
+
+
+def render_gate(decision: GateDecision, refused_state: str | None = None) -> str:
+    """Markdown: the gate's verdict and one line per check; `refused_state` names the state a refused run ends in."""
+    verdict = "passed" if decision.passed else f"REFUSED (the run ends {refused_state})" if refused_state else "REFUSED"
+    return "\n".join([f"## Publish gate: {verdict}", "", *(f"- {reason}" for reason in decision.reasons)]) + "\n"
 
 
 def _fmt(value, signed: bool = False) -> str:

@@ -19,12 +19,14 @@ BACKEND_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def ask(model_dir: str | Path, question: str, stream: bool = True, *, max_new_tokens: int = 256,
-        system_prompt: str | None = None) -> Iterator[str] | str:
+        system_prompt: str | None = None, adapter_dir: str | Path | None = None) -> Iterator[str] | str:
     """Answer `question` greedily with a published model folder and its saved chat template.
 
     stream=True returns an iterator of text pieces as they are generated; stream=False the whole answer.
     The system prompt defaults to the one training used (stored in loraflow.json by publish). Control-token text
     in the question stays plain text, as it did in training (loraflow.modeling.prompt_encoding).
+    `adapter_dir`: answer with `model_dir` (then the base model) plus this LoRA adapter, unmerged: a candidate the
+    gate refused, which was never published.
     """
     from threading import Thread
 
@@ -38,6 +40,10 @@ def ask(model_dir: str | Path, question: str, stream: bool = True, *, max_new_to
         system_prompt = published_system_prompt(model_dir)
     tokenizer = load_published_tokenizer(model_dir)
     model = load_published_model(model_dir)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     prompt = torch.tensor([question_prompt_ids(tokenizer, question, system_prompt)], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     settings = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,

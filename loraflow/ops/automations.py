@@ -1,12 +1,15 @@
 """Prefect automations of a loraflow server, each created (or replaced) on the server PREFECT_API_URL points at.
 
-- `loraflow notify-on-failure URL`: a webhook (Slack, Teams, a pager...) hears of every failed or crashed run.
+- `loraflow notify-on-failure URL`: a webhook (Slack, Teams, a pager...) hears of every failed or crashed run, and of
+  every run whose candidate model the gate refused (state Completed(name="Refused"), loraflow.ops.refusal).
 - `loraflow detect-crashed-runs` (`loraflow server` creates it): a run whose process died with its worker (OOM
   killer, preempted VM, redeployed worker) stops sending heartbeats; it is marked Crashed instead of staying
   Running forever (Prefect's own recipe: docs.prefect.io/v3/advanced/detect-zombie-flows).
 """
 
 from datetime import timedelta
+
+from loraflow.ops.refusal import REFUSED_STATE_NAME
 
 AUTOMATION_NAME = "loraflow-run-failed"
 BLOCK_NAME = "loraflow-failure-webhook"
@@ -40,9 +43,9 @@ def ensure_failure_notification(webhook_url: str) -> str:
     block_id = block.save(BLOCK_NAME, overwrite=True)
     return replace_automation(Automation(
         name=AUTOMATION_NAME,
-        description="Notify when a loraflow flow run (scheduled or triggered) fails or crashes.",
+        description="Notify when a loraflow flow run (scheduled or triggered) fails, crashes or has its model refused.",
         trigger=EventTrigger(
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed", f"prefect.flow-run.{REFUSED_STATE_NAME}"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             posture=Posture.Reactive,
             threshold=1,

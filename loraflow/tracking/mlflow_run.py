@@ -213,11 +213,12 @@ def log_best_effort(run: TrackingRun | None, stage: str, log=None, **facts) -> b
     return True
 
 
-def evaluation_metrics(per_model: dict[str, dict | None], gate_passed: bool) -> dict[str, float]:
-    """{"eval.finetuned.fact_accuracy": 0.9, ...} for every numeric metric of every model evaluated."""
+def evaluation_metrics(per_model: dict[str, dict | None], gate_passed: bool | None = None) -> dict[str, float]:
+    """{"eval.finetuned.fact_accuracy": 0.9, ...} for every numeric metric of every model evaluated, and
+    eval.gate_passed when the gate was decided (the gate step logs it: tasks/gate.py)."""
     metrics = {f"eval.{model}.{name}": float(value) for model, summary in per_model.items() if summary
                for name, value in summary.items() if isinstance(value, (int, float))}
-    return metrics | {"eval.gate_passed": float(gate_passed)}
+    return metrics | ({"eval.gate_passed": float(gate_passed)} if gate_passed is not None else {})
 
 
 def register_model(run: TrackingRun, model_dir: Path, name: str, *, files: dict[str, str], tags: dict[str, str]) -> str:
@@ -243,3 +244,4 @@ def register_model(run: TrackingRun, model_dir: Path, name: str, *, files: dict[
         version = client.create_model_version(name, f"runs:/{run.run_id}/model", run_id=run.run_id,
                                               tags={**tags, "loraflow_model_sha256": model_sha})
     return version.version
+

@@ -1,0 +1,118 @@
+"""The publish gate: a pure decision on evaluation summaries (loraflow.evaluation.metrics.summarise), no model.
+
+Thresholds first (fact accuracy, stop rate, held-out / natural accuracy, refusal rate, beat the base, general
+regressions), then, when the model name has a champion evaluated on the same questions, the candidate against it on
+every question metric both were asked, each line with its sample size. The validation loss is compared only when it
+stands on enough examples and tokens (eval.gate.min_loss_examples / min_loss_tokens); below that it is reported with
+its size, never gated: a loss on one example says nothing about a model. Every check adds one PASS / FAIL / SKIP /
+NOTE line, and any FAIL refuses the candidate.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from loraflow.config.evaluate import GateConfig
+
+# Question metrics compared with the champion: metric -> (its sample-size key in the summary, what was asked).
+CHAMPION_METRICS = {
+    "fact_accuracy": ("fact_questions", "trained phrasings"),
+    "heldout_fact_accuracy": ("heldout_questions", "held-out phrasings"),
+    "natural_fact_accuracy": ("natural_questions", "natural questions"),
+    "refusal_rate": ("refusal_questions", "made-up titles refused"),
+    "general_accuracy": ("general_total", "general questions"),
+}
+
+
+class GateDecision(BaseModel):
+    """Whether the candidate may be published, and why (one line per check)."""
+
+    passed: bool
+    reasons: list[str]
+
+    @property
+    def failures(self) -> list[str]:
+        """The FAIL lines: why the candidate was refused (empty when it passed)."""
+        return [reason for reason in self.reasons if reason.startswith("FAIL")]
+
+
+def decide_gate(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int = 0,
+                previous: dict | None = None) -> GateDecision:
+    """Apply the gate's thresholds, then compare with the champion (`previous`: its summary on the same questions;
+    None when the name has no champion yet)."""
+    lines: list[tuple[bool | None, str]] = thresholds(base, finetuned, gate, general_regressions)
+    if previous is not None and gate.must_not_regress_previous:
+        lines += against_champion(finetuned, previous, gate)
+    reasons = [f"{'PASS' if ok else 'FAIL'}: {text}" if ok is not None else text for ok, text in lines]
+    return GateDecision(passed=all(ok is not False for ok, _ in lines), reasons=reasons)
+
+
+def thresholds(base: dict, finetuned: dict, gate: GateConfig, general_regressions: int) -> list[tuple[bool | None, str]]:
+    """(ok, text) per absolute check; ok None for a SKIP / NOTE line that decides nothing."""
+    lines = []
+    accuracy = finetuned.get("fact_accuracy")
+    if accuracy is None:
+        lines.append((None, "SKIP: no questions with facts, so fact accuracy is not gated"))
+    else:
+        lines.append((accuracy >= gate.min_fact_accuracy,
+                      f"fact accuracy {accuracy:.3f} >= {gate.min_fact_accuracy:.3f} (trained phrasings{_n(finetuned, 'fact_questions')})"))
+    stop_rate = finetuned.get("stop_rate")
+    if stop_rate is not None:
+        lines.append((stop_rate >= gate.min_stop_rate, f"stop rate {stop_rate:.3f} >= {gate.min_stop_rate:.3f}"))
+    for metric, minimum in (("heldout_fact_accuracy", gate.min_heldout_fact_accuracy),
+                            ("natural_fact_accuracy", gate.min_natural_fact_accuracy),
+                            ("refusal_rate", gate.min_refusal_rate)):
+        size_key, what = CHAMPION_METRICS[metric]
+        value = finetuned.get(metric)
+        if minimum is None:
+            continue
+        if value is None:
+            lines.append((None, f"SKIP: no {what} in the data, so {metric} is not gated"))
+        else:
+            lines.append((value >= minimum, f"{metric} {value:.3f} >= {minimum:.3f} ({what}{_n(finetuned, size_key)})"))
+    if gate.must_beat_base:
+        metric = "fact_accuracy" if accuracy is not None else "rouge_l"
+        ours, theirs = finetuned.get(metric), base.get(metric)
+        if ours is None or theirs is None:
+            lines.append((None, f"SKIP: {metric} missing, so must_beat_base is not checked"))
+        else:
+            lines.append((ours > theirs, f"{metric} {ours:.3f} beats base {theirs:.3f}"))
+    if gate.max_general_regressions is not None:
+        lines.append((general_regressions <= gate.max_general_regressions,
+                      f"{general_regressions} general answer(s) went from right to wrong (allowed {gate.max_general_regressions})"))
+    elif general_regressions:
+        lines.append((None, f"NOTE: {general_regressions} general answer(s) went from right to wrong (not gated)"))
+    return lines
+
+
+def against_champion(finetuned: dict, champion: dict, gate: GateConfig) -> list[tuple[bool | None, str]]:
+    """(ok, text) per metric both models were asked, each with its sample size; the loss only where it is big enough."""
+    lines = []
+    compared = dict(CHAMPION_METRICS) if finetuned.get("fact_accuracy") is not None else {
+        "rouge_l": ("questions", "answers' ROUGE-L"), **{k: v for k, v in CHAMPION_METRICS.items() if k != "fact_accuracy"}}
+    for metric, (size_key, what) in compared.items():
+        ours, theirs = finetuned.get(metric), champion.get(metric)
+        if ours is None or theirs is None:
+            continue
+        lines.append((ours >= theirs - gate.previous_tolerance,
+                      f"{metric} {ours:.3f}{_n(finetuned, size_key)} >= champion's {theirs:.3f}{_n(champion, size_key)} "
+                      f"- {gate.previous_tolerance:.3f} ({what})"))
+    ours, theirs = finetuned.get("eval_loss"), champion.get("eval_loss")
+    if ours is None or theirs is None:
+        return lines
+    examples, tokens = finetuned.get("eval_loss_examples"), finetuned.get("eval_loss_tokens")
+    sized = f"{examples} example(s), {tokens} token(s)" if examples is not None else "an unknown number of examples"
+    if examples is None or tokens is None or examples < gate.min_loss_examples or tokens < gate.min_loss_tokens:
+        lines.append((None, f"NOTE: validation loss {ours:.4f} vs champion's {theirs:.4f} stands on {sized}, fewer than "
+                            f"eval.gate.min_loss_examples {gate.min_loss_examples} / min_loss_tokens {gate.min_loss_tokens}: "
+                            "reported, not gated"))
+        return lines
+    limit = theirs * (1 + gate.previous_loss_tolerance)
+    lines.append((ours <= limit, f"validation loss {ours:.4f} <= champion's {theirs:.4f} + {gate.previous_loss_tolerance:.0%} "
+                                 f"({sized})"))
+    return lines
+
+
+def _n(summary: dict, size_key: str) -> str:
+    size = summary.get(size_key)
+    return f", n={size}" if size is not None else ""
