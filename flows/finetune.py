@@ -39,6 +39,9 @@ from tasks.train import train_task
 # Train once per data, base model and training config: the tracker's run name and params (the whole pipeline
 # config) do not make another adapter.
 TRAIN_CACHE = STAGE_CACHE - "run_name" - "tracking_params"
+# Evaluate once per adapter, data, eval settings and champion, never per gate threshold: the gate step decides on
+# the cached metrics. eval_settings (the eval config's hash without eval.gate) stands for eval_config in the key.
+EVALUATE_CACHE = STAGE_CACHE - "eval_config"
 # Publish once per adapter, base model, publish config and destination (not per run: the card's run-specific text
 # does not make a new model).
 PUBLISH_CACHE = STAGE_CACHE - "card" - "verify_texts" - "system_prompt" - "trust_remote_code" - "tracking"
@@ -72,10 +75,12 @@ def finetune_flow(config: PipelineConfig) -> dict:
     # ---- evaluate base vs fine-tuned (and vs the model published last, if another adapter made it); gate
     previous = previously_published(store_root, config.name, exclude_fingerprint=trained.fingerprint)
     previous_model_dir = previous["model_dir"] if previous else None
-    eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval), str(config.format.system_prompt),
-                        previous["adapter_fingerprint"] if previous else "")
+    # Keyed without eval.gate (EVALUATE_CACHE): a changed threshold re-decides below, without generating again.
+    eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval, exclude={"gate"}),
+                        str(config.format.system_prompt), previous["adapter_fingerprint"] if previous else "")
     evaluation, cached = run_locked(
-        evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(),
+        evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
+        eval_settings=config_hash(config.eval, exclude={"gate"}),
         tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
         output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
         system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,

@@ -148,14 +148,16 @@ if task is not None:
     def evaluate_task(
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
         adapter_fingerprint: str, system_prompt: str | None = None, previous_model_dir: str | None = None,
-        trust_remote_code: bool = False, tracking: TrackingRun | None = None,
+        trust_remote_code: bool = False, tracking: TrackingRun | None = None, eval_settings: str = "",
     ) -> EvalResult:
         """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact and, with
         `tracking` (training's MLflow run, TrainResult.tracking), logs the metrics per model and the report there
         (best effort: a warning when the tracker is down; loraflow.tracking.mlflow_run).
 
         adapter_fingerprint (TrainResult.fingerprint) only feeds the cache key: a new adapter re-evaluates. So does
-        `tracking`, which comes with the adapter: a cached evaluation logs nothing twice.
+        `tracking`, which comes with the adapter: a cached evaluation logs nothing twice. So does `eval_settings`
+        (the eval config's hash without eval.gate), which the flow keys on in place of eval_config: a changed gate
+        threshold does not re-evaluate.
         """
         from prefect import get_run_logger
         from prefect.artifacts import create_markdown_artifact, create_table_artifact

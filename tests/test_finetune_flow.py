@@ -1,6 +1,7 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
 an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
-one refused by the gate (Refused, still askable). Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
+one refused by the gate (Refused, still askable) and then, with a looser threshold, re-decided on the cached
+evaluation and published. Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
 pytest-xdist's `--dist loadfile` can run it beside this one)."""
 
 import json
@@ -103,3 +104,9 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr[-2000:]
     assert "candidate the gate refused, NOT a published model" in asked.stderr
 
+    # The same data with the loss tolerance loosened: the gate re-decides on the cached evaluation and publishes.
+    config.write_text(config.read_text().replace("min_loss_tokens: 1}", "min_loss_tokens: 1, previous_loss_tolerance: 100.0}"))
+    fourth = run_cli(config, tmp_path / "home")
+    assert fourth["train"]["cached"] and fourth["eval"]["cached"], fourth["eval"]
+    assert fourth["publish"]["gate_passed"] and fourth["publish"]["published"]
+    assert any(r.startswith("PASS: validation loss") for r in fourth["publish"]["gate_reasons"])

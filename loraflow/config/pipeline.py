@@ -85,9 +85,9 @@ class PipelineConfig(StrictModel):
         return Path(self.runs_dir).expanduser().resolve()
 
 
-def config_hash(model: StrictModel) -> str:
-    """A short stable hash of a config model (or sub-model)."""
-    payload = json.dumps(model.model_dump(mode="json"), sort_keys=True).encode()
+def config_hash(model: StrictModel, exclude: set[str] | None = None) -> str:
+    """A short stable hash of a config model (or sub-model), without the fields in `exclude`."""
+    payload = json.dumps(model.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
