@@ -3,27 +3,29 @@
 Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Training, evaluation and publish
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
-published again. A retrained adapter is evaluated beside the model published last under the same run name
-(`<store>/published/<name>.json`), and the gate (its own cheap step on the cached evaluation) refuses it if it is
+published again. Every publish is a numbered version of the model name (the config's `name`) and becomes its
+champion (loraflow.publishing.registry, `<store>/published/`). A retrained adapter is evaluated beside the champion,
+and the gate (its own cheap step on the cached evaluation) refuses it if it is
 worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
 eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
 """
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
-from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.publishing.merge import MODEL_MANIFEST
-from loraflow.tracking.mlflow_run import pipeline_params
+from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
+from loraflow.runtime.code_version import code_version
+from loraflow.tracking.mlflow_run import pipeline_params, set_champion_alias
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
@@ -72,8 +74,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary["train"] = {**trained.model_dump(), "cached": cached}
     summary["tracking"] = trained.tracking.model_dump() if trained.tracking else None  # the MLflow run of this adapter
 
-    # ---- evaluate base vs fine-tuned (and vs the model published last, if another adapter made it); gate
-    previous = previously_published(store_root, config.name, exclude_fingerprint=trained.fingerprint)
+    # ---- evaluate base vs fine-tuned (and vs the champion, if another adapter made it); gate
+    previous = champion_to_beat(store_root, config.name, exclude_fingerprint=trained.fingerprint)
     previous_model_dir = previous["model_dir"] if previous else None
     # Keyed without eval.gate (EVALUATE_CACHE): a changed threshold re-decides below, without generating again.
     eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval, exclude={"gate"}),
@@ -112,8 +114,9 @@ def finetune_flow(config: PipelineConfig) -> dict:
         summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
         if cached:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
-        else:
-            record_published(store_root, config.name, trained.fingerprint, published.model_dump())
+        else:  # a new numbered version of the model name, and the champion
+            summary["publish"]["version"] = record_version(store_root, config, summary, trained.fingerprint,
+                                                           published.model_dump(), gate.reasons)
         summary["publish"]["run_model_link"] = str(link_model(run_dir, published.model_dir))
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
@@ -136,27 +139,32 @@ def finetune_flow(config: PipelineConfig) -> dict:
     return summary
 
 
-def published_record_path(store_root: str, run_name: str) -> Path:
-    """The pointer to the model published last under `run_name`."""
-    return local_root(store_root) / "published" / f"{run_name}.json"
-
-
-def previously_published(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
-    """The record of the model published last under `run_name`, unless it came from this very adapter (an
-    unchanged re-run) or its folder is gone."""
-    path = published_record_path(store_root, run_name)
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    if record["adapter_fingerprint"] == exclude_fingerprint or not (Path(record["model_dir"]) / MODEL_MANIFEST).exists():
+def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
+    """The champion of model name `run_name` (loraflow.publishing.registry), unless it came from this very adapter
+    (an unchanged re-run) or its folder is gone."""
+    record = champion(registry_root(local_root(store_root)), run_name)
+    if record is None or record["adapter_fingerprint"] == exclude_fingerprint \
+            or not (Path(record["model_dir"]) / MODEL_MANIFEST).exists():
         return None
     return record
 
 
-def record_published(store_root: str, run_name: str, adapter_fingerprint: str, published: dict) -> None:
-    """Point `run_name`'s record at the model just published (written atomically)."""
-    record = {"adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published}
-    write_json_atomic(published_record_path(store_root, run_name), record)
+def record_version(store_root: str, config: PipelineConfig, summary: dict, adapter_fingerprint: str, published: dict,
+                   gate_reasons: list[str]) -> int:
+    """Record the model just published as the next version of `config.name`, with its lineage (metrics, data
+    fingerprints, the full resolved config, code version, flow-run id), and make it the champion; returns its number."""
+    root, flow_run_id = registry_root(local_root(store_root)), flow_run.get_id()
+    number = add_version(root, config.name, {
+        "adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published,
+        "metrics": summary["eval"]["finetuned"], "gate": gate_reasons, "run_dir": summary["run_dir"],
+        "data": {"sources": summary["sources"], "tokens_sha256": summary["tokens"]["sha256"]},
+        "config": {**config.model_dump(mode="json"), "store": config.store_root(), "runs_dir": str(config.runs_root())},
+        "code": code_version(), "flow_run_id": flow_run_id, "tracking": summary.get("tracking"),
+    })
+    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
+    note = set_champion_alias(version(root, config.name, number))
+    get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
+    return number
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:

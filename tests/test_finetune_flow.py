@@ -1,8 +1,9 @@
 """The whole pipeline through Prefect on the real default model, tiny sizes: summary sections, publish once,
 an unchanged re-run all cached with nothing new published, a retrained model that is worse than the published
 one refused by the gate (Refused, still askable) and then, with a looser threshold, re-decided on the cached
-evaluation and published. Two identical runs at once: tests/test_concurrent_runs.py (its own file, so that
-pytest-xdist's `--dist loadfile` can run it beside this one)."""
+evaluation and published as version 2; rolled back to version 1, which the next gate compares against. Two
+identical runs at once: tests/test_concurrent_runs.py (its own file, so that pytest-xdist's `--dist loadfile` can
+run it beside this one)."""
 
 import json
 import subprocess
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from loraflow.publishing.registry import champion, versions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,6 +78,11 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
     assert first["train"]["global_step"] == 2 and not first["train"]["cached"]
     assert (Path(first["run_dir"]) / "model").resolve() == model_dir.resolve()  # the run folder is where a user looks
+    (version_one,) = versions(tmp_path / "store" / "published", "tiny")  # the publish is version 1, with its lineage
+    assert version_one["version"] == first["publish"]["version"] == 1 and version_one["model_dir"] == str(model_dir)
+    assert version_one["metrics"] == first["eval"]["finetuned"] and version_one["config"]["train"]["max_steps"] == 2
+    assert version_one["data"]["sources"][0]["fingerprint"] == first["sources"][0]["fingerprint"]
+    assert version_one["code"]["code_hash"] and version_one["flow_run_id"] and version_one["run_dir"] == first["run_dir"]
 
     second = run_cli(config, tmp_path / "home")
     assert second["all_cached"] and second["train"]["cached"] and second["eval"]["cached"]
@@ -110,3 +118,12 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert fourth["train"]["cached"] and fourth["eval"]["cached"], fourth["eval"]
     assert fourth["publish"]["gate_passed"] and fourth["publish"]["published"]
     assert any(r.startswith("PASS: validation loss") for r in fourth["publish"]["gate_reasons"])
+    assert fourth["publish"]["version"] == 2 and champion(tmp_path / "store" / "published", "tiny")["version"] == 2
+
+    # Rolled back to version 1, the next run's gate compares against it again (here all cached: the same evaluation
+    # as the fourth run's, beside version 1), and reusing version 2's publish does not move the champion back.
+    rolled = loraflow(tmp_path / "home", "rollback", "tiny", "--store", str(tmp_path / "store"), "--why", "test", "--by", "ci")
+    assert rolled.returncode == 0 and "version 1 is the champion (was 2; rollback by ci: test)" in rolled.stdout, rolled.stderr
+    fifth = run_cli(config, tmp_path / "home")
+    assert fifth["eval"]["cached"] and fifth["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
+    assert fifth["publish"]["reused"] and champion(tmp_path / "store" / "published", "tiny")["version"] == 1

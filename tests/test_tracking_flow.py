@@ -6,6 +6,7 @@
    the summary (summary.json and the Prefect markdown) links to the run; TensorBoard's event files hold the curve;
 2. unchanged: all cached, no second MLflow run, no metric logged twice, no second registry version;
 3. another learning rate: a new run, evaluated beside the published model (eval.previous.* metrics).
+The registered model's alias `champion` follows the champion: set by each publish, moved back by `loraflow rollback`.
 A sentinel HF_TOKEN is in no param, tag, metric name or file of the tracker (its database and artifact folder).
 """
 
@@ -118,3 +119,17 @@ def test_the_token_is_in_no_param_tag_or_file_of_the_tracker(three_runs):
     stored = [p for p in (three_runs["root"] / "mlflow").rglob("*") if p.is_file()]
     assert any(p.name == "eval_report.md" for p in stored) and any(p.name == "mlflow.db" for p in stored)
     assert [p for p in stored if SENTINEL.encode() in p.read_bytes()] == []
+
+
+def test_the_champion_alias_follows_publish_and_rollback(three_runs):
+    from loraflow.cli.commands import main
+
+    client, summaries = three_runs["client"], three_runs["summaries"]
+    published = [summary["publish"]["registered_version"] for summary in summaries if summary["publish"]["published"]]
+    assert client.get_model_version_by_alias("tracked", "champion").version == published[-1]
+    store = str(three_runs["root"] / "store")
+    if len(published) == 2:  # the third run's candidate passed the gate: roll back to the first
+        assert main(["rollback", "tracked", "--store", store, "--why", "test"]) == 0
+    else:
+        assert main(["promote", "tracked", "1", "--store", store, "--why", "test"]) == 0
+    assert client.get_model_version_by_alias("tracked", "champion").version == published[0]

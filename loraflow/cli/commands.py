@@ -1,4 +1,5 @@
-"""`loraflow` command line: check a config, prepare data, run the whole pipeline, ask the model."""
+"""`loraflow` command line: check a config, prepare data, run the whole pipeline, ask the model, list, promote and
+roll back a model's published versions."""
 
 import argparse
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from loraflow.cli.models import add_model_commands
 from loraflow.ops.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 from loraflow.config.evaluate import HEADLINE_METRICS
 
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     crashed.add_argument("--silent-seconds", type=int, default=SILENT_SECONDS,
                          help=f"seconds without a heartbeat after which a run is marked Crashed (default: {SILENT_SECONDS}; "
                               f"more than the {HEARTBEAT_SECONDS} s between a run's heartbeats)")
+    add_model_commands(command)
     server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
     server.add_argument("--host", default="127.0.0.1",

@@ -245,3 +245,21 @@ def register_model(run: TrackingRun, model_dir: Path, name: str, *, files: dict[
                                               tags={**tags, "loraflow_model_sha256": model_sha})
     return version.version
 
+
+def set_champion_alias(record: dict) -> str:
+    """Point the alias `champion` of the registered model at `record`'s registry version, when its publish
+    registered one (publish.register_model); returns a note for the console ("" when there is nothing to move).
+    Best effort: the local record has already moved; a tracker that is down is named, not raised."""
+    tracking, name, number = record.get("tracking"), record.get("registered_model"), record.get("registered_version")
+    if not (tracking and name and number):
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    run = TrackingRun(**tracking)
+    try:
+        with quick_retries():
+            MlflowClient(tracking_uri=client_uri(run)).set_registered_model_alias(name, "champion", str(number))
+    except Exception as error:
+        return (f"; MLflow alias not moved ({type(error).__name__}: {redact_url(str(error))[:200]}) -> run the same "
+                "command again once the tracker is up")
+    return f"; MLflow {name} alias champion -> version {number}"

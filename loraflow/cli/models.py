@@ -1,0 +1,101 @@
+"""`loraflow models / promote / rollback`: list a model name's versions and move its champion (who and why recorded).
+
+The record lives in the store (loraflow.publishing.registry); with MLflow registration on, the alias `champion`
+moves with it (loraflow.tracking.mlflow_run.set_champion_alias).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_STORE = ".loraflow/store"  # = PipelineConfig.store's default, relative to the working directory
+
+
+def add_model_commands(command) -> None:
+    """Register the three subcommands with `command(name, handler, help)` (loraflow.cli.commands.build_parser)."""
+    store_help = f"the config's store folder (default: {DEFAULT_STORE}, as in a config that names none)"
+    listed = command("models", cmd_models, "list a model name's published versions and which one is the champion")
+    listed.add_argument("name", help="the model name (the config's `name`)")
+    listed.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+    promote = command("promote", cmd_promote, "make a published version the champion (the next gate compares against it)")
+    promote.add_argument("name", help="the model name (the config's `name`)")
+    promote.add_argument("version", type=int, help="the version number `loraflow models NAME` lists")
+    rollback = command("rollback", cmd_rollback, "give the champion back to the version before it (or --to VERSION)")
+    rollback.add_argument("name", help="the model name (the config's `name`)")
+    rollback.add_argument("--to", type=int, default=None, help="the version to go back to (default: the champion before this one)")
+    for sub in (promote, rollback):
+        sub.add_argument("--store", default=DEFAULT_STORE, help=store_help)
+        sub.add_argument("--why", required=True, help="why the champion moves; recorded in the model's history")
+        sub.add_argument("--by", default=None, help="who moves it (default: $LORAFLOW_USER, else the login name)")
+
+
+def registry_of(store: str) -> Path:
+    """The registry folder of a local store (an object-store URL keeps its registry in this host's cache folder)."""
+    from loraflow.publishing.registry import registry_root
+    from loraflow.runtime.stage_task import local_root
+
+    return registry_root(local_root(store if "://" in store else str(Path(store).resolve())))
+
+
+def cmd_models(args) -> int:
+    """Print every version of NAME: number, champion mark, when, headline metrics, code, flow run."""
+    from loraflow.publishing.registry import champion, history, versions
+
+    root = registry_of(args.store)
+    held = versions(root, args.name)
+    if not held:
+        print(f"{args.name}: no published versions in {root}", file=sys.stderr)
+        return 2
+    current = (champion(root, args.name) or {}).get("version")
+    print(f"{'':2}{'version':>8}  {'published (UTC)':<20}{'facts':>7}{'natural':>9}{'general':>9}  {'code':<14}flow run")
+    for record in held:
+        metrics, code = record.get("metrics", {}), record.get("code", {})
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.get("published_at", 0)))
+        commit = (code.get("git_commit") or "")[:10] or code.get("code_hash", "")[:10]
+        print(f"{'*' if record['version'] == current else ' ':2}{record['version']:>8}  {when:<20}"
+              f"{_num(metrics.get('fact_accuracy')):>7}{_num(metrics.get('natural_fact_accuracy')):>9}"
+              f"{_num(metrics.get('general_accuracy')):>9}  {commit:<14}{record.get('flow_run_id') or '-'}")
+    moves = history(root, args.name)
+    if moves:
+        last = moves[-1]
+        print(f"champion: version {current} ({last['action']} by {last['by']}: {last['why']})")
+    return 0
+
+
+def cmd_promote(args) -> int:
+    """Make VERSION the champion of NAME."""
+    return _move(args, args.version, "promote")
+
+
+def cmd_rollback(args) -> int:
+    """Give NAME's champion back to the version before it (or --to VERSION)."""
+    from loraflow.publishing.registry import RegistryError, rollback_target
+
+    try:
+        target = args.to if args.to is not None else rollback_target(registry_of(args.store), args.name)
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _move(args, target, "rollback")
+
+
+def _move(args, number: int, action: str) -> int:
+    from loraflow.publishing.registry import RegistryError, move_champion, version
+    from loraflow.tracking.mlflow_run import set_champion_alias
+
+    root = registry_of(args.store)
+    try:
+        entry = move_champion(root, args.name, number, action=action, why=args.why, by=args.by)
+    except RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    alias = set_champion_alias(version(root, args.name, number))
+    print(f"{args.name}: version {number} is the champion (was {entry['from_version']}; {action} by {entry['by']}: "
+          f"{entry['why']}){alias}")
+    return 0
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
