@@ -207,7 +207,8 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation, gate) -> CardF
 
 def summary_markdown(summary: dict) -> str:
     """The run in a few lines, for the Prefect UI."""
-    lines = [f"# {summary['name']}", "", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
+    lines = [f"# {summary['name']}", ""] + [f"- **warning:** {warning}" for warning in summary.get("warnings", [])]
+    lines += ["", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
     for name, stage in summary["stages"].items():
         lines.append(f"| {name} | {stage['rows_in']} | {stage['rows_out']} | {stage['rows_quarantined']} | "
                      f"{stage['cached']} | {stage['seconds']} |")

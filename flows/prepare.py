@@ -88,7 +88,8 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary, paraphrases)
 
-    summary["warnings"] = split_warnings(summary["stages"], config) + control_text_warnings(summary["stages"])
+    summary["warnings"] = (truncation_warnings(summary["stages"], config) + split_warnings(summary["stages"], config)
+                           + control_text_warnings(summary["stages"]))
     for warning in summary["warnings"]:
         logger.warning(warning)
 
@@ -117,6 +118,18 @@ def control_text_warnings(stages: dict) -> list[str]:
     return [f"{count} row(s) contain the text of a control token (e.g. <|im_end|>) in a message: it is trained as plain "
             f"characters, never as the control token (format.stats.control_text_rows) -> check those rows if that text "
             f"is not meant to be there"]
+
+
+def truncation_warnings(stages: dict, config: PipelineConfig) -> list[str]:
+    """A source that stopped at its `max_rows`: rows after them (those an upstream appends) are left out of every run."""
+    warnings = []
+    for source in config.sources:
+        read = stages.get(f"ingest:{source_name(source)}", {}).get("rows_in", 0)
+        if source.max_rows is not None and read >= source.max_rows:
+            warnings.append(f"source {source_name(source)!r} stopped at max_rows={source.max_rows}: any rows after the "
+                            f"first {source.max_rows} (rows an upstream appends included) are left out -> remove "
+                            f"sources[].max_rows (or raise it) to train on all of them")
+    return warnings
 
 
 def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:

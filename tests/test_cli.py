@@ -64,7 +64,7 @@ def test_prepare_prints_the_top_quarantine_reasons_per_stage(prefect_api, tmp_pa
     assert [reason["rows"] for reason in summary["stages"]["ingest:rows"]["quarantine_reasons"]] == [2, 1]
 
 
-def test_an_empty_validation_split_is_warned_about(prefect_api, tmp_path):
+def test_an_empty_validation_split_and_a_max_rows_cut_are_warned_about(prefect_api, tmp_path):
     from flows.prepare import prepare_flow
     from loraflow.config.pipeline import load_config
 
@@ -76,9 +76,17 @@ def test_an_empty_validation_split_is_warned_about(prefect_api, tmp_path):
     none_asked = prepare_flow(load_config(write_config(tmp_path, records, validation_fraction=0.0)))
     assert none_asked["warnings"] == []
 
+    # A source that stopped at its max_rows says so: rows an upstream appends would be left out, run after run.
+    config = write_config(tmp_path, records, validation_fraction=0.0)
+    config.write_text(config.read_text().replace("path: rows.jsonl}", "path: rows.jsonl, max_rows: 2}"))
+    cut = prepare_flow(load_config(config))
+    assert cut["warnings"] == ["source 'rows' stopped at max_rows=2: any rows after the first 2 (rows an upstream "
+                               "appends included) are left out -> remove sources[].max_rows (or raise it) to train on all of them"]
+
 
 @pytest.mark.parametrize("command", ["check", "schema", "prepare", "run", "ask", "notify-on-failure",
-                                     "detect-crashed-runs", "server"])
+                                     "detect-crashed-runs", "server", "models", "promote", "rollback", "schedule",
+                                     "schedules"])
 def test_every_subcommand_argument_has_a_help_text(command):
     from loraflow.cli.commands import build_parser
 

@@ -1,5 +1,5 @@
 """`loraflow` command line: check a config, prepare data, run the whole pipeline, ask the model, list, promote and
-roll back a model's published versions."""
+roll back a model's published versions, put a config on a schedule."""
 
 import argparse
 import json
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from loraflow.cli.models import add_model_commands
+from loraflow.cli.schedule import add_schedule_commands
 from loraflow.ops.automations import HEARTBEAT_SECONDS, SILENT_SECONDS
 from loraflow.config.evaluate import HEADLINE_METRICS
 
@@ -176,7 +177,7 @@ def cmd_server(args) -> int:
     import signal
     import time
 
-    from loraflow.ops.server import LocalPrefect, client_host, exposure_problem
+    from loraflow.ops.server import LocalPrefect, client_host, exposure_problem, record_api_url, restore_api_url
 
     problem = exposure_problem(args.host, os.environ)
     if problem:
@@ -191,12 +192,17 @@ def cmd_server(args) -> int:
         if args.deploy:
             local.prefect("deploy", "--all")
         local.start_worker()
+        previous_url = record_api_url(local.api_url)  # `prefect ...` in another shell now talks to this server
         print(f"Prefect UI: http://{client_host(args.host)}:{args.port}  (API {local.api_url}); worker on pool loraflow-cpu. Ctrl-C stops both.")
+        print(f"PREFECT_API_URL={local.api_url} is set in your Prefect profile until this stops, so `prefect` and "
+              f"`loraflow schedule` in another shell use this server (elsewhere: export PREFECT_API_URL={local.api_url})")
         try:
             while not stop:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+        finally:
+            restore_api_url(previous_url)
     print("stopped")
     return 0
 
@@ -254,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"seconds without a heartbeat after which a run is marked Crashed (default: {SILENT_SECONDS}; "
                               f"more than the {HEARTBEAT_SECONDS} s between a run's heartbeats)")
     add_model_commands(command)
+    add_schedule_commands(command)
     server = command("server", cmd_server, "start a local Prefect server + worker (and deploy prefect.yaml)")
     server.add_argument("--port", type=int, default=4200, help="port of the server's API and UI (default: 4200)")
     server.add_argument("--host", default="127.0.0.1",

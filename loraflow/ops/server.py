@@ -70,6 +70,24 @@ def prefect_env(port: int, home: Path | None = None, database_url: str | None = 
     return env
 
 
+def record_api_url(api_url: str) -> str | None:
+    """Write PREFECT_API_URL into the active Prefect profile (profiles.toml in PREFECT_HOME), so `prefect ...` in
+    another shell talks to this server instead of starting a temporary one on the same SQLite file ("database is
+    locked"); returns the value it replaced, for `restore_api_url`."""
+    from prefect.settings import PREFECT_API_URL, load_current_profile, update_current_profile
+
+    previous = load_current_profile().settings.get(PREFECT_API_URL)
+    update_current_profile({PREFECT_API_URL: api_url})
+    return previous
+
+
+def restore_api_url(previous: str | None) -> None:
+    """Put the profile's PREFECT_API_URL back as it was before `record_api_url` (removed when there was none)."""
+    from prefect.settings import PREFECT_API_URL, update_current_profile
+
+    update_current_profile({PREFECT_API_URL: previous})
+
+
 @dataclass
 class LocalPrefect:
     """A running local Prefect server (and optionally a worker), as a context manager."""

@@ -1,0 +1,83 @@
+"""`loraflow schedule CONFIG --cron` against a real Prefect server: a deployment of the user's own config whose
+relative folders are absolute against the config's folder, updated in place when scheduled again, listed by
+`loraflow schedules`; the server makes scheduled runs of it."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loraflow.ops.server import LocalPrefect
+from tests.test_server import api, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def loraflow(local: LocalPrefect, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**local.env, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "loraflow.cli.commands", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_config_on_a_schedule_keeps_its_own_folders(tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "catalog.csv").write_bytes((REPO / "data/sample/anime_catalog.csv").read_bytes())
+    config = project / "nightly.yaml"
+    config.write_text("name: my-nightly\nstore: store\nruns_dir: runs\n"
+                      "sources:\n  - {kind: csv, name: catalog, path: data/catalog.csv, max_rows: 8}\n")
+    elsewhere = tmp_path / "elsewhere"  # the shell the user types in is not the config's folder
+    elsewhere.mkdir()
+    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
+    with local:
+        local.ensure_pools()
+        made = loraflow(local, elsewhere, "schedule", str(config), "--cron", "0 3 * * *", "--timezone", "Asia/Tokyo")
+        assert made.returncode == 0, made.stderr[-3000:]
+        again = loraflow(local, elsewhere, "schedule", str(config), "--cron", "* * * * *")  # updated, not doubled
+        assert again.returncode == 0, again.stderr[-3000:]
+        deployments = [d for d in api(local, "POST", "/deployments/filter", {}) if d["name"] == "my-nightly-schedule"]
+        listed = loraflow(local, elsewhere, "schedules")
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            runs = api(local, "POST", "/flow_runs/filter",
+                       {"deployments": {"id": {"any_": [deployments[0]["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+            if runs:
+                break
+            time.sleep(2)
+    (deployment,) = deployments
+    assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+    parameters = deployment["parameters"]["config"]
+    assert parameters["store"] == str(project / "store") and parameters["runs_dir"] == str(project / "runs")
+    assert parameters["base_dir"] == str(project) and parameters["sources"][0]["path"] == "data/catalog.csv"
+    assert "Hub repo id or local folder" in str(deployment["parameter_openapi_schema"])  # the typed form stays
+    assert "finetune/my-nightly-schedule" in listed.stdout and "* * * * *" in listed.stdout, listed.stderr[-2000:]
+    assert runs, "the server scheduled no run of the deployment"
+
+
+def test_loraflow_server_records_its_api_url_for_other_shells_until_it_stops(tmp_path):
+    import os
+    import signal
+
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "loraflow.cli.commands", "server", "--port", str(port), "--no-deploy"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        printed = [server.stdout.readline() for _ in range(2)]  # the UI line, then the PREFECT_API_URL line
+        shell = subprocess.run([sys.executable, "-m", "prefect", "config", "view"], env=env, capture_output=True,
+                               text=True, timeout=120)  # another shell: no PREFECT_API_URL in its environment
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    url = f"http://127.0.0.1:{port}/api"
+    assert f"PREFECT_API_URL={url} is set in your Prefect profile" in printed[1], printed
+    assert f"PREFECT_API_URL='{url}' (from profile)" in shell.stdout, shell.stdout
+    after = subprocess.run([sys.executable, "-m", "prefect", "config", "view"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert "PREFECT_API_URL" not in after.stdout  # put back as it was when the server stops
