@@ -45,6 +45,7 @@ import pandas as pd
 from loraflow.config.train import TrainConfig
 from loraflow.tracking.mlflow_run import check_tracker, log_best_effort, tracked_run
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.throttle import Throttle
 from loraflow.runtime.tokens_input import load_tokens
 from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
 from loraflow.training.data import plan_batches
@@ -60,6 +61,7 @@ from loraflow.training.result import TrainResult
 from loraflow.training.trainer import build_trainer, train_resuming
 
 log_default = logging.getLogger("loraflow.train")
+PROGRESS_SECONDS = 5.0  # the UI's progress bar moves at most this often: each update is an API call and an event
 
 
 def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, train_config: TrainConfig,
@@ -192,7 +194,8 @@ if task is not None:
     ) -> TrainResult:
         """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key; run_name and
         tracking_params, for the tracker, are left out of it by the flow); a progress artifact in the UI follows
-        the optimizer steps. With train.distributed the launched processes' output
+        the optimizer steps, updated at most every PROGRESS_SECONDS (not every step: each update is an API call and
+        a `prefect.artifact.updated` event). With train.distributed the launched processes' output
         streams into this task's log, and rank 0's result is this task's result."""
         from prefect import get_run_logger
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -200,11 +203,12 @@ if task is not None:
         log = get_run_logger()
         progress_id = create_progress_artifact(progress=0.0, key="training-progress", description="training steps done (%)")
         unreported: list[int] = []
+        throttle = Throttle(PROGRESS_SECONDS)
 
         def report_progress(step: int, max_steps: int, loss: float | None) -> None:
             # The UI's progress bar is not worth a training run: while the server or its database is away
             # (a restart), steps go on unreported and one warning says so.
-            if not max_steps:
+            if not max_steps or not throttle.ready(force=step >= max_steps):
                 return
             try:
                 update_progress_artifact(progress_id, progress=round(100.0 * step / max_steps, 1))
