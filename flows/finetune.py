@@ -25,7 +25,8 @@ from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.publishing.merge import MODEL_MANIFEST
 from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
 from loraflow.runtime.code_version import code_version
-from loraflow.tracking.mlflow_run import pipeline_params, set_champion_alias
+from loraflow.runtime.run_cost import cost_line, run_cost, timed
+from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_champion_alias
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
@@ -61,16 +62,18 @@ def finetune_flow(config: PipelineConfig) -> dict:
     tokens = ArtifactRef(**summary["tokens"])
     model_dir = summary["model_dir"]
     store_root = summary["store"]
+    seconds = {"prepare": summary["prepare_seconds"]}  # this run's seconds per stage, for its cost
 
     # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
     train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
-    trained, cached = run_locked(
-        train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
-        tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
-        store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
-        run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
-    )
+    with timed(seconds, "train"):
+        trained, cached = run_locked(
+            train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
+            tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
+            store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
+            run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
+        )
     summary["train"] = {**trained.model_dump(), "cached": cached}
     summary["tracking"] = trained.tracking.model_dump() if trained.tracking else None  # the MLflow run of this adapter
 
@@ -80,16 +83,19 @@ def finetune_flow(config: PipelineConfig) -> dict:
     # Keyed without eval.gate (EVALUATE_CACHE): a changed threshold re-decides below, without generating again.
     eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval, exclude={"gate"}),
                         str(config.format.system_prompt), previous["adapter_fingerprint"] if previous else "")
-    evaluation, cached = run_locked(
-        evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
-        eval_settings=config_hash(config.eval, exclude={"gate"}),
-        tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
-        output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
-        system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
-        trust_remote_code=config.model.trust_remote_code, tracking=trained.tracking,
-    )
+    with timed(seconds, "evaluate"):
+        evaluation, cached = run_locked(
+            evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
+            eval_settings=config_hash(config.eval, exclude={"gate"}),
+            tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
+            output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
+            system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
+            trust_remote_code=config.model.trust_remote_code, tracking=trained.tracking,
+        )
     # ---- the gate: its own cheap step on the (cached) metrics
-    gate = gate_task(evaluation, config.eval.gate, tracking=trained.tracking)
+    with timed(seconds, "gate"):
+        gate = gate_task(evaluation, config.eval.gate, tracking=trained.tracking)
+    summary["cost"] = run_cost(seconds, stage_devices(config), config.cost)  # so far: the card's figure
     summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
                        "previous_model_dir": previous_model_dir, "gate": gate.model_dump(),
                        "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
@@ -102,15 +108,16 @@ def finetune_flow(config: PipelineConfig) -> dict:
         summary["publish"]["published"] = False
     else:
         publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
-        published, cached = run_locked(
-            publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
-            cache_policy=PUBLISH_CACHE,
-            model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
-            output_dir=str(publish_dir), card=card_facts(config, summary, evaluation, gate),
-            verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
-            system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
-            tracking=trained.tracking,
-        )
+        with timed(seconds, "publish"):
+            published, cached = run_locked(
+                publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
+                cache_policy=PUBLISH_CACHE,
+                model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
+                output_dir=str(publish_dir), card=card_facts(config, summary, evaluation, gate),
+                verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
+                system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
+                tracking=trained.tracking,
+            )
         summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
         if cached:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
@@ -127,6 +134,9 @@ def finetune_flow(config: PipelineConfig) -> dict:
     if trained.tracking and trained.tracking.url:
         create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
                              description="this adapter's MLflow run: curve, eval metrics per model, report, card")
+    summary["cost"] = run_cost(seconds, stage_devices(config), config.cost)
+    if not summary["train"]["cached"]:  # what making this adapter cost, on its MLflow run
+        log_best_effort(trained.tracking, "cost", logger, metrics=cost_metrics(summary["cost"]))
     summary["seconds"] = round(time.perf_counter() - started, 3)
     write_summary(run_dir, summary)
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
@@ -137,6 +147,18 @@ def finetune_flow(config: PipelineConfig) -> dict:
         emit_refusal(config.name, gate.failures, gate.reasons, str(run_dir), trained.adapter_dir)
         return refused_state(summary, message, fail=config.eval.gate.fail_on_refusal)
     return summary
+
+
+def stage_devices(config: PipelineConfig) -> dict[str, int]:
+    """Devices a stage holds where not 1: distributed training's processes (one per GPU; every visible GPU when
+    train.num_processes is None, counted as 1 here)."""
+    return {"train": config.train.num_processes or 1} if config.train.distributed != "none" else {}
+
+
+def cost_metrics(cost: dict) -> dict[str, float]:
+    """The run's cost as MLflow metrics."""
+    metrics = {"cost.device_seconds": cost["total_device_seconds"]}
+    return metrics | ({"cost.price": cost["cost"]} if cost["cost"] is not None else {})
 
 
 def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
@@ -202,6 +224,7 @@ def card_facts(config: PipelineConfig, summary: dict, evaluation, gate) -> CardF
         train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=gate.model_dump(),
+        cost_line=cost_line(summary["cost"]),
     )
 
 
@@ -225,6 +248,8 @@ def summary_markdown(summary: dict) -> str:
                       f"peak memory {peak / 2**30:.2f} GiB ({train.get('peak_memory_kind')}), on {train.get('device')}"]
         lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
                       f"**{summary.get('publish', {}).get('published')}**"]
+    if summary.get("cost"):
+        lines += ["", cost_line(summary["cost"])]
     tracking = summary.get("tracking")
     if tracking:
         where = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"

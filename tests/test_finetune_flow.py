@@ -44,6 +44,7 @@ eval:
   general_max_new_tokens: 8
   general_expected: {{"What is 2 + 2?": "4|four"}}
   gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_general_regressions: null}}
+cost: {{price_per_device_hour: 3.6}}
 """)
     return path
 
@@ -78,6 +79,10 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert (model_dir / "model.safetensors").exists() and (model_dir / "README.md").exists()
     assert first["train"]["global_step"] == 2 and not first["train"]["cached"]
     assert (Path(first["run_dir"]) / "model").resolve() == model_dir.resolve()  # the run folder is where a user looks
+    cost = first["cost"]  # this run's seconds per stage at 3.6 per device-hour: 0.001 per second
+    assert set(cost["device_seconds"]) == {"prepare", "train", "evaluate", "gate", "publish"}
+    assert cost["cost"] == pytest.approx(cost["total_device_seconds"] / 1000, abs=1e-5) and cost["currency"] == "USD"
+    assert "Cost of this run up to publishing (prepare, train, evaluate):" in (model_dir / "README.md").read_text()
     (version_one,) = versions(tmp_path / "store" / "published", "tiny")  # the publish is version 1, with its lineage
     assert version_one["version"] == first["publish"]["version"] == 1 and version_one["model_dir"] == str(model_dir)
     assert version_one["metrics"] == first["eval"]["finetuned"] and version_one["config"]["train"]["max_steps"] == 2

@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from loraflow.config.base import StrictModel
+from loraflow.config.cost import CostConfig
 from loraflow.config.evaluate import EvalConfig
 from loraflow.config.format import FormatConfig
 from loraflow.config.model import ModelConfig
@@ -39,6 +40,7 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and publish gate.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Merged model output.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="How the data stages run: one process, or sharded over workers.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Price per device-hour, for the run's cost figure.")
 
     @field_validator("sources")
     @classmethod

@@ -42,6 +42,7 @@ class CardFacts(BaseModel):
     )
     eval_report_markdown: str | None = Field(None, description="EvalResult's report (table + examples).")
     gate: dict | None = Field(None, description="GateDecision: passed + reasons.")
+    cost_line: str | None = Field(None, description="What preparing, training and evaluating cost (loraflow.runtime.run_cost).")
     library_versions: dict = Field(default_factory=dict, description="Filled in automatically when empty.")
 
 
@@ -93,6 +94,8 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
         lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {_setting(k, v, ran)} |" for k, v in facts.train_config.items()]
     if facts.train_metrics:
         lines += [""] + [f"- {k}: {v}" for k, v in facts.train_metrics.items()]
+    if facts.cost_line:
+        lines += ["", facts.cost_line.replace("Cost:", "Cost of this run up to publishing (prepare, train, evaluate):", 1)]
     lines += ["", "Library versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())]
     if facts.eval_report_markdown:
         lines += ["", "## Evaluation", "", facts.eval_report_markdown.replace("## Evaluation", "### Result", 1).strip()]
