@@ -123,5 +123,5 @@ def test_a_failed_gate_exits_1_through_the_real_cli_with_its_reasons_once(tmp_pa
     assert any("fact accuracy" in reason for reason in reasons) and not summary["publish"]["published"], summary["publish"]
     for reason in reasons:
         assert output.count(reason) == 1, (reason, output[-3000:])
-    assert "error: the evaluation gate refused the fine-tuned model, nothing was published" in done.stderr
+    assert "error: the evaluation gate refused the fine-tuned model (run state Refused), nothing was published" in done.stderr
     assert "gate: FAILED" in done.stdout and "Traceback" not in output
