@@ -4,7 +4,8 @@ Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Train
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
 published again. Every publish is a numbered version of the model name (the config's `name`) and becomes its
-champion (loraflow.publishing.registry, `<store>/published/`). A retrained adapter is evaluated beside the champion,
+champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
+`loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is evaluated beside the champion,
 and the gate (its own cheap step on the cached evaluation) refuses it if it is
 worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
 eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
@@ -29,9 +30,11 @@ from loraflow.runtime.run_cost import cost_line, run_cost, timed
 from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_champion_alias
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
+from loraflow.sources import source_locations
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import local_root, run_locked
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
+from loraflow.ops.assets import materialize_published_model, source_asset_key
 from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
@@ -161,6 +164,12 @@ def cost_metrics(cost: dict) -> dict[str, float]:
     return metrics | ({"cost.price": cost["cost"]} if cost["cost"] is not None else {})
 
 
+def source_asset_keys(config: PipelineConfig) -> list[str]:
+    """The Prefect asset key of every place the config's sources read (loraflow.ops.assets.source_asset_key)."""
+    return [source_asset_key(location.address, location.local)
+            for source in config.sources for location in source_locations(source, config.base_dir)]
+
+
 def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
     """The champion of model name `run_name` (loraflow.publishing.registry), unless it came from this very adapter
     (an unchanged re-run) or its folder is gone."""
@@ -184,6 +193,10 @@ def record_version(store_root: str, config: PipelineConfig, summary: dict, adapt
         "code": code_version(), "flow_run_id": flow_run_id, "tracking": summary.get("tracking"),
     })
     move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
+    materialize_published_model(config.name, number, source_asset_keys(config), {
+        "metrics": {metric: summary["eval"]["finetuned"].get(metric) for metric in HEADLINE_METRICS},
+        "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in summary["sources"]],
+        "tokens_sha256": summary["tokens"]["sha256"], "model_dir": published["model_dir"]})
     note = set_champion_alias(version(root, config.name, number))
     get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
     return number

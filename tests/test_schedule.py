@@ -1,6 +1,8 @@
-"""`loraflow schedule CONFIG --cron` against a real Prefect server: a deployment of the user's own config whose
-relative folders are absolute against the config's folder, updated in place when scheduled again, listed by
-`loraflow schedules`; the server makes scheduled runs of it."""
+"""`loraflow schedule CONFIG --cron | --on-data` against a real Prefect server: a deployment of the user's own config
+whose relative folders are absolute against the config's folder, updated in place when scheduled again, listed by
+`loraflow schedules`; the server makes scheduled runs of it; with --on-data a stand-in upstream ETL flow that
+materializes the source starts a retrain by itself, which reads the new rows and materializes the model's asset
+with the source as its upstream. `loraflow server` records its API URL for other shells."""
 
 import subprocess
 import sys
@@ -81,3 +83,74 @@ def test_loraflow_server_records_its_api_url_for_other_shells_until_it_stops(tmp
     after = subprocess.run([sys.executable, "-m", "prefect", "config", "view"], env=env, capture_output=True, text=True,
                            timeout=120)
     assert "PREFECT_API_URL" not in after.stdout  # put back as it was when the server stops
+
+
+ETL = '''
+import sys
+from prefect import flow
+from prefect.assets import materialize
+
+@materialize(sys.argv[2])
+def write_table():
+    lines = open(sys.argv[3]).read().splitlines(keepends=True)
+    open(sys.argv[1], "w").write("".join(lines[:7]))  # the header and 6 rows: 2 more than before
+
+@flow(name="upstream-etl")
+def etl():
+    write_table()
+
+etl()
+'''
+
+
+def test_retrained_when_the_data_lands_and_the_model_asset_names_its_source(tmp_path):
+    from loraflow.ops.assets import source_asset_key
+    from tests.test_automation import wait_for_events
+    from tests.test_server import wait_for_terminal_state
+    from tests.tiny_llama import build_tiny_llama
+
+    sample = REPO / "data/sample/anime_catalog.csv"
+    project = tmp_path / "project"
+    project.mkdir()
+    table = project / "catalog.csv"
+    table.write_text("".join(sample.read_text().splitlines(keepends=True)[:5]))  # the header and 4 rows
+    config = project / "landed.yaml"
+    config.write_text(f"""name: landed
+model: {{base: {build_tiny_llama(tmp_path / 'tiny-llama')}}}
+store: store
+runs_dir: runs
+sources: [{{kind: csv, name: catalog, path: catalog.csv}}]
+train: {{max_steps: 1, micro_batch_size: 4, gradient_checkpointing: false}}
+eval: {{max_questions: 2, max_new_tokens: 4, general_questions: ["What is 2 + 2?"], general_max_new_tokens: 4,
+       gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null,
+              min_refusal_rate: null, max_general_regressions: null}}}}
+""")
+    key = source_asset_key(str(table), table)
+    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
+    with local:
+        local.ensure_pools()
+        made = loraflow(local, project, "schedule", str(config), "--on-data")
+        assert made.returncode == 0 and key in made.stdout, made.stdout + made.stderr[-3000:]
+        local.start_worker()
+        etl = subprocess.run([sys.executable, "-c", ETL, str(table), key, str(sample)], env={**local.env, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, timeout=300)
+        assert etl.returncode == 0, etl.stderr[-3000:]
+        deployment = api(local, "GET", "/deployments/name/finetune/landed-schedule")
+        deadline, runs = time.time() + 120, []
+        while time.time() < deadline and not runs:  # the trigger creates the run by itself
+            runs = api(local, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+            time.sleep(2)
+        assert runs, "the materialized source did not trigger a run"
+        finished = wait_for_terminal_state(local, runs[0]["id"], timeout=600)
+        deadline, model = time.time() + 60, []
+        while time.time() < deadline and not model:  # the server stores events in batches
+            model = [e for e in wait_for_events(local, "prefect.asset.materialization.succeeded")
+                     if e["resource"]["prefect.resource.id"] == "loraflow://models/landed"]
+            time.sleep(1)
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    (summary_path,) = (project / "runs" / "landed").glob("*/summary.json")
+    summary = __import__("json").loads(summary_path.read_text())
+    assert summary["sources"][0]["rows"] == 6 and summary["publish"]["version"] == 1  # it read the new rows
+    (model,) = model
+    assert model["payload"]["version"] == 1 and model["payload"]["sources"][0]["rows"] == 6
+    assert {"prefect.resource.id": key, "prefect.resource.role": "asset"} in model["related"]

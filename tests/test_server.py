@@ -92,6 +92,14 @@ def test_deployments_have_typed_forms_and_schedule(server):
         assert f'"title": "{title}"' in config_schema  # the source-kind selector names each kind
     assert deployments["anime-nightly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
     assert deployments["anime-nightly"]["schedules"][0]["schedule"]["timezone"] == "Asia/Tokyo"
+    # anime-on-data retrains when an upstream materializes the demo's catalog (the key loraflow gives that source)
+    from loraflow.ops.assets import MATERIALIZED_EVENT, source_asset_key
+
+    catalog = Path(__file__).resolve().parent.parent / "data/sample/anime_catalog.csv"
+    (trigger,) = [a["trigger"] for a in api(server, "POST", "/automations/filter", {})
+                  if any(action.get("deployment_id") == deployments["anime-on-data"]["id"] for action in a["actions"])]
+    assert trigger["expect"] == [MATERIALIZED_EVENT]
+    assert trigger["match"]["prefect.resource.id"] == source_asset_key(str(catalog), catalog)
 
 
 def test_ui_style_run_on_worker_then_cached(server, tmp_path):
