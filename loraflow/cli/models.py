@@ -34,9 +34,12 @@ def add_model_commands(command) -> None:
 def registry_of(store: str) -> Path:
     """The registry folder of a local store (an object-store URL keeps its registry in this host's cache folder)."""
     from loraflow.publishing.registry import registry_root
-    from loraflow.runtime.stage_task import local_root
 
-    return registry_root(local_root(store if "://" in store else str(Path(store).resolve())))
+    if "://" in store and not store.startswith("file://"):
+        from loraflow.runtime.stage_task import local_root  # imports Prefect: only for object stores
+
+        return registry_root(local_root(store))
+    return registry_root(Path(store.removeprefix("file://")).resolve())
 
 
 def cmd_models(args) -> int:
@@ -83,7 +86,6 @@ def cmd_rollback(args) -> int:
 
 def _move(args, number: int, action: str) -> int:
     from loraflow.publishing.registry import RegistryError, move_champion, version
-    from loraflow.tracking.mlflow_run import set_champion_alias
 
     root = registry_of(args.store)
     try:
@@ -91,7 +93,11 @@ def _move(args, number: int, action: str) -> int:
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    alias = set_champion_alias(version(root, args.name, number))
+    record, alias = version(root, args.name, number), ""
+    if record.get("registered_version"):  # the tracking module imports transformers (~20 s on a busy 2-core CPU)
+        from loraflow.tracking.mlflow_run import set_champion_alias
+
+        alias = set_champion_alias(record)
     print(f"{args.name}: version {number} is the champion (was {entry['from_version']}; {action} by {entry['by']}: "
           f"{entry['why']}){alias}")
     return 0
