@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
+from flows.prepare import artifact_key, new_run_dir, prepare_stages
 from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.config.evaluate import HEADLINE_METRICS
@@ -26,6 +26,7 @@ from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFa
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import local_root, run_locked
+from loraflow.runs.summary import EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
 from tasks.publish import publish_task
@@ -42,16 +43,15 @@ PUBLISH_CACHE = STAGE_CACHE - "card" - "verify_texts" - "system_prompt" - "trust
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow(config: PipelineConfig) -> dict:
-    """Sources to an evaluated, gated, merged and published model; returns the run summary."""
+    """Sources to an evaluated, gated, merged and published model; returns the run summary (summary.json's JSON:
+    loraflow.runs.summary.RunSummary)."""
     logger = get_run_logger()
     started = time.perf_counter()
     run_dir = new_run_dir(config)
 
     # ---- data half
     summary = prepare_stages(config, run_dir)
-    tokens = ArtifactRef(**summary["tokens"])
-    model_dir = summary["model_dir"]
-    store_root = summary["store"]
+    tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
 
     # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
@@ -62,8 +62,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
         store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
         run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
     )
-    summary["train"] = {**trained.model_dump(), "cached": cached}
-    summary["tracking"] = trained.tracking.model_dump() if trained.tracking else None  # the MLflow run of this adapter
+    summary.train = TrainSummary(**trained.model_dump(), cached=cached)
+    summary.tracking = trained.tracking  # the MLflow run of this adapter
 
     # ---- evaluate base vs fine-tuned (and vs the model published last, if another adapter made it); gate
     previous = previously_published(store_root, config.name, exclude_fingerprint=trained.fingerprint)
@@ -77,16 +77,16 @@ def finetune_flow(config: PipelineConfig) -> dict:
         system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
         trust_remote_code=config.model.trust_remote_code, tracking=trained.tracking,
     )
-    summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
-                       "previous_model_dir": previous_model_dir, "gate": evaluation.gate.model_dump(),
-                       "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
+    summary.eval = EvalSummary(base=evaluation.base, finetuned=evaluation.finetuned, previous=evaluation.previous,
+                               previous_model_dir=previous_model_dir, gate=evaluation.gate,
+                               report=evaluation.report_path, table=evaluation.table_path, cached=cached)
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
-    summary["publish"] = {"gate_passed": evaluation.gate.passed, "gate_reasons": evaluation.gate.reasons,
-                          "adapter_dir": trained.adapter_dir}
+    gate_verdict = dict(gate_passed=evaluation.gate.passed, gate_reasons=evaluation.gate.reasons,
+                        adapter_dir=trained.adapter_dir)
     if not evaluation.gate.passed:
         logger.warning("gate failed, nothing published: %s", "; ".join(evaluation.gate.reasons))
-        summary["publish"]["published"] = False
+        summary.publish = PublishSummary(**gate_verdict, published=False)
     else:
         publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
         published, cached = run_locked(
@@ -98,12 +98,12 @@ def finetune_flow(config: PipelineConfig) -> dict:
             system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
             tracking=trained.tracking,
         )
-        summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
+        summary.publish = PublishSummary(**gate_verdict, **published.model_dump(), published=not cached, reused=cached)
         if cached:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
         else:
             record_published(store_root, config.name, trained.fingerprint, published.model_dump())
-        summary["publish"]["run_model_link"] = str(link_model(run_dir, published.model_dir))
+        summary.publish.run_model_link = str(link_model(run_dir, published.model_dir))
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
         card_path = Path(published.model_dir) / "README.md"
@@ -113,11 +113,11 @@ def finetune_flow(config: PipelineConfig) -> dict:
     if trained.tracking and trained.tracking.url:
         create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
                              description="this adapter's MLflow run: curve, eval metrics per model, report, card")
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    write_summary(run_dir, summary)
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.write(run_dir)
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
-    return summary
+    return summary.to_json()
 
 
 def published_record_path(store_root: str, run_name: str) -> Path:
@@ -156,55 +156,55 @@ def verification_texts(store_root: str, tokens: ArtifactRef, count: int) -> list
     return [prompt + reference for prompt, reference in zip(rows["prompt"][:count], rows["reference"][:count])]
 
 
-def card_facts(config: PipelineConfig, summary: dict, evaluation) -> CardFacts:
+def card_facts(config: PipelineConfig, summary: RunSummary, evaluation) -> CardFacts:
     """What the model card says, all taken from this run's summary (no secrets are in it)."""
+    train = summary.train
     return CardFacts(
         run_name=config.name,
         base_model=config.model.base,
         base_revision=config.model.revision,
-        sources=[SourceFacts(name=s["name"], kind=s["kind"], location=s["location"], sha256=s["fingerprint"], rows=s["rows"])
-                 for s in summary["sources"]],
-        rows={name: stage["rows_out"] for name, stage in summary["stages"].items()},
+        sources=[SourceFacts(name=s.name, kind=s.kind, location=s.location, sha256=s.fingerprint, rows=s.rows)
+                 for s in summary.sources],
+        rows={name: stage.rows_out for name, stage in summary.stages.items()},
         synthesizer=config.synthesize.kind,
         template=config.format.template,
         system_prompt=config.format.system_prompt,
         masking="all tokens" if config.tokenize.train_on_inputs else "answer tokens and their end-of-turn only; padding masked by position",
-        tokens_sha256=summary["tokens"]["sha256"],
-        preflight=summary.get("preflight") or {},
+        tokens_sha256=summary.tokens.sha256,
+        preflight=summary.preflight,
         train_config=config.train.model_dump(mode="json"),
-        train_metrics={k: summary["train"].get(k) for k in (
+        train_metrics={k: getattr(train, k) for k in (
             "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
             "peak_memory_bytes", "peak_memory_kind")},
-        train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
+        train_ran={k: getattr(train, k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         gate=evaluation.gate.model_dump(),
     )
 
 
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: RunSummary) -> str:
     """The run in a few lines, for the Prefect UI."""
-    lines = [f"# {summary['name']}", "", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
-    for name, stage in summary["stages"].items():
-        lines.append(f"| {name} | {stage['rows_in']} | {stage['rows_out']} | {stage['rows_quarantined']} | "
-                     f"{stage['cached']} | {stage['seconds']} |")
-    if "eval" in summary:
-        models = {"base": summary["eval"]["base"], "fine-tuned": summary["eval"]["finetuned"]}
-        if summary["eval"].get("previous"):
-            models["previously published"] = summary["eval"]["previous"]
+    lines = [f"# {summary.name}", "", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
+    for name, stage in summary.stages.items():
+        lines.append(f"| {name} | {stage.rows_in} | {stage.rows_out} | {stage.rows_quarantined} | "
+                     f"{stage.cached} | {stage.seconds} |")
+    if summary.eval is not None:
+        models = {"base": summary.eval.base, "fine-tuned": summary.eval.finetuned}
+        if summary.eval.previous:
+            models["previously published"] = summary.eval.previous
         lines += ["", "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
         for metric in HEADLINE_METRICS:
             lines.append(f"| {metric} | " + " | ".join(str(m.get(metric)) for m in models.values()) + " |")
-        train = summary.get("train", {})
-        peak = train.get("peak_memory_bytes") or 0
-        lines += ["", f"Training: {train.get('global_step')} steps, {train.get('tokens_per_second')} tokens/s, "
-                      f"peak memory {peak / 2**30:.2f} GiB ({train.get('peak_memory_kind')}), on {train.get('device')}"]
-        lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
-                      f"**{summary.get('publish', {}).get('published')}**"]
-    tracking = summary.get("tracking")
+        train = summary.train
+        lines += ["", f"Training: {train.global_step} steps, {train.tokens_per_second} tokens/s, "
+                      f"peak memory {train.peak_memory_bytes / 2**30:.2f} GiB ({train.peak_memory_kind}), on {train.device}"]
+        lines += ["", f"Gate passed: **{summary.eval.gate.passed}**; published: "
+                      f"**{summary.publish.published if summary.publish else None}**"]
+    tracking = summary.tracking
     if tracking:
-        where = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"
-        lines += ["", f"MLflow run {where} at `{tracking['tracking_uri']}` (experiment {tracking['experiment_id']})"]
-        if summary.get("publish", {}).get("registered_version"):
-            lines.append(f"Registered model **{summary['publish']['registered_model']}** version "
-                         f"{summary['publish']['registered_version']}")
+        where = f"[{tracking.run_id}]({tracking.url})" if tracking.url else f"`{tracking.run_id}`"
+        lines += ["", f"MLflow run {where} at `{tracking.tracking_uri}` (experiment {tracking.experiment_id})"]
+        if summary.publish and summary.publish.registered_version:
+            lines.append(f"Registered model **{summary.publish.registered_model}** version "
+                         f"{summary.publish.registered_version}")
     return "\n".join(lines)
