@@ -178,6 +178,8 @@ def card_facts(config: PipelineConfig, summary: RunSummary, evaluation) -> CardF
             "peak_memory_bytes", "peak_memory_kind")},
         train_ran={k: getattr(train, k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
+        eval_metrics={metric: value for metric in HEADLINE_METRICS
+                      if isinstance(value := evaluation.finetuned.get(metric), (int, float)) and not isinstance(value, bool)},
         gate=evaluation.gate.model_dump(),
     )
 

@@ -28,6 +28,7 @@ from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.fsdp_checkpoint import FsdpAdapterCheckpoint
 from loraflow.training.plan import TrainPlan
 from loraflow.training.result import NonFiniteTrainingError
+from loraflow.training.version_guard import require_verified
 
 
 def build_trainer(model, batches, config: TrainConfig, checkpoints_dir: Path, *, identity: dict,
@@ -42,6 +43,9 @@ def build_trainer(model, batches, config: TrainConfig, checkpoints_dir: Path, *,
 
     main_process = is_main_process()
     plan = batches.plan
+    if config.group_by_length and not plan.packing:  # ResumableTrainer's sampler replaces Trainer's private hook
+        require_verified("transformers", "The epoch-seeded length-grouped batch order (loraflow.training.trainer "
+                         "overrides Trainer._get_train_sampler)", "train.group_by_length=false")
     Trainer = resumable_trainer_class()
     recorder = StepRecorder(batches.collator, log if main_process else None)
     guard = NonFiniteGuard(config.nonfinite_patience)
