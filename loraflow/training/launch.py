@@ -199,34 +199,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
              "GPU" if cuda_devices else "CPU", " ".join(command))
     tail: deque[str] = deque(maxlen=40)
     started = time.perf_counter()
-    launched = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
-    try:
-        for line in launched.stdout:
-            line = line.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if line.startswith(PROGRESS_PREFIX):
-                step = json.loads(line[len(PROGRESS_PREFIX):])
-                log.info("train: step %d/%d, loss %s", step["step"], step["max_steps"], step["loss"])
-                if on_step is not None:
-                    on_step(step["step"], step["max_steps"], step["loss"])
-            else:
-                log.info("%s", line)
-        returncode = launched.wait()
-    except BaseException:
-        # The caller is going away (cancelled run, Ctrl-C, a failing on_step): accelerate launch forwards SIGTERM
-        # to the training processes, which would otherwise keep the GPUs.
-        launched.terminate()
-        try:
-            launched.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            launched.kill()
-        raise
-    finally:
-        launched.stdout.close()
-
+    returncode = run_streaming(command, log, on_step, tail)
     if returncode != 0 or not result_path.exists():
         if error_path.exists():
             error = json.loads(error_path.read_text())
@@ -242,6 +215,38 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
     log.info("train: the launch took %.0f s in all (%.0f s of it in rank 0's training)",
              time.perf_counter() - started, result.seconds)
     return result
+
+
+def run_streaming(command: list[str], log, on_step, tail: deque) -> int:
+    """Run the launch, every line it prints into `log` (rank 0's progress lines to `on_step` as well, the last ones
+    into `tail`); its exit code. The processes are stopped when the caller goes away."""
+    launched = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        for line in launched.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            tail.append(line)
+            if line.startswith(PROGRESS_PREFIX):
+                step = json.loads(line[len(PROGRESS_PREFIX):])
+                log.info("train: step %d/%d, loss %s", step["step"], step["max_steps"], step["loss"])
+                if on_step is not None:
+                    on_step(step["step"], step["max_steps"], step["loss"])
+            else:
+                log.info("%s", line)
+        return launched.wait()
+    except BaseException:
+        # The caller is going away (cancelled run, Ctrl-C, a failing on_step): accelerate launch forwards SIGTERM
+        # to the training processes, which would otherwise keep the GPUs.
+        launched.terminate()
+        try:
+            launched.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launched.kill()
+        raise
+    finally:
+        launched.stdout.close()
 
 
 # ---- the launched side -----------------------------------------------------------------------------------

@@ -102,6 +102,39 @@ def _cast_frozen_float_params(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def _frozen_params_to(model: nn.Module, compute_dtype: torch.dtype | None, skipped: dict[str, str]) -> str | None:
+    """Frozen fp32 parameters cast to a 16-bit `compute_dtype`; the dtype's name when any were, else None."""
+    if compute_dtype is None or compute_dtype == torch.float32:
+        skipped["frozen_bf16"] = "fp32 compute: frozen parameters keep their dtype"
+        return None
+    return str(compute_dtype).removeprefix("torch.") if _cast_frozen_float_params(model, compute_dtype) else None
+
+
+def _checkpointed_layers(model: nn.Module, train_config, tokens_per_micro_batch: int | None, memory_budget_gb: float | None,
+                         *, fused_head: bool, offload: bool, skipped: dict[str, str]) -> tuple[int, float | None]:
+    """(decoder layers to checkpoint, estimated peak GiB or None): none when train.gradient_checkpointing is off,
+    every layer without a token count or budget, else as few as fit the budget (`plan_checkpointing`)."""
+    if train_config is not None and not train_config.gradient_checkpointing:
+        skipped["gradient_checkpointing"] = "train.gradient_checkpointing is off"
+        return 0, None
+    if tokens_per_micro_batch is None or memory_budget_gb is None:
+        skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
+        return len(_decoder(model).layers), None
+    return plan_checkpointing(model, tokens_per_micro_batch, memory_budget_gb, fused_head=fused_head, offload=offload)
+
+
+def _lean_recompute(train_config, wanted: bool, fuse_lora: bool, checkpointed: int, skipped: dict[str, str]) -> bool:
+    """Whether checkpointed layers recompute lean: asked for, with the fused LoRA forward, in one process."""
+    single_process = train_config is None or getattr(train_config, "distributed", "none") == "none"
+    if wanted and not fuse_lora:
+        skipped["lean_recompute"] = "needs the fused LoRA forward (fuse_lora)"
+    elif wanted and not single_process:
+        skipped["lean_recompute"] = "train.distributed: torch's checkpoint, whose recompute DDP's hooks were measured with"
+    elif not wanted:
+        skipped["lean_recompute"] = "disabled by the caller"
+    return wanted and fuse_lora and single_process and checkpointed > 0
+
+
 def default_attention(model: nn.Module, on_cuda: bool) -> str:
     """The attention the fast path uses: varlen flash attention on CUDA (measured 1-6 % more tokens/s than flex
     end to end on the 8B shape at every budget, docs/speed.md), flex attention where torch has no varlen kernel
@@ -166,37 +199,15 @@ def configure_model_for_speed(
 
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if on_cuda else None
-    cast_to = None
-    if compute_dtype is not None and compute_dtype != torch.float32:
-        if _cast_frozen_float_params(model, compute_dtype):
-            cast_to = str(compute_dtype).removeprefix("torch.")
-    else:
-        skipped["frozen_bf16"] = "fp32 compute: frozen parameters keep their dtype"
+    cast_to = _frozen_params_to(model, compute_dtype, skipped)
 
     layers = len(_decoder(model).layers)
-    want_checkpointing = True if train_config is None else bool(train_config.gradient_checkpointing)
     if memory_budget_gb is None and on_cuda:
         memory_budget_gb = torch.cuda.get_device_properties(device).total_memory / GIB
-    estimated = None
-    if not want_checkpointing:
-        checkpointed = 0
-        skipped["gradient_checkpointing"] = "train.gradient_checkpointing is off"
-    elif tokens_per_micro_batch is None or memory_budget_gb is None:
-        checkpointed = layers
-        skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
-    else:
-        checkpointed, estimated = plan_checkpointing(
-            model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger,
-            offload=offload_checkpointed,
-        )
-    single_process = train_config is None or getattr(train_config, "distributed", "none") == "none"
-    lean = lean_recompute and fuse_lora and single_process and checkpointed > 0
-    if lean_recompute and not fuse_lora:
-        skipped["lean_recompute"] = "needs the fused LoRA forward (fuse_lora)"
-    elif lean_recompute and not single_process:
-        skipped["lean_recompute"] = "train.distributed: torch's checkpoint, whose recompute DDP's hooks were measured with"
-    elif not lean_recompute:
-        skipped["lean_recompute"] = "disabled by the caller"
+    checkpointed, estimated = _checkpointed_layers(model, train_config, tokens_per_micro_batch, memory_budget_gb,
+                                                   fused_head="fused_linear_cross_entropy" in liger,
+                                                   offload=offload_checkpointed, skipped=skipped)
+    lean = _lean_recompute(train_config, lean_recompute, fuse_lora, checkpointed, skipped)
     offloaded = _apply_checkpointing(model, checkpointed, offload=offload_checkpointed, lean=lean)
     plan = SpeedPlan(
         attn_implementation=attn_implementation,
