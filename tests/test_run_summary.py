@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from loraflow.evaluation.metrics import GateDecision
-from loraflow.runs.summary import EvalSummary, PublishSummary, RunSummary, StageSummary, schema_markdown
+from loraflow.runs.summary import EvalSummary, PublishSummary, RunSummary, StageSummary, TrainSummary, schema_markdown
+from loraflow.training.plan import TrainPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,19 @@ def test_summary_round_trips_through_its_file(tmp_path):
                                gate=GateDecision(passed=False, reasons=["FAIL: x"]), report="r.md", table="t.parquet",
                                cached=False)
     summary.publish = PublishSummary(gate_passed=False, gate_reasons=["FAIL: x"], adapter_dir="a")
+    plan = TrainPlan(device="cpu", device_name="CPU, 2 threads", precision="fp32", precision_reason="fp32 requested",
+                     quantization="none", quantization_reason="no CUDA device", optimizer="adamw_torch", packing=False,
+                     fast_path=False, fast_path_reason="packing is off").with_micro_batch(2, "train.micro_batch_size")
+    summary.train = TrainSummary(
+        adapter_dir="a", metrics_path="m.json", loss_curve_path="c.parquet", global_step=2, train_rows=4, train_tokens=99,
+        final_loss=1.5, tokens_per_second=10.0, peak_memory_bytes=1, peak_memory_kind="process_max_rss", seconds=1.0,
+        device="cpu", quantization="none", precision="fp32", optimizer="adamw_torch", data_sha256="ab", fingerprint="cd",
+        plan=plan, cached=False)
     path = summary.write(tmp_path)
-    assert json.loads(path.read_text())["stages"]["tokenize"]["stats"] == {"splits": {"train": 2}}
+    written = json.loads(path.read_text())
+    assert written["stages"]["tokenize"]["stats"] == {"splits": {"train": 2}}
+    assert written["train"]["plan"]["rows_per_micro_batch"] == 2 and written["train"]["plan"]["fast_path"] is False
+    assert RunSummary.read(tmp_path).train.plan == plan
     assert RunSummary.read(tmp_path) == summary and RunSummary.read(path) == summary
     assert RunSummary.read(tmp_path).publish.model_dir is None  # nothing published: PublishResult's fields are empty
 
