@@ -13,7 +13,7 @@ from loraflow.config.train import TrainConfig
 from loraflow.training.checkpoints import CHECKPOINT_MARKER, identity_differences
 from loraflow.training.data import PadByPosition
 from loraflow.training.micro_batch import choose_rows_per_micro_batch
-from loraflow.training.plan import packing_enabled, plan_training
+from loraflow.training.plan import fast_path_choice, packing_enabled, plan_training
 from loraflow.training.result import NonFiniteTrainingError, ResumeMismatchError
 from tasks.train import train_adapter
 from tests.tiny_llama import build_tiny_llama, tokens_frame
@@ -88,6 +88,7 @@ def test_cpu_runs_the_same_path_unquantized(caplog):
                                                        choose_precision("auto", "cpu").reason)
     assert plan.quantization_reason.startswith("no CUDA device, so train.quantization=4bit runs unquantized")
     assert not plan.packing and not plan.fast_path and plan.launcher is None and plan.processes == 1
+    assert plan.fast_path_reason == "train.packing=auto packs on CUDA only"
     assert "train: plan device=cpu" in caplog.text and plan.quantization_reason in caplog.text  # logged once, with why
 
 
@@ -189,6 +190,15 @@ def test_packing_auto_is_on_for_cuda_only():
     assert TrainConfig().packing == "auto"
     assert packing_enabled(TrainConfig(), cuda) and not packing_enabled(TrainConfig(), cpu)
     assert packing_enabled(TrainConfig(packing=True), cpu) and not packing_enabled(TrainConfig(packing=False), cuda)
+
+
+def test_the_fast_path_runs_packed_on_cuda_outside_fsdp_and_says_why_not():
+    assert fast_path_choice(TrainConfig(), "cuda") == (True, "packed rows on CUDA")
+    assert fast_path_choice(TrainConfig(distributed="ddp", num_processes=2), "cuda")[0]
+    assert fast_path_choice(TrainConfig(), "cpu") == (False, "train.packing=auto packs on CUDA only")
+    assert fast_path_choice(TrainConfig(packing=False), "cuda") == (False, "packing is off")
+    assert fast_path_choice(TrainConfig(packing=True), "cpu")[1].startswith("no CUDA device")
+    assert fast_path_choice(TrainConfig(distributed="fsdp"), "cuda")[1].startswith("train.distributed=fsdp")
 
 
 def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):

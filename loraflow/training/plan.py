@@ -98,7 +98,7 @@ def plan_training(config: TrainConfig, model_dir: str | Path, longest_example: i
     if device == "cpu" and config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     packing = packing_enabled(config, device)
-    fast, fast_reason = fast_path_choice(packing, device, config.distributed)
+    fast, fast_reason = fast_path_choice(config, device)
     quantization = config.quantization if device == "cuda" else "none"
     plan = TrainPlan(
         device=device, device_name=device_name(device), precision=precision.precision,
@@ -129,15 +129,15 @@ def packing_enabled(config: TrainConfig, device: str) -> bool:
     return bool(config.packing)
 
 
-def fast_path_choice(packing: bool, device: str, distributed: str = "none") -> tuple[bool, str]:
-    """(whether the packed fast path runs, why). It runs on CUDA; packing on CPU keeps the CPU settings. Not under
-    FSDP: its fused LoRA epilogues and per-layer checkpointing reach into modules FSDP has flattened and wrapped
-    (measured nowhere yet), so FSDP packs with document masks and Trainer's checkpointing."""
-    if not packing:
-        return False, "packing is off"
+def fast_path_choice(config: TrainConfig, device: str) -> tuple[bool, str]:
+    """(whether the packed fast path runs on `device`, why). It runs on CUDA; packing on CPU keeps the CPU settings.
+    Not under FSDP: its fused LoRA epilogues and per-layer checkpointing reach into modules FSDP has flattened and
+    wrapped (measured nowhere yet), so FSDP packs with document masks and Trainer's checkpointing."""
+    if not packing_enabled(config, device):
+        return False, "train.packing=auto packs on CUDA only" if config.packing == "auto" else "packing is off"
     if device != "cuda":
         return False, "no CUDA device: packed rows with the CPU settings"
-    if distributed == "fsdp":
+    if config.distributed == "fsdp":
         return False, "train.distributed=fsdp: document masks and Trainer's checkpointing, no model surgery"
     return True, "packed rows on CUDA"
 
