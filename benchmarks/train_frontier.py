@@ -7,8 +7,8 @@
 One command, one GPU. Built on `train_throughput.py` (same random-init model, synthetic data, 4-bit NF4 loading,
 paged AdamW 8-bit at lr 2e-4, timing loop and isolation check); every recipe runs in its own child process.
 
-- loraflow, one child per budget: the train stage's own setup, `tasks.train.load_lora_model(fast=True)` and
-  `tasks.train.configure_fast_path` (rows per micro-batch from `train.memory_budget_gb`, then
+- loraflow, one child per budget: the train stage's own setup, its TrainPlan (`loraflow.training.plan`), then
+  `load_lora_model` and `configure_fast_path` (rows per micro-batch from `train.memory_budget_gb`, then
   `configure_model_for_speed`), with the budget set and nothing else; "unlimited" = no budget (the GPU's memory).
 - Unsloth, one child: FastLanguageModel with its own checkpointing, trained at 1, 2, 4, 8, 16 rows per step in
   turn (peak reset between); it has no budget setting, so at each budget its row is the fastest setting whose
