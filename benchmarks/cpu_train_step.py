@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import multiprocessing
 import platform
 import statistics
@@ -39,7 +40,7 @@ from loraflow.config.pipeline import load_config
 from loraflow.modeling.base_model import resolve_model_dir
 from loraflow.modeling.precision import choose_precision
 from loraflow.training.model_loading import load_lora_model
-from loraflow.training.planning import training_environment
+from loraflow.training.plan import plan_training
 
 # ---- the answer_only variant: logits only where a label is trained (measured slower on CPU: not in the product)
 IGNORE_INDEX = -100
@@ -122,7 +123,7 @@ def _busy_loop() -> None:
         pass
 
 
-def thread_study(model_dir, config, env, rows, steps: int, warmup: int) -> dict:
+def thread_study(model_dir, config, plan, rows, steps: int, warmup: int) -> dict:
     """answer_only seconds per step at 1 and at every core's thread, with 0 and 1 busy processes beside it."""
     cores = torch.get_num_threads()
     study = {}
@@ -134,9 +135,9 @@ def thread_study(model_dir, config, env, rows, steps: int, warmup: int) -> dict:
             for threads in sorted({1, cores}):
                 torch.set_num_threads(threads)
                 torch.manual_seed(0)
-                model = load_lora_model(model_dir, config.train, env).train()
+                model = load_lora_model(model_dir, config.train, plan).train()
                 batches = length_grouped_batches(rows, 4, 0)
-                result = measure(model, batches, True, steps, warmup, env["precision"] == "bf16")
+                result = measure(model, batches, True, steps, warmup, plan.precision == "bf16")
                 study[f"busy{busy}_threads{threads}"] = result
                 print(f"busy processes {busy}, torch threads {threads}: {result['s_per_step']:.2f} s/step")
                 del model
@@ -160,11 +161,11 @@ def main() -> None:
 
     config = load_config(args.config)
     model_dir = resolve_model_dir(config.model, config.base_dir)
-    env = training_environment(config.train)
     rows = demo_train_rows(Path(config.store_root()))
+    plan = plan_training(config.train, model_dir, int(rows["length"].max()), logging.getLogger("cpu_train_step"))
     pad_id = 0
     capability = torch.backends.cpu.get_cpu_capability()
-    print(f"CPU capability {capability}, threads {torch.get_num_threads()}, precision {env['precision']} "
+    print(f"CPU capability {capability}, threads {torch.get_num_threads()}, precision {plan.precision} "
           f"({choose_precision('auto', 'cpu').reason}); {len(rows)} train rows")
     results = {}
     names = args.variants.split(",")
@@ -173,10 +174,10 @@ def main() -> None:
     for position, name in enumerate([names[0], *names]):
         batch_size, answer_only = VARIANTS[name]
         torch.manual_seed(0)
-        model = load_lora_model(model_dir, config.train, env)
+        model = load_lora_model(model_dir, config.train, plan)
         model.train()
         batches = length_grouped_batches(rows, batch_size, pad_id)
-        result = measure(model, batches, answer_only, args.steps, args.warmup, env["precision"] == "bf16")
+        result = measure(model, batches, answer_only, args.steps, args.warmup, plan.precision == "bf16")
         result["s_per_epoch"] = result["s_per_step"] * len(batches)
         del model
         if position == 0:
@@ -184,7 +185,7 @@ def main() -> None:
         results[name] = {"micro_batch": batch_size, "answer_only": answer_only, **result}
         print(f"{name:12s} mb={batch_size:2d} {result['s_per_step']:.2f} s/step  {result['s_per_epoch']:.1f} s/epoch  "
               f"{result['trained_tokens_per_s']:.0f} trained tok/s")
-    study = thread_study(model_dir, config, env, rows, args.steps, args.warmup) if args.threads_study else None
+    study = thread_study(model_dir, config, plan, rows, args.steps, args.warmup) if args.threads_study else None
     base = results.get("baseline")
     if base:
         for name, result in results.items():
@@ -192,7 +193,7 @@ def main() -> None:
             print(f"{name:12s} epoch speed-up vs baseline: {result['epoch_speedup_vs_baseline']:.2f}x")
     if args.out:
         record = {"date": dt.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
-                  "capability": capability, "threads": torch.get_num_threads(), "precision": env["precision"],
+                  "capability": capability, "threads": torch.get_num_threads(), "precision": plan.precision,
                   "train_rows": len(rows), "steps": args.steps, "warmup": args.warmup, "results": results,
                   "threads_study": study, "command": " ".join(["python", *__import__("sys").argv])}
         path = Path(args.out) / f"cpu_train_step_{capability.lower()}.json"

@@ -7,8 +7,8 @@
 One command, one GPU. Built on `train_throughput.py` (same random-init model, synthetic data, 4-bit NF4 loading,
 paged AdamW 8-bit at lr 2e-4, timing loop and isolation check); every recipe runs in its own child process.
 
-- loraflow, one child per budget: the train stage's own setup, `tasks.train.load_lora_model(fast=True)` and
-  `tasks.train.configure_fast_path` (rows per micro-batch from `train.memory_budget_gb`, then
+- loraflow, one child per budget: the train stage's own setup, its TrainPlan (`loraflow.training.plan`), then
+  `load_lora_model` and `configure_fast_path` (rows per micro-batch from `train.memory_budget_gb`, then
   `configure_model_for_speed`), with the budget set and nothing else; "unlimited" = no budget (the GPU's memory).
 - Unsloth, one child: FastLanguageModel with its own checkpointing, trained at 1, 2, 4, 8, 16 rows per step in
   turn (peak reset between); it has no budget setting, so at each budget its row is the fastest setting whose
@@ -76,10 +76,11 @@ def _examples(args) -> list[dict]:
 
 def _stage_functions():
     """The train stage's own setup functions (loraflow.training)."""
+    from loraflow.training.micro_batch import configure_fast_path
     from loraflow.training.model_loading import load_lora_model
-    from loraflow.training.planning import configure_fast_path, training_environment
+    from loraflow.training.plan import plan_training
 
-    return load_lora_model, configure_fast_path, training_environment
+    return load_lora_model, configure_fast_path, plan_training
 
 
 def run_loraflow_stage(args, log) -> dict:
@@ -87,20 +88,22 @@ def run_loraflow_stage(args, log) -> dict:
 
     from loraflow.config.train import TrainConfig
 
-    load_lora_model, configure_fast_path, training_environment = _stage_functions()
+    load_lora_model, configure_fast_path, plan_training = _stage_functions()
     examples = _examples(args)
     config = TrainConfig(quantization="4bit", lora_r=16, lora_alpha=32, learning_rate=2e-4,
                          pack_max_tokens=args.seq_len, memory_budget_gb=args.memory_budget_gb)
-    env = training_environment(config)
-    device = torch.device(env["device"])
-    model = load_lora_model(Path(args.model_dir), config, env, fast=env["device"] == "cuda")
+    longest = max(len(e["input_ids"]) for e in examples)
+    train_plan = plan_training(config, Path(args.model_dir), longest, _Log(log))
+    device = torch.device(train_plan.device)
+    model = load_lora_model(Path(args.model_dir), config, train_plan)
     from loraflow.training import pack_examples
 
     max_tokens = max(config.pack_max_tokens, max(len(e["input_ids"]) for e in examples))
     packed_rows = len(pack_examples(examples, max_tokens=max_tokens))
-    if env["device"] == "cuda":
-        rows, plan = configure_fast_path(model, config, env, max_tokens, packed_rows, log=_Log(log),
+    if train_plan.device == "cuda":
+        train_plan = configure_fast_path(model, config, train_plan, max_tokens, packed_rows, log=_Log(log),
                                          attn_implementation=args.attn, lean_recompute=args.lean_recompute == "on")
+        rows, plan = train_plan.rows_per_micro_batch, train_plan.speed
     else:  # CPU dry run: the stage keeps CPU settings there; plan what the GPU would, on the CPU model
         from loraflow.training import configure_model_for_speed
 
@@ -129,6 +132,8 @@ class _Log:
 
     def info(self, message, *args):
         self._log("  " + (message % args if args else message))
+
+    warning = info
 
 
 def _with(args, **changes):

@@ -14,7 +14,7 @@ per-GPU work: --rows packed rows per micro-batch, accumulation 1, so the global 
 scaling, the usual way to state data-parallel speedup). tokens/s counts non-padding tokens over all processes
 from the end of the first step to the last (leaves out compilation and warm-up). `speedup_vs_1gpu` divides by the
 same strategy on 1 GPU; `speedup_vs_none` by the in-process baseline. FSDP runs without the fast path's model
-surgery (loraflow/training/planning.py, fast_path_enabled), so fsdp vs ddp on 1 GPU shows that cost.
+surgery (loraflow/training/plan.py, fast_path_choice), so fsdp vs ddp on 1 GPU shows that cost.
 
 Time: not measured yet; estimated 6-9 minutes on 2 H200s (8B build and save ~50 s, then 5 runs of ~1 min: launch,
 4-bit load, 8 steps). `--strategies ddp --gpus 2` and the like split it over several calls (the model is kept in

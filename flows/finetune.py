@@ -5,8 +5,8 @@ outputs live in content-addressed folders of the store (named by what they were 
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
 published again. Every publish is a numbered version of the model name (the config's `name`) and becomes its
 champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
-`loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is evaluated beside the champion,
-and the gate (its own cheap step on the cached evaluation) refuses it if it is
+`loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
+evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
 worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
 eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
 """
@@ -16,26 +16,27 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 
-from flows.prepare import artifact_key, new_run_dir, prepare_stages, write_summary
+from flows.prepare import artifact_key, new_run_dir, prepare_stages
 from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
+from loraflow.ops.assets import materialize_published_model, source_asset_key
+from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from loraflow.publishing.merge import MODEL_MANIFEST
 from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
 from loraflow.runtime.code_version import code_version
 from loraflow.runtime.run_cost import cost_line, run_cost, timed
+from loraflow.sources import source_locations
 from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_champion_alias
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
-from loraflow.sources import source_locations
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import local_root, run_locked
+from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
-from loraflow.ops.assets import materialize_published_model, source_asset_key
-from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
 from tasks.publish import publish_task
@@ -55,17 +56,16 @@ PUBLISH_CACHE = STAGE_CACHE - "card" - "verify_texts" - "system_prompt" - "trust
 
 @flow(name="finetune", log_prints=True)
 def finetune_flow(config: PipelineConfig) -> dict:
-    """Sources to an evaluated, gated, merged and published model; returns the run summary."""
+    """Sources to an evaluated, gated, merged and published model; returns the run summary (summary.json's JSON:
+    loraflow.runs.summary.RunSummary)."""
     logger = get_run_logger()
     started = time.perf_counter()
     run_dir = new_run_dir(config)
 
     # ---- data half
     summary = prepare_stages(config, run_dir)
-    tokens = ArtifactRef(**summary["tokens"])
-    model_dir = summary["model_dir"]
-    store_root = summary["store"]
-    seconds = {"prepare": summary["prepare_seconds"]}  # this run's seconds per stage, for its cost
+    tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
+    seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
 
     # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
@@ -77,8 +77,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
             store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
             run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
         )
-    summary["train"] = {**trained.model_dump(), "cached": cached}
-    summary["tracking"] = trained.tracking.model_dump() if trained.tracking else None  # the MLflow run of this adapter
+    summary.train = TrainSummary(**trained.model_dump(), cached=cached)
+    summary.tracking = trained.tracking  # the MLflow run of this adapter
 
     # ---- evaluate base vs fine-tuned (and vs the champion, if another adapter made it); gate
     previous = champion_to_beat(store_root, config.name, exclude_fingerprint=trained.fingerprint)
@@ -98,17 +98,17 @@ def finetune_flow(config: PipelineConfig) -> dict:
     # ---- the gate: its own cheap step on the (cached) metrics
     with timed(seconds, "gate"):
         gate = gate_task(evaluation, config.eval.gate, tracking=trained.tracking)
-    summary["cost"] = run_cost(seconds, stage_devices(config), config.cost)  # so far: the card's figure
-    summary["eval"] = {"base": evaluation.base, "finetuned": evaluation.finetuned, "previous": evaluation.previous,
-                       "previous_model_dir": previous_model_dir, "gate": gate.model_dump(),
-                       "report": evaluation.report_path, "table": evaluation.table_path, "cached": cached}
+    summary.cost = CostSummary(**run_cost(seconds, stage_devices(config), config.cost))  # so far: the card's figure
+    summary.eval = EvalSummary(base=evaluation.base, finetuned=evaluation.finetuned, previous=evaluation.previous,
+                               previous_model_dir=previous_model_dir, gate=gate,
+                               report=evaluation.report_path, table=evaluation.table_path, cached=cached)
+    summary.candidate = CandidateSummary(base_model_dir=model_dir, adapter_dir=trained.adapter_dir,  # `loraflow ask` it
+                                         system_prompt=config.format.system_prompt)
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
-    summary["publish"] = {"gate_passed": gate.passed, "gate_reasons": gate.reasons, "adapter_dir": trained.adapter_dir}
-    summary["candidate"] = {"base_model_dir": model_dir, "adapter_dir": trained.adapter_dir,  # `loraflow ask` a refused one
-                            "system_prompt": config.format.system_prompt}
+    gate_verdict = dict(gate_passed=gate.passed, gate_reasons=gate.reasons, adapter_dir=trained.adapter_dir)
     if not gate.passed:
-        summary["publish"]["published"] = False
+        summary.publish = PublishSummary(**gate_verdict, published=False)
     else:
         publish_dir = work_dir(store_root, "publish", trained.fingerprint, config_hash(config.publish))
         with timed(seconds, "publish"):
@@ -121,13 +121,13 @@ def finetune_flow(config: PipelineConfig) -> dict:
                 system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
                 tracking=trained.tracking,
             )
-        summary["publish"].update(published.model_dump(), published=not cached, reused=cached)
+        summary.publish = PublishSummary(**gate_verdict, **published.model_dump(), published=not cached, reused=cached)
         if cached:
             logger.info("this adapter was already published (%s): nothing new to publish", published.model_dir)
         else:  # a new numbered version of the model name, and the champion
-            summary["publish"]["version"] = record_version(store_root, config, summary, trained.fingerprint,
-                                                           published.model_dump(), gate.reasons)
-        summary["publish"]["run_model_link"] = str(link_model(run_dir, published.model_dir))
+            summary.publish.version = record_version(store_root, config, summary, trained.fingerprint,
+                                                     published.model_dump(), gate.reasons)
+        summary.publish.run_model_link = str(link_model(run_dir, published.model_dir))
         create_link_artifact(key=f"{artifact_key(config.name)}-model", link=Path(published.model_dir).as_uri(),
                              description="merged model folder (model card: README.md)")
         card_path = Path(published.model_dir) / "README.md"
@@ -137,19 +137,19 @@ def finetune_flow(config: PipelineConfig) -> dict:
     if trained.tracking and trained.tracking.url:
         create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
                              description="this adapter's MLflow run: curve, eval metrics per model, report, card")
-    summary["cost"] = run_cost(seconds, stage_devices(config), config.cost)
-    if not summary["train"]["cached"]:  # what making this adapter cost, on its MLflow run
-        log_best_effort(trained.tracking, "cost", logger, metrics=cost_metrics(summary["cost"]))
-    summary["seconds"] = round(time.perf_counter() - started, 3)
-    write_summary(run_dir, summary)
+    summary.cost = CostSummary(**run_cost(seconds, stage_devices(config), config.cost))
+    if not summary.train.cached:  # what making this adapter cost, on its MLflow run
+        log_best_effort(trained.tracking, "cost", logger, metrics=cost_metrics(summary.cost))
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.write(run_dir)
     create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
                              description="loraflow run summary")
     if not gate.passed:  # a refusal nobody can miss: a named end state and an event with the reasons
         message = refusal_message(config.name, gate.failures, str(run_dir))
         logger.warning(message)
         emit_refusal(config.name, gate.failures, gate.reasons, str(run_dir), trained.adapter_dir)
-        return refused_state(summary, message, fail=config.eval.gate.fail_on_refusal)
-    return summary
+        return refused_state(summary.to_json(), message, fail=config.eval.gate.fail_on_refusal)
+    return summary.to_json()
 
 
 def stage_devices(config: PipelineConfig) -> dict[str, int]:
@@ -158,10 +158,10 @@ def stage_devices(config: PipelineConfig) -> dict[str, int]:
     return {"train": config.train.num_processes or 1} if config.train.distributed != "none" else {}
 
 
-def cost_metrics(cost: dict) -> dict[str, float]:
+def cost_metrics(cost: CostSummary) -> dict[str, float]:
     """The run's cost as MLflow metrics."""
-    metrics = {"cost.device_seconds": cost["total_device_seconds"]}
-    return metrics | ({"cost.price": cost["cost"]} if cost["cost"] is not None else {})
+    metrics = {"cost.device_seconds": cost.total_device_seconds}
+    return metrics | ({"cost.price": cost.cost} if cost.cost is not None else {})
 
 
 def source_asset_keys(config: PipelineConfig) -> list[str]:
@@ -180,23 +180,26 @@ def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -
     return record
 
 
-def record_version(store_root: str, config: PipelineConfig, summary: dict, adapter_fingerprint: str, published: dict,
-                   gate_reasons: list[str]) -> int:
+def record_version(store_root: str, config: PipelineConfig, summary: RunSummary, adapter_fingerprint: str,
+                   published: dict, gate_reasons: list[str]) -> int:
     """Record the model just published as the next version of `config.name`, with its lineage (metrics, data
-    fingerprints, the full resolved config, code version, flow-run id), and make it the champion; returns its number."""
+    fingerprints, the full resolved config, code version, flow-run id), make it the champion and materialize the
+    model's asset; returns its number."""
     root, flow_run_id = registry_root(local_root(store_root)), flow_run.get_id()
+    sources = [source.model_dump(mode="json") for source in summary.sources]
     number = add_version(root, config.name, {
         "adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published,
-        "metrics": summary["eval"]["finetuned"], "gate": gate_reasons, "run_dir": summary["run_dir"],
-        "data": {"sources": summary["sources"], "tokens_sha256": summary["tokens"]["sha256"]},
+        "metrics": summary.eval.finetuned, "gate": gate_reasons, "run_dir": summary.run_dir,
+        "data": {"sources": sources, "tokens_sha256": summary.tokens.sha256},
         "config": {**config.model_dump(mode="json"), "store": config.store_root(), "runs_dir": str(config.runs_root())},
-        "code": code_version(), "flow_run_id": flow_run_id, "tracking": summary.get("tracking"),
+        "code": code_version(), "flow_run_id": flow_run_id,
+        "tracking": summary.tracking.model_dump(mode="json") if summary.tracking else None,
     })
     move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
     materialize_published_model(config.name, number, source_asset_keys(config), {
-        "metrics": {metric: summary["eval"]["finetuned"].get(metric) for metric in HEADLINE_METRICS},
-        "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in summary["sources"]],
-        "tokens_sha256": summary["tokens"]["sha256"], "model_dir": published["model_dir"]})
+        "metrics": {metric: summary.eval.finetuned.get(metric) for metric in HEADLINE_METRICS},
+        "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in sources],
+        "tokens_sha256": summary.tokens.sha256, "model_dir": published["model_dir"]})
     note = set_champion_alias(version(root, config.name, number))
     get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
     return number
@@ -215,59 +218,61 @@ def verification_texts(store_root: str, tokens: ArtifactRef, count: int) -> list
     return [prompt + reference for prompt, reference in zip(rows["prompt"][:count], rows["reference"][:count])]
 
 
-def card_facts(config: PipelineConfig, summary: dict, evaluation, gate) -> CardFacts:
+def card_facts(config: PipelineConfig, summary: RunSummary, evaluation, gate) -> CardFacts:
     """What the model card says, all taken from this run's summary (no secrets are in it)."""
+    train = summary.train
     return CardFacts(
         run_name=config.name,
         base_model=config.model.base,
         base_revision=config.model.revision,
-        sources=[SourceFacts(name=s["name"], kind=s["kind"], location=s["location"], sha256=s["fingerprint"], rows=s["rows"])
-                 for s in summary["sources"]],
-        rows={name: stage["rows_out"] for name, stage in summary["stages"].items()},
+        sources=[SourceFacts(name=s.name, kind=s.kind, location=s.location, sha256=s.fingerprint, rows=s.rows)
+                 for s in summary.sources],
+        rows={name: stage.rows_out for name, stage in summary.stages.items()},
         synthesizer=config.synthesize.kind,
         template=config.format.template,
         system_prompt=config.format.system_prompt,
         masking="all tokens" if config.tokenize.train_on_inputs else "answer tokens and their end-of-turn only; padding masked by position",
-        tokens_sha256=summary["tokens"]["sha256"],
-        preflight=summary.get("preflight") or {},
+        tokens_sha256=summary.tokens.sha256,
+        preflight=summary.preflight,
         train_config=config.train.model_dump(mode="json"),
-        train_metrics={k: summary["train"].get(k) for k in (
+        train_metrics={k: getattr(train, k) for k in (
             "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
             "peak_memory_bytes", "peak_memory_kind")},
-        train_ran={k: summary["train"].get(k) for k in TRAIN_RAN_FIELDS},
+        train_ran={k: getattr(train, k) for k in TRAIN_RAN_FIELDS},
         eval_report_markdown=Path(evaluation.report_path).read_text(),
+        eval_metrics={metric: value for metric in HEADLINE_METRICS
+                      if isinstance(value := evaluation.finetuned.get(metric), (int, float)) and not isinstance(value, bool)},
         gate=gate.model_dump(),
-        cost_line=cost_line(summary["cost"]),
+        cost_line=cost_line(summary.cost.model_dump()),
     )
 
 
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: RunSummary) -> str:
     """The run in a few lines, for the Prefect UI."""
-    lines = [f"# {summary['name']}", ""] + [f"- **warning:** {warning}" for warning in summary.get("warnings", [])]
+    lines = [f"# {summary.name}", ""] + [f"- **warning:** {warning}" for warning in summary.warnings]
     lines += ["", "| stage | in | out | quarantined | cached | s |", "|---|---|---|---|---|---|"]
-    for name, stage in summary["stages"].items():
-        lines.append(f"| {name} | {stage['rows_in']} | {stage['rows_out']} | {stage['rows_quarantined']} | "
-                     f"{stage['cached']} | {stage['seconds']} |")
-    if "eval" in summary:
-        models = {"base": summary["eval"]["base"], "fine-tuned": summary["eval"]["finetuned"]}
-        if summary["eval"].get("previous"):
-            models["previously published"] = summary["eval"]["previous"]
+    for name, stage in summary.stages.items():
+        lines.append(f"| {name} | {stage.rows_in} | {stage.rows_out} | {stage.rows_quarantined} | "
+                     f"{stage.cached} | {stage.seconds} |")
+    if summary.eval is not None:
+        models = {"base": summary.eval.base, "fine-tuned": summary.eval.finetuned}
+        if summary.eval.previous:
+            models["champion"] = summary.eval.previous
         lines += ["", "| metric | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
         for metric in HEADLINE_METRICS:
             lines.append(f"| {metric} | " + " | ".join(str(m.get(metric)) for m in models.values()) + " |")
-        train = summary.get("train", {})
-        peak = train.get("peak_memory_bytes") or 0
-        lines += ["", f"Training: {train.get('global_step')} steps, {train.get('tokens_per_second')} tokens/s, "
-                      f"peak memory {peak / 2**30:.2f} GiB ({train.get('peak_memory_kind')}), on {train.get('device')}"]
-        lines += ["", f"Gate passed: **{summary['eval']['gate']['passed']}**; published: "
-                      f"**{summary.get('publish', {}).get('published')}**"]
-    if summary.get("cost"):
-        lines += ["", cost_line(summary["cost"])]
-    tracking = summary.get("tracking")
+        train = summary.train
+        lines += ["", f"Training: {train.global_step} steps, {train.tokens_per_second} tokens/s, "
+                      f"peak memory {train.peak_memory_bytes / 2**30:.2f} GiB ({train.peak_memory_kind}), on {train.device}"]
+        lines += ["", f"Gate passed: **{summary.eval.gate.passed}**; published: "
+                      f"**{summary.publish.published if summary.publish else None}**"]
+    if summary.cost is not None:
+        lines += ["", cost_line(summary.cost.model_dump())]
+    tracking = summary.tracking
     if tracking:
-        where = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"
-        lines += ["", f"MLflow run {where} at `{tracking['tracking_uri']}` (experiment {tracking['experiment_id']})"]
-        if summary.get("publish", {}).get("registered_version"):
-            lines.append(f"Registered model **{summary['publish']['registered_model']}** version "
-                         f"{summary['publish']['registered_version']}")
+        where = f"[{tracking.run_id}]({tracking.url})" if tracking.url else f"`{tracking.run_id}`"
+        lines += ["", f"MLflow run {where} at `{tracking.tracking_uri}` (experiment {tracking.experiment_id})"]
+        if summary.publish and summary.publish.registered_version:
+            lines.append(f"Registered model **{summary.publish.registered_model}** version "
+                         f"{summary.publish.registered_version}")
     return "\n".join(lines)

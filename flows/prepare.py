@@ -23,7 +23,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.config.pipeline import PipelineConfig, check_confinement, config_hash
 from loraflow.config.model import ModelConfig
 from loraflow.modeling.base_model import resolve_model_dir, tokenizer_fingerprint
@@ -32,6 +31,7 @@ from loraflow.runtime.shards import build_task_runner, map_stage
 from loraflow.runtime.stage_output import StageResult, quarantine_reasons
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import run_stage
+from loraflow.runs.summary import RunSummary, ShardSummary, SourceSummary, StageSummary
 from tasks.format import format_task
 from tasks.ingest import ingest_task
 from tasks.paraphrase import paraphrase_inputs, paraphrase_task
@@ -44,21 +44,22 @@ from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_ta
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config: PipelineConfig) -> dict:
-    """Prepare training-ready, verified tokens from the configured sources; returns the run summary."""
+    """Prepare training-ready, verified tokens from the configured sources; returns the run summary (summary.json's
+    JSON: loraflow.runs.summary.RunSummary)."""
     run_dir = new_run_dir(config)
     summary = prepare_stages(config, run_dir)
-    write_summary(run_dir, summary)
-    return summary
+    summary.write(run_dir)
+    return summary.to_json()
 
 
-def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
+def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
     """Run ingest -> synthesize -> format -> tokenize -> pre-flight inside the calling flow (sharded: see the module)."""
     logger = get_run_logger()
     started = time.perf_counter()
     # A worker's operator may confine every path a (UI-triggered) config can name to some folders.
     check_confinement(config, os.environ.get("LORAFLOW_DATA_ROOTS"))
     store = ArtifactStore(config.store_root())
-    summary = {"name": config.name, "run_dir": str(run_dir), "store": store.root, "sources": [], "stages": {}}
+    summary = RunSummary(name=config.name, run_dir=str(run_dir), store=store.root)
 
     # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []
@@ -70,11 +71,11 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
         )
         raw_results.append(result)
         name = source_name(source)
-        summary["stages"][f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
+        summary.stages[f"ingest:{name}"] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
         stage_artifact(config.name, f"ingest-{name}", result, store, cached)
-        summary["sources"].append({"name": name, "kind": source.kind, "fingerprint": fingerprint,
-                                   "location": ", ".join(l.address for l in source_locations(source, config.base_dir)),
-                                   "rows": result.rows_out})
+        summary.sources.append(SourceSummary(
+            name=name, kind=source.kind, fingerprint=fingerprint, rows=result.rows_out,
+            location=", ".join(l.address for l in source_locations(source, config.base_dir))))
 
     # ---- the tokenizer comes before format and tokenize: its fingerprint is part of both cache keys
     tokenizer_dir = str(resolve_model_dir(config.model, config.base_dir))
@@ -88,31 +89,29 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> dict:
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
     formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary, paraphrases)
 
-    summary["warnings"] = (truncation_warnings(summary["stages"], config) + split_warnings(summary["stages"], config)
-                           + control_text_warnings(summary["stages"]))
-    for warning in summary["warnings"]:
+    summary.warnings = (truncation_warnings(summary.stages, config) + split_warnings(summary.stages, config)
+                        + control_text_warnings(summary.stages))
+    for warning in summary.warnings:
         logger.warning(warning)
 
     # ---- pre-flight: fail here, not three hours into training
-    summary["preflight"] = preflight_task(
+    summary.preflight = preflight_task(
         tokens_ref=tokens, formatted_ref=formatted, format_config=config.format,
         tokenizer_dir=tokenizer_dir, store_root=store.root,
     )
 
-    summary["tokens"] = tokens.model_dump()
-    summary["formatted"] = formatted.model_dump()
-    summary["model_dir"] = tokenizer_dir
-    summary["prepare_seconds"] = round(time.perf_counter() - started, 3)
-    summary["all_cached"] = all(stage["cached"] for stage in summary["stages"].values())
-    logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary["stages"]), summary["all_cached"],
-                summary["prepare_seconds"])
+    summary.tokens, summary.formatted, summary.model_dir = tokens, formatted, tokenizer_dir
+    summary.prepare_seconds = round(time.perf_counter() - started, 3)
+    summary.all_cached = all(stage.cached for stage in summary.stages.values())
+    logger.info("prepare: %s stages, all cached: %s, %.1f s", len(summary.stages), summary.all_cached,
+                summary.prepare_seconds)
     return summary
 
 
-def control_text_warnings(stages: dict) -> list[str]:
+def control_text_warnings(stages: dict[str, StageSummary]) -> list[str]:
     """Rows whose data spells a control token of the tokenizer (`<|im_end|>` in an answer): kept as plain text."""
-    format_stage = stages.get("format") or stages.get("format:merge") or {}
-    count = format_stage.get("stats", {}).get("control_text_rows", 0)
+    format_stage = stages.get("format") or stages.get("format:merge")
+    count = format_stage.stats.get("control_text_rows", 0) if format_stage else 0
     if not count:
         return []
     return [f"{count} row(s) contain the text of a control token (e.g. <|im_end|>) in a message: it is trained as plain "
@@ -120,22 +119,22 @@ def control_text_warnings(stages: dict) -> list[str]:
             f"is not meant to be there"]
 
 
-def truncation_warnings(stages: dict, config: PipelineConfig) -> list[str]:
+def truncation_warnings(stages: dict[str, StageSummary], config: PipelineConfig) -> list[str]:
     """A source that stopped at its `max_rows`: rows after them (those an upstream appends) are left out of every run."""
     warnings = []
     for source in config.sources:
-        read = stages.get(f"ingest:{source_name(source)}", {}).get("rows_in", 0)
-        if source.max_rows is not None and read >= source.max_rows:
+        ingest = stages.get(f"ingest:{source_name(source)}")
+        if source.max_rows is not None and ingest is not None and ingest.rows_in >= source.max_rows:
             warnings.append(f"source {source_name(source)!r} stopped at max_rows={source.max_rows}: any rows after the "
                             f"first {source.max_rows} (rows an upstream appends included) are left out -> remove "
                             f"sources[].max_rows (or raise it) to train on all of them")
     return warnings
 
 
-def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
+def split_warnings(stages: dict[str, StageSummary], config: PipelineConfig) -> list[str]:
     """What the user should know about the split before training: an empty validation split (unless asked for)."""
-    tokenize = stages.get("tokenize") or stages.get("tokenize:merge") or {}
-    splits = tokenize.get("stats", {}).get("splits", {})
+    tokenize = stages.get("tokenize") or stages.get("tokenize:merge")
+    splits = tokenize.stats.get("splits", {}) if tokenize else {}
     if not splits or splits.get("validation", 0) > 0 or config.tokenize.validation_fraction == 0:
         return []
     return [f"the validation split is empty ({splits.get('train', 0)} train examples, tokenize.validation_fraction="
@@ -143,7 +142,7 @@ def split_warnings(stages: dict, config: PipelineConfig) -> list[str]:
             f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
 
 
-def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: dict) -> ArtifactRef | None:
+def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunSummary) -> ArtifactRef | None:
     """The accepted paraphrases of table_qa's trained phrasings (None when paraphrase is off or nothing uses table_qa);
     the paraphraser is the base model unless synthesize.table_qa.paraphrase.model names another."""
     options = config.synthesize.table_qa
@@ -161,7 +160,7 @@ def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: dict
 
 
 def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                          fingerprint: str, summary: dict, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
+                          fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
     """synthesize -> format -> tokenize, one task each over all rows; returns (formatted, tokens)."""
     conversations, cached, seconds = run_stage(
         synthesize_task, store, raw_refs=raw_refs, config=config.synthesize, store_root=store.root,
@@ -182,7 +181,7 @@ def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs
 
 
 def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                   fingerprint: str, summary: dict, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
+                   fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
     """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens)."""
     kinds = [source.synthesizer for source in config.sources]
     source_names = [source_name(source) for source in config.sources]
@@ -193,9 +192,9 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
         id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
         store_root=store.root,
     )
-    summary["stages"]["shard"] = {"rows_in": plan.rows_in, "rows_out": plan.rows_out, "rows_quarantined": 0,
-                                  "cached": cached, "seconds": round(seconds, 3),
-                                  "stats": {**plan.stats, "unaccounted_rows": plan.rows_in - plan.rows_out}}
+    summary.stages["shard"] = StageSummary(rows_in=plan.rows_in, rows_out=plan.rows_out, rows_quarantined=0,
+                                           cached=cached, seconds=round(seconds, 3),
+                                           stats={**plan.stats, "unaccounted_rows": plan.rows_in - plan.rows_out})
 
     # ---- per shard, on the task runner (a Dask cluster lives as long as this subflow)
     per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
@@ -204,8 +203,8 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
     )
     shard_numbers = [shard.number for shard in plan.shards]
     for stage_name, (outcomes, seconds) in per_shard.items():
-        summary["stages"][stage_name] = shards_summary(outcomes, shard_numbers, seconds)
-        shards_artifact(config.name, stage_name, summary["stages"][stage_name])
+        summary.stages[stage_name] = shards_summary(outcomes, shard_numbers, seconds)
+        shards_artifact(config.name, stage_name, summary.stages[stage_name])
     conversations_refs = [result.output for result, _ in per_shard["synthesize"][0]]
 
     # ---- dataset-level, once over all rows in source order: one formatted artifact, then duplicates and leakage
@@ -239,29 +238,29 @@ def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tok
     return {"synthesize": conversations, "format": formatted, "tokenize": tokens}
 
 
-def record_stage(summary: dict, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,
+def record_stage(summary: RunSummary, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,
                  store: ArtifactStore) -> None:
     """A stage's line in summary.json and its table artifact."""
-    summary["stages"][stage_name] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
+    summary.stages[stage_name] = stage_summary(result, cached, seconds, quarantine_reasons(store, result))
     stage_artifact(run_name, stage_name.replace(":", "-"), result, store, cached)
 
 
-def shards_summary(outcomes: list[tuple[StageResult, bool]], shard_numbers: list[int], seconds: float) -> dict:
+def shards_summary(outcomes: list[tuple[StageResult, bool]], shard_numbers: list[int], seconds: float) -> StageSummary:
     """A sharded stage's line in summary.json: totals over its shards (in = out + quarantined holds for the sums),
     and one entry per shard."""
     results = [result for result, _ in outcomes]
-    return {
-        "rows_in": sum(r.rows_in for r in results),
-        "rows_out": sum(r.rows_out for r in results),
-        "rows_quarantined": sum(r.rows_quarantined for r in results),
-        "cached": all(cached for _, cached in outcomes),
-        "seconds": round(seconds, 3),
-        "stats": summed_stats([r.stats for r in results]),
-        "shards": [{"shard": number, "rows_in": r.rows_in, "rows_out": r.rows_out, "rows_quarantined": r.rows_quarantined,
-                    "artifact": r.output.uri, "sha256": r.output.sha256,
-                    "quarantine": r.quarantine.uri if r.quarantine else None, "cached": cached}
-                   for number, (r, cached) in zip(shard_numbers, outcomes)],
-    }
+    return StageSummary(
+        rows_in=sum(r.rows_in for r in results),
+        rows_out=sum(r.rows_out for r in results),
+        rows_quarantined=sum(r.rows_quarantined for r in results),
+        cached=all(cached for _, cached in outcomes),
+        seconds=round(seconds, 3),
+        stats=summed_stats([r.stats for r in results]),
+        shards=[ShardSummary(shard=number, rows_in=r.rows_in, rows_out=r.rows_out, rows_quarantined=r.rows_quarantined,
+                             artifact=r.output.uri, sha256=r.output.sha256,
+                             quarantine=r.quarantine.uri if r.quarantine else None, cached=cached)
+                for number, (r, cached) in zip(shard_numbers, outcomes)],
+    )
 
 
 def summed_stats(stats: list[dict]) -> dict:
@@ -280,12 +279,12 @@ def summed_stats(stats: list[dict]) -> dict:
     return total
 
 
-def shards_artifact(run_name: str, stage_name: str, stage: dict) -> None:
+def shards_artifact(run_name: str, stage_name: str, stage: StageSummary) -> None:
     """A table artifact per sharded stage: totals, then rows per shard."""
-    rows = [{"shard": "all", "rows in": stage["rows_in"], "rows out": stage["rows_out"],
-             "rows quarantined": stage["rows_quarantined"], "cached": stage["cached"]}]
-    rows += [{"shard": shard["shard"], "rows in": shard["rows_in"], "rows out": shard["rows_out"],
-              "rows quarantined": shard["rows_quarantined"], "cached": shard["cached"]} for shard in stage["shards"]]
+    rows = [{"shard": "all", "rows in": stage.rows_in, "rows out": stage.rows_out,
+             "rows quarantined": stage.rows_quarantined, "cached": stage.cached}]
+    rows += [{"shard": shard.shard, "rows in": shard.rows_in, "rows out": shard.rows_out,
+              "rows quarantined": shard.rows_quarantined, "cached": shard.cached} for shard in stage.shards]
     create_table_artifact(key=artifact_key(f"{run_name}-{stage_name}"), table=rows,
                           description=f"{stage_name} per shard: rows in/out/quarantined, cached")
 
@@ -311,20 +310,14 @@ def artifact_key(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
 
 
-def stage_summary(result, cached: bool, seconds: float, reasons: list[dict] | None = None) -> dict:
+def stage_summary(result, cached: bool, seconds: float, reasons: list[dict] | None = None) -> StageSummary:
     """The per-stage line of summary.json (`quarantine_reasons`: the top kinds of reason, see top_reasons)."""
-    return {
-        "rows_in": result.rows_in,
-        "rows_out": result.rows_out,
-        "rows_quarantined": result.rows_quarantined,
-        "artifact": result.output.uri,
-        "sha256": result.output.sha256,
-        "quarantine": result.quarantine.uri if result.quarantine else None,
-        "quarantine_reasons": reasons or [],
-        "cached": cached,
-        "seconds": round(seconds, 3),
-        "stats": result.stats,
-    }
+    return StageSummary(
+        rows_in=result.rows_in, rows_out=result.rows_out, rows_quarantined=result.rows_quarantined,
+        artifact=result.output.uri, sha256=result.output.sha256,
+        quarantine=result.quarantine.uri if result.quarantine else None, quarantine_reasons=reasons or [],
+        cached=cached, seconds=round(seconds, 3), stats=result.stats,
+    )
 
 
 def new_run_dir(config: PipelineConfig) -> Path:
@@ -334,7 +327,3 @@ def new_run_dir(config: PipelineConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
-
-def write_summary(run_dir: Path, summary: dict) -> Path:
-    """Write summary.json atomically into the run folder."""
-    return write_json_atomic(run_dir / "summary.json", summary, indent=2)

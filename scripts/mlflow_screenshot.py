@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.mlflow_server import mlflow_server  # noqa: E402 - the tests' server helper, run from the repo root
+from loraflow.runs.summary import RunSummary  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -72,15 +73,16 @@ def main() -> None:
         if done.returncode not in (0, 1):  # 1: the gate refused the model (the metrics are there all the same)
             sys.exit(done.stdout[-3000:] + done.stderr[-3000:])
         summary_path = done.stdout.strip().splitlines()[-1]  # `loraflow run` prints the summary's path last
-        summary = json.loads(Path(summary_path).read_text())
-        run_url = summary["tracking"]["url"]
+        summary = RunSummary.read(summary_path)
+        run_url = summary.tracking.url
         overview = screenshot(run_url, args.docs / "mlflow-run.png", args.out / "chrome", size="1400,2300")
         charts = screenshot(f"{run_url}/model-metrics", args.docs / "mlflow-metrics.png", args.out / "chrome")
         curve = screenshot(f"{run_url}/artifacts/train/loss_curve.png", args.docs / "mlflow-curve.png", args.out / "chrome")
         print(json.dumps({"run": run_url, "overview_has_eval": "eval.finetuned.fact_accuracy" in overview,
-                          "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "curve_shown": "loss_curve" in curve, "train_seconds": summary["train"]["seconds"],
+                          "metrics_tab_has_charts": "eval.base.eval_loss" in charts, "curve_shown": "loss_curve" in curve, "train_seconds": summary.train.seconds,
                           "summary": summary_path,
-                          "eval": {k: summary["eval"][k].get("fact_accuracy") for k in ("base", "finetuned")}}))
+                          "eval": {"base": summary.eval.base.get("fact_accuracy"),
+                                   "finetuned": summary.eval.finetuned.get("fact_accuracy")}}))
 
 
 if __name__ == "__main__":

@@ -28,38 +28,16 @@ import logging
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
 from loraflow.config.publish import PublishConfig
 from loraflow.publishing.gguf import export_gguf, gguf_logit_difference
 from loraflow.publishing.hub import assert_no_secret, push_folder, resolve_hub_token
 from loraflow.publishing.merge import merge_adapter, save_merged
 from loraflow.tracking.mlflow_run import log_best_effort, register_model
 from loraflow.publishing.model_card import CardFacts, render_model_card
+from loraflow.publishing.result import PublishResult
 from loraflow.tracking.report_to import TrackingRun, redact_url
 
 log_default = logging.getLogger("loraflow.publish")
-
-
-class PublishResult(BaseModel):
-    """Where the merged model went and how it was checked."""
-
-    model_dir: str
-    files: dict[str, str] = Field(..., description="Relative path -> sha256 of every published file.")
-    max_logit_diff: float
-    merge_dtype: str
-    saved_dtype: str
-    target: str
-    gguf_file: str | None = None
-    gguf_max_logit_diff: float | None = None
-    hub_repo: str | None = None
-    hub_run_branch: str | None = None
-    hub_run_commit: str | None = None
-    hub_branch: str | None = None
-    hub_commit: str | None = None
-    registered_model: str | None = Field(None, description="MLflow Model Registry name (publish.register_model).")
-    registered_version: str | None = Field(None, description="Its version holding this merged model.")
-    seconds: float
 
 
 def publish_model(

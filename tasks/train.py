@@ -7,23 +7,25 @@ loraflow.modeling.precision); resumable
 checkpoints; a stop on non-finite loss or gradient norm.
 Packing (train.packing) uses loraflow.training's first-fit packer and PackedCollator with per-document
 causal masks. Several GPUs (train.distributed = ddp | fsdp): train_adapter hands over to
-loraflow.training.launch, which runs this same function in train.num_processes processes with `accelerate launch`
+loraflow.training.launch, which runs `train_launched` in train.num_processes processes with `accelerate launch`
 and returns rank 0's TrainResult; in those processes only rank 0 writes the adapter, metrics, loss curve and
-checkpoint markers (docs/scaling.md). FSDP runs without the fast path's model surgery (below).
+checkpoint markers (docs/scaling.md). FSDP runs without the fast path's model surgery (below). One process trains
+in `train_here`, which decides the TrainPlan (loraflow.training.plan) once, logs it and returns it in TrainResult.plan.
 
 The fast path (default on CUDA: train.packing="auto"): examples packed into rows of train.pack_max_tokens,
 `configure_model_for_speed` after get_peft_model instead of prepare_model_for_kbit_training (varlen flash
 attention with each packed document its own sequence, else flex attention with per-document block masks;
 Liger kernels, fused LoRA epilogues, bf16 frozen tensors, gradient checkpointing on only as many layers as
 train.memory_budget_gb needs), packed rows per micro-batch chosen from the same budget, Trainer's own checkpointing off, no 2-D attention_mask. The SpeedPlan (what was applied, and why each
-lever that was not) goes into metrics.json with tokens/s (non-padding tokens) and peak memory; docs/speed.md
+lever that was not) goes into the TrainPlan and metrics.json with tokens/s (non-padding tokens) and peak memory; docs/speed.md
 has the measurements behind it.
 
 Without CUDA the same code path runs with an unquantized base (bitsandbytes' 4-bit path needs a GPU to be
 worth it), and the log says so.
 
-Where each step lives: loraflow.runtime.tokens_input (the TOKENS read); in loraflow.training: .data (datasets, batches),
-.model_loading, .planning (device, precision, packing, the fast path), .trainer (Trainer and its callbacks),
+Where each step lives: loraflow.runtime.tokens_input (the TOKENS read); in loraflow.training: .plan (device, precision,
+quantization, packing, the fast path, processes), .data (inputs, batches; the fast path's micro-batch in .micro_batch),
+.model_loading, .trainer (Trainer and its callbacks),
 .checkpoints (identity, resume, the saved adapter), .outputs (curve, metrics), .distributed, .launch (several
 processes). This module is the recipe and the Prefect task.
 
@@ -36,7 +38,6 @@ Output folder:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -46,17 +47,13 @@ from loraflow.config.train import TrainConfig
 from loraflow.tracking.mlflow_run import check_tracker, log_best_effort, tracked_run
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.throttle import Throttle
-from loraflow.runtime.tokens_input import load_tokens
-from loraflow.training.checkpoints import finished_result, identity_fingerprint, resume_point, run_identity
-from loraflow.training.data import plan_batches
+from loraflow.training.checkpoints import finished_result, resume_point
+from loraflow.training.data import TrainInputs, plan_batches, read_train_inputs
 from loraflow.training.distributed import is_main_process, world_size
-from loraflow.training.launch import LAUNCHED_ENV, launch_training, resolve_num_processes
+from loraflow.training.launch import launch_training, resolve_num_processes
 from loraflow.training.model_loading import load_lora_model, load_tokenizer, parameter_counts
 from loraflow.training.outputs import gather_after_training, peak_memory, save_outputs
-from loraflow.training.planning import (
-    apply_training_environment, check_budget_before_loading, check_fsdp_budget, device_name, fast_path_enabled,
-    fsdp_memory_estimate, packing_enabled, quantization_reason, training_environment,
-)
+from loraflow.training.plan import check_fsdp_budget, plan_training
 from loraflow.training.result import TrainResult
 from loraflow.training.trainer import build_trainer, train_resuming
 
@@ -69,7 +66,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
                   callbacks: list | None = None, on_step=None, run_name: str | None = None,
                   tracking_params: dict[str, str] | None = None,
                   log: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
-    """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame).
+    """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame): here
+    (`train_here`), or with train.distributed in launched processes (each runs `train_launched`).
 
     Re-running after a crash continues from the newest complete checkpoint in `output_dir`; it refuses
     (ResumeMismatchError, listing what differs) when the data, base model or config changed, unless
@@ -83,61 +81,75 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     """
     log = log or log_default
     started = time.perf_counter()
-    launching = train_config.distributed != "none" and not os.environ.get(LAUNCHED_ENV)
+    launching = train_config.distributed != "none"
     if launching and callbacks:
         raise ValueError("train.distributed runs training in launched processes, where callbacks from this "
                          "process cannot run: drop callbacks, or set train.distributed=none")
     # ---- validate inputs before loading anything heavy; reuse a finished adapter ----
-    frame, data_sha = load_tokens(tokens, store)
-    train_rows = frame[frame["split"] == "train"]
-    if train_rows.empty:
-        raise ValueError(f"tokens artifact {data_sha[:12]}…: no rows with split='train'; nothing to train on")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    identity = run_identity(data_sha, model_dir, train_config)
-    fingerprint = identity_fingerprint(identity)
-    done = finished_result(output_dir, fingerprint)
+    inputs = read_train_inputs(tokens, store, model_dir, train_config)
+    done = finished_result(output_dir, inputs.fingerprint)
     if done is not None:
-        log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", output_dir / "adapter", fingerprint)
+        log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", output_dir / "adapter", inputs.fingerprint)
         return done
-    if not os.environ.get(LAUNCHED_ENV):
-        check_tracker(train_config)
-    longest = int(train_rows["length"].max())
-    if launching:  # each launched process runs this function again (LAUNCHED_ENV set); rank 0's result comes back
-        if train_config.distributed == "fsdp":  # per-GPU peak stated (and a budget it breaks refused) before launching
-            import torch
+    check_tracker(train_config)
+    if not launching:
+        return train_here(inputs, model_dir, train_config, output_dir, trust_remote_code=trust_remote_code,
+                          callbacks=callbacks, on_step=on_step, run_name=run_name, tracking_params=tracking_params,
+                          log=log, started=started)
+    if train_config.distributed == "fsdp":  # per-GPU peak stated (and a budget it breaks refused) before launching
+        import torch
 
-            check_fsdp_budget(model_dir, train_config, training_environment(train_config), longest,
-                              resolve_num_processes(train_config, torch.cuda.device_count()), log)
-        result = launch_training(tokens, model_dir, train_config, output_dir, store=store,
-                                 trust_remote_code=trust_remote_code, log=log, on_step=on_step, train_fn=train_adapter)
-        log_training_files(result, tracking_params, log)
-        return result
-    env = apply_training_environment(train_config, log)
+        check_fsdp_budget(model_dir, train_config, inputs.longest_example,
+                          resolve_num_processes(train_config, torch.cuda.device_count()), log)
+    # Each launched process runs train_launched; rank 0's result comes back.
+    result = launch_training(tokens, model_dir, train_config, output_dir, store=store, trust_remote_code=trust_remote_code,
+                             log=log, on_step=on_step, train_fn=train_launched)
+    log_training_files(result, tracking_params, log)
+    return result
+
+
+def train_launched(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, train_config: TrainConfig,
+                   output_dir: str | Path, *, store: ArtifactStore | None = None, trust_remote_code: bool = False,
+                   on_step=None) -> TrainResult:
+    """One launched process's share of a train.distributed run (what loraflow.training.launch's job file names);
+    only rank 0 writes the outputs, and its TrainResult is the run's."""
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    inputs = read_train_inputs(tokens, store, model_dir, train_config)
+    return train_here(inputs, model_dir, train_config, Path(output_dir), trust_remote_code=trust_remote_code,
+                      on_step=on_step, log=log_default, started=started)
+
+
+def train_here(inputs: TrainInputs, model_dir: Path, train_config: TrainConfig, output_dir: Path, *,
+               trust_remote_code: bool = False, callbacks: list | None = None, on_step=None, run_name: str | None = None,
+               tracking_params: dict[str, str] | None = None, log=log_default, started: float | None = None) -> TrainResult:
+    """Train in this process (alone, or as one of the launched processes): plan, model, batches, Trainer, train,
+    save. The TrainPlan is decided once here and goes into the TrainResult."""
+    started = started or time.perf_counter()
+    plan = plan_training(train_config, model_dir, inputs.longest_example, log, processes=world_size())
 
     # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
     checkpoints_dir = output_dir / "checkpoints"
-    resume_from, resumed_from_step = resume_point(checkpoints_dir, identity, train_config, log)
+    resume_from, resumed_from_step = resume_point(checkpoints_dir, inputs.identity, train_config, log)
 
     # ---- model: base (quantized on GPU) + LoRA. The collator needs the pad id, so the tokenizer comes first ----
     _, pad_id = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    packing = packing_enabled(train_config, env)
-    fast = fast_path_enabled(packing, env, train_config.distributed)
     # Seeded before the adapter exists: LoRA's A matrices are drawn from the global RNG, and a resumed run
     # must rebuild the same model the checkpoint was made from.
     from transformers import set_seed
 
     set_seed(train_config.seed)
-    if fast:
-        check_budget_before_loading(model_dir, train_config, env, longest)
-    model = load_lora_model(model_dir, train_config, env, trust_remote_code=trust_remote_code, fast=fast)
+    model = load_lora_model(model_dir, train_config, plan, trust_remote_code=trust_remote_code)
     trainable, total = parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    # ---- speed plan and data: padded batches, or packed rows whose documents only attend to themselves ----
-    batches = plan_batches(model, train_rows, train_config, env, pad_id, packing=packing, fast=fast, log=log)
+    # ---- data: padded batches, or packed rows whose documents only attend to themselves (the plan's micro-batch) ----
+    batches = plan_batches(model, inputs.train_rows, train_config, plan, pad_id, log=log)
+    plan = batches.plan
 
     # ---- trainer, then train (from the checkpoint chosen above) ----
-    trainer, recorder = build_trainer(model, batches, train_config, env, checkpoints_dir, identity=identity,
+    trainer, recorder = build_trainer(model, batches, train_config, checkpoints_dir, identity=inputs.identity,
                                       on_step=on_step, callbacks=callbacks, log=log, run_name=run_name,
                                       tracking_params=tracking_params, resume_from=resume_from)
     train_output = train_resuming(trainer, resume_from, checkpoints_dir, log, config=train_config)
@@ -145,7 +157,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
 
     # ---- save: collectives on every process first (token counts, the FSDP gather), then rank 0 writes ----
     gathered = gather_after_training(trainer, batches.collator, output_dir)
-    peak_bytes, peak_kind = peak_memory(env["device"])
+    peak_bytes, peak_kind = peak_memory(plan.device)
+    train_rows = inputs.train_rows
     result = TrainResult(
         adapter_dir=str(output_dir / "adapter"), metrics_path=str(output_dir / "metrics.json"),
         loss_curve_path=str(output_dir / "loss_curve.parquet"), loss_plot_path=str(output_dir / "loss_curve.png"),
@@ -153,20 +166,19 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
         train_tokens=int(train_rows["length"].sum()), final_loss=recorder.final_loss(),
         tokens_per_second=recorder.tokens_per_second(),
         tokens_per_second_after_first_step=recorder.tokens_per_second(after_first_step=True),
-        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, packing=batches.packing,
-        rows_per_micro_batch=batches.rows_per_micro_batch, speed_plan=batches.speed_plan,
-        seconds=round(time.perf_counter() - started, 2), device=env["device"], device_name=device_name(env["device"]),
-        quantization=env["quantization"], quantization_reason=quantization_reason(train_config, env),
-        precision=env["precision"], precision_reason=env["precision_reason"], optimizer=env["optimizer"],
-        data_sha256=data_sha, fingerprint=fingerprint, tracking=tracked_run(trainer),
-        fsdp_memory=(fsdp_memory_estimate(model_dir, train_config, env, longest, world_size())
-                     if train_config.distributed == "fsdp" else None),
+        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, packing=plan.packing,
+        rows_per_micro_batch=plan.rows_per_micro_batch, speed_plan=plan.speed,
+        seconds=round(time.perf_counter() - started, 2), device=plan.device, device_name=plan.device_name,
+        quantization=plan.quantization, quantization_reason=plan.quantization_reason,
+        precision=plan.precision, precision_reason=plan.precision_reason, optimizer=plan.optimizer,
+        data_sha256=inputs.data_sha, fingerprint=inputs.fingerprint, tracking=tracked_run(trainer),
+        fsdp_memory=plan.fsdp_memory, plan=plan,
     )
     if is_main_process():  # rank 0 writes; the others' result is never read
         save_outputs(result, model=model, trainer=trainer, train_output=train_output, curve_rows=recorder.rows,
-                     batches=batches, gathered=gathered, config=train_config, identity=identity,
+                     batches=batches, gathered=gathered, config=train_config, identity=inputs.identity,
                      parameters=(trainable, total), log=log)
-        if not os.environ.get(LAUNCHED_ENV):  # launched: the caller logs rank 0's files (above)
+        if plan.launcher is None:  # launched: the caller logs rank 0's files (train_adapter)
             log_training_files(result, None, log)  # the params went in when training began
     return result
 

@@ -117,13 +117,11 @@ def test_fsdp_config_is_what_accelerate_launch_hands_the_processes(tiny_model, t
 
 
 def test_launched_processes_keep_nvlink_multicast_off_and_find_the_repo():
-    from loraflow.training.launch import LAUNCHED_ENV, child_environment
-    from tasks.train import LAUNCHED_ENV as TRAIN_LAUNCHED_ENV
+    from loraflow.training.launch import child_environment
 
     env = child_environment({"PYTHONPATH": "/elsewhere", "NCCL_NVLS_ENABLE": "1"})
     assert (env["NCCL_NVLS_ENABLE"], env["TORCH_SYMM_MEM_DISABLE_MULTICAST"], env["NVSHMEM_DISABLE_NVLS"]) == ("0", "1", "1")
     assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/elsewhere"]
-    assert env[LAUNCHED_ENV] == "1" and LAUNCHED_ENV == TRAIN_LAUNCHED_ENV
 
 
 def test_callbacks_cannot_cross_into_launched_processes(tiny_model, tokens, tmp_path):
@@ -136,13 +134,12 @@ def test_callbacks_cannot_cross_into_launched_processes(tiny_model, tokens, tmp_
     assert not (tmp_path / "run").exists(), "refused before anything was written or launched"
 
 
-def test_a_process_told_fsdp_refuses_to_train_without_it(tiny_model, tokens, tmp_path, monkeypatch):
-    """Inside a launch (LAUNCHED_ENV set) but without accelerate's FSDP: stop before the first step."""
-    from tasks.train import LAUNCHED_ENV, train_adapter
+def test_a_process_told_fsdp_refuses_to_train_without_it(tiny_model, tokens, tmp_path):
+    """A launched process's entry point (train_launched) run without accelerate's FSDP: stop before the first step."""
+    from tasks.train import train_launched
 
-    monkeypatch.setenv(LAUNCHED_ENV, "1")
     with pytest.raises(RuntimeError, match="train.distributed=fsdp but accelerate set up NO:"):
-        train_adapter(tokens, tiny_model, parity_config(distributed="fsdp", num_processes=1), tmp_path / "run")
+        train_launched(tokens, tiny_model, parity_config(distributed="fsdp", num_processes=1), tmp_path / "run")
     assert not (tmp_path / "run" / "adapter").exists()
 
 

@@ -7,11 +7,9 @@ import pytest
 
 from loraflow.config.train import TrainConfig
 from loraflow.training.fsdp_memory import fewest_processes_within, fsdp_peak_per_gpu
-from loraflow.training.planning import check_fsdp_budget, fsdp_memory_estimate
-from loraflow.training.speed import MemoryBudgetError, fixed_bytes_from_config, GIB
+from loraflow.training.memory_model import MemoryBudgetError, fixed_bytes_from_config, GIB
+from loraflow.training.plan import check_fsdp_budget, fsdp_memory_estimate
 from tests.test_memory_budget import LLAMA3_8B
-
-ENV = {"device": "cuda", "quantization": "4bit", "precision": "bf16"}
 
 
 def test_sharding_divides_weights_and_optimizer_state_but_not_activations():
@@ -52,10 +50,10 @@ def test_tokens_per_micro_batch_follow_packing_or_padding(tmp_path):
     model_dir = _model_dir(tmp_path)
     packed = TrainConfig(distributed="fsdp", packing=True, pack_max_tokens=4096, pack_rows_per_micro_batch=2)
     padded = TrainConfig(distributed="fsdp", packing=False, micro_batch_size=4)
-    assert fsdp_memory_estimate(model_dir, packed, ENV, 300, 2)["tokens_per_micro_batch"] == 8192
-    assert fsdp_memory_estimate(model_dir, packed, ENV, 5000, 2)["tokens_per_micro_batch"] == 10000
-    assert fsdp_memory_estimate(model_dir, padded, ENV, 300, 2)["tokens_per_micro_batch"] == 1200
-    assert fsdp_memory_estimate(tmp_path / "absent", padded, ENV, 300, 2) is None
+    assert fsdp_memory_estimate(model_dir, packed, "4bit", True, 300, 2)["tokens_per_micro_batch"] == 8192
+    assert fsdp_memory_estimate(model_dir, packed, "4bit", True, 5000, 2)["tokens_per_micro_batch"] == 10000
+    assert fsdp_memory_estimate(model_dir, padded, "4bit", False, 300, 2)["tokens_per_micro_batch"] == 1200
+    assert fsdp_memory_estimate(tmp_path / "absent", padded, "4bit", False, 300, 2) is None
 
 
 def test_a_budget_fsdp_cannot_keep_is_refused_before_launch_naming_the_gpus_that_would(tmp_path, caplog):
@@ -65,13 +63,13 @@ def test_a_budget_fsdp_cannot_keep_is_refused_before_launch_naming_the_gpus_that
     two = fsdp_peak_per_gpu(LLAMA3_8B, 2, 2048)["total_gib"]
     tight = config.model_copy(update={"memory_budget_gb": round((one + two) / 2, 1)})
     with pytest.raises(MemoryBudgetError, match=r"use 2 GPUs \(train.num_processes=2\)"):
-        check_fsdp_budget(model_dir, tight, ENV, 300, 1, logging.getLogger("t"))
+        check_fsdp_budget(model_dir, tight, 300, 1, logging.getLogger("t"))
     with caplog.at_level(logging.INFO):
-        estimate = check_fsdp_budget(model_dir, tight, ENV, 300, 2, logging.getLogger("t"))
+        estimate = check_fsdp_budget(model_dir, tight, 300, 2, logging.getLogger("t"))
     assert estimate["total_gib"] == two and "estimated peak" in caplog.text
     hopeless = config.model_copy(update={"memory_budget_gb": 1.0})
     with pytest.raises(MemoryBudgetError, match="set train.memory_budget_gb to at least"):
-        check_fsdp_budget(model_dir, hopeless, ENV, 300, 1, logging.getLogger("t"))
+        check_fsdp_budget(model_dir, hopeless, 300, 1, logging.getLogger("t"))
 
 
 def test_the_estimate_holds_the_peak_measured_on_the_h200():

@@ -89,7 +89,8 @@ ALLOWED_TRADES = {
     "training": {"config", "modeling", "runtime", "tracking"},
     "publishing": {"config", "modeling", "runtime", "training", "evaluation"},
     "ops": {"config", "runtime"},
-    "cli": {"config", "sources", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops"},
+    "runs": {"config", "runtime", "training", "evaluation", "publishing", "tracking"},  # summary.json gathers them all
+    "cli": {"config", "sources", "runtime", "modeling", "training", "evaluation", "publishing", "tracking", "ops", "runs"},
 }
 
 

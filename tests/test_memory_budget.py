@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraflow.config.train import TrainConfig
 from loraflow.training import plan_checkpointing
-from loraflow.training.speed import (
+from loraflow.training.memory_model import (
     GIB,
     TRANSIENT_GIB_PER_32K_TOKENS,
     MemoryBudgetError,
@@ -18,7 +18,7 @@ from loraflow.training.speed import (
     fixed_bytes_from_config,
     minimum_budget_gb,
 )
-from loraflow.training.planning import check_budget_before_loading
+from loraflow.training.plan import check_budget_before_loading
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -76,21 +76,19 @@ def test_the_train_stage_refuses_before_loading(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec  # as on the GPU machine: Liger installed, so the head is fused
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a))
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "model_type": "llama"}))  # no weights at all
-    env = {"quantization": "4bit"}
     with pytest.raises(MemoryBudgetError, match="at least"):
-        check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12, pack_max_tokens=32768), env, 100)
+        check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12, pack_max_tokens=32768), "4bit", 100)
     with pytest.raises(MemoryBudgetError):  # the longest example sets the row length too
-        check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12), env, 32768)
-    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=24, pack_max_tokens=32768), env, 100)
-    check_budget_before_loading(tmp_path, TrainConfig(pack_max_tokens=32768), env, 100)  # no budget set
+        check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12), "4bit", 32768)
+    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=24, pack_max_tokens=32768), "4bit", 100)
+    check_budget_before_loading(tmp_path, TrainConfig(pack_max_tokens=32768), "4bit", 100)  # no budget set
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "other"}))
-    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=1), env, 100)  # unknown shape: no refusal
+    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=1), "4bit", 100)  # unknown shape: no refusal
 
 
 def test_the_micro_batch_is_the_fastest_predicted_candidate_that_fits():
-    from loraflow.training.planning import choose_micro_batch
-    from loraflow.training.speed import PLAN_MARGIN_GIB
-    from loraflow.training.step_plan import best_choice, step_candidates
+    from loraflow.training.memory_model import PLAN_MARGIN_GIB
+    from loraflow.training.micro_batch import best_choice, choose_micro_batch, step_candidates
 
     model = _lora_model(TINY)
     config = TrainConfig(quantization="none")
@@ -112,6 +110,6 @@ def test_offload_lowers_the_refused_minimum_on_cuda(tmp_path, monkeypatch):
     saved = minimum_budget_gb(LLAMA3_8B, 32768) - minimum_budget_gb(LLAMA3_8B, 32768, offload=True)
     assert saved == pytest.approx(30 * 32768 * 4096 * 2 / GIB)
     with pytest.raises(MemoryBudgetError, match=r"at least 12\.2"):
-        check_budget_before_loading(tmp_path, config, {"quantization": "4bit", "device": "cuda"}, 100)
-    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12.5, pack_max_tokens=32768),
-                                {"quantization": "4bit", "device": "cuda"}, 100)
+        check_budget_before_loading(tmp_path, config, "4bit", 100, offload=True)
+    check_budget_before_loading(tmp_path, TrainConfig(memory_budget_gb=12.5, pack_max_tokens=32768), "4bit", 100,
+                                offload=True)

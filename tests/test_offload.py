@@ -1,5 +1,5 @@
 """Offloaded checkpointing (loraflow.training.offload) computes the loss and LoRA gradients of plain checkpointing,
-and the step planner's choice logic (loraflow.training.step_plan). CPU; the GPU copy path is tests/gpu/test_offload_gpu.py."""
+and the step planner's choice logic (loraflow.training.micro_batch). CPU; the GPU copy path is tests/gpu/test_offload_gpu.py."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from loraflow.config.train import TrainConfig
 from loraflow.training import configure_model_for_speed, plan_checkpointing
 from loraflow.training.offload import _LayerCheckpoint
-from loraflow.training.step_plan import StepChoice, best_choice, predicted_tokens_per_s, step_candidates
+from loraflow.training.micro_batch import StepChoice, best_choice, predicted_tokens_per_s, step_candidates
 from tests.test_packing_speed import _batch, _layers
 
 
@@ -147,10 +147,10 @@ def test_offload_is_chosen_where_it_alone_lets_more_rows_fit():
 
 
 def test_offload_is_not_chosen_under_ddp(monkeypatch):
-    from loraflow.training import planning
-    from loraflow.training.planning import choose_micro_batch
+    from loraflow.training import micro_batch
+    from loraflow.training.micro_batch import choose_micro_batch
 
-    monkeypatch.setattr(planning, "_liger_available_for", lambda model: True)  # the head fused, as on the GPU
+    monkeypatch.setattr(micro_batch, "_liger_available_for", lambda model: True)  # the head fused, as on the GPU
     model = _meta_lora_llama()
     # Between the 4-row peaks with and without offload: the setting of the test above, where offload wins
     budget = (plan_checkpointing(model, 4 * 4096, 0.0, fused_head=True, offload=True)[1]

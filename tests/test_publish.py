@@ -197,3 +197,18 @@ def test_hub_publish_needs_a_token(trained, tmp_path, monkeypatch):
     config = PublishConfig(target="hf_hub", repo_id="loraflow-test/none")
     with pytest.raises(PublishError, match="HF_TOKEN"):
         publish_model(model_dir, adapter_dir, config, tmp_path / "out", card=card_facts(), verify_texts=texts)
+
+
+def test_model_card_metadata_is_valid_yaml_for_any_base_model_path():
+    """A local base model path with ': ' once broke the card's hand-written YAML; ModelCardData quotes it."""
+    from huggingface_hub import ModelCard
+
+    path = "/srv/models/base: v2 #1"
+    card = ModelCard(render_model_card(card_facts(base_model=path, eval_metrics={"fact_accuracy": 0.95,
+                                                                                "eval_loss": float("nan")})))
+    assert card.data.base_model == path and card.data.library_name == "transformers"
+    assert "loraflow" in card.data.tags
+    [result] = card.data.eval_results  # the NaN loss is left out
+    assert (result.metric_type, result.metric_value, result.dataset_split) == ("fact_accuracy", 0.95, "validation")
+    assert ModelCard(str(card)).data.to_dict() == card.data.to_dict()  # read back, written again: the same
+    assert f"A LoRA fine-tune of `{path}`" in card.text

@@ -211,9 +211,11 @@ def test_neftune_noise_reaches_the_trainer_arguments(tmp_path):
     from loraflow.config.train import TrainConfig
     from loraflow.training.trainer import training_arguments
 
-    env = {"optimizer": "adamw_torch", "precision": "fp32", "device": "cpu"}
-    assert training_arguments(TrainConfig(neftune_noise_alpha=5.0), env, tmp_path).neftune_noise_alpha == 5.0
-    assert training_arguments(TrainConfig(), env, tmp_path).neftune_noise_alpha is None
+    from tests.test_train import cpu_plan
+
+    plan = cpu_plan(TrainConfig(precision="fp32"))
+    assert training_arguments(TrainConfig(neftune_noise_alpha=5.0), plan, tmp_path).neftune_noise_alpha == 5.0
+    assert training_arguments(TrainConfig(), plan, tmp_path).neftune_noise_alpha is None
 
 
 def test_a_made_up_title_gets_the_longest_answer_budget_so_a_wrong_answer_is_not_also_counted_as_not_stopping(tokenizer):

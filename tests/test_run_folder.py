@@ -1,11 +1,11 @@
 """The run folder points at the published model (`model` symlink, or model.txt), and `loraflow ask RUN_DIR` finds it."""
 
-import json
 import os
 
 import pytest
 
 from loraflow.cli import commands as cli
+from loraflow.runs.summary import PublishSummary, RunSummary
 from loraflow.runtime.run_folder import link_model, published_model_dir
 
 
@@ -17,7 +17,8 @@ def published(tmp_path):
     (model_dir / "config.json").write_text("{}")
     run_dir = tmp_path / "runs" / "demo" / "20261202T000000Z-local"
     run_dir.mkdir(parents=True)
-    (run_dir / "summary.json").write_text(json.dumps({"publish": {"model_dir": str(model_dir)}}))
+    published_here = PublishSummary(gate_passed=True, adapter_dir=str(tmp_path / "adapter"), model_dir=str(model_dir))
+    RunSummary(name="demo", run_dir=str(run_dir), store=str(tmp_path / "store"), publish=published_here).write(run_dir)
     return run_dir, model_dir
 
 
@@ -52,8 +53,10 @@ def test_ask_takes_the_run_folder_or_its_model_link(published, monkeypatch, caps
     assert cli.main(["ask", str(run_dir), "hi"]) == 0
     assert cli.main(["ask", str(run_dir / "model"), "hi"]) == 0
     assert [os.path.realpath(folder) for folder in asked] == [str(model_dir.resolve())] * 2
-    (run_dir / "summary.json").write_text(json.dumps({"publish": {"published": False}}))
-    (run_dir / "model").unlink()
+    (run_dir / "model").unlink()  # no link: the summary says where the model is
+    assert cli.main(["ask", str(run_dir), "hi"]) == 0 and os.path.realpath(asked[-1]) == str(model_dir.resolve())
+    refused = PublishSummary(gate_passed=False, gate_reasons=["FAIL: fact accuracy"], adapter_dir=str(run_dir / "adapter"))
+    RunSummary(name="demo", run_dir=str(run_dir), store=str(run_dir), publish=refused).write(run_dir)
     assert cli.main(["ask", str(run_dir), "hi"]) == 2
     assert "published no model" in capsys.readouterr().err
 

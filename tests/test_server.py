@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraflow.ops.server import CPU_POOL, LocalPrefect
+from loraflow.ops.server import CPU_POOL, GPU_POOL, LocalPrefect
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +136,16 @@ def test_cron_schedule_creates_runs(server):
     assert scheduled, "no scheduled runs were created for anime-nightly"
     starts = sorted(run["next_scheduled_start_time"] or run["expected_start_time"] for run in scheduled)
     assert all("T18:00:00" in start for start in starts)  # 03:00 in Asia/Tokyo is 18:00 UTC
+
+
+def test_pools_are_made_once_through_prefects_client(server):
+    server.ensure_pools()  # the fixture made them: this finds both and creates nothing
+    with server.client() as client:
+        pools = {pool.name: pool for pool in client.read_work_pools()}
+    assert pools[CPU_POOL].type == pools[GPU_POOL].type == "process"
+    assert "job_configuration" in pools[GPU_POOL].base_job_template
+    assert server.healthy()
+
+
+def test_a_server_that_is_not_there_is_not_healthy():
+    assert not LocalPrefect(port=free_port()).healthy()

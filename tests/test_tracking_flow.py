@@ -61,11 +61,12 @@ def three_runs(prefect_api, tmp_path_factory):
 
 def test_the_run_holds_curve_config_eval_files_and_a_registered_version(three_runs):
     from flows.finetune import summary_markdown
+    from loraflow.runs.summary import RunSummary
 
     client, (first, _, _) = three_runs["client"], three_runs["summaries"]
     tracking = first["tracking"]
     assert tracking["tracking_uri"] == three_runs["uri"] and tracking["url"].endswith(f"/runs/{tracking['run_id']}")
-    assert first["train"]["tracking"] == tracking and f"]({tracking['url']})" in summary_markdown(first)
+    assert first["train"]["tracking"] == tracking and f"]({tracking['url']})" in summary_markdown(RunSummary.model_validate(first))
     run = client.get_run(tracking["run_id"])
     assert run.info.run_name == "tracked"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]

@@ -12,7 +12,8 @@ from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.train import TrainConfig
 from loraflow.training.checkpoints import CHECKPOINT_MARKER, identity_differences
 from loraflow.training.data import PadByPosition
-from loraflow.training.planning import choose_rows_per_micro_batch, packing_enabled, training_environment
+from loraflow.training.micro_batch import choose_rows_per_micro_batch
+from loraflow.training.plan import fast_path_choice, packing_enabled, plan_training
 from loraflow.training.result import NonFiniteTrainingError, ResumeMismatchError
 from tasks.train import train_adapter
 from tests.tiny_llama import build_tiny_llama, tokens_frame
@@ -68,14 +69,27 @@ def test_padding_is_masked_by_position_so_eos_stays_a_target():
     assert collate.tokens_seen == 5
 
 
-def test_cpu_runs_the_same_path_unquantized():
-    env = training_environment(TrainConfig(quantization="4bit"))
-    if not torch.cuda.is_available():
-        from loraflow.modeling.precision import choose_precision
+def cpu_plan(config: TrainConfig, **changes):
+    """The TrainPlan `config` gets on this (CUDA-less) machine, with `changes` (what another machine would decide)."""
+    import logging
 
-        assert env == {"device": "cpu", "precision": choose_precision("auto", "cpu").precision,
-                       "precision_reason": choose_precision("auto", "cpu").reason,
-                       "quantization": "none", "optimizer": "adamw_torch"}
+    return plan_training(config, "no-model-dir", 64, logging.getLogger("test")).model_copy(update=changes)
+
+
+def test_cpu_runs_the_same_path_unquantized(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU plan")
+    from loraflow.modeling.precision import choose_precision
+
+    with caplog.at_level("INFO"):
+        plan = cpu_plan(TrainConfig(quantization="4bit"))
+    assert (plan.device, plan.quantization, plan.optimizer) == ("cpu", "none", "adamw_torch")
+    assert (plan.precision, plan.precision_reason) == (choose_precision("auto", "cpu").precision,
+                                                       choose_precision("auto", "cpu").reason)
+    assert plan.quantization_reason.startswith("no CUDA device, so train.quantization=4bit runs unquantized")
+    assert not plan.packing and not plan.fast_path and plan.launcher is None and plan.processes == 1
+    assert plan.fast_path_reason == "train.packing=auto packs on CUDA only"
+    assert "train: plan device=cpu" in caplog.text and plan.quantization_reason in caplog.text  # logged once, with why
 
 
 def test_training_changes_lora_weights_only_and_loss_decreases(tiny_model, tokens, tmp_path):
@@ -164,13 +178,27 @@ def test_packed_training_runs_on_fewer_rows(tiny_model, tokens, tmp_path):
     assert result.global_step == 3 and curve["loss"].map(math.isfinite).all()
     # 6 examples of 34-48 tokens fit into 2-3 rows of 128: tokens/s counts real tokens only.
     assert curve["tokens_seen"].iloc[-1] <= 3 * 2 * 128
+    # The plan that ran travels with the result and into metrics.json: packed on CPU, so not the fast path.
+    plan = result.plan
+    assert plan.packing and not plan.fast_path and plan.fast_path_reason.startswith("no CUDA device")
+    assert (plan.rows_per_micro_batch, plan.row_tokens) == (result.rows_per_micro_batch, 128) and plan.speed is None
+    assert json.loads(open(result.metrics_path).read())["plan"] == plan.model_dump(mode="json")
 
 
 def test_packing_auto_is_on_for_cuda_only():
-    cuda, cpu = {"device": "cuda"}, {"device": "cpu"}
+    cuda, cpu = "cuda", "cpu"
     assert TrainConfig().packing == "auto"
     assert packing_enabled(TrainConfig(), cuda) and not packing_enabled(TrainConfig(), cpu)
     assert packing_enabled(TrainConfig(packing=True), cpu) and not packing_enabled(TrainConfig(packing=False), cuda)
+
+
+def test_the_fast_path_runs_packed_on_cuda_outside_fsdp_and_says_why_not():
+    assert fast_path_choice(TrainConfig(), "cuda") == (True, "packed rows on CUDA")
+    assert fast_path_choice(TrainConfig(distributed="ddp", num_processes=2), "cuda")[0]
+    assert fast_path_choice(TrainConfig(), "cpu") == (False, "train.packing=auto packs on CUDA only")
+    assert fast_path_choice(TrainConfig(packing=False), "cuda") == (False, "packing is off")
+    assert fast_path_choice(TrainConfig(packing=True), "cpu")[1].startswith("no CUDA device")
+    assert fast_path_choice(TrainConfig(distributed="fsdp"), "cuda")[1].startswith("train.distributed=fsdp")
 
 
 def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):
@@ -199,9 +227,10 @@ def test_rows_per_micro_batch_follow_the_memory_budget(tiny_model):
 def test_fast_path_training_arguments_leave_checkpointing_to_the_plan(tmp_path):
     from loraflow.training.trainer import training_arguments
 
-    env = {"device": "cpu", "precision": "bf16", "quantization": "none", "optimizer": "adamw_torch"}
-    fast = training_arguments(TrainConfig(), env, tmp_path, rows_per_micro_batch=4, fast=True, packing=True)
-    plain = training_arguments(TrainConfig(), env, tmp_path)
+    plain_plan = cpu_plan(TrainConfig(), precision="bf16")
+    fast = training_arguments(TrainConfig(), plain_plan.model_copy(update=dict(fast_path=True, packing=True,
+                                                                               rows_per_micro_batch=4)), tmp_path)
+    plain = training_arguments(TrainConfig(), plain_plan, tmp_path)
     flag = "activation_checkpointing" if hasattr(fast, "activation_checkpointing") else "gradient_checkpointing"
     assert getattr(fast, flag) is False and getattr(plain, flag) is True
     assert fast.per_device_train_batch_size == 4 and fast.remove_unused_columns is False and fast.bf16

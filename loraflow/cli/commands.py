@@ -80,20 +80,22 @@ def cmd_prepare(args) -> int:
     if config is None:
         return 2
     from flows.prepare import prepare_flow
+    from loraflow.runs.summary import SUMMARY_FILE, RunSummary
 
-    summary = prepare_flow(config)
+    summary = RunSummary.model_validate(prepare_flow(config))
     print_stage_table(summary)
-    print(Path(summary["run_dir"]) / "summary.json")
+    print(Path(summary.run_dir) / SUMMARY_FILE)
     return 0
 
 
-def print_stage_table(summary: dict) -> None:
-    """A short per-stage table: rows in/out/quarantined, cached, seconds; then the top quarantine reasons."""
+def print_stage_table(summary) -> None:
+    """A short per-stage table of a RunSummary: rows in/out/quarantined, cached, seconds; then the top quarantine
+    reasons."""
     print(f"{'stage':<28}{'in':>8}{'out':>8}{'quar.':>8}{'cached':>8}{'sec':>8}")
-    for name, stage in summary["stages"].items():
-        print(f"{name:<28}{stage['rows_in']:>8}{stage['rows_out']:>8}{stage['rows_quarantined']:>8}"
-              f"{'yes' if stage['cached'] else 'no':>8}{stage['seconds']:>8.2f}")
-    reasons = {name: stage["quarantine_reasons"] for name, stage in summary["stages"].items() if stage.get("quarantine_reasons")}
+    for name, stage in summary.stages.items():
+        print(f"{name:<28}{stage.rows_in:>8}{stage.rows_out:>8}{stage.rows_quarantined:>8}"
+              f"{'yes' if stage.cached else 'no':>8}{stage.seconds:>8.2f}")
+    reasons = {name: stage.quarantine_reasons for name, stage in summary.stages.items() if stage.quarantine_reasons}
     if reasons:
         print("quarantined rows, top reasons per stage (all of them: each stage's `quarantine` in summary.json):")
     for name, top in reasons.items():
@@ -108,27 +110,29 @@ def cmd_run(args) -> int:
     if config is None:
         return 2
     from flows.finetune import finetune_flow
+    from loraflow.runs.summary import SUMMARY_FILE, RunSummary
 
     state = finetune_flow(config, return_state=True)
-    summary = state.result(raise_on_failure=False)  # a refused run (Refused, or Failed by config) holds its summary
-    if isinstance(summary, BaseException):
-        raise summary
+    result = state.result(raise_on_failure=False)  # a refused run (Refused, or Failed by config) holds its summary
+    if isinstance(result, BaseException):
+        raise result
+    summary = RunSummary.model_validate(result)
     print_stage_table(summary)
     print_eval_table(summary)
-    print(Path(summary["run_dir"]) / "summary.json")
-    if not summary["publish"]["gate_passed"]:
+    print(Path(summary.run_dir) / SUMMARY_FILE)
+    if not summary.publish.gate_passed:
         from loraflow.errors import GateFailed
 
         raise GateFailed(f"the evaluation gate refused the fine-tuned model (run state {state.name}), nothing was "
-                         f"published: {'; '.join(summary['publish']['gate_reasons'])} -> improve the data or training, "
+                         f"published: {'; '.join(summary.publish.gate_reasons)} -> improve the data or training, "
                          f"or change eval.gate in the config (re-decided without re-evaluating); ask the candidate with "
-                         f"`loraflow ask {summary['run_dir']} QUESTION`")
+                         f"`loraflow ask {summary.run_dir} QUESTION`")
     return 0
 
 
-def print_eval_table(summary: dict) -> None:
-    """Base vs fine-tuned on the main metrics, the gate and where the model went."""
-    base, tuned = summary["eval"]["base"], summary["eval"]["finetuned"]
+def print_eval_table(summary) -> None:
+    """Base vs fine-tuned on the main metrics (of a RunSummary), the gate and where the model went."""
+    base, tuned = summary.eval.base, summary.eval.finetuned
     print(f"\n{'metric':<24}{'base':>10}{'fine-tuned':>12}")
     for metric in HEADLINE_METRICS:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
@@ -137,9 +141,9 @@ def print_eval_table(summary: dict) -> None:
         for kind in tuned.get(key, {}):
             metric = f"  {phrasings}[{kind}]"
             print(f"{metric:<24}{_num(base.get(key, {}).get(kind)):>10}{_num(tuned[key][kind]):>12}")
-    publish = summary["publish"]
-    print(f"gate: {'passed' if publish['gate_passed'] else 'FAILED'}; "
-          f"model: {publish.get('run_model_link') or publish.get('model_dir', 'not published')}")
+    publish = summary.publish
+    print(f"gate: {'passed' if publish.gate_passed else 'FAILED'}; "
+          f"model: {publish.run_model_link or publish.model_dir or 'not published'}")
 
 
 def _num(value) -> str:
@@ -148,13 +152,17 @@ def _num(value) -> str:
 
 def cmd_ask(args) -> int:
     """Answer a question with the model a run published (streamed), or with the candidate its gate refused."""
+    from loraflow.runs.summary import SUMMARY_FILE, RunSummary
     from loraflow.runtime.run_folder import published_model_dir, refused_candidate
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "summary.json").exists() and not (run_dir / "config.json").exists():
-        print(f"{run_dir / 'summary.json'}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
+    if not (run_dir / SUMMARY_FILE).exists() and not (run_dir / "config.json").exists():
+        print(f"{run_dir / SUMMARY_FILE}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
         return 2
     model_dir, adapter_dir, system_prompt = published_model_dir(run_dir), None, None
+    if model_dir is None and (run_dir / SUMMARY_FILE).exists():  # no `model` link or model.txt: what the summary says
+        publish = RunSummary.read(run_dir).publish
+        model_dir = Path(publish.model_dir) if publish and publish.model_dir else None
     candidate = refused_candidate(run_dir) if model_dir is None else None
     if candidate:
         model_dir, adapter_dir, system_prompt = candidate["base_model_dir"], candidate["adapter_dir"], candidate["system_prompt"]

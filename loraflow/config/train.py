@@ -61,7 +61,7 @@ class TrainConfig(StrictModel):
             "Packed rows per forward pass. None = on CUDA, chosen from memory_budget_gb: of 1, 2, 4, 8 or 16 rows, "
             "with checkpointed layers' inputs on the GPU or offloaded to CPU memory, the setting with the highest "
             "predicted tokens/s whose estimated peak fits the budget with the fewest layers checkpointed "
-            "(loraflow.training.step_plan, calibrated on the H200 frontier in docs/speed.md). On CPU, None = "
+            "(loraflow.training.micro_batch, calibrated on the H200 frontier in docs/speed.md). On CPU, None = "
             "micro_batch_size."
         ),
     )

@@ -6,15 +6,11 @@ interface needs Prefect's basic auth: `PREFECT_SERVER_API_AUTH_STRING` ("user:pa
 environment, never from the command line, so it shows in no process list, log or artifact.
 """
 
-import base64
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,12 +119,18 @@ class LocalPrefect:
             time.sleep(0.5)
         raise RuntimeError(f"Prefect server did not become healthy on port {self.port}; see {self.log_dir / 'server.log'}")
 
+    def client(self, timeout: float = 60):
+        """Prefect's own synchronous client for this server (`with local.client() as client: ...`), authenticated
+        as the CLI and the worker are (PREFECT_API_AUTH_STRING from the environment)."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api_url, auth_string=self.env.get("PREFECT_API_AUTH_STRING"),
+                                 httpx_settings={"timeout": timeout})
+
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        """Whether the server answers its health check."""
+        with self.client(timeout=2) as client:
+            return client.api_healthcheck() is None
 
     def prefect(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a `prefect` CLI command against this server."""
@@ -139,28 +141,17 @@ class LocalPrefect:
         """Create the CPU and GPU process work pools if they are missing, with the process worker's default job
         template (what `prefect work-pool create --type process` sends). Through the API: each `prefect work-pool`
         command is a Python start that imports all of Prefect (about 10 s of CPU), and this took four of them."""
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect.exceptions import ObjectNotFound
         from prefect.workers.process import ProcessWorker
 
-        for pool in (CPU_POOL, GPU_POOL):
-            if self.api("GET", f"/work_pools/{pool}", missing_ok=True) is None:
-                self.api("POST", "/work_pools/", {"name": pool, "type": "process",
-                                                  "base_job_template": ProcessWorker.get_default_base_job_template()})
-
-    def api(self, method: str, path: str, body: dict | None = None, missing_ok: bool = False):
-        """One call to this server's REST API (basic auth from the environment, as the CLI's); its JSON answer, or
-        None for a 404 when `missing_ok`."""
-        headers = {"Content-Type": "application/json"}
-        if self.env.get("PREFECT_API_AUTH_STRING"):
-            headers["Authorization"] = "Basic " + base64.b64encode(self.env["PREFECT_API_AUTH_STRING"].encode()).decode()
-        request = urllib.request.Request(f"{self.api_url}{path}", method=method, headers=headers,
-                                         data=None if body is None else json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as error:
-            if missing_ok and error.code == 404:
-                return None
-            raise
+        with self.client() as client:
+            for pool in (CPU_POOL, GPU_POOL):
+                try:
+                    client.read_work_pool(pool)
+                except ObjectNotFound:
+                    client.create_work_pool(WorkPoolCreate(
+                        name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
 
     def ensure_crash_detection(self, silent_seconds: int = SILENT_SECONDS) -> None:
         """Create the automation that marks runs silent for `silent_seconds` Crashed (loraflow.ops.automations)."""

@@ -1,6 +1,12 @@
-"""The published model's card (README.md), written only from pipeline facts: CardFacts in, markdown out."""
+"""The published model's card (README.md), written only from pipeline facts: CardFacts in, markdown out.
+
+The YAML metadata is huggingface_hub's own ModelCardData (base model, library, tags, and the fine-tuned model's
+metrics as EvalResults in its model-index), so any value is quoted as YAML needs and the Hub reads it back.
+"""
 
 from __future__ import annotations
+
+import math
 
 from pydantic import BaseModel, Field
 
@@ -41,6 +47,9 @@ class CardFacts(BaseModel):
                     "the card reports these, not the configured values.",
     )
     eval_report_markdown: str | None = Field(None, description="EvalResult's report (table + examples).")
+    eval_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The fine-tuned model's headline metrics on the validation split: the "
+                                          "card's model-index (huggingface_hub EvalResult).")
     gate: dict | None = Field(None, description="GateDecision: passed + reasons.")
     cost_line: str | None = Field(None, description="What preparing, training and evaluating cost (loraflow.runtime.run_cost).")
     library_versions: dict = Field(default_factory=dict, description="Filled in automatically when empty.")
@@ -57,9 +66,7 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     versions = facts.library_versions or library_versions()
     lines = [
         "---",
-        f"base_model: {facts.base_model}",
-        "library_name: transformers",
-        "tags: [loraflow, lora, peft]",
+        card_metadata(facts).to_yaml(),
         "---",
         "",
         f"# {facts.run_name}",
@@ -112,6 +119,19 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     lines += ["", "## Use", "", "```python", *use_snippet(model_ref or ".", facts.system_prompt), "```", "",
               "The LoRA adapter alone is in `adapter/`."]
     return "\n".join(lines) + "\n"
+
+
+def card_metadata(facts: CardFacts):
+    """The card's YAML metadata as huggingface_hub's ModelCardData: base model, library, tags and, when the run was
+    evaluated, the fine-tuned model's metrics as a model-index (EvalResult per metric, on the validation split)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset = f"{facts.run_name} validation split" + (f" (tokens {facts.tokens_sha256[:12]})" if facts.tokens_sha256 else "")
+    results = [EvalResult(task_type="text-generation", dataset_type="loraflow-validation", dataset_name=dataset,
+                          dataset_split="validation", metric_type=name, metric_value=value)
+               for name, value in facts.eval_metrics.items() if math.isfinite(value)]
+    return ModelCardData(base_model=facts.base_model, library_name="transformers", tags=["loraflow", "lora", "peft"],
+                         model_name=facts.run_name if results else None, eval_results=results or None)
 
 
 def _setting(name: str, configured, ran: dict) -> str:

@@ -7,7 +7,6 @@ published the same adapter); the run folder gets a `model` symlink to it, or, wh
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -31,8 +30,8 @@ def link_model(run_dir: str | Path, model_dir: str | Path) -> Path:
 
 
 def published_model_dir(path: str | Path) -> Path | None:
-    """The published model folder for a run folder (its `model` link, `model.txt` or summary.json), or `path`
-    itself when it is a model folder; None when the run published nothing."""
+    """The published model folder for a run folder (its `model` link or `model.txt`), or `path` itself when it is a
+    model folder; None when neither is there (the CLI then asks the run's summary.json: loraflow.runs.summary)."""
     path = Path(path)
     if (path / "config.json").exists():
         return path
@@ -40,10 +39,6 @@ def published_model_dir(path: str | Path) -> Path | None:
         return (path / MODEL_LINK).resolve()
     if (path / MODEL_POINTER).exists():
         return Path((path / MODEL_POINTER).read_text().strip())
-    summary = path / "summary.json"
-    if summary.exists():
-        model_dir = json.loads(summary.read_text()).get("publish", {}).get("model_dir")
-        return Path(model_dir) if model_dir else None
     return None
 
 

@@ -1,8 +1,11 @@
 """The train stage's library: one module per concern, and the fast path's pieces re-exported here.
 
-    data.py (datasets, padded or packed batches)   model_loading.py   planning.py (device, precision, packing, fast path)
-    trainer.py (Trainer + callbacks)   checkpoints.py (identity, resume, saved adapter)   outputs.py (curve, metrics)
-    result.py (TrainResult, errors)   distributed.py (rank, barrier, sums)   launch.py (several processes)
+    plan.py (TrainPlan: device, precision, quantization, packing, fast path, processes; the pre-load budget checks)
+    micro_batch.py (the fast path's rows per micro-batch, checkpointing, offload)   memory_model.py (bytes per token,
+    layers to checkpoint, the smallest budget)   speed.py (configure_model_for_speed)   data.py (inputs, batches)
+    model_loading.py   trainer.py (Trainer + callbacks)   checkpoints.py (identity, resume, saved adapter)
+    outputs.py (curve, metrics)   result.py (TrainResult, errors)   distributed.py (rank, barrier, sums)
+    launch.py (several processes)
 
 The fast path: padding-free packing with documents kept apart, and the model's speed settings.
 
@@ -25,7 +28,8 @@ See docs/speed.md for what each setting buys (measured on an H100) and why.
 from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import document_causal_mask, document_ids, enable_document_masking
 from loraflow.training.packing import IGNORE_INDEX, PackedCollator, pack_examples, packing_stats
-from loraflow.training.speed import SpeedPlan, activation_bytes_per_token, configure_model_for_speed, plan_checkpointing
+from loraflow.training.memory_model import activation_bytes_per_token, plan_checkpointing
+from loraflow.training.speed import SpeedPlan, configure_model_for_speed
 
 __all__ = [
     "IGNORE_INDEX",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from loraflow.training.speed import GIB, _config_namespace, _ModelView, activation_bytes_per_token, fixed_bytes_from_config
+from loraflow.training.memory_model import GIB, _config_namespace, _ModelView, activation_bytes_per_token, fixed_bytes_from_config
 
 # bitsandbytes NF4 with double quantization: an 8-bit absmax per 64 weights, plus fp32 constants per 256 blocks.
 QUANT_CONSTANT_BYTES_PER_WEIGHT = {"4bit": 1 / 64 + 4 / (64 * 256), "8bit": 4 / 64, "none": 0.0}

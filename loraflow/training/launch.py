@@ -1,10 +1,11 @@
 """Training on several processes: `accelerate launch` runs the train stage's function once per process.
 
-    result = launch_training(tokens, model_dir, train_config, output_dir, log=log, train_fn=train_adapter)
+    result = launch_training(tokens, model_dir, train_config, output_dir, log=log, train_fn=train_launched)
 
 What the caller (train_adapter, the Prefect train task) sees is one call that returns one TrainResult: the
 launcher writes a job file (the tokens as an ArtifactRef + store root, or as Parquet; the model folder; the
-TrainConfig; which function trains, as "module:name") and an accelerate config into `<output_dir>/launch/`, runs
+TrainConfig; which function each process runs, as "module:name": the train stage's `train_launched`, which trains
+in that process and plans it there) and an accelerate config into `<output_dir>/launch/`, runs
 
     python -m accelerate.commands.launch --config_file accelerate_config.yaml -m loraflow.training.launch job.json
 
@@ -33,8 +34,6 @@ from pathlib import Path
 from loraflow.runtime.atomic_files import atomic_file, write_json_atomic, write_text_atomic
 from loraflow.training.distributed import process_rank
 
-# Set in the launched processes: there the train stage trains instead of launching again.
-LAUNCHED_ENV = "LORAFLOW_TRAIN_LAUNCHED"
 PROGRESS_PREFIX = "LORAFLOW_PROGRESS "
 REPO = Path(__file__).resolve().parents[2]
 # NVLink multicast (NVLS) must stay off on the lent GPU machines (device README); harmless elsewhere.
@@ -140,7 +139,7 @@ def child_environment(parent: dict | None = None) -> dict:
     env = dict(os.environ if parent is None else parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(NVLINK_MULTICAST_OFF)
-    env.update({LAUNCHED_ENV: "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update({"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
     return env
 
 
@@ -148,7 +147,8 @@ def child_environment(parent: dict | None = None) -> dict:
 
 def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, store=None, trust_remote_code: bool = False,
                     log=None, on_step=None):
-    """Run `train_fn` (tasks.train.train_adapter) in train.num_processes processes; return rank 0's TrainResult.
+    """Run `train_fn` (tasks.train.train_launched: trains in the process it runs in) in train.num_processes
+    processes; return rank 0's TrainResult.
 
     `train_fn` must be a module-level function: each process imports it by its "module:name" from the job file.
 
@@ -167,7 +167,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
     launch_dir.mkdir(parents=True, exist_ok=True)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     processes = resolve_num_processes(train_config, cuda_devices)
-    # Only the config file's default: each process's Trainer sets its precision from training_environment. Asking
+    # Only the config file's default: each process's Trainer sets its precision from its TrainPlan. Asking
     # torch here whether the GPU has bf16 would create a CUDA context in this process for the whole training.
     precision = "fp32" if train_config.precision == "fp32" else "bf16"
     layers = decoder_layer_classes(model_dir) if train_config.distributed == "fsdp" else None
@@ -199,6 +199,27 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
              "GPU" if cuda_devices else "CPU", " ".join(command))
     tail: deque[str] = deque(maxlen=40)
     started = time.perf_counter()
+    returncode = run_streaming(command, log, on_step, tail)
+    if returncode != 0 or not result_path.exists():
+        if error_path.exists():
+            error = json.loads(error_path.read_text())
+            known = {"NonFiniteTrainingError": NonFiniteTrainingError, "ResumeMismatchError": ResumeMismatchError}
+            if error["type"] in known:
+                raise known[error["type"]](error["message"])
+            raise DistributedTrainingError(f"train: rank 0 failed with {error['type']}: {error['message']}")
+        raise DistributedTrainingError(
+            f"train: the launched processes exited with {returncode}; config {config_path}, job {job_path}. "
+            "Last lines:\n  " + "\n  ".join(tail)
+        )
+    result = TrainResult(**json.loads(result_path.read_text()))
+    log.info("train: the launch took %.0f s in all (%.0f s of it in rank 0's training)",
+             time.perf_counter() - started, result.seconds)
+    return result
+
+
+def run_streaming(command: list[str], log, on_step, tail: deque) -> int:
+    """Run the launch, every line it prints into `log` (rank 0's progress lines to `on_step` as well, the last ones
+    into `tail`); its exit code. The processes are stopped when the caller goes away."""
     launched = subprocess.Popen(command, cwd=REPO, env=child_environment(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
@@ -214,7 +235,7 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
                     on_step(step["step"], step["max_steps"], step["loss"])
             else:
                 log.info("%s", line)
-        returncode = launched.wait()
+        return launched.wait()
     except BaseException:
         # The caller is going away (cancelled run, Ctrl-C, a failing on_step): accelerate launch forwards SIGTERM
         # to the training processes, which would otherwise keep the GPUs.
@@ -226,22 +247,6 @@ def launch_training(tokens, model_dir, train_config, output_dir, *, train_fn, st
         raise
     finally:
         launched.stdout.close()
-
-    if returncode != 0 or not result_path.exists():
-        if error_path.exists():
-            error = json.loads(error_path.read_text())
-            known = {"NonFiniteTrainingError": NonFiniteTrainingError, "ResumeMismatchError": ResumeMismatchError}
-            if error["type"] in known:
-                raise known[error["type"]](error["message"])
-            raise DistributedTrainingError(f"train: rank 0 failed with {error['type']}: {error['message']}")
-        raise DistributedTrainingError(
-            f"train: the launched processes exited with {returncode}; config {config_path}, job {job_path}. "
-            "Last lines:\n  " + "\n  ".join(tail)
-        )
-    result = TrainResult(**json.loads(result_path.read_text()))
-    log.info("train: the launch took %.0f s in all (%.0f s of it in rank 0's train_adapter)",
-             time.perf_counter() - started, result.seconds)
-    return result
 
 
 # ---- the launched side -----------------------------------------------------------------------------------

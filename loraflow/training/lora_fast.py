@@ -32,6 +32,7 @@ from loraflow.training.lean_recompute import (
     output_unread,
     unread_lora_linear,
 )
+from loraflow.training.version_guard import require_verified
 
 
 def _eligible(layer, args, kwargs) -> str | None:
@@ -103,9 +104,13 @@ def _compute_dtype(base_layer, x: torch.Tensor) -> torch.dtype:
 def fuse_lora_epilogues(model: nn.Module) -> int:
     """Give every plain peft LoRA linear layer (bf16/fp32 or bitsandbytes 4-bit base) the fused forward.
 
-    Returns how many layers were patched. Idempotent; other layer types are left alone.
+    Returns how many layers were patched. Idempotent; other layer types are left alone. Refuses a peft newer than
+    the release it was verified with (loraflow.training.version_guard).
     """
     from peft.tuners.lora import Linear as LoraLinear
+
+    require_verified("peft", "The fused LoRA forward (loraflow.training.lora_fast, the fast path's)",
+                     "train.packing=false (no fast path; or configure_model_for_speed(fuse_lora=False))")
 
     types_to_patch: tuple[type, ...] = (LoraLinear,)
     try:

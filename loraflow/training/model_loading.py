@@ -1,7 +1,7 @@
 """Loading for training: the tokenizer (and the pad id the collators need) and the base model wrapped in LoRA.
 
     tokenizer, pad_id = load_tokenizer(model_dir, trust_remote_code=False)
-    model = load_lora_model(model_dir, train_config, env, fast=fast)   # quantized as env["quantization"] says
+    model = load_lora_model(model_dir, train_config, plan)   # quantized, placed and prepared as the TrainPlan says
 
 Base weights in 4-bit (bitsandbytes NF4, double quant, compute and storage in the training dtype), 8-bit or
 unquantized; one whole model per process (DDP) on its GPU, or no device_map under FSDP (peft's FSDP-QLoRA recipe).
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from loraflow.config.train import TrainConfig
+from loraflow.training.plan import TrainPlan
 
 
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
@@ -24,18 +25,18 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
     return tokenizer, pad_id
 
 
-def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_remote_code: bool = False, fast: bool = False):
-    """The base model (quantized as `env` says) wrapped in a fresh peft LoRA adapter.
+def load_lora_model(model_dir: Path, config: TrainConfig, plan: TrainPlan, *, trust_remote_code: bool = False):
+    """The base model (quantized as `plan` says) wrapped in a fresh peft LoRA adapter.
 
-    `fast`: the packed CUDA path; prepare_model_for_kbit_training is skipped (its fp32 upcast of frozen tensors
+    On the fast path (plan.fast_path) prepare_model_for_kbit_training is skipped (its fp32 upcast of frozen tensors
     and all-layer checkpointing cost speed): configure_model_for_speed sets the model up after this."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if env["precision"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if env["quantization"] == "4bit":
+    if plan.quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -44,9 +45,9 @@ def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_re
             # Storage dtype = compute dtype keeps the packed weights shardable by FSDP later.
             bnb_4bit_quant_storage=dtype,
         )
-    elif env["quantization"] == "8bit":
+    elif plan.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if env["device"] == "cuda" and config.distributed != "fsdp":
+    if plan.device == "cuda" and config.distributed != "fsdp":
         # One whole model per process (DDP): on this process's GPU, {"": local_rank}.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     # FSDP (peft's FSDP-QLoRA recipe): no device_map; with cpu_ram_efficient_loading rank 0 reads the weights and
@@ -54,7 +55,7 @@ def load_lora_model(model_dir: Path, config: TrainConfig, env: dict, *, trust_re
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     # Not under FSDP: its fp32 upcast of norms and embeddings would mix dtypes inside FSDP's flat parameters.
-    if env["quantization"] != "none" and not fast and config.distributed != "fsdp":
+    if plan.quantization != "none" and not plan.fast_path and config.distributed != "fsdp":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},

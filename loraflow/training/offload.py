@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from loraflow.training.lean_recompute import mark_unread_outputs, recomputing
+from loraflow.training.version_guard import require_verified
 
 
 class _HostCopies:
@@ -124,7 +125,10 @@ def enable_offloaded_checkpointing(layers, to_host: bool = True, lean: bool = Tr
     """Make every layer of `layers` whose `gradient_checkpointing` is on checkpoint with this module's function
     (call after the per-layer checkpointing is set): its input offloaded to pinned CPU memory, or with
     `to_host=False` kept on the GPU; with `lean`, the recompute skips what backward does not read. Returns how
-    many layers it took."""
+    many layers it took. Refuses a transformers newer than the release its per-layer hook was verified with."""
+    require_verified("transformers", "Offloaded / lean checkpointing (loraflow.training.offload sets transformers' "
+                     "GradientCheckpointingLayer._gradient_checkpointing_func)",
+                     "train.gradient_checkpointing=false or train.packing=false (no fast path)")
     checkpointed = [(index, layer) for index, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
     if not checkpointed:
         return 0

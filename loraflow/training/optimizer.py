@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from loraflow.training.version_guard import require_verified
+
 
 def _step_synchronising_once(self, closure=None):
     """Optimizer8bit.step (bitsandbytes 0.50.2) with its per-parameter `sync_gpu` moved after the loop."""
@@ -47,13 +49,15 @@ def _step_synchronising_once(self, closure=None):
 @lru_cache(maxsize=None)
 def synchronising_once(optimizer_class: type) -> type:
     """The same optimizer class with a step that synchronises once; classes other than bitsandbytes' 8-bit
-    optimizers come back unchanged."""
+    optimizers come back unchanged. Refuses a bitsandbytes newer than the release the step was verified with."""
     try:
         from bitsandbytes.optim.optimizer import Optimizer8bit
     except ImportError:
         return optimizer_class
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer8bit)):
         return optimizer_class
+    require_verified("bitsandbytes", "The 8-bit optimizer step with one device sync (loraflow.training.optimizer)",
+                     "train.optimizer=adamw_torch")
     return type(optimizer_class.__name__, (optimizer_class,),
                 {"step": _step_synchronising_once, "__module__": __name__,
                  "__doc__": f"{optimizer_class.__name__} stepped with one device synchronisation (loraflow)."})

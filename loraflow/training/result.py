@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from loraflow.tracking.report_to import TrackingRun
+from loraflow.training.plan import TrainPlan
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -60,4 +61,8 @@ class TrainResult(BaseModel):
     fingerprint: str = Field(..., description="Hash of data + base model + training config: the adapter's identity.")
     tracking: TrackingRun | None = Field(
         None, description="The MLflow run training reported to (train.report_to has mlflow); the later stages add to it.",
+    )
+    plan: TrainPlan | None = Field(
+        None, description="What ran and why (loraflow.training.plan): device, precision, quantization, packing, "
+                          "micro-batch, checkpointing, attention, optimizer, processes. None only for results of older runs.",
     )

@@ -1,28 +1,26 @@
 """Speed settings for a (Q)LoRA model: attention, Liger kernels, dtypes, and checkpointing chosen by memory.
 
 `configure_model_for_speed` is called once on the peft-wrapped model, before training. It returns a
-`SpeedPlan` that records every lever it pulled and, for each one it did not, why — log it with the run.
+`SpeedPlan` that records every lever it pulled and, for each one it did not, why; the train stage keeps it in the
+run's TrainPlan (loraflow.training.plan). How many layers to checkpoint comes from loraflow.training.memory_model.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from loraflow.training.lora_fast import fuse_lora_epilogues
 from loraflow.training.masking import _decoder, enable_document_masking
+from loraflow.training.memory_model import GIB, plan_checkpointing
 from loraflow.training.offload import enable_offloaded_checkpointing
 from loraflow.training.varlen import VARLEN, register_varlen_attention, varlen_available
 
 log = logging.getLogger(__name__)
-
-GIB = 1024**3
 
 
 @dataclass
@@ -45,105 +43,6 @@ class SpeedPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _llama_like_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    inner = getattr(config, "text_config", None) or config
-    return inner
-
-
-def activation_bytes_per_token(model: nn.Module) -> dict[str, float]:
-    """Estimated bf16 activation memory per token: per layer kept whole, per checkpointed layer, and the head.
-
-    Counted from the tensors a Llama-style decoder layer saves for backward with flex attention and Liger's
-    RMSNorm/SwiGLU (bf16): the layer input and the two norm outputs, q after RoPE, k/v, the attention output,
-    the o_proj input, gate/up/SiLU products. A checkpointed layer keeps only its input. Calibrated against
-    peaks measured on an H100 (docs/speed.md has the numbers).
-    """
-    config = _llama_like_config(model)
-    hidden = config.hidden_size
-    intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", heads) * head_dim
-    elements = 5 * hidden + 2 * kv + heads * head_dim + 3 * intermediate
-    return {
-        "full_layer": 2.0 * elements,
-        "checkpointed_layer": 2.0 * hidden,
-        # Liger's fused linear cross-entropy never materialises the logits; without it, bf16 logits plus
-        # their fp32 upcast and gradient: ~10 bytes per vocabulary entry.
-        "head_fused": 4.0 * hidden,
-        "head_unfused": 10.0 * config.vocab_size,
-    }
-
-
-def _param_bytes(model: nn.Module) -> int:
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-    for b in model.buffers():
-        total += b.numel() * b.element_size()
-    return total
-
-
-# Max allocated above the reserve-free estimate on the H200 frontier (docs/speed.md): transients that grow with the
-# tokens (flex attention's backward, Liger's chunked cross-entropy, layer-input gradients) up to 1.0 GiB at 32k
-# tokens per micro-batch with inputs kept on the GPU; with them offloaded 0.33 / 1.67 / 3.45 GiB at 8k / 32k / 64k
-# tokens (layer outputs wait for their copy to the host before their memory is reused). The plan adds these
-# transients and PLAN_MARGIN_GIB on top.
-TRANSIENT_GIB_PER_32K_TOKENS = 1.1
-OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS = 1.8
-OFFLOAD_TRANSIENT_OFFSET_GIB = -0.1
-PLAN_MARGIN_GIB = 0.5
-
-
-def calibrated_reserve_gb(tokens_per_micro_batch: int, offload: bool = False) -> float:
-    """The plan's reserve above its activation and parameter estimate: the measured transients plus a margin."""
-    if offload:
-        transient = OFFLOAD_TRANSIENT_OFFSET_GIB + OFFLOAD_TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
-    else:
-        transient = TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
-    return PLAN_MARGIN_GIB + max(transient, 0.0)
-
-
-def plan_checkpointing(
-    model: nn.Module,
-    tokens_per_micro_batch: int,
-    memory_budget_gb: float,
-    *,
-    fused_head: bool,
-    reserve_gb: float | None = None,
-    offload: bool = False,
-) -> tuple[int, float]:
-    """How many decoder layers to checkpoint so the step fits `memory_budget_gb`; and the estimated peak (GiB).
-
-    Keeping a layer's activations saves its forward recomputation (a QLoRA step costs ~4·N FLOP per token
-    without checkpointing against ~6·N with it), so we checkpoint as few layers as fit. Fixed memory: the
-    parameters (4-bit packed weights count at their storage size), LoRA gradients and 8-bit Adam states
-    (~12 bytes per trainable parameter), plus `reserve_gb` (default `calibrated_reserve_gb`). With `offload`
-    a checkpointed layer's input lives in CPU memory (`loraflow.training.offload`): two are on the GPU at a time.
-    """
-    layers = len(_decoder(model).layers)
-    per_token = activation_bytes_per_token(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fixed = _param_bytes(model) + 12 * trainable
-    head = per_token["head_fused" if fused_head else "head_unfused"] * tokens_per_micro_batch
-    # One checkpointed layer is recomputed whole during backward: its full activations exist transiently.
-    transient = per_token["full_layer"] * tokens_per_micro_batch
-    budget = memory_budget_gb * GIB
-
-    def peak(checkpointed: int) -> float:
-        offloading = offload and checkpointed > 0
-        kept_inputs = min(checkpointed, 2) if offloading else checkpointed
-        kept = (layers - checkpointed) * per_token["full_layer"] + kept_inputs * per_token["checkpointed_layer"]
-        reserve = calibrated_reserve_gb(tokens_per_micro_batch, offloading) if reserve_gb is None else reserve_gb
-        return fixed + reserve * GIB + head + kept * tokens_per_micro_batch + (transient if checkpointed else 0)
-
-    for checkpointed in range(0, layers + 1):
-        if peak(checkpointed) <= budget:
-            return checkpointed, peak(checkpointed) / GIB
-    return layers, peak(layers) / GIB
 
 
 def _apply_checkpointing(model: nn.Module, checkpointed: int, offload: bool = False, lean: bool = False) -> int:
@@ -201,6 +100,39 @@ def _cast_frozen_float_params(model: nn.Module, dtype: torch.dtype) -> int:
             param.data = param.data.to(dtype)
             count += 1
     return count
+
+
+def _frozen_params_to(model: nn.Module, compute_dtype: torch.dtype | None, skipped: dict[str, str]) -> str | None:
+    """Frozen fp32 parameters cast to a 16-bit `compute_dtype`; the dtype's name when any were, else None."""
+    if compute_dtype is None or compute_dtype == torch.float32:
+        skipped["frozen_bf16"] = "fp32 compute: frozen parameters keep their dtype"
+        return None
+    return str(compute_dtype).removeprefix("torch.") if _cast_frozen_float_params(model, compute_dtype) else None
+
+
+def _checkpointed_layers(model: nn.Module, train_config, tokens_per_micro_batch: int | None, memory_budget_gb: float | None,
+                         *, fused_head: bool, offload: bool, skipped: dict[str, str]) -> tuple[int, float | None]:
+    """(decoder layers to checkpoint, estimated peak GiB or None): none when train.gradient_checkpointing is off,
+    every layer without a token count or budget, else as few as fit the budget (`plan_checkpointing`)."""
+    if train_config is not None and not train_config.gradient_checkpointing:
+        skipped["gradient_checkpointing"] = "train.gradient_checkpointing is off"
+        return 0, None
+    if tokens_per_micro_batch is None or memory_budget_gb is None:
+        skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
+        return len(_decoder(model).layers), None
+    return plan_checkpointing(model, tokens_per_micro_batch, memory_budget_gb, fused_head=fused_head, offload=offload)
+
+
+def _lean_recompute(train_config, wanted: bool, fuse_lora: bool, checkpointed: int, skipped: dict[str, str]) -> bool:
+    """Whether checkpointed layers recompute lean: asked for, with the fused LoRA forward, in one process."""
+    single_process = train_config is None or getattr(train_config, "distributed", "none") == "none"
+    if wanted and not fuse_lora:
+        skipped["lean_recompute"] = "needs the fused LoRA forward (fuse_lora)"
+    elif wanted and not single_process:
+        skipped["lean_recompute"] = "train.distributed: torch's checkpoint, whose recompute DDP's hooks were measured with"
+    elif not wanted:
+        skipped["lean_recompute"] = "disabled by the caller"
+    return wanted and fuse_lora and single_process and checkpointed > 0
 
 
 def default_attention(model: nn.Module, on_cuda: bool) -> str:
@@ -267,37 +199,15 @@ def configure_model_for_speed(
 
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if on_cuda else None
-    cast_to = None
-    if compute_dtype is not None and compute_dtype != torch.float32:
-        if _cast_frozen_float_params(model, compute_dtype):
-            cast_to = str(compute_dtype).removeprefix("torch.")
-    else:
-        skipped["frozen_bf16"] = "fp32 compute: frozen parameters keep their dtype"
+    cast_to = _frozen_params_to(model, compute_dtype, skipped)
 
     layers = len(_decoder(model).layers)
-    want_checkpointing = True if train_config is None else bool(train_config.gradient_checkpointing)
     if memory_budget_gb is None and on_cuda:
         memory_budget_gb = torch.cuda.get_device_properties(device).total_memory / GIB
-    estimated = None
-    if not want_checkpointing:
-        checkpointed = 0
-        skipped["gradient_checkpointing"] = "train.gradient_checkpointing is off"
-    elif tokens_per_micro_batch is None or memory_budget_gb is None:
-        checkpointed = layers
-        skipped["checkpointing_plan"] = "no tokens_per_micro_batch or memory budget given: all layers checkpointed"
-    else:
-        checkpointed, estimated = plan_checkpointing(
-            model, tokens_per_micro_batch, memory_budget_gb, fused_head="fused_linear_cross_entropy" in liger,
-            offload=offload_checkpointed,
-        )
-    single_process = train_config is None or getattr(train_config, "distributed", "none") == "none"
-    lean = lean_recompute and fuse_lora and single_process and checkpointed > 0
-    if lean_recompute and not fuse_lora:
-        skipped["lean_recompute"] = "needs the fused LoRA forward (fuse_lora)"
-    elif lean_recompute and not single_process:
-        skipped["lean_recompute"] = "train.distributed: torch's checkpoint, whose recompute DDP's hooks were measured with"
-    elif not lean_recompute:
-        skipped["lean_recompute"] = "disabled by the caller"
+    checkpointed, estimated = _checkpointed_layers(model, train_config, tokens_per_micro_batch, memory_budget_gb,
+                                                   fused_head="fused_linear_cross_entropy" in liger,
+                                                   offload=offload_checkpointed, skipped=skipped)
+    lean = _lean_recompute(train_config, lean_recompute, fuse_lora, checkpointed, skipped)
     offloaded = _apply_checkpointing(model, checkpointed, offload=offload_checkpointed, lean=lean)
     plan = SpeedPlan(
         attn_implementation=attn_implementation,
@@ -316,91 +226,3 @@ def configure_model_for_speed(
     )
     log.info("speed plan: %s", plan.as_dict())
     return plan
-
-
-# ---- the budget promise: refuse, before the model loads, a budget no plan can meet ----------------------
-
-# Measured max allocated minus the reserve-free estimate of the same plan, one H200, Llama-3-8B shape
-# (benchmarks/results/train_frontier_h200_llama3-8b-32k*.json): ≤ +0.1 GiB at 4k tokens per micro-batch with
-# every layer checkpointed, +1.0 GiB at 32k: the minimum budget adds TRANSIENT_GIB_PER_32K_TOKENS for them.
-_WEIGHT_BYTES = {"4bit": 0.5, "8bit": 1.0, "none": 2.0}  # bitsandbytes packed storage; bf16 when unquantized
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class MemoryBudgetError(ValueError):
-    """train.memory_budget_gb is below what the smallest plan (1 row, every layer checkpointed) needs."""
-
-
-def fixed_bytes_from_config(model_config: dict, *, lora_r: int = 16, target_modules="all-linear",
-                            quantization: str = "4bit") -> float:
-    """Parameter memory of a Llama-style model with LoRA, from its config.json alone (no weights loaded).
-
-    Decoder linear weights at their storage size (NF4: half a byte each; bitsandbytes keeps its quantization
-    constants outside the parameters, and `_param_bytes` does not count them either), bf16 embeddings, head and
-    norms, and per LoRA parameter 4 bytes (fp32) + 12 (gradient and 8-bit Adam states, as `plan_checkpointing`).
-    """
-    config = _config_namespace(model_config)
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    q, kv = heads * head_dim, getattr(config, "num_key_value_heads", heads) * head_dim
-    inter = getattr(config, "intermediate_size", 4 * hidden)
-    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    targets = _LINEARS if target_modules == "all-linear" else [n for n in _LINEARS if n in set(target_modules)]
-    weights = layers * sum(i * o for i, o in shapes.values())
-    lora = layers * sum(lora_r * (shapes[n][0] + shapes[n][1]) for n in targets)
-    vocab = config.vocab_size
-    embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    norms = (2 * layers + 1) * hidden
-    return weights * _WEIGHT_BYTES[quantization] + 2.0 * (embeddings + norms) + 16.0 * lora
-
-
-def minimum_budget_gb(model_config: dict, tokens_per_micro_batch: int, *, lora_r: int = 16,
-                      target_modules="all-linear", quantization: str = "4bit", fused_head: bool = True,
-                      offload: bool = False) -> float:
-    """The smallest memory budget (GiB, max allocated) the packed fast path can keep at these tokens per micro-batch:
-    the plan with every layer checkpointed (1 row; with `offload`, two layer inputs on the GPU), with no reserve
-    beyond the measured transients."""
-    per_token = activation_bytes_per_token(_ModelView(model_config))
-    layers = _config_namespace(model_config).num_hidden_layers
-    kept_inputs = min(layers, 2) if offload else layers
-    activations = tokens_per_micro_batch * (
-        per_token["head_fused" if fused_head else "head_unfused"]
-        + kept_inputs * per_token["checkpointed_layer"]
-        + per_token["full_layer"]  # the layer being recomputed in backward
-    )
-    fixed = fixed_bytes_from_config(model_config, lora_r=lora_r, target_modules=target_modules, quantization=quantization)
-    transient = TRANSIENT_GIB_PER_32K_TOKENS * tokens_per_micro_batch / 32768
-    return (fixed + activations) / GIB + transient
-
-
-def check_memory_budget(model_config: dict, tokens_per_micro_batch: int, memory_budget_gb: float | None,
-                        **kwargs) -> float:
-    """Raise MemoryBudgetError when `memory_budget_gb` is below `minimum_budget_gb`; return the minimum.
-
-    The train stage calls this before loading the model, so a budget that cannot be kept costs nothing."""
-    needed = minimum_budget_gb(model_config, tokens_per_micro_batch, **kwargs)
-    if memory_budget_gb is not None and memory_budget_gb < needed:
-        smallest = math.ceil(needed * 10) / 10
-        raise MemoryBudgetError(
-            f"train.memory_budget_gb={memory_budget_gb:g} GiB cannot be kept: one packed row of "
-            f"{tokens_per_micro_batch:,} tokens with every layer checkpointed needs about {needed:.1f} GiB on this "
-            f"model. Set train.memory_budget_gb to at least {smallest:g}, or lower train.pack_max_tokens "
-            f"(the longest example sets the row length too)."
-        )
-    return needed
-
-
-class _ModelView:
-    """Lets `activation_bytes_per_token` read a config.json dict as if it were a model."""
-
-    def __init__(self, model_config: dict):
-        self.config = _config_namespace(model_config)
-
-
-def _config_namespace(model_config):
-    if isinstance(model_config, dict):
-        inner = model_config.get("text_config") or model_config
-        return SimpleNamespace(**inner)
-    return _llama_like_config(SimpleNamespace(config=model_config))

@@ -1,6 +1,6 @@
 """The transformers Trainer of the train stage: its arguments, its callbacks, and training with resume.
 
-    trainer, recorder = build_trainer(model, batches, train_config, env, checkpoints_dir, identity=identity)
+    trainer, recorder = build_trainer(model, batches, train_config, checkpoints_dir, identity=identity)
     train_output = train_resuming(trainer, resume_from, checkpoints_dir, log)
 
 Callbacks: StepRecorder (the loss curve, tokens/s, the progress bar and an ETA), NonFiniteGuard (stops on a run
@@ -26,13 +26,15 @@ from loraflow.tracking.report_to import report_to_value, send_tensorboard_to, tr
 from loraflow.training.checkpoints import CheckpointMarker, latest_complete_checkpoint
 from loraflow.training.distributed import is_main_process, sum_over_processes
 from loraflow.training.fsdp_checkpoint import FsdpAdapterCheckpoint
+from loraflow.training.plan import TrainPlan
 from loraflow.training.result import NonFiniteTrainingError
+from loraflow.training.version_guard import require_verified
 
 
-def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_dir: Path, *, identity: dict,
+def build_trainer(model, batches, config: TrainConfig, checkpoints_dir: Path, *, identity: dict,
                   on_step=None, callbacks: list | None = None, log=None, run_name: str | None = None,
                   tracking_params: dict[str, str] | None = None, resume_from: Path | None = None):
-    """The Trainer over `batches` (loraflow.training.data.BatchPlan) with loraflow's callbacks; returns
+    """The Trainer over `batches` (loraflow.training.data.BatchPlan, with its TrainPlan) with loraflow's callbacks; returns
     (trainer, its StepRecorder). Refuses train.distributed=fsdp when accelerate did not set FSDP up; under FSDP
     each checkpoint keeps the gathered adapter and a resume from `resume_from` restores it (fsdp_checkpoint.py).
     `run_name` names the trackers' run; `tracking_params` (the flattened pipeline config) go to the MLflow run."""
@@ -40,6 +42,10 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     from transformers import PrinterCallback, ProgressCallback
 
     main_process = is_main_process()
+    plan = batches.plan
+    if config.group_by_length and not plan.packing:  # ResumableTrainer's sampler replaces Trainer's private hook
+        require_verified("transformers", "The epoch-seeded length-grouped batch order (loraflow.training.trainer "
+                         "overrides Trainer._get_train_sampler)", "train.group_by_length=false")
     Trainer = resumable_trainer_class()
     recorder = StepRecorder(batches.collator, log if main_process else None)
     guard = NonFiniteGuard(config.nonfinite_patience)
@@ -48,14 +54,13 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     fsdp_adapter = [FsdpAdapterCheckpoint(resume_from, log if main_process else None)] if config.distributed == "fsdp" else []
     trainer = Trainer(
         model=model,
-        args=training_arguments(config, env, checkpoints_dir, rows_per_micro_batch=batches.rows_per_micro_batch,
-                                fast=batches.fast, packing=batches.packing, run_name=run_name),
+        args=training_arguments(config, plan, checkpoints_dir, run_name=run_name),
         train_dataset=batches.examples,
         data_collator=batches.collator,
         callbacks=[recorder, guard, *fsdp_adapter, marker_writer, *([StepReport(on_step)] if on_step else []),
                    *(callbacks or [])],
     )
-    if env["device"] == "cpu" and trainer.args.world_size == 1:  # the cores other processes leave free
+    if plan.device == "cpu" and trainer.args.world_size == 1:  # the cores other processes leave free
         trainer.add_callback(ThreadsForLoad(log if main_process else None))
     for default_printer in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(default_printer)
@@ -63,7 +68,7 @@ def build_trainer(model, batches, config: TrainConfig, env: dict, checkpoints_di
     if config.distributed == "fsdp" and not trainer.is_fsdp_enabled:
         raise RuntimeError(f"train.distributed=fsdp but accelerate set up {trainer.accelerator.distributed_type.value}: "
                            "launch through train_adapter (accelerate launch with loraflow's FSDP config) on CUDA GPUs")
-    if env["device"] == "cuda":
+    if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     return trainer, recorder
 
@@ -84,12 +89,12 @@ def train_resuming(trainer, resume_from: Path | None, checkpoints_dir: Path, log
                         f"{kept.name} is intact and a re-run resumes from it" if kept else "No checkpoint was complete yet") from error
 
 
-def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *, rows_per_micro_batch: int | None = None,
-                       fast: bool = False, packing: bool = False, run_name: str | None = None):
-    """transformers TrainingArguments for `config` (works with transformers 5.17 on the GPU image and 5.23 here).
+def training_arguments(config: TrainConfig, plan: TrainPlan, checkpoints_dir: Path, *, run_name: str | None = None):
+    """transformers TrainingArguments for `config` as `plan` runs it (works with transformers 5.17 on the GPU image
+    and 5.23 here).
 
-    `fast` (packed CUDA path): Trainer's gradient checkpointing stays off, since configure_model_for_speed has
-    set it per layer and Trainer's switch would turn it on for every layer."""
+    On the fast path (plan.fast_path) Trainer's gradient checkpointing stays off, since configure_model_for_speed
+    has set it per layer and Trainer's switch would turn it on for every layer."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -97,7 +102,7 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     kwargs = dict(
         output_dir=str(checkpoints_dir),
-        per_device_train_batch_size=rows_per_micro_batch or config.micro_batch_size,
+        per_device_train_batch_size=plan.rows_per_micro_batch or config.micro_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
@@ -105,8 +110,8 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         max_steps=config.max_steps or -1,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        optim=env["optimizer"],
-        bf16=env["precision"] == "bf16",
+        optim=plan.optimizer,
+        bf16=plan.precision == "bf16",
         fp16=False,
         # Every step is logged: the non-finite guard and the loss curve need each step's loss and grad norm.
         logging_steps=1,
@@ -121,21 +126,21 @@ def training_arguments(config: TrainConfig, env: dict, checkpoints_dir: Path, *,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,  # our StepRecorder draws the bar (with tokens/s)
-        use_cpu=env["device"] == "cpu",
+        use_cpu=plan.device == "cpu",
     )
     if config.neftune_noise_alpha is not None:  # transformers' own NEFTune: noise on the input embeddings while training
         kwargs["neftune_noise_alpha"] = config.neftune_noise_alpha
     if config.distributed == "ddp":
         # Every LoRA weight gets a gradient each step; searching for unused ones costs a graph walk and a warning.
         kwargs["ddp_find_unused_parameters"] = False
-    if config.group_by_length and not packing:  # packed rows are already of similar length
+    if config.group_by_length and not plan.packing:  # packed rows are already of similar length
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
     # transformers 5.23 renamed gradient checkpointing to activation checkpointing; 5.17 (GPU image) has the old name.
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    kwargs[checkpointing] = config.gradient_checkpointing and not fast
+    kwargs[checkpointing] = config.gradient_checkpointing and not plan.fast_path
     kwargs[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
     if "warmup_ratio" in fields:

@@ -63,6 +63,7 @@ def test_qlora_4bit_trains_lora_only_with_paged_adamw(smol_random, tokens, tmp_p
                          checkpoint_every=5)
     result = train_adapter(tokens, smol_random, config, tmp_path / "run", callbacks=[inspect])
     assert result.speed_plan is None and not result.packing
+    assert not result.plan.fast_path and result.plan.fast_path_reason == "packing is off"
     assert (result.device, result.quantization, result.optimizer, result.precision) == ("cuda", "4bit", "paged_adamw_8bit", "bf16")
     assert inspect.quantized > 100, "base linear weights should be bitsandbytes Params4bit"
     assert inspect.lora and all("lora_" in n for n in inspect.lora) and inspect.changed == len(inspect.lora)
@@ -114,6 +115,10 @@ def test_default_train_takes_the_packed_fast_path(smol_random, tokens, tmp_path)
     assert plan["tokens_per_micro_batch"] == plan["rows_per_micro_batch"] * 4096
     if importlib.util.find_spec("liger_kernel"):
         assert "fused_linear_cross_entropy" in plan["liger"]
+    train_plan = result.plan  # the TrainPlan holds the same decisions, typed
+    assert train_plan.fast_path and train_plan.speed == plan and train_plan.attention == expected_attention
+    assert (train_plan.rows_per_micro_batch, train_plan.checkpointed_layers) == (plan["rows_per_micro_batch"],
+                                                                                 plan["checkpointed_layers"])
     metrics = json.loads(Path(result.metrics_path).read_text())
     assert metrics["speed_plan"] == plan and metrics["packing_stats"]["documents"] == len(many)
     # tokens/s counts real tokens: at most what the packed rows hold, never the padding to 128.

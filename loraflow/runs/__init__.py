@@ -1,0 +1,1 @@
+"""What a pipeline run records: its typed summary.json (summary.py)."""
