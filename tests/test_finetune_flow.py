@@ -98,7 +98,7 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert second["eval"]["previous"] is None  # the published model is this very adapter's
 
     # A source row more and a learning rate too small to learn anything: retrained and evaluated beside the champion
-    # (the first run's model). Its loss stands on one or two examples, so by default it is reported, not gated:
+    # (the first run's model), and refused on its validation loss (gated here whatever the number of examples):
     changed = config.read_text().replace("max_rows: 4", "max_rows: 5").replace("learning_rate: 0.001", "learning_rate: 1.0e-9")
     config.write_text(changed.replace("max_general_regressions: null}", "max_general_regressions: null, "
                                       "min_loss_examples: 1, min_loss_tokens: 1}"))  # here it is gated, and refuses

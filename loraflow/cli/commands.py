@@ -153,7 +153,7 @@ def _num(value) -> str:
 def cmd_ask(args) -> int:
     """Answer a question with the model a run published (streamed), or with the candidate its gate refused."""
     from loraflow.runs.summary import SUMMARY_FILE, RunSummary
-    from loraflow.runtime.run_folder import published_model_dir, refused_candidate
+    from loraflow.runtime.run_folder import published_model_dir
 
     run_dir = Path(args.run_dir)
     if not (run_dir / SUMMARY_FILE).exists() and not (run_dir / "config.json").exists():
@@ -161,13 +161,14 @@ def cmd_ask(args) -> int:
         return 2
     model_dir, adapter_dir, system_prompt = published_model_dir(run_dir), None, None
     if model_dir is None and (run_dir / SUMMARY_FILE).exists():  # no `model` link or model.txt: what the summary says
-        publish = RunSummary.read(run_dir).publish
+        summary = RunSummary.read(run_dir)
+        publish, candidate = summary.publish, summary.candidate
         model_dir = Path(publish.model_dir) if publish and publish.model_dir else None
-    candidate = refused_candidate(run_dir) if model_dir is None else None
-    if candidate:
-        model_dir, adapter_dir, system_prompt = candidate["base_model_dir"], candidate["adapter_dir"], candidate["system_prompt"]
-        print(f"note: this is the candidate the gate refused, NOT a published model ({'; '.join(candidate['reasons'])}); "
-              f"answering from its adapter {adapter_dir}", file=sys.stderr)
+        if model_dir is None and candidate and publish and not publish.gate_passed:  # the refused candidate, unmerged
+            model_dir, adapter_dir, system_prompt = candidate.base_model_dir, candidate.adapter_dir, candidate.system_prompt
+            failures = [reason for reason in publish.gate_reasons if reason.startswith("FAIL")]
+            print(f"note: this is the candidate the gate refused, NOT a published model ({'; '.join(failures)}); "
+                  f"answering from its adapter {adapter_dir}", file=sys.stderr)
     if model_dir is None:
         print(f"{args.run_dir}: this run published no model and has no candidate (it stopped before training)", file=sys.stderr)
         return 2

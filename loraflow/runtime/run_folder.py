@@ -41,16 +41,3 @@ def published_model_dir(path: str | Path) -> Path | None:
         return Path((path / MODEL_POINTER).read_text().strip())
     return None
 
-
-def refused_candidate(run_dir: str | Path) -> dict | None:
-    """For a run whose candidate the gate refused: {"base_model_dir", "adapter_dir", "system_prompt", "reasons"} from
-    its summary.json, so `loraflow ask` can answer from the unpublished candidate; None otherwise."""
-    summary_path = Path(run_dir) / "summary.json"
-    if not summary_path.exists():
-        return None
-    summary = json.loads(summary_path.read_text())
-    candidate = summary.get("candidate")
-    if not candidate or summary.get("publish", {}).get("gate_passed", True):
-        return None
-    reasons = [reason for reason in summary["publish"].get("gate_reasons", []) if reason.startswith("FAIL")]
-    return {**candidate, "reasons": reasons}
