@@ -101,7 +101,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary.cost = CostSummary(**run_cost(seconds, stage_devices(config), config.cost))  # so far: the card's figure
     summary.eval = EvalSummary(base=evaluation.base, finetuned=evaluation.finetuned, previous=evaluation.previous,
                                previous_model_dir=previous_model_dir, gate=gate,
-                               report=evaluation.report_path, table=evaluation.table_path, cached=cached)
+                               report=evaluation.report_path, table=evaluation.table_path, cached=cached,
+                               seconds=evaluation.seconds, timing=evaluation.timing)
     summary.candidate = CandidateSummary(base_model_dir=model_dir, adapter_dir=trained.adapter_dir,  # `loraflow ask` it
                                          system_prompt=config.format.system_prompt)
 

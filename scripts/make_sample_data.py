@@ -1,6 +1,7 @@
 """Make the sample data in data/sample/ (deterministic: same seed, same bytes).
 
     python scripts/make_sample_data.py            # rewrite data/sample/*
+    python scripts/make_sample_data.py --catalog 5000 --out .loraflow/gpu_8b   # only anime_catalog.csv, 5,000 titles
     from scripts.make_sample_data import make_catalog; make_catalog(25_000, seed=1)   # benchmarks
 
 Every anime title, studio, producer, licensor and character is invented (syllables and word lists), so no
@@ -496,11 +497,25 @@ def write_samples(out_dir: Path = SAMPLE_DIR, seed: int = SEED) -> list[Path]:
     return paths
 
 
+def write_catalog(out_dir: Path, rows: int, seed: int = SEED) -> Path:
+    """Write out_dir/anime_catalog.csv: `rows` titles, every field anime_qa asks about filled, short synopses."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "anime_catalog.csv"
+    catalog = make_catalog(rows, seed, complete_rows=rows, complete_synopsis_words=(40, 60))
+    catalog.to_csv(path, index=False, encoding="utf-8", lineterminator="\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR, help="output folder (default: data/sample)")
     parser.add_argument("--seed", type=int, default=SEED, help="random seed (default: %(default)s)")
+    parser.add_argument("--catalog", type=int, default=None, metavar="ROWS",
+                        help="write only anime_catalog.csv with ROWS complete titles (configs/gpu_8b.yaml: 5000)")
     args = parser.parse_args()
+    if args.catalog is not None:
+        print(f"wrote {write_catalog(args.out, args.catalog, args.seed)}")
+        return
     for path in write_samples(args.out, args.seed):
         print(f"wrote {path}")
 

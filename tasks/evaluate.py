@@ -62,6 +62,8 @@ class EvalResult(BaseModel):
     seconds: float
     precision: str | None = Field(None, description="bf16 or fp32, as loraflow.modeling.precision chose for this device.")
     precision_reason: str | None = None
+    timing: dict | None = Field(None, description="Per model: seconds of loss, answers and general answers, questions "
+                                "and generated tokens per second, generation batch size.")
 
 
 def evaluate_adapter(
@@ -129,6 +131,7 @@ def evaluate_adapter(
         report_path=str(paths["eval_report.md"]), metrics_path=str(paths["eval_metrics.json"]),
         questions=len(questions), seconds=round(time.perf_counter() - started, 2),
         precision=choice.precision, precision_reason=choice.reason,
+        timing={name: run["timing"] for name, run in runs.items()},
     )
     write_json_atomic(paths["eval_metrics.json"], {**result.model_dump(), "general": general.to_dict("records")})
     log.info("evaluate: %d questions per model in %.0f s", len(questions), result.seconds)

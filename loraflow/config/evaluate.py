@@ -1,5 +1,7 @@
 """Config of the evaluate stage: metrics, generation and the publish gate."""
 
+from typing import Literal
+
 from pydantic import Field
 
 from loraflow.config.base import StrictModel
@@ -75,7 +77,12 @@ class EvalConfig(StrictModel):
     answer_margin_tokens: int = Field(
         32, ge=1, description="A question's generation budget: its reference answer's tokens plus this margin (capped by max_new_tokens)."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Prompts per generation batch (and rows per validation-loss batch). auto = on a GPU, as many as "
+        "half its free memory holds for the longest prompt and budget (up to 256; loraflow.evaluation.generation), "
+        "16 on CPU; 1 = one question at a time, no padding.",
+    )
     max_questions: int = Field(300, ge=1, description="Cap on generated questions per model (sampled deterministically).")
     general_questions: list[str] = Field(
         default_factory=lambda: list(GENERAL_SUITE),

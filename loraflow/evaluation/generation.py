@@ -12,12 +12,14 @@ plain characters here too; general questions are encoded the same way (loraflow.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from loraflow.config.evaluate import EvalConfig
+from loraflow.evaluation.batching import generation_batch_size, loss_batch_size
 from loraflow.evaluation.metrics import score_answers
 from loraflow.modeling.precision import choose_precision
 
@@ -48,13 +50,31 @@ def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, q
         if name == "previous":
             del model  # one model in memory at a time
             model = load_for_inference(previous_model_dir, trust_remote_code=trust_remote_code, precision=precision)
+        clock = [time.perf_counter()]
         loss = mean_loss(model, loss_rows, batch_size=eval_config.batch_size, pad_id=pad_id)
+        clock.append(time.perf_counter())
         answers = generate_answers(model, tokenizer, question_prompts(questions), progress=f"evaluate {name}",
                                    **{**generation, "max_new_tokens": budgets})
+        clock.append(time.perf_counter())
         general = generate_answers(model, tokenizer, general_prompts, **{**generation, "max_new_tokens": eval_config.general_max_new_tokens})
-        runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general}
-        log.info("evaluate: %s done (loss %s)", name, f"{loss:.4f}" if loss is not None else "n/a")
+        clock.append(time.perf_counter())
+        timing = generation_timing(clock, answers, general)
+        runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general, "timing": timing}
+        log.info("evaluate: %s done (loss %s); %d questions in %.1f s (%.1f/s), batch %s", name,
+                 f"{loss:.4f}" if loss is not None else "n/a", len(answers), timing["answers_s"],
+                 timing["questions_per_s"], timing["batch_size"])
     return runs
+
+
+def generation_timing(clock: list[float], answers: list[dict], general: list[dict]) -> dict:
+    """Seconds of the loss, the scored answers and the general answers (`clock`: their four boundaries), questions
+    and generated tokens per second of the scored answers, and the batch size they ran with."""
+    loss_s, answers_s, general_s = (round(b - a, 3) for a, b in zip(clock, clock[1:]))
+    tokens = sum(a["n_tokens"] for a in answers)
+    return {"loss_s": loss_s, "answers_s": answers_s, "general_s": general_s, "questions": len(answers),
+            "questions_per_s": round(len(answers) / answers_s, 2) if answers_s else None,
+            "generated_tokens_per_s": round(tokens / answers_s, 1) if answers_s else None,
+            "batch_size": answers[0].get("batch_size") if answers else None}
 
 
 def question_prompts(questions: pd.DataFrame) -> list[list[int] | str]:
@@ -96,14 +116,16 @@ def answer_budgets(questions: pd.DataFrame, tokenizer, eval_config: EvalConfig) 
     return [max(budget, longest) if unknown else budget for budget, unknown in zip(budgets, made_up)]
 
 
-def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_new_tokens: int | list[int], batch_size: int,
-                     stop_ids: list[int], progress: str | None = None) -> list[dict]:
-    """Greedy answers to fully rendered prompts (text, or token ids as question_prompts and loraflow.modeling.prompt_encoding
-    give them), batched with left padding (prompts sorted by budget, then length).
+def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_new_tokens: int | list[int],
+                     batch_size: int | str, stop_ids: list[int], progress: str | None = None) -> list[dict]:
+    """Greedy answers to fully rendered prompts (text, or token ids as question_prompts and
+    loraflow.modeling.prompt_encoding give them), batched with left padding (prompts sorted by budget, then length).
+    batch_size "auto": as many as the GPU's free memory holds for the longest prompt and budget
+    (loraflow.evaluation.batching); 1: one at a time.
 
     `max_new_tokens` is one budget for all prompts or one per prompt (a batch generates up to its largest).
     Each answer: text (up to the first stop token, special tokens removed), stopped (a stop token was
-    produced within the prompt's own budget), n_tokens (generated tokens, the stop token included).
+    produced within the prompt's own budget), n_tokens (generated tokens, the stop token included), batch_size.
     """
     import torch
     from tqdm.auto import tqdm
@@ -115,6 +137,8 @@ def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_ne
     lengths = [len(ids) for ids in prompt_ids]
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], lengths[i]))
+    batch_size = generation_batch_size(batch_size, model, prompt_tokens=max(lengths, default=1),
+                                       new_tokens=max(budgets, default=1))
     answers: list[dict | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     stop = torch.tensor(stop_ids, device=device)
@@ -136,16 +160,19 @@ def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_ne
                 "text": tokenizer.decode(tokens[:end], skip_special_tokens=True).strip(),
                 "stopped": bool(len(hits)),
                 "n_tokens": end + 1 if len(hits) else end,
+                "batch_size": batch_size,
             }
     return answers
 
 
-def mean_loss(model, rows: pd.DataFrame, *, batch_size: int, pad_id: int) -> float | None:
-    """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows`."""
+def mean_loss(model, rows: pd.DataFrame, *, batch_size: int | str, pad_id: int) -> float | None:
+    """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows` (batch_size "auto": from
+    the GPU's free memory for the longest row)."""
     import torch
 
     if rows.empty:
         return None
+    batch_size = loss_batch_size(batch_size, model, row_tokens=max(len(ids) for ids in rows["input_ids"]))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     items = list(zip(rows["input_ids"], rows["labels"]))

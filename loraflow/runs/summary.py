@@ -95,6 +95,9 @@ class EvalSummary(_Section):
     report: str = Field(..., description="eval_report.md.")
     table: str = Field(..., description="eval_table.parquet.")
     cached: bool
+    seconds: float | None = Field(None, description="Evaluation's wall time.")
+    timing: dict | None = Field(None, description="Per model: seconds of loss, answers and general answers, questions "
+                                "and generated tokens per second, generation batch size (EvalResult.timing).")
 
 
 # The publish section is flat: the gate's verdict, then PublishResult's fields when something was published (None
