@@ -127,7 +127,7 @@ def one_at_a_time_vs_batched(model_dir: Path, catalog_csv: Path, count: int, bud
     from transformers import AutoTokenizer
 
     from loraflow.evaluation.generation import generate_answers, load_for_inference, stop_token_ids
-    from loraflow.prompt_encoding import question_prompt_ids
+    from loraflow.modeling.prompt_encoding import question_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     started = time.perf_counter()
@@ -279,7 +279,7 @@ def run(args, data_dir: Path, sampler: Sampler, result: dict) -> None:
         for name in names:
             if hasattr(module, name):
                 wrap_stage(module, name, sampler, result["stages"])
-    from loraflow.cli import main as loraflow_main
+    from loraflow.cli.commands import main as loraflow_main
 
     started = time.perf_counter()
     result["flow_start_s"] = round(started - sampler.started, 2)

@@ -25,7 +25,7 @@ def test_gpu_config_loads_with_the_8b_stand_in_and_the_gguf_publish():
 
 
 def test_loraflow_run_on_the_gpu_config_with_a_two_layer_stand_in(tmp_path, prefect_api):
-    from loraflow.cli import main
+    from loraflow.cli.commands import main
 
     write_catalog(tmp_path, 12)
     build(tmp_path / "model", default_tokenizer_dir(), layers=2, hidden=256)
