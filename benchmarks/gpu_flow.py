@@ -33,7 +33,7 @@ WRAPPED = {  # module -> functions measured as stages (publish's steps nest insi
     "tasks.train": ["train_adapter"],
     "tasks.evaluate": ["evaluate_adapter"],
     "tasks.publish": ["publish_model", "merge_adapter", "save_merged", "export_verified_gguf", "export_gguf",
-                      "gguf_logit_difference"],
+                      "gguf_logit_difference", "gguf_logit_difference_in_place"],
 }
 
 
@@ -151,6 +151,55 @@ def one_at_a_time_vs_batched(model_dir: Path, catalog_csv: Path, count: int, bud
             "same_answers": sum(same), "speedup": round(runs["one_at_a_time"]["seconds"] / runs["batched"]["seconds"], 2)}
 
 
+# ---- publish's old ways, on the published folder ---------------------------------------------------------
+
+def measured_step(name: str, sampler: Sampler, steps: list[dict], work) -> None:
+    """Run `work()`, appending {step, seconds, RSS before and peak, GPU peak allocated} to `steps` (also on failure)."""
+    import torch
+
+    record = {"step": name, "start_s": round(time.perf_counter() - sampler.started, 2), "rss_before_gib": gib(rss_bytes())}
+    steps.append(record)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        record["result"] = work()
+    finally:
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        record["rss_peak_gib"] = gib(sampler.peak_rss(record["start_s"]))
+        if torch.cuda.is_available():
+            record["gpu_peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated())
+
+
+def publish_before_after(folder: Path, texts: list[str], sampler: Sampler, steps: list[dict]) -> None:
+    """Save with transformers' default 50 GB shards vs publish's 2 GB, the gguf package's buffered writer vs the
+    streamed one, and the reload logit check (merged + GGUF in float32 on the host) vs the in-place one."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraflow.publishing.gguf import export_gguf, gguf_logit_difference
+    from loraflow.publishing.gguf_check import gguf_logit_difference_in_place
+    from loraflow.publishing.merge import verification_batch
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": 0} if torch.cuda.is_available() else None)
+    scratch = folder.parent / "scratch"
+    for shard in ("2GB", "50GB"):
+        measured_step(f"save_pretrained_{shard}_shards", sampler, steps,
+                      lambda: model.save_pretrained(scratch / shard, max_shard_size=shard) and None)
+        shutil.rmtree(scratch / shard, ignore_errors=True)
+    for buffered in (False, True):
+        measured_step(f"export_gguf_{'buffered' if buffered else 'streamed'}", sampler, steps,
+                      lambda: str(export_gguf(folder, quantization="f16", eos_ids=[2], buffered=buffered)))
+    path = folder / "model-f16.gguf"
+    inputs = verification_batch(AutoTokenizer.from_pretrained(folder), texts, next(model.parameters()).device)
+    measured_step("gguf_check_in_place", sampler, steps, lambda: gguf_logit_difference_in_place(model, path, inputs))
+    del model
+    torch.cuda.empty_cache()
+    measured_step("gguf_check_reload_float32_cpu", sampler, steps, lambda: gguf_logit_difference(folder, path, texts))
+
+
 # ---- the run ---------------------------------------------------------------------------------------------
 
 def run_config(data_dir: Path, *, max_steps: int | None = None, questions: int | None = None,
@@ -233,6 +282,8 @@ def main() -> int:
     parser.add_argument("--eval-batch", default=None, help="eval.batch_size (default: the config's)")
     parser.add_argument("--ab", type=int, default=0, help="questions in the one-at-a-time vs batched sample (0: none)")
     parser.add_argument("--ab-budget", type=int, default=48)
+    parser.add_argument("--publish-before", action="store_true",
+                        help="after the run, time publish's old ways (50 GB shards, buffered GGUF, reload check) on its folder")
     parser.add_argument("--deadline", type=float, default=570, help="seconds after which the JSON is written and we exit")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -288,6 +339,10 @@ def run(args, data_dir: Path, sampler: Sampler, result: dict) -> None:
     summaries = sorted((data_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
     if summaries:
         result["flow"] = summarise_flow(json.loads(summaries[-1].read_text()))
+    if args.publish_before and result.get("flow", {}).get("publish", {}).get("gguf_file"):
+        result["publish_before_after"] = []
+        publish_before_after(Path(result["flow"]["publish"]["gguf_file"]).parent, catalog_questions(catalog, 4),
+                             sampler, result["publish_before_after"])
 
 
 if __name__ == "__main__":

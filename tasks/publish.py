@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from loraflow.config.publish import PublishConfig
-from loraflow.publishing.gguf import export_gguf, gguf_logit_difference
+from loraflow.publishing.gguf import export_gguf
+from loraflow.publishing.gguf_check import gguf_logit_difference_in_place
 from loraflow.publishing.hub import assert_no_secret, push_folder, resolve_hub_token
 from loraflow.publishing.merge import merge_adapter, save_merged
 from loraflow.tracking.mlflow_run import log_best_effort, register_model
@@ -83,7 +84,8 @@ def publish_model(
     log.info("publish: saved %d files (%s) to %s", len(files), saved_dtype, folder)
     gguf_facts = {}
     if publish_config.gguf is not None:
-        gguf_facts = export_verified_gguf(folder, publish_config, verify_texts[: publish_config.verify_prompts], files, log)
+        gguf_facts = export_verified_gguf(folder, publish_config, verify_texts[: publish_config.verify_prompts], files, log,
+                                          merged=merged, tokenizer=tokenizer)
         card_text = render_model_card(card, max_logit_diff=max_diff, tolerance=publish_config.merge_tolerance,
                                       merge_dtype=publish_config.merge_dtype, model_ref=model_ref, gguf={
                                           "file": Path(gguf_facts["gguf_file"]).name, "quantization": publish_config.gguf.quantization,
@@ -127,15 +129,17 @@ def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking:
     return {"registered_model": name, "registered_version": str(version)}
 
 
-def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log) -> dict:
-    """Write the GGUF beside the merged weights, check its logits, add it to `files`; returns its facts."""
-    from loraflow.publishing.merge import PublishError, end_of_turn_ids
+def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log, *,
+                         merged, tokenizer) -> dict:
+    """Write the GGUF beside the merged weights (streamed), check its logits on `merged` (the merged model publish
+    holds: no second load, loraflow.publishing.gguf_check), add it to `files`; returns its facts. `merged` holds
+    the GGUF's weights afterwards."""
+    from loraflow.publishing.merge import PublishError, end_of_turn_ids, verification_batch
     from loraflow.runtime.artifact_store import file_sha256
-    from transformers import AutoTokenizer
 
-    eos_ids = end_of_turn_ids(AutoTokenizer.from_pretrained(folder))
-    path = export_gguf(folder, quantization=publish_config.gguf.quantization, eos_ids=eos_ids)
-    max_diff = gguf_logit_difference(folder, path, verify_texts)
+    path = export_gguf(folder, quantization=publish_config.gguf.quantization, eos_ids=end_of_turn_ids(tokenizer))
+    inputs = verification_batch(tokenizer, verify_texts, next(merged.parameters()).device)
+    max_diff = gguf_logit_difference_in_place(merged, path, inputs)
     if not max_diff <= publish_config.gguf.max_logit_difference:
         path.unlink()
         raise PublishError(f"{path.name}: max |logit difference| vs the merged model {max_diff:.4g} > publish.gguf.tolerance "

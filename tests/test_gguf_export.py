@@ -38,6 +38,38 @@ def test_gguf_round_trip_logits_tokenizer_and_stop_ids(tiny_folder, quantization
         assert gguf_tok(text, add_special_tokens=False).input_ids == merged_tok(text, add_special_tokens=False).input_ids
 
 
+@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
+def test_streamed_file_is_byte_for_byte_the_buffered_writers(tiny_folder, quantization):
+    from loraflow.runtime.artifact_store import file_sha256
+
+    buffered = file_sha256(export_gguf(tiny_folder, quantization=quantization, eos_ids=[2], buffered=True))
+    assert file_sha256(export_gguf(tiny_folder, quantization=quantization, eos_ids=[2])) == buffered
+
+
+def test_in_place_check_agrees_with_the_reload_check_and_catches_a_wrong_layout(tiny_folder, monkeypatch):
+    """The merged model with the GGUF's weights swapped in gives the reload check's logits (f16 of a float32
+    model: the same rounding); with the rotary permutation not undone the difference is large; a header that
+    disagrees with config.json is refused."""
+    import loraflow.publishing.gguf_check as gguf_check
+    from loraflow.publishing.merge import verification_batch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = export_gguf(tiny_folder, quantization="f16", eos_ids=[2])
+    inputs = verification_batch(AutoTokenizer.from_pretrained(tiny_folder), TEXTS, "cpu")
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype="float32")
+
+    in_place = gguf_check.gguf_logit_difference_in_place(fresh(), path, inputs)
+    assert in_place == pytest.approx(gguf_logit_difference(tiny_folder, path, TEXTS), abs=1e-4)
+    monkeypatch.setattr(gguf_check, "unpermute_for_rotary", lambda weights, *_: weights)
+    assert gguf_check.gguf_logit_difference_in_place(fresh(), path, inputs) > 100 * max(in_place, 1e-4)
+    monkeypatch.undo()
+    config = json.loads((tiny_folder / "config.json").read_text())
+    with pytest.raises(GGUFExportError, match="block_count"):
+        gguf_check.load_gguf_weights(fresh(), path, config | {"num_hidden_layers": config["num_hidden_layers"] + 1})
+
+
 def test_unsupported_architecture_is_named(tiny_folder, tmp_path):
     config = json.loads((tiny_folder / "config.json").read_text()) | {"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(config))

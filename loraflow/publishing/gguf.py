@@ -50,16 +50,30 @@ def permute_for_rotary(weights, n_head: int, n_head_kv: int):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _tensor_payload(name: str, array, quantization: str):
-    """(array, raw dtype or None) for one tensor: norms/biases float32, Q8_0 where the row fits, else float16."""
+def payload_layout(shape: tuple[int, ...], quantization: str):
+    """(numpy dtype, GGML raw type or None, stored shape, bytes) of one tensor, known before its data is read:
+    1-D norms and biases float32, Q8_0 where the row is a whole number of 32-value blocks, else float16."""
     import gguf
     import numpy as np
 
-    if array.ndim == 1:
-        return array.astype(np.float32), None
-    if quantization == "q8_0" and array.shape[-1] % 32 == 0:
-        return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return array.astype(np.float16), None
+    if len(shape) == 1:
+        return np.float32, None, shape, 4 * int(np.prod(shape))
+    if quantization == "q8_0" and shape[-1] % 32 == 0:
+        raw = gguf.GGMLQuantizationType.Q8_0
+        stored = gguf.quants.quant_shape_to_byte_shape(shape, raw)
+        return np.uint8, raw, stored, int(np.prod(stored))
+    return np.float16, None, shape, 2 * int(np.prod(shape))
+
+
+def tensor_payload(array, quantization: str):
+    """One tensor (float32 numpy) converted as payload_layout says: (payload array, GGML raw type or None)."""
+    import gguf
+    import numpy as np
+
+    dtype, raw, _, _ = payload_layout(array.shape, quantization)
+    if raw is not None:
+        return gguf.quants.quantize(array.astype(np.float32), raw), raw
+    return array.astype(dtype), None
 
 
 def _add_tokenizer(writer, folder: Path, model_type: str, eos_ids: list[int]) -> None:
@@ -93,65 +107,131 @@ def _add_tokenizer(writer, folder: Path, model_type: str, eos_ids: list[int]) ->
         writer.add_eot_token_id(end_of_turn[0])
 
 
-def export_gguf(folder: str | Path, *, quantization: str = "f16", eos_ids: list[int] | None = None) -> Path:
-    """Write `folder`/model-<quantization>.gguf from the merged safetensors folder (temp file, fsync, rename)."""
+def export_gguf(folder: str | Path, *, quantization: str = "f16", eos_ids: list[int] | None = None,
+                buffered: bool = False) -> Path:
+    """Write `folder`/model-<quantization>.gguf from the merged safetensors folder (written atomically: runtime.atomic_files).
+
+    Streamed: every tensor's info is written from the safetensors headers first, then the tensors one at a time,
+    so the host holds one tensor (in float32) at a time, not the model. `buffered=True` is the gguf package's own
+    way (add_tensor, then write_tensors_to_file: every converted tensor held until the end; the same bytes), kept
+    to measure against (benchmarks/gpu_flow.py) and as the reference in tests/test_gguf_export.py."""
     import gguf
-    import torch
-    from safetensors import safe_open
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
+    arch_name, _ = supported_architecture(config)
+    plan = tensor_plan(folder, config, arch_name)
+    target = folder / gguf_file_name(quantization)
+    with atomic_file(target) as partial:
+        writer = gguf.GGUFWriter(partial, arch_name)
+        add_metadata(writer, folder, config, quantization, eos_ids or [])
+        write_tensors(writer, plan, float32_tensors(folder, config, plan), quantization, buffered)
+        writer.close()
+    return target
+
+
+def write_tensors(writer, plan, tensors, quantization: str, buffered: bool) -> None:
+    """Header, metadata and every tensor of `plan` (`tensors` yields them in its order): streamed, or through the
+    gguf package's buffered add_tensor."""
+    if buffered:
+        for (gguf_name, _, _), array in zip(plan, tensors):
+            payload, raw_dtype = tensor_payload(array, quantization)
+            writer.add_tensor(gguf_name, payload, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        return
+    for gguf_name, _, shape in plan:
+        dtype, raw_dtype, stored, nbytes = payload_layout(shape, quantization)
+        writer.add_tensor_info(gguf_name, stored, dtype, nbytes, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array in tensors:
+        writer.write_tensor_data(tensor_payload(array, quantization)[0])
+
+
+def supported_architecture(config: dict) -> tuple[str, bool]:
+    """(GGUF architecture name, permute q/k) of a config.json; GGUFExportError naming an unsupported model type."""
     model_type = config.get("model_type", "?")
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise GGUFExportError(
             f"GGUF export supports {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models; this one is {model_type!r} "
             f"({', '.join(config.get('architectures') or [])}). Set publish.gguf: null to publish without it."
         )
-    arch_name, permute = SUPPORTED_ARCHITECTURES[model_type]
+    return SUPPORTED_ARCHITECTURES[model_type]
+
+
+def gguf_name_map(config: dict, arch_name: str):
+    """The gguf package's HF -> GGUF tensor-name map for this architecture and depth."""
+    import gguf
+
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch_name)
-    n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
+    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+
+
+def tensor_plan(folder: Path, config: dict, arch_name: str) -> list[tuple[str, tuple[str, str], tuple[int, ...]]]:
+    """Every tensor to write, in file order: (GGUF name, (shard file, HF name), shape), read from the safetensors
+    headers only; a tied lm_head is left out (llama.cpp reuses token_embd for it)."""
+    from safetensors import safe_open
+
+    name_map, tied, plan = gguf_name_map(config, arch_name), config.get("tie_word_embeddings", False), []
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for hf_name in handle.keys():
+                if tied and hf_name == "lm_head.weight":
+                    continue
+                gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise GGUFExportError(f"{shard.name}: tensor {hf_name} has no GGUF name for {arch_name}")
+                plan.append((gguf_name, (shard.name, hf_name), tuple(handle.get_slice(hf_name).get_shape())))
+    return plan
+
+
+def float32_tensors(folder: Path, config: dict, plan):
+    """The planned tensors one at a time as float32 numpy arrays, q/k permuted for llama.cpp's rotary layout."""
+    import torch
+    from safetensors import safe_open
+
+    _, permute = supported_architecture(config)
+    n_head = config["num_attention_heads"]
     n_head_kv = config.get("num_key_value_heads", n_head)
-    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
-    name_map = gguf.get_tensor_name_map(arch, n_layers)
-    target = folder / gguf_file_name(quantization)
-    with atomic_file(target) as partial:
-        writer = gguf.GGUFWriter(partial, arch_name)
-        writer.add_name(folder.name)
-        writer.add_context_length(config.get("max_position_embeddings", 2048))
-        writer.add_embedding_length(config["hidden_size"])
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_block_count(n_layers)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_head_kv)
-        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-        rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        writer.add_rope_freq_base(float(rope_theta))
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_vocab_size(config["vocab_size"])
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantization == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
-        _add_tokenizer(writer, folder, model_type, eos_ids or [])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tied = config.get("tie_word_embeddings", False)
-        for shard in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(shard), framework="pt") as handle:
-                for hf_name in handle.keys():
-                    if tied and hf_name == "lm_head.weight":
-                        continue  # llama.cpp reuses token_embd for a tied output
-                    gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                    if gguf_name is None:
-                        raise GGUFExportError(f"{shard.name}: tensor {hf_name} has no GGUF name for {arch_name}")
-                    array = handle.get_tensor(hf_name).to(torch.float32).numpy()
-                    if permute and hf_name.endswith("q_proj.weight"):
-                        array = permute_for_rotary(array, n_head, n_head)
-                    elif permute and hf_name.endswith("k_proj.weight"):
-                        array = permute_for_rotary(array, n_head, n_head_kv)
-                    payload, raw_dtype = _tensor_payload(gguf_name, array, quantization)
-                    writer.add_tensor(gguf_name, payload, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return target
+    handles: dict[str, object] = {}
+    try:
+        for _, (shard, hf_name), _ in plan:
+            if shard not in handles:
+                handles[shard] = safe_open(str(folder / shard), framework="pt").__enter__()
+            array = handles[shard].get_tensor(hf_name).to(torch.float32).numpy()
+            if permute and hf_name.endswith("q_proj.weight"):
+                array = permute_for_rotary(array, n_head, n_head)
+            elif permute and hf_name.endswith("k_proj.weight"):
+                array = permute_for_rotary(array, n_head, n_head_kv)
+            yield array
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+
+def add_metadata(writer, folder: Path, config: dict, quantization: str, eos_ids: list[int]) -> None:
+    """The hyperparameters llama.cpp reads, the file type and the tokenizer."""
+    import gguf
+
+    n_head = config["num_attention_heads"]
+    writer.add_name(folder.name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+    rope_theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantization == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    _add_tokenizer(writer, folder, config.get("model_type", "?"), eos_ids)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def gguf_logit_difference(folder: str | Path, gguf_path: str | Path, verify_texts: list[str]) -> float:

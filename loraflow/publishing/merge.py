@@ -19,6 +19,7 @@ from loraflow.runtime.atomic_files import atomic_folder, write_json_atomic, writ
 from loraflow.runtime.artifact_store import file_sha256
 
 MODEL_MANIFEST = "loraflow-manifest.json"
+SAVE_SHARD_SIZE = "2GB"
 RUN_INFO = "loraflow.json"
 
 
@@ -97,7 +98,9 @@ def save_merged(merged, tokenizer, folder: Path, *, model_dir: Path, adapter_dir
     saved_dtype = _base_dtype(model_dir)
     merged = merged.to(getattr(torch, saved_dtype))
     with atomic_folder(folder) as staging:
-        merged.save_pretrained(staging, safe_serialization=True)
+        # safetensors turns a whole shard into host bytes before writing: 2 GB shards keep that to 2 GB (transformers'
+        # default of 50 GB made it the whole model: 16 GB for an 8B, issue 31).
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=SAVE_SHARD_SIZE)
         verify_saved_weights(merged, staging)
         tokenizer.save_pretrained(staging)
         if (model_dir / "generation_config.json").exists():
@@ -118,7 +121,8 @@ def save_merged(merged, tokenizer, folder: Path, *, model_dir: Path, adapter_dir
 
 
 def verify_saved_weights(model, folder: Path) -> None:
-    """Every tensor in the saved safetensors equals the in-memory one bit for bit (catches a bad write)."""
+    """Every tensor in the saved safetensors equals the in-memory one bit for bit (catches a bad write); compared
+    where the model lives, one tensor at a time."""
     import torch
     from safetensors import safe_open
 
@@ -128,7 +132,7 @@ def verify_saved_weights(model, folder: Path) -> None:
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():
                 seen.add(name)
-                if name in state and not torch.equal(handle.get_tensor(name), state[name].detach().cpu()):
+                if name in state and not torch.equal(handle.get_tensor(name).to(state[name].device), state[name].detach()):
                     raise PublishError(f"{shard.name}: tensor {name} differs from the merged model after saving")
     if not seen:
         raise PublishError(f"{folder}: no safetensors weights were written")
