@@ -1,0 +1,127 @@
+"""configs/gpu_8b.yaml through a real Prefect server and process worker: deployment `finetune-gpu` (issue 31).
+
+    python benchmarks/gpu_worker_run.py --out $OUT --tokenizer-dir .gpu_flow/pack/smollm2 --max-steps 30
+
+What `loraflow server` does, on a GPU host: a local Prefect server, the work pools, `prefect deploy --all`
+(prefect.yaml), a process worker on pool `loraflow-gpu`; then one run of `finetune/finetune-gpu` with the config as
+its parameter (the catalog and the 8B stand-in made first, as benchmarks/gpu_flow.py makes them). The run happens
+in the worker's child process, so memory is sampled from outside: the host RSS of the worker's process tree
+(psutil) and the GPU's used memory (NVML: the process's allocations plus the CUDA context, so above the
+allocator's figures in gpu_flow.json). Stage times come from the run's summary.json. Writes gpu_worker_run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_flow import gib, run_config, summarise_flow, versions  # noqa: E402
+
+
+class TreeSampler(threading.Thread):
+    """Peak RSS of a process and its descendants, and peak GPU memory used (NVML), every `period` s."""
+
+    def __init__(self, pid: int, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.period, self.stopped = pid, period, threading.Event()
+        self.peak_rss, self.peak_gpu_used = 0, 0
+
+    def run(self):
+        import psutil
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            device = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML (a CPU dry run): host memory only
+            pynvml = device = None
+        root = psutil.Process(self.pid)
+        while not self.stopped.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            if device is not None:
+                self.peak_gpu_used = max(self.peak_gpu_used, pynvml.nvmlDeviceGetMemoryInfo(device).used)
+            self.stopped.wait(self.period)
+
+
+def run_on_worker(local, parameters: dict, timeout: float) -> tuple[dict, float, TreeSampler]:
+    """Create a run of finetune/finetune-gpu and wait for a final state; (flow run, seconds, sampler)."""
+    from loraflow.ops.server import GPU_POOL
+
+    worker = local.start_worker(GPU_POOL)
+    sampler = TreeSampler(worker.pid)
+    sampler.start()
+    deployment = local.api("GET", "/deployments/name/finetune/finetune-gpu")
+    started = time.perf_counter()
+    run = local.api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+    while time.perf_counter() - started < timeout:
+        run = local.api("GET", f"/flow_runs/{run['id']}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(2)
+    sampler.stopped.set()
+    return run, time.perf_counter() - started, sampler
+
+
+def main() -> int:
+    """Command line: inputs, server + pools + deploy + worker, one run, the JSON."""
+    from loraflow.config.pipeline import load_config
+    from loraflow.ops.server import LocalPrefect
+    from scripts.make_8b_model import build, default_tokenizer_dir
+    from scripts.make_sample_data import write_catalog
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-dir", default=str(ROOT / ".loraflow" / "gpu_8b_worker"))
+    parser.add_argument("--tokenizer-dir", default=None)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--catalog", type=int, default=5000)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--questions", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=480)
+    args = parser.parse_args()
+    out, data_dir = Path(args.out), Path(args.data_dir)
+    result = {"command": "python benchmarks/gpu_worker_run.py " + " ".join(sys.argv[1:]), "versions": versions(),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    started = time.perf_counter()
+    write_catalog(data_dir, args.catalog)
+    build(data_dir / "model", Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir(), args.layers, args.hidden)
+    config = load_config(run_config(data_dir, max_steps=args.max_steps, questions=args.questions))
+    result["inputs_s"] = round(time.perf_counter() - started, 1)
+    local = LocalPrefect(port=4300, home=data_dir / "prefect-home", log_dir=out / "prefect")
+    try:
+        with local:
+            result["server_healthy_s"] = round(time.perf_counter() - started - result["inputs_s"], 1)
+            local.ensure_pools()
+            deployed = local.prefect("deploy", "--all", check=False)
+            result["deploy"] = {"returncode": deployed.returncode, "tail": (deployed.stdout + deployed.stderr)[-1500:]}
+            run, seconds, sampler = run_on_worker(local, {"config": config.model_dump(mode="json")}, args.timeout)
+            result |= {"state": run["state"]["type"], "state_message": run["state"].get("message"),
+                       "run_wall_s": round(seconds, 1), "worker_tree_rss_peak_gib": gib(sampler.peak_rss),
+                       "gpu_used_peak_gib": gib(sampler.peak_gpu_used)}
+        summaries = sorted((data_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
+        if summaries:
+            result["flow"] = summarise_flow(json.loads(summaries[-1].read_text()))
+    finally:
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_worker_run.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("versions", "flow", "deploy")}))
+    return 0 if result.get("state") == "COMPLETED" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
