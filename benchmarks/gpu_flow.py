@@ -203,9 +203,10 @@ def publish_before_after(folder: Path, texts: list[str], sampler: Sampler, steps
 # ---- the run ---------------------------------------------------------------------------------------------
 
 def run_config(data_dir: Path, *, max_steps: int | None = None, questions: int | None = None,
-               eval_batch: str | None = None) -> Path:
+               eval_batch: str | None = None, general_questions: int | None = None) -> Path:
     """configs/gpu_8b.yaml with this run's paths (model, catalog, store and runs under `data_dir`) and, where given,
-    train.max_steps, eval.max_questions and eval.batch_size; written to `data_dir`/gpu_8b.yaml."""
+    train.max_steps, eval.max_questions, eval.batch_size and the first `general_questions` of the general suite;
+    written to `data_dir`/gpu_8b.yaml."""
     import yaml
 
     config = yaml.safe_load((ROOT / "configs" / "gpu_8b.yaml").read_text())
@@ -220,6 +221,10 @@ def run_config(data_dir: Path, *, max_steps: int | None = None, questions: int |
         config["eval"]["max_questions"] = questions
     if eval_batch is not None:
         config["eval"]["batch_size"] = eval_batch if eval_batch == "auto" else int(eval_batch)
+    if general_questions is not None:
+        from loraflow.config.general_suite import GENERAL_SUITE
+
+        config["eval"]["general_questions"] = list(GENERAL_SUITE)[:general_questions]
     path = data_dir / "gpu_8b.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -1,7 +1,7 @@
 """configs/gpu_8b.yaml end to end on CPU (issue 31): `loraflow run` with the 8B stand-in shrunk to 2 layers.
 
 The same config the GPU run uses (benchmarks/gpu_flow.py), with its paths under tmp_path, a 12-title catalog, 2
-training steps and 4 questions: every stage runs (prepare, QLoRA path, evaluation with eval.batch_size auto, merge,
+training steps, 4 questions and 4 general ones: every stage runs (prepare, QLoRA path, evaluation with eval.batch_size auto, merge,
 save, GGUF f16 and its logit check), through the real CLI.
 """
 
@@ -29,7 +29,7 @@ def test_loraflow_run_on_the_gpu_config_with_a_two_layer_stand_in(tmp_path, pref
 
     write_catalog(tmp_path, 12)
     build(tmp_path / "model", default_tokenizer_dir(), layers=2, hidden=256)
-    config_path = run_config(tmp_path, max_steps=2, questions=4)
+    config_path = run_config(tmp_path, max_steps=2, questions=4, general_questions=4)
 
     assert main(["run", str(config_path)]) == 0
 

@@ -112,6 +112,8 @@ def gguf_logit_difference_in_place(model, gguf_path: str | Path, inputs: dict) -
     gguf_path = Path(gguf_path)
     config = json.loads((gguf_path.parent / "config.json").read_text())
     model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        model.float()  # bf16 matmuls crawl on CPUs without bf16 units; float32 holds bf16 and f16 values exactly
     with torch.inference_mode():
         reference = model(**inputs).logits.float()
     load_gguf_weights(model, gguf_path, config)
