@@ -171,9 +171,10 @@ def measured_step(name: str, sampler: Sampler, steps: list[dict], work) -> None:
             record["gpu_peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated())
 
 
-def publish_before_after(folder: Path, texts: list[str], sampler: Sampler, steps: list[dict]) -> None:
-    """Save with transformers' default 50 GB shards vs publish's 2 GB, the gguf package's buffered writer vs the
-    streamed one, and the reload logit check (merged + GGUF in float32 on the host) vs the in-place one."""
+def publish_before_after(folder: Path, texts: list[str], sampler: Sampler, steps: list[dict], saves: bool = True) -> None:
+    """On a merged (or stand-in) folder: save with transformers' default 50 GB shards vs publish's 2 GB (`saves`),
+    the streamed GGUF writer and the in-place logit check, then the gguf package's buffered writer and the reload
+    check (merged + GGUF in float32 on the host), the old ways last."""
     import shutil
 
     import torch
@@ -185,18 +186,18 @@ def publish_before_after(folder: Path, texts: list[str], sampler: Sampler, steps
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": 0} if torch.cuda.is_available() else None)
     scratch = folder.parent / "scratch"
-    for shard in ("2GB", "50GB"):
+    for shard in ("2GB", "50GB") if saves else ():
         measured_step(f"save_pretrained_{shard}_shards", sampler, steps,
                       lambda: model.save_pretrained(scratch / shard, max_shard_size=shard) and None)
         shutil.rmtree(scratch / shard, ignore_errors=True)
-    for buffered in (False, True):
-        measured_step(f"export_gguf_{'buffered' if buffered else 'streamed'}", sampler, steps,
-                      lambda: str(export_gguf(folder, quantization="f16", eos_ids=[2], buffered=buffered)))
+    measured_step("export_gguf_streamed", sampler, steps, lambda: str(export_gguf(folder, quantization="f16", eos_ids=[2])))
     path = folder / "model-f16.gguf"
     inputs = verification_batch(AutoTokenizer.from_pretrained(folder), texts, next(model.parameters()).device)
     measured_step("gguf_check_in_place", sampler, steps, lambda: gguf_logit_difference_in_place(model, path, inputs))
     del model
     torch.cuda.empty_cache()
+    measured_step("export_gguf_buffered", sampler, steps,
+                  lambda: str(export_gguf(folder, quantization="f16", eos_ids=[2], buffered=True)))
     measured_step("gguf_check_reload_float32_cpu", sampler, steps, lambda: gguf_logit_difference(folder, path, texts))
 
 
@@ -289,6 +290,8 @@ def main() -> int:
     parser.add_argument("--ab-budget", type=int, default=48)
     parser.add_argument("--publish-before", action="store_true",
                         help="after the run, time publish's old ways (50 GB shards, buffered GGUF, reload check) on its folder")
+    parser.add_argument("--publish-only", action="store_true",
+                        help="no run: the GGUF writers and checks, new then old, on the stand-in model's own folder")
     parser.add_argument("--deadline", type=float, default=570, help="seconds after which the JSON is written and we exit")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -326,6 +329,11 @@ def run(args, data_dir: Path, sampler: Sampler, result: dict) -> None:
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir()
     build(data_dir / "model", tokenizer_dir, args.layers, args.hidden)
     result["inputs_s"] = round(time.perf_counter() - started, 1)
+    if args.publish_only:
+        result["publish_before_after"] = []
+        publish_before_after(data_dir / "model", catalog_questions(catalog, 4), sampler, result["publish_before_after"],
+                             saves=False)
+        return
     if args.ab:
         result["one_at_a_time_vs_batched"] = one_at_a_time_vs_batched(data_dir / "model", catalog, args.ab, args.ab_budget)
         print(json.dumps(result["one_at_a_time_vs_batched"]), flush=True)

@@ -65,15 +65,17 @@ def payload_layout(shape: tuple[int, ...], quantization: str):
     return np.float16, None, shape, 2 * int(np.prod(shape))
 
 
-def tensor_payload(array, quantization: str):
-    """One tensor (float32 numpy) converted as payload_layout says: (payload array, GGML raw type or None)."""
+def tensor_payload(tensor, quantization: str):
+    """One torch tensor converted as payload_layout says: (payload numpy array, GGML raw type or None). float16
+    straight from the stored dtype (bf16 -> f16 rounds the same value float32 would hold, without that copy)."""
     import gguf
     import numpy as np
+    import torch
 
-    dtype, raw, _, _ = payload_layout(array.shape, quantization)
+    dtype, raw, _, _ = payload_layout(tuple(tensor.shape), quantization)
     if raw is not None:
-        return gguf.quants.quantize(array.astype(np.float32), raw), raw
-    return array.astype(dtype), None
+        return gguf.quants.quantize(tensor.to(torch.float32).numpy(), raw), raw
+    return tensor.to(torch.float16 if dtype == np.float16 else torch.float32).numpy(), None
 
 
 def _add_tokenizer(writer, folder: Path, model_type: str, eos_ids: list[int]) -> None:
@@ -125,7 +127,7 @@ def export_gguf(folder: str | Path, *, quantization: str = "f16", eos_ids: list[
     with atomic_file(target) as partial:
         writer = gguf.GGUFWriter(partial, arch_name)
         add_metadata(writer, folder, config, quantization, eos_ids or [])
-        write_tensors(writer, plan, float32_tensors(folder, config, plan), quantization, buffered)
+        write_tensors(writer, plan, planned_tensors(folder, config, plan), quantization, buffered)
         writer.close()
     return target
 
@@ -188,28 +190,26 @@ def tensor_plan(folder: Path, config: dict, arch_name: str) -> list[tuple[str, t
     return plan
 
 
-def float32_tensors(folder: Path, config: dict, plan):
-    """The planned tensors one at a time as float32 numpy arrays, q/k permuted for llama.cpp's rotary layout."""
-    import torch
+def planned_tensors(folder: Path, config: dict, plan):
+    """The planned tensors one at a time (torch, stored dtype), q/k permuted for llama.cpp's rotary layout. One
+    shard open at a time: safetensors maps its file, and the pages read stay in the process's RSS until it closes
+    (all shards open held the whole model's 16 GB of an 8B in RSS, issue 31's first run)."""
+    from itertools import groupby
+
     from safetensors import safe_open
 
     _, permute = supported_architecture(config)
     n_head = config["num_attention_heads"]
     n_head_kv = config.get("num_key_value_heads", n_head)
-    handles: dict[str, object] = {}
-    try:
-        for _, (shard, hf_name), _ in plan:
-            if shard not in handles:
-                handles[shard] = safe_open(str(folder / shard), framework="pt").__enter__()
-            array = handles[shard].get_tensor(hf_name).to(torch.float32).numpy()
-            if permute and hf_name.endswith("q_proj.weight"):
-                array = permute_for_rotary(array, n_head, n_head)
-            elif permute and hf_name.endswith("k_proj.weight"):
-                array = permute_for_rotary(array, n_head, n_head_kv)
-            yield array
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+    for shard, items in groupby(plan, key=lambda item: item[1][0]):
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            for _, (_, hf_name), _ in items:
+                tensor = handle.get_tensor(hf_name)
+                if permute and hf_name.endswith("q_proj.weight"):
+                    tensor = permute_for_rotary(tensor, n_head, n_head)
+                elif permute and hf_name.endswith("k_proj.weight"):
+                    tensor = permute_for_rotary(tensor, n_head, n_head_kv)
+                yield tensor.contiguous()
 
 
 def add_metadata(writer, folder: Path, config: dict, quantization: str, eos_ids: list[int]) -> None:

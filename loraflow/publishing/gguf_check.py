@@ -32,21 +32,21 @@ def unpermute_for_rotary(weights, n_head: int, n_head_kv: int):
 
 
 def read_tensor(handle, tensor):
-    """One GGUF tensor as a float32 numpy array in HF's (rows, columns) order, read with plain file reads."""
+    """One GGUF tensor as a torch tensor in HF's (rows, columns) order, read with plain file reads: float32 and
+    float16 as stored (converted where they are copied to), quantized types dequantized to float32."""
     import gguf
     import numpy as np
+    import torch
 
     handle.seek(tensor.data_offset)
     raw = np.fromfile(handle, dtype=np.uint8, count=tensor.n_bytes)
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     kind = tensor.tensor_type
-    if kind == gguf.GGMLQuantizationType.F32:
-        return raw.view(np.float32).reshape(shape)
-    if kind == gguf.GGMLQuantizationType.F16:
-        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(raw.view(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16).reshape(shape))
     block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
     rows = raw.reshape(-1, shape[-1] // block_size * type_size)
-    return gguf.quants.dequantize(rows, kind).reshape(shape).astype(np.float32)
+    return torch.from_numpy(gguf.quants.dequantize(rows, kind).reshape(shape).astype(np.float32))
 
 
 def hyperparameter_problems(reader, config: dict, arch_name: str) -> list[str]:
@@ -95,7 +95,8 @@ def load_gguf_weights(model, gguf_path: Path, config: dict) -> int:
             elif permute and hf_name.endswith("k_proj.weight"):
                 array = unpermute_for_rotary(array, n_head, n_head_kv)
             with torch.no_grad():
-                parameters[hf_name].copy_(torch.from_numpy(array))
+                parameter = parameters[hf_name]  # to the device in the file's dtype, then converted there
+                parameter.copy_(array.to(parameter.device, non_blocking=False).to(parameter.dtype))
             copied.add(hf_name)
     missing = [name for name, p in parameters.items() if name not in copied
                and not (config.get("tie_word_embeddings") and name == "lm_head.weight")]
