@@ -18,7 +18,7 @@ from scripts.make_sample_data import write_catalog
 def test_gpu_config_loads_with_the_8b_stand_in_and_the_gguf_publish():
     config = load_config("configs/gpu_8b.yaml")
     assert config.model.base.endswith(".loraflow/gpu_8b/llama3-8b-smollm2")
-    assert (config.train.quantization, config.train.max_steps, config.eval.batch_size) == ("4bit", 60, "auto")
+    assert (config.train.quantization, config.train.max_steps, config.eval.batch_size) == ("4bit", 30, "auto")
     assert config.publish.target == "local" and config.publish.gguf.quantization == "f16"
     shape = stand_in_config(default_tokenizer_dir())
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"], shape["vocab_size"]) == (4096, 32, 8, 49152)
