@@ -57,22 +57,24 @@ class TreeSampler(threading.Thread):
 
 
 def run_on_worker(local, parameters: dict, timeout: float) -> tuple[dict, float, TreeSampler]:
-    """Create a run of finetune/finetune-gpu and wait for a final state; (flow run, seconds, sampler)."""
+    """Create a run of finetune/finetune-gpu and wait for a final state; ({state, message}, seconds, sampler)."""
     from loraflow.ops.server import GPU_POOL
 
     worker = local.start_worker(GPU_POOL)
     sampler = TreeSampler(worker.pid)
     sampler.start()
-    deployment = local.api("GET", "/deployments/name/finetune/finetune-gpu")
     started = time.perf_counter()
-    run = local.api("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
-    while time.perf_counter() - started < timeout:
-        run = local.api("GET", f"/flow_runs/{run['id']}")
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            break
-        time.sleep(2)
+    with local.client() as client:
+        deployment = client.read_deployment_by_name("finetune/finetune-gpu")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        while time.perf_counter() - started < timeout:
+            run = client.read_flow_run(run.id)
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(2)
     sampler.stopped.set()
-    return run, time.perf_counter() - started, sampler
+    state = {"type": run.state.type.value if run.state else None, "message": run.state.message if run.state else None}
+    return state, time.perf_counter() - started, sampler
 
 
 def main() -> int:
@@ -109,7 +111,7 @@ def main() -> int:
             deployed = local.prefect("deploy", "--all", check=False)
             result["deploy"] = {"returncode": deployed.returncode, "tail": (deployed.stdout + deployed.stderr)[-1500:]}
             run, seconds, sampler = run_on_worker(local, {"config": config.model_dump(mode="json")}, args.timeout)
-            result |= {"state": run["state"]["type"], "state_message": run["state"].get("message"),
+            result |= {"state": run["type"], "state_message": run["message"],
                        "run_wall_s": round(seconds, 1), "worker_tree_rss_peak_gib": gib(sampler.peak_rss),
                        "gpu_used_peak_gib": gib(sampler.peak_gpu_used)}
         summaries = sorted((data_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
