@@ -24,6 +24,7 @@ def test_gpu_config_loads_with_the_8b_stand_in_and_the_gguf_publish():
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_key_value_heads"], shape["vocab_size"]) == (4096, 32, 8, 49152)
 
 
+@pytest.mark.slow
 def test_loraflow_run_on_the_gpu_config_with_a_two_layer_stand_in(tmp_path, prefect_api):
     from loraflow.cli.commands import main
 
