@@ -55,15 +55,15 @@ def train_three_steps(folder, tmp_path) -> tuple[list[float], list]:
 
     from loraflow.training.data import plan_batches
     from loraflow.training.trainer import build_trainer
+    from tests.test_train import cpu_plan
     from tests.tiny_llama import tokens_frame
 
     config = TrainConfig(max_steps=3, micro_batch_size=2, learning_rate=1e-2, lora_dropout=0.0)
-    env = {"device": "cpu", "precision": "fp32", "quantization": "none", "optimizer": "adamw_torch"}
+    plan = cpu_plan(config, precision="fp32", packing=False)
     rows = tokens_frame(AutoTokenizer.from_pretrained(folder))
     set_seed(0)
-    model = load_lora_model(folder, config, env)
-    batches = plan_batches(model, rows[rows["split"] == "train"], config, env, pad_id=2, packing=False, fast=False,
-                           log=logging.getLogger("test"))
-    trainer, _ = build_trainer(model, batches, config, env, tmp_path / "ckpt", identity={})
+    model = load_lora_model(folder, config, plan)
+    batches = plan_batches(model, rows[rows["split"] == "train"], config, plan, pad_id=2, log=logging.getLogger("test"))
+    trainer, _ = build_trainer(model, batches, config, tmp_path / "ckpt", identity={})
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer.callback_handler.callbacks
