@@ -107,6 +107,30 @@ def finetune_flow(config: PipelineConfig) -> dict:
                                          system_prompt=config.format.system_prompt)
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
+    publish_through_gate(config, summary, run_dir, trained, evaluation, gate, seconds)
+    if trained.tracking and trained.tracking.url:
+        create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
+                             description="this adapter's MLflow run: curve, eval metrics per model, report, card")
+    summary.cost = CostSummary(**run_cost(seconds, stage_devices(config), config.cost))
+    if not summary.train.cached:  # what making this adapter cost, on its MLflow run
+        log_best_effort(trained.tracking, "cost", logger, metrics=cost_metrics(summary.cost))
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.write(run_dir)
+    create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
+                             description="loraflow run summary")
+    if not gate.passed:  # a refusal nobody can miss: a named end state and an event with the reasons
+        message = refusal_message(config.name, gate.failures, str(run_dir))
+        logger.warning(message)
+        emit_refusal(config.name, gate.failures, gate.reasons, str(run_dir), trained.adapter_dir)
+        return refused_state(summary.to_json(), message, fail=config.eval.gate.fail_on_refusal)
+    return summary.to_json()
+
+
+def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained, evaluation, gate, seconds: dict) -> None:
+    """Publish the adapter when the gate passed (once per adapter and target: a re-run reuses the publish), record
+    the new version and its champion, link the model from the run folder; sets `summary.publish` either way."""
+    logger = get_run_logger()
+    tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
     gate_verdict = dict(gate_passed=gate.passed, gate_reasons=gate.reasons, adapter_dir=trained.adapter_dir)
     if not gate.passed:
         summary.publish = PublishSummary(**gate_verdict, published=False)
@@ -135,22 +159,6 @@ def finetune_flow(config: PipelineConfig) -> dict:
         if card_path.exists():
             create_markdown_artifact(key=f"{artifact_key(config.name)}-model-card", markdown=card_path.read_text(),
                                      description="model card")
-    if trained.tracking and trained.tracking.url:
-        create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
-                             description="this adapter's MLflow run: curve, eval metrics per model, report, card")
-    summary.cost = CostSummary(**run_cost(seconds, stage_devices(config), config.cost))
-    if not summary.train.cached:  # what making this adapter cost, on its MLflow run
-        log_best_effort(trained.tracking, "cost", logger, metrics=cost_metrics(summary.cost))
-    summary.seconds = round(time.perf_counter() - started, 3)
-    summary.write(run_dir)
-    create_markdown_artifact(key=f"{artifact_key(config.name)}-summary", markdown=summary_markdown(summary),
-                             description="loraflow run summary")
-    if not gate.passed:  # a refusal nobody can miss: a named end state and an event with the reasons
-        message = refusal_message(config.name, gate.failures, str(run_dir))
-        logger.warning(message)
-        emit_refusal(config.name, gate.failures, gate.reasons, str(run_dir), trained.adapter_dir)
-        return refused_state(summary.to_json(), message, fail=config.eval.gate.fail_on_refusal)
-    return summary.to_json()
 
 
 def stage_devices(config: PipelineConfig) -> dict[str, int]:

@@ -201,18 +201,10 @@ def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.D
     skipped_rows, skipped_kinds, skipped_columns, skipped_reasons = [], [], [], []
     for kind_index, kind in enumerate(options.kinds):
         # ---- which rows can be asked this kind: every needed value present and of its fact type
-        needed = [field for field in ("id",) + KIND_FIELDS[kind] if field not in options.optional_fields]
-        blocked = np.logical_or.reduce([absent[field] | mistyped[field] for field in needed])
-        for row in np.flatnonzero(blocked).tolist():
-            fields_absent = [field for field in needed if absent[field][row] or mistyped[field][row]]
-            columns = [getattr(options.columns, field) for field in fields_absent]
-            shown = ", ".join(
-                not_a(FACT_TYPES[field], column, values[field][row]) if mistyped[field][row]
-                else f"{column} is {shown_value(raw[field][row])}"
-                for column, field in zip(columns, fields_absent)
-            )
+        blocked, skips = blocked_rows(kind, options, raw, values, absent, mistyped)
+        for row, columns, reason in skips:
             skipped_rows.append(row), skipped_kinds.append(kind), skipped_columns.append(columns)
-            skipped_reasons.append(f"{kind} skipped: {shown}")
+            skipped_reasons.append(reason)
 
         # ---- answers, each checked against its row before it is emitted
         candidates = np.flatnonzero(~blocked).tolist()
@@ -269,6 +261,23 @@ def synthesize(rows: pd.DataFrame, options: Options) -> tuple[pd.DataFrame, pd.D
     conversations.attrs["stats"] = {"rows_expanded": len(parts[-1]["rows"]) if extras_per_row else 0}
     return conversations, skipped_frame(skipped_rows, skipped_kinds, skipped_columns, skipped_reasons)
 
+
+def blocked_rows(kind: str, options: Options, raw: dict, values: dict, absent: dict, mistyped: dict):
+    """Rows that cannot be asked `kind` (a needed value missing or not of its fact type): the boolean mask, and
+    (row, columns, reason) for each."""
+    needed = [field for field in ("id",) + KIND_FIELDS[kind] if field not in options.optional_fields]
+    blocked = np.logical_or.reduce([absent[field] | mistyped[field] for field in needed])
+    skips = []
+    for row in np.flatnonzero(blocked).tolist():
+        fields_absent = [field for field in needed if absent[field][row] or mistyped[field][row]]
+        columns = [getattr(options.columns, field) for field in fields_absent]
+        shown = ", ".join(
+            not_a(FACT_TYPES[field], column, values[field][row]) if mistyped[field][row]
+            else f"{column} is {shown_value(raw[field][row])}"
+            for column, field in zip(columns, fields_absent)
+        )
+        skips.append((row, columns, f"{kind} skipped: {shown}"))
+    return blocked, skips
 
 # ---- questions beyond the phrasings (loraflow/synthesizers/anime_probes.py)
 
