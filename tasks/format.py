@@ -19,7 +19,7 @@ from data_contracts import CONVERSATIONS, FORMATTED
 from data_contracts.base import quarantine_rows
 from loraflow.config.format import FormatConfig
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
-from loraflow.runtime.stage_output import StageResult, StageWriter, read_input_batches
+from loraflow.runtime.stage_output import StageResult, StageWriter, read_input_batches, rows_at
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.templates import ChatTemplate, build_template, render_text, with_system
@@ -145,7 +145,7 @@ def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_d
     template = build_template(config.template, load_tokenizer_dir(str(tokenizer_dir)))
     stats = format_settings(config, 0)
     if isinstance(template, ChatTemplate):
-        sample = sampled_rows(store, conversations_ref, evenly_spaced(conversations_ref.rows, config.verify_sample))
+        sample = rows_at(store, conversations_ref, evenly_spaced(conversations_ref.rows, config.verify_sample), ["messages", "kind"])
         messages, _ = prepared_messages(sample["messages"], config)
         # positions are those of the sample itself: every one of its rows is checked, as in format_conversations
         stats.update(_check_fast_render(template, messages, sample["kind"].tolist(), len(sample)))
@@ -162,17 +162,6 @@ def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_d
         output.abort()
         raise
     return output.finish(rows_in=conversations_ref.rows, stats={**stats, **counts})
-
-
-def sampled_rows(store: ArtifactStore, ref: ArtifactRef, positions: list[int]) -> pd.DataFrame:
-    """The `messages` and `kind` of the rows at `positions` (sorted) of an artifact, read a batch at a time."""
-    wanted, parts, first_row = np.asarray(positions, dtype=np.int64), [], 0
-    for batch in store.read_batches(ref, columns=["messages", "kind"]):
-        inside = wanted[(wanted >= first_row) & (wanted < first_row + batch.num_rows)] - first_row
-        if len(inside):
-            parts.append(batch.take(inside).to_pandas())
-        first_row += batch.num_rows
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"messages": [], "kind": []})
 
 
 @stage_task(name="format")

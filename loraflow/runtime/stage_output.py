@@ -128,6 +128,17 @@ def read_input_batches(store: ArtifactStore, ref: ArtifactRef, contract: Contrac
         yield frame
 
 
+def rows_at(store: ArtifactStore, ref: ArtifactRef, positions, columns: list[str]) -> pd.DataFrame:
+    """The `columns` of the rows at `positions` (ascending) of an artifact, read a batch at a time."""
+    wanted, parts, first_row = np.asarray(positions, dtype=np.int64), [], 0
+    for batch in store.read_batches(ref, columns=columns):
+        inside = wanted[(wanted >= first_row) & (wanted < first_row + batch.num_rows)] - first_row
+        if len(inside):
+            parts.append(batch.take(inside).to_pandas())
+        first_row += batch.num_rows
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({column: [] for column in columns})
+
+
 def read_input(store: ArtifactStore, ref: ArtifactRef, contract: Contract) -> pd.DataFrame:
     """Read an upstream artifact, verifying its hash and its contract's structure."""
     from data_contracts import check_structure
