@@ -25,25 +25,15 @@ from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.stage_output import StageResult, read_input, read_input_batches, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
-from tasks.tokenize_checks import set_aside_duplicates_and_leaks
+from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine
+from tasks.tokenize_stream import tokenize_stream
 
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
-
-
-class TruncationError(ValueError):
-    """tokenize.truncation=error and some examples are longer than tokenize.max_length."""
-
-    def __init__(self, count: int, longest: int, examples: list[str], max_length: int):
-        super().__init__(
-            f"{count} example(s) exceed tokenize.max_length={max_length} (longest {longest} tokens; e.g. ids {examples}): "
-            "raise max_length, or set truncation to drop or truncate"
-        )
-        self.count, self.longest, self.examples, self.max_length = count, longest, examples, max_length
 
 
 def texts_and_spans(segments_column) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -290,13 +280,6 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     return tokens, reasons, stats
 
 
-def split_off_quarantine(tokens: pd.DataFrame, reasons: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept rows, quarantined rows with their reasons)."""
-    bad = ~pd.isna(reasons)
-    quarantined = quarantine_rows(tokens[bad], pd.Series(reasons[bad], index=np.flatnonzero(bad)), "tokens")
-    return tokens[~bad].reset_index(drop=True), quarantined
-
-
 def token_stats(tokens: pd.DataFrame) -> dict:
     """Totals, per-split counts and the length distribution of the kept rows."""
     lengths = tokens["length"].to_numpy()
@@ -314,9 +297,12 @@ def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_d
     """Read formatted rows, tokenize them, write the TOKENS artifact (and quarantine), a batch at a time
     (tasks/tokenize_stream.py): memory is bounded by `batch_rows`, not by the table."""
     from loraflow.config.pipeline import config_hash
-    from tasks.tokenize_stream import tokenize_stream
 
-    return tokenize_stream(formatted_ref, config, load_tokenizer_dir(str(tokenizer_dir)), store, config_hash(config), batch_rows)
+    tokenizer = load_tokenizer_dir(str(tokenizer_dir))
+    return tokenize_stream(
+        store, read_input_batches(store, formatted_ref, FORMATTED, batch_rows),
+        lambda formatted: tokenize_rows(formatted, config, tokenizer), config, tokenizer, config_hash(config), batch_rows,
+    )
 
 
 @stage_task(name="tokenize")

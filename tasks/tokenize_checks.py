@@ -16,9 +16,29 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from data_contracts.base import quarantine_rows
+
 SPLIT_RANK = {"heldout": 0, "validation": 1, "train": 2}  # which copy of a duplicate is kept: evaluation first
 DUPLICATE = "duplicate: same input_ids as example {kept!r}"
 LEAKAGE = "leakage: this evaluation example's prompt is also a training prompt"
+
+
+class TruncationError(ValueError):
+    """tokenize.truncation=error and some examples are longer than tokenize.max_length."""
+
+    def __init__(self, count: int, longest: int, examples: list[str], max_length: int):
+        super().__init__(
+            f"{count} example(s) exceed tokenize.max_length={max_length} (longest {longest} tokens; e.g. ids {examples}): "
+            "raise max_length, or set truncation to drop or truncate"
+        )
+        self.count, self.longest, self.examples, self.max_length = count, longest, examples, max_length
+
+
+    @classmethod
+    def combined(cls, errors: list["TruncationError"]) -> "TruncationError":
+        """One error for the over-long examples of every batch."""
+        return cls(sum(e.count for e in errors), max(e.longest for e in errors), [i for e in errors for i in e.examples][:5],
+                   errors[0].max_length)
 
 
 @dataclass
@@ -85,3 +105,10 @@ def set_aside_duplicates_and_leaks(tokens: pd.DataFrame, reasons: np.ndarray, co
     leaked = find_leaks(keys, keys.alive)
     reasons[leaked] = LEAKAGE
     return {"duplicates": int(len(duplicates)), "leaked": int(leaked.sum())}
+
+
+def split_off_quarantine(tokens: pd.DataFrame, reasons: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept rows, quarantined rows with their reasons)."""
+    bad = ~pd.isna(reasons)
+    quarantined = quarantine_rows(tokens[bad], pd.Series(reasons[bad], index=np.flatnonzero(bad)), "tokens")
+    return tokens[~bad].reset_index(drop=True), quarantined

@@ -17,22 +17,23 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts import FORMATTED, TOKENS
+from data_contracts import TOKENS
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.artifact_store import ArtifactStore
 from loraflow.runtime.parquet_stream import ParquetStream
-from loraflow.runtime.stage_output import StageResult, StageWriter, read_input_batches
-from tasks.tokenize import TruncationError, split_off_quarantine, tokenize_rows
-from tasks.tokenize_checks import DUPLICATE, LEAKAGE, RowKeys, find_duplicates, find_leaks, row_keys
+from loraflow.runtime.stage_output import StageResult, StageWriter
+from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError, find_duplicates, find_leaks, row_keys,
+                                   split_off_quarantine)
 
 
-def tokenize_stream(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer, store: ArtifactStore, config_hash: str,
+def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config: TokenizeConfig, tokenizer, config_hash: str,
                     batch_rows: int) -> StageResult:
-    """Tokenize the formatted artifact batch by batch and write TOKENS plus its quarantine (module docstring)."""
+    """Tokenize formatted batches (DataFrames) with `tokenize_batch` (tasks/tokenize.tokenize_rows: frame -> (tokens,
+    reasons, stats)) and write TOKENS plus its quarantine (module docstring)."""
     scratch_dir = tempfile.mkdtemp(prefix="tokenize-", dir=scratch_root(store))
     try:
         scratch_path = os.path.join(scratch_dir, "rows.parquet")
-        keys, stats = tokenize_to_scratch(store, formatted_ref, config, tokenizer, scratch_path, batch_rows)
+        keys, stats = tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path, batch_rows)
         set_aside, counts = dataset_reasons(keys, config, scratch_path)
         return write_tokens(store, scratch_path, set_aside, {**stats, **counts}, config_hash, batch_rows)
     finally:
@@ -46,14 +47,13 @@ def scratch_root(store: ArtifactStore) -> str:
     return root
 
 
-def tokenize_to_scratch(store: ArtifactStore, formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer, scratch_path: str,
-                        batch_rows: int) -> tuple[RowKeys, dict]:
+def tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path: str, batch_rows: int) -> tuple[RowKeys, dict]:
     """Pass 1: every row tokenized into the scratch file (with its per-row reason, "" when kept); (keys, summed stats)."""
     scratch, keys, stats, too_long = ParquetStream(scratch_path, row_group_rows=batch_rows), [], {}, []
     try:
-        for formatted in read_input_batches(store, formatted_ref, FORMATTED, batch_rows):
+        for formatted in formatted_batches:
             try:
-                tokens, reasons, batch_stats = tokenize_rows(formatted, config, tokenizer)
+                tokens, reasons, batch_stats = tokenize_batch(formatted)
             except TruncationError as error:  # counted over every batch, raised once with the totals
                 too_long.append(error)
                 continue
@@ -62,8 +62,7 @@ def tokenize_to_scratch(store: ArtifactStore, formatted_ref: ArtifactRef, config
             scratch.append(pa.Table.from_pandas(tokens, preserve_index=False))
             stats = {key: stats.get(key, 0) + value for key, value in batch_stats.items()}
         if too_long:
-            raise TruncationError(sum(e.count for e in too_long), max(e.longest for e in too_long),
-                                  [i for e in too_long for i in e.examples][:5], config.max_length)
+            raise TruncationError.combined(too_long)
         scratch.close()
     finally:
         scratch.discard()
