@@ -169,6 +169,8 @@ class DigestSet:
     def add(self, digests: np.ndarray) -> None:
         """Put `digests` in the set."""
         run = np.unique(digests)
+        if not len(run):  # an empty batch
+            return
         while self._runs and len(self._runs[-1]) <= 2 * len(run):
             run = np.union1d(self._runs.pop(), run)
         self._runs.append(run)
