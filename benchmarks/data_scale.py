@@ -224,8 +224,9 @@ def run_variant(variant: str, csv_path: Path, work: Path, tree: Path, timeout: i
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
-        process.communicate()
-        return {"error": f"did not finish within --timeout {timeout} s (stopped)", "memory": sampler.stop()}
+        _, stderr = process.communicate()
+        return {"error": f"did not finish within --timeout {timeout} s (stopped)", "memory": sampler.stop(),
+                "log_tail": [line for line in stderr.splitlines() if "prepare" in line or "Finished" in line][-12:]}
     memory = sampler.stop()
     if process.returncode != 0:
         print(stderr[-3000:], flush=True)
