@@ -82,15 +82,21 @@ def dataset_reasons(keys: RowKeys, config: TokenizeConfig, scratch_path: str) ->
 
 def ids_at(scratch_path: str, rows: set[int]) -> dict[int, str]:
     """The `id` of each of `rows`, read from the scratch file's id column alone."""
-    found, first_row = {}, 0
+    found, first_row, wanted = {}, 0, np.array(sorted(rows), dtype=np.int64)
     if not rows:
         return found
     for batch in pq.ParquetFile(scratch_path).iter_batches(columns=["id"]):
         ids = batch.column(0)
-        for row in [r for r in rows if first_row <= r < first_row + len(ids)]:
+        for row in in_range(wanted, first_row, len(ids)):
             found[row] = ids[row - first_row].as_py()
         first_row += len(ids)
     return found
+
+
+def in_range(sorted_rows: np.ndarray, first_row: int, count: int) -> list[int]:
+    """The rows of `sorted_rows` in [first_row, first_row + count)."""
+    low, high = np.searchsorted(sorted_rows, [first_row, first_row + count])
+    return sorted_rows[low:high].tolist()
 
 
 def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, str], stats: dict, config_hash: str,
@@ -98,13 +104,14 @@ def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, s
     """Pass 2: the scratch rows into TOKENS (kept) and the quarantine (set aside), with the kept rows' token stats."""
     output = StageWriter(store, stage="tokenize", contract=TOKENS, config_hash=config_hash, row_group_rows=batch_rows)
     lengths, trained, splits, first_row = [], 0, {"train": 0, "validation": 0, "heldout": 0}, 0
+    set_aside_rows = np.array(sorted(set_aside), dtype=np.int64)
     try:
         scratch = pq.ParquetFile(scratch_path)
         for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
             tokens = batch.to_pandas()
             tokens.index = pd.RangeIndex(first_row, first_row + len(tokens))
             reasons = np.array([reason or None for reason in tokens.pop("reason")], dtype=object)
-            for row in [r for r in set_aside if first_row <= r < first_row + len(tokens)]:
+            for row in in_range(set_aside_rows, first_row, len(tokens)):
                 reasons[row - first_row] = set_aside[row]
             kept, quarantined = split_off_quarantine(tokens, reasons)
             output.add(kept, quarantined)
