@@ -22,7 +22,7 @@ from loraflow.config.synthesize import AnimeQAOptions, SynthesizeConfig
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore, table_bytes
 from loraflow.runtime.parquet_stream import DigestSet, ParquetStream, digests16
-from loraflow.sources import csv_file
+from loraflow.sources import csv_file, parquet_file
 from tasks.format import run_format
 from tasks.ingest import run_ingest
 from tasks.preflight import run_preflight
@@ -177,3 +177,15 @@ def test_csv_batches_match_the_whole_read(tmp_path):
     for batch_rows in (1, 2, 10):
         batches = list(csv_file.read_batches(config, tmp_path, batch_rows))
         assert pd.concat(batches).reset_index(drop=True).equals(whole)
+
+
+@pytest.mark.parametrize("named_index", [True, False])
+def test_parquet_batches_match_the_whole_read(tmp_path, named_index):
+    frame = pd.DataFrame({"anime_id": [7, 3, 9, 1, 4], "name": list("abcde"), "score": [1.5, None, 2.0, 3.5, 4.0]})
+    frame = frame.set_index("anime_id") if named_index else frame
+    frame.to_parquet(tmp_path / "t.parquet", row_group_size=2)
+    for options in ({}, {"columns": ["name"]}, {"max_rows": 3}):
+        config = parquet_file.Config(path="t.parquet", **options)
+        whole = parquet_file.read(config, tmp_path)
+        batches = list(parquet_file.read_batches(config, tmp_path, 2))
+        assert pd.concat(batches).reset_index(drop=True).equals(whole.reset_index(drop=True)), options
