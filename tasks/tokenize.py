@@ -33,6 +33,7 @@ from tasks.format import load_tokenizer_dir
 from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine
 from tasks.tokenize_stream import tokenize_stream
 
+ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
 
 
@@ -299,8 +300,10 @@ def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_d
     from loraflow.config.pipeline import config_hash
 
     tokenizer = load_tokenizer_dir(str(tokenizer_dir))
+    # The tokenizer's Encodings of a batch are its peak (about 12 KB an example): it reads fewer rows at a time than a
+    # row group holds; the artifact's row groups stay `batch_rows`.
     return tokenize_stream(
-        store, read_input_batches(store, formatted_ref, FORMATTED, batch_rows),
+        store, read_input_batches(store, formatted_ref, FORMATTED, min(batch_rows, ENCODE_BATCH_ROWS)),
         lambda formatted: tokenize_rows(formatted, config, tokenizer), config, tokenizer, config_hash(config), batch_rows,
     )
 

@@ -21,7 +21,7 @@ from data_contracts import TOKENS
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore
 from loraflow.runtime.parquet_stream import ParquetStream
-from loraflow.runtime.stage_output import StageResult, StageWriter
+from loraflow.runtime.stage_output import StageResult, StageWriter, give_back_freed_memory
 from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError, find_duplicates, find_leaks, row_keys,
                                    split_off_quarantine)
 
@@ -60,6 +60,7 @@ def tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_pa
             keys.append(row_keys(tokens, reasons, tokenizer))
             tokens["reason"] = [reason or "" for reason in reasons]
             scratch.append(pa.Table.from_pandas(tokens, preserve_index=False))
+            give_back_freed_memory()
             stats = {key: stats.get(key, 0) + value for key, value in batch_stats.items()}
         if too_long:
             raise TruncationError.combined(too_long)

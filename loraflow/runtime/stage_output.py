@@ -1,9 +1,11 @@
 """What every stage returns, and the one way a stage writes its output and its quarantine."""
 
+import ctypes
 import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from data_contracts import QUARANTINE, Contract, ContractViolation, enforce
@@ -73,6 +75,7 @@ class StageWriter:
         self.rows_offered += len(frame)
         if len(valid):
             self.output.append(valid)
+        give_back_freed_memory()
 
     def finish(self, *, rows_in: int, stats: dict | None = None) -> StageResult:
         """Commit the output and the quarantine; raise (keeping the quarantine) when no row is left."""
@@ -101,6 +104,26 @@ class StageWriter:
 
     def _seen_before(self, column: str, values: pd.Series) -> np.ndarray:
         return self.seen[column].contains(digests16(values.tolist()))
+
+
+def give_back_freed_memory() -> None:
+    """Return freed heap pages to the system after a batch: Arrow's pool and glibc's malloc otherwise keep them, and
+    what they kept grew with the number of batches (tokenize at 100,000 catalog rows: 0.50 GiB RssAnon at its start
+    without this, 0.37 GiB with it; benchmarks/data_scale.py measures the whole flow)."""
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def raise_emptied(store: ArtifactStore, stage: str, quarantined: pd.DataFrame, rows_in: int, config_hash: str) -> None:
