@@ -158,7 +158,7 @@ def run_datasets(csv_path: Path, work: Path) -> dict:
     from loraflow.config.model import ModelConfig
     from loraflow.config.synthesize import AnimeQAOptions
     from loraflow.modeling.base_model import load_tokenizer, resolve_model_dir
-    from tasks.synthesizers import anime_qa
+    from loraflow.synthesizers import anime_qa
 
     tokenizer = load_tokenizer(ModelConfig(base=str(resolve_model_dir(ModelConfig(), ROOT))))
     options = AnimeQAOptions(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160, natural_questions=0, unknown_titles=0)
