@@ -156,12 +156,11 @@ def run_datasets(csv_path: Path, work: Path) -> dict:
     import pandas as pd
 
     from loraflow.config.model import ModelConfig
-    from loraflow.config.synthesize import AnimeQAOptions
     from loraflow.modeling.base_model import load_tokenizer, resolve_model_dir
     from loraflow.synthesizers import anime_qa
 
     tokenizer = load_tokenizer(ModelConfig(base=str(resolve_model_dir(ModelConfig(), ROOT))))
-    options = AnimeQAOptions(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160, natural_questions=0, unknown_titles=0)
+    options = anime_qa.Options(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160, natural_questions=0, unknown_titles=0)
 
     def conversations(batch: dict, indices: list[int]) -> dict:
         rows = pd.DataFrame({name: batch[name] for name in batch.keys()}).assign(_source="anime_catalog", _row=indices)

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from loraflow.config.format import FormatConfig
-from loraflow.config.synthesize import AnimeQAOptions, SynthesizeConfig
+from loraflow.config.synthesize import SynthesizeConfig
+from loraflow.synthesizers import anime_qa
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore, table_bytes
 from loraflow.runtime.parquet_stream import DigestSet, ParquetStream, digests16
@@ -47,7 +48,7 @@ def boundary_catalog() -> pd.DataFrame:
 
 
 def synthesize_config() -> SynthesizeConfig:
-    return SynthesizeConfig(kind="anime_qa", anime_qa=AnimeQAOptions(trained_phrasings=1, heldout_phrasings=1))
+    return SynthesizeConfig(kind="anime_qa", anime_qa=anime_qa.Options(trained_phrasings=1, heldout_phrasings=1))
 
 
 def values(store: ArtifactStore, ref) -> list[dict]:
