@@ -200,7 +200,7 @@ def same_values(first_uri: str, second_uri: str, batch_rows: int = 8192) -> dict
     """Whether two Parquet files hold the same rows and values (column names, order and values; not bytes)."""
     import pyarrow.parquet as pq
 
-    first, second = pq.ParquetFile(first_uri), pq.ParquetFile(second_uri)
+    first, second = pq.ParquetFile(first_uri, pre_buffer=False), pq.ParquetFile(second_uri, pre_buffer=False)
     if first.metadata.num_rows != second.metadata.num_rows or first.schema_arrow.names != second.schema_arrow.names:
         return {"equal": False, "why": f"rows {first.metadata.num_rows} vs {second.metadata.num_rows}, "
                                        f"columns {first.schema_arrow.names} vs {second.schema_arrow.names}"}

@@ -86,7 +86,7 @@ def ids_at(scratch_path: str, rows: set[int]) -> dict[int, str]:
     found, first_row, wanted = {}, 0, np.array(sorted(rows), dtype=np.int64)
     if not rows:
         return found
-    for batch in pq.ParquetFile(scratch_path).iter_batches(columns=["id"]):
+    for batch in pq.ParquetFile(scratch_path, pre_buffer=False).iter_batches(columns=["id"]):
         ids = batch.column(0)
         for row in in_range(wanted, first_row, len(ids)):
             found[row] = ids[row - first_row].as_py()
@@ -107,7 +107,7 @@ def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, s
     lengths, trained, splits, first_row = [], 0, {"train": 0, "validation": 0, "heldout": 0}, 0
     set_aside_rows = np.array(sorted(set_aside), dtype=np.int64)
     try:
-        scratch = pq.ParquetFile(scratch_path)
+        scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
         for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
             tokens = batch.to_pandas()
             tokens.index = pd.RangeIndex(first_row, first_row + len(tokens))

@@ -117,7 +117,9 @@ class ArtifactStore:
             source = self._path(ref.uri)
         else:
             source = pa.BufferReader(self._read_verified(ref))
-        parquet = pq.ParquetFile(source)
+        # pre_buffer=False: with pyarrow's default (True) iter_batches kept every row group's pre-buffered bytes until
+        # the end (measured: +358 MB of Arrow memory over a 3,000,000-row artifact; 14 MB flat without).
+        parquet = pq.ParquetFile(source, pre_buffer=False)
         if parquet.metadata.num_rows == 0:
             return
         yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True)

@@ -123,7 +123,7 @@ class ParquetStream:
         self._sink = open(self.path, "wb")
         self._hashing, self._writer = HashingFile(self._sink), None
         try:
-            narrow = pq.ParquetFile(old_path)
+            narrow = pq.ParquetFile(old_path, pre_buffer=False)
             for group in range(narrow.num_row_groups):
                 part = narrow.read_row_group(group).cast(widened)
                 self._open().write_table(part, row_group_size=part.num_rows)

@@ -44,7 +44,7 @@ def read_batches(config: Config, base_dir, batch_rows: int):
     """The file's rows as DataFrames of `batch_rows` rows, a row group at a time: the rows and values `read` gives."""
     path = existing_file(config.path, base_dir)
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffered row groups would pile up (read_batches)
     except (pa.ArrowInvalid, OSError) as error:
         raise SourceError(f"{path}: not a readable Parquet file ({error}) -> check `path:` points at a .parquet file") from None
     names = parquet.schema_arrow.names
