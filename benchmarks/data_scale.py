@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -216,13 +217,14 @@ def same_values(first_uri: str, second_uri: str, batch_rows: int = 8192) -> dict
 
 def run_variant(variant: str, csv_path: Path, work: Path, tree: Path, timeout: int) -> dict:
     command = [sys.executable, __file__, "--child", variant, "--csv", str(csv_path), "--work", str(work), "--tree", str(tree)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own session, so a stopped variant is stopped with every process it started (Prefect's API server too).
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     sampler = TreeSampler(process.pid)
     sampler.start()
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         _, stderr = process.communicate()
         return {"error": f"did not finish within --timeout {timeout} s (stopped)", "memory": sampler.stop(),
                 "log_tail": [line for line in stderr.splitlines() if "prepare" in line or "Finished" in line][-12:]}
