@@ -44,7 +44,7 @@ def main() -> None:
             summary = prepare_flow(config)
             runs.append({"run": name, "wall_seconds": round(time.perf_counter() - started, 2),
                          "after_flow_start_seconds": summary["prepare_seconds"], "all_cached": summary["all_cached"],
-                         "preflight_cached": summary.get("preflight_cached"), "load_average_1_5_15_before": load_before})
+                         "preflight_cached": summary["preflight"].get("cached"), "load_average_1_5_15_before": load_before})
             print(runs[-1], flush=True)
     cold = runs[0]["after_flow_start_seconds"]
     result = {
