@@ -107,8 +107,14 @@ def fix_for(check: str, contract: Contract | None = None) -> str:
     return "fix the value"
 
 
-def enforce(frame: pd.DataFrame, contract: Contract, where: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check structure (raise on failure), then split rows into (valid, quarantined-with-reason)."""
+def enforce(frame: pd.DataFrame, contract: Contract, where: str = "", *, seen_before: Callable | None = None,
+            first_row: int = 0, raise_if_empty: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check structure (raise on failure), then split rows into (valid, quarantined-with-reason).
+
+    For a frame that is one batch of a bigger artifact: `seen_before(column, values)` marks values of a unique column
+    that earlier batches already hold, `first_row` is the batch's first row position (the quarantine's row_index),
+    and `raise_if_empty=False` lets a batch have no valid row (the stage checks the whole artifact at its end).
+    """
     check_structure(frame, contract, where)
     frame = frame.reset_index(drop=True)
     reasons = pd.Series([None] * len(frame), index=frame.index, dtype=object)
@@ -116,12 +122,14 @@ def enforce(frame: pd.DataFrame, contract: Contract, where: str = "") -> tuple[p
         broken = rule.violated(frame).fillna(False).astype(bool) & reasons.isna()
         reasons[broken] = f"{rule.name}: {rule.reason}"
     for column in contract.unique:
-        duplicated = frame[column].duplicated(keep="first") & reasons.isna()
-        reasons[duplicated] = f"duplicate_{column}: another row already has this {column}"
+        duplicated = frame[column].duplicated(keep="first")
+        if seen_before is not None and len(frame):
+            duplicated |= seen_before(column, frame[column])
+        reasons[duplicated & reasons.isna()] = f"duplicate_{column}: another row already has this {column}"
     bad = reasons.notna()
     valid = frame[~bad].reset_index(drop=True)
-    quarantined = quarantine_rows(frame[bad], reasons[bad], contract.name)
-    if len(valid) == 0 and not contract.allow_empty:
+    quarantined = quarantine_rows(frame[bad].set_axis(frame.index[bad] + first_row), reasons[bad], contract.name)
+    if len(valid) == 0 and not contract.allow_empty and raise_if_empty:
         cause = "the input had no rows" if len(frame) == 0 else f"all {len(frame)} rows were quarantined"
         top = quarantined["reason"].value_counts().head(3).to_dict() if len(quarantined) else {}
         raise ContractViolation(f"{where or contract.name}: no valid rows left: {cause}. Top reasons: {top}")

@@ -30,7 +30,7 @@ from loraflow.training.checkpoints import base_model_fingerprint
 from loraflow.runtime.shards import build_task_runner, map_stage
 from loraflow.runtime.stage_output import StageResult, quarantine_reasons
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import run_stage
+from loraflow.runtime.stage_task import result_storage, run_stage
 from loraflow.runs.summary import RunSummary, ShardSummary, SourceSummary, StageSummary
 from tasks.format import format_task
 from tasks.ingest import ingest_task
@@ -95,10 +95,12 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
         logger.warning(warning)
 
     # ---- pre-flight: fail here, not three hours into training
-    summary.preflight = preflight_task(
+    # Cached on the tokens' and formatted text's hashes, the tokenizer and its code: a passed check is not re-run.
+    checked = preflight_task.with_options(result_storage=result_storage(store.root))(
         tokens_ref=tokens, formatted_ref=formatted, format_config=config.format,
-        tokenizer_dir=tokenizer_dir, store_root=store.root,
+        tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root, return_state=True,
     )
+    summary.preflight = {**checked.result(), "cached": checked.name == "Cached"}
 
     summary.tokens, summary.formatted, summary.model_dir = tokens, formatted, tokenizer_dir
     summary.prepare_seconds = round(time.perf_counter() - started, 3)

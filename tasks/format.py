@@ -18,7 +18,8 @@ import pandas as pd
 from data_contracts import CONVERSATIONS, FORMATTED
 from data_contracts.base import quarantine_rows
 from loraflow.config.format import FormatConfig
-from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
+from loraflow.runtime.stage_output import StageResult, StageWriter, read_input_batches, rows_at
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.templates import ChatTemplate, build_template, render_text, with_system
@@ -46,18 +47,38 @@ def evenly_spaced(count: int, sample: int) -> list[int]:
 def format_conversations(conversations: pd.DataFrame, config: FormatConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Render every conversation; returns (formatted rows, quarantined rows, stats)."""
     template = build_template(config.template, tokenizer)
-    messages = [with_system(m, config.system_prompt) for m in conversations["messages"]]
+    messages, edge_turns = prepared_messages(conversations["messages"], config)
+    kinds = conversations["kind"].tolist()
+    stats = format_settings(config, edge_turns)
+    if isinstance(template, ChatTemplate):
+        stats.update(_check_fast_render(template, messages, kinds, config.verify_sample))
+    formatted, quarantined, counts = render_batch(conversations.reset_index(drop=True), messages, template, config)
+    return formatted, quarantined, {**stats, **counts}
+
+
+def prepared_messages(messages_column, config: FormatConfig) -> tuple[list[list[dict]], int]:
+    """The conversations with the configured system prompt (and stripped turns when asked); (messages, turns with
+    whitespace at their edges)."""
+    messages = [with_system(m, config.system_prompt) for m in messages_column]
     # Whitespace at a turn's edges is data unless the config says otherwise; either way it is counted, never silent.
     edge_turns = sum(m["content"] != m["content"].strip() for conversation in messages for m in conversation)
     if config.strip_whitespace:
         messages = [[{**m, **{key: m[key].strip() for key in ("content", "input") if isinstance(m.get(key), str)}}
                      for m in conversation] for conversation in messages]
-    kinds = conversations["kind"].tolist()
-    stats = {"template": config.template, "strip_whitespace": config.strip_whitespace,
-             "whitespace_stripped_turns" if config.strip_whitespace else "turns_with_edge_whitespace_kept": edge_turns}
-    if isinstance(template, ChatTemplate):
-        stats.update(_check_fast_render(template, messages, kinds, config.verify_sample))
+    return messages, edge_turns
 
+
+def format_settings(config: FormatConfig, edge_turns: int) -> dict:
+    """The stats that say how the stage was configured, with the count of turns with edge whitespace."""
+    return {"template": config.template, "strip_whitespace": config.strip_whitespace,
+            "whitespace_stripped_turns" if config.strip_whitespace else "turns_with_edge_whitespace_kept": edge_turns}
+
+
+def render_batch(conversations: pd.DataFrame, messages: list[list[dict]], template, config: FormatConfig) \
+        -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Render prepared conversations with `template`: (formatted rows, quarantined rows, counts); a quarantined row's
+    row_index is its index in `conversations`."""
+    kinds = conversations["kind"].tolist()
     guard = ControlTextGuard(template.facts.special_texts)
     rows, bad_positions, bad_reasons = [], [], []
     for position, (conversation, kind) in enumerate(zip(messages, kinds)):
@@ -86,10 +107,11 @@ def format_conversations(conversations: pd.DataFrame, config: FormatConfig, toke
         "messages": [conversation for _, _, conversation, _ in rows],
         "literal_spans": [spans for _, _, _, spans in rows],
     })
-    quarantined = quarantine_rows(source.iloc[bad_positions], pd.Series(bad_reasons, index=bad_positions), "formatted")
-    stats.update({"rendered": len(rows), "render_failed": len(bad_positions),
-                  "control_text_rows": sum(bool(spans) for _, _, _, spans in rows)})
-    return formatted, quarantined, stats
+    bad_index = conversations.index[bad_positions]
+    quarantined = quarantine_rows(source.iloc[bad_positions].set_axis(bad_index), pd.Series(bad_reasons, index=bad_index), "formatted")
+    counts = {"rendered": len(rows), "render_failed": len(bad_positions),
+              "control_text_rows": sum(bool(spans) for _, _, _, spans in rows)}
+    return formatted, quarantined, counts
 
 
 def _check_fast_render(template: ChatTemplate, messages, kinds, sample: int) -> dict:
@@ -112,16 +134,34 @@ def _last_answer(messages: list[dict]) -> str:
     return answers[0]
 
 
-def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
-    """Read conversations, render them, write the FORMATTED artifact (and quarantine)."""
+def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_dir: str, store: ArtifactStore,
+               batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
+    """Read conversations a batch at a time, render them, write the FORMATTED artifact (and quarantine).
+
+    The chat template's fast render is proven first on an evenly spread sample of the whole artifact, as one
+    whole-table call would, so every batch is rendered the same way."""
     from loraflow.config.pipeline import config_hash
 
-    conversations = read_input(store, conversations_ref, CONVERSATIONS)
-    formatted, quarantined, stats = format_conversations(conversations, config, load_tokenizer_dir(str(tokenizer_dir)))
-    return write_stage_output(
-        store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(conversations),
-        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
-    )
+    template = build_template(config.template, load_tokenizer_dir(str(tokenizer_dir)))
+    stats = format_settings(config, 0)
+    if isinstance(template, ChatTemplate):
+        sample = rows_at(store, conversations_ref, evenly_spaced(conversations_ref.rows, config.verify_sample), ["messages", "kind"])
+        messages, _ = prepared_messages(sample["messages"], config)
+        # positions are those of the sample itself: every one of its rows is checked, as in format_conversations
+        stats.update(_check_fast_render(template, messages, sample["kind"].tolist(), len(sample)))
+    output = StageWriter(store, stage="format", contract=FORMATTED, config_hash=config_hash(config), row_group_rows=batch_rows)
+    edge_key, counts = next(iter(k for k in stats if k.startswith(("whitespace", "turns_with")))), {}
+    try:
+        for conversations in read_input_batches(store, conversations_ref, CONVERSATIONS, batch_rows):
+            messages, edge_turns = prepared_messages(conversations["messages"], config)
+            formatted, quarantined, batch_counts = render_batch(conversations, messages, template, config)
+            output.add(formatted, quarantined)
+            stats[edge_key] += edge_turns
+            counts = {key: counts.get(key, 0) + value for key, value in batch_counts.items()}
+    except BaseException:
+        output.abort()
+        raise
+    return output.finish(rows_in=conversations_ref.rows, stats={**stats, **counts})
 
 
 @stage_task(name="format")

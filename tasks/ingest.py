@@ -16,7 +16,8 @@ from prefect.exceptions import MissingContextError
 from data_contracts import RAW
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
-from loraflow.runtime.stage_output import StageResult, write_stage_output
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
+from loraflow.runtime.stage_output import StageResult, StageWriter
 from loraflow.runtime.artifact_store import ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.sources import SOURCES, Rejected, SourceConfig, SourceError, source_fingerprint, source_name
@@ -73,20 +74,47 @@ def check_arrow_types(rows: pd.DataFrame, name: str) -> None:
             ) from None
 
 
-def run_ingest(source, store: ArtifactStore, base_dir) -> StageResult:
-    """Read one source and write its RAW artifact (and quarantine); every record read is accounted for."""
+def run_ingest(source, store: ArtifactStore, base_dir, batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
+    """Read one source and write its RAW artifact (and quarantine); every record read is accounted for. A source
+    that reads in batches (`read_batches`: csv) is written a batch at a time; others are read whole."""
     name = source_name(source)
-    rows, quarantine = ingest_frame(source, base_dir)
-    result = write_stage_output(
-        store, stage="ingest", contract=RAW, frame=rows, rows_in=len(rows) + len(quarantine),
-        config_hash=config_hash(source), quarantined=quarantine,
-        stats={"source": name, "kind": source.kind, "columns": len(rows.columns) - len(PROVENANCE), "max_rows": source.max_rows},
-    )
+    output = StageWriter(store, stage="ingest", contract=RAW, config_hash=config_hash(source), row_group_rows=batch_rows)
+    rows_in, columns = 0, None
+    try:
+        for rows, quarantine in ingested_batches(source, base_dir, batch_rows):
+            output.add(rows, quarantine)
+            rows_in, columns = rows_in + len(rows) + len(quarantine), len(rows.columns) - len(PROVENANCE)
+    except BaseException:
+        output.abort()
+        raise
+    result = output.finish(rows_in=rows_in, stats={"source": name, "kind": source.kind, "columns": columns,
+                                                   "max_rows": source.max_rows})
     _logger().info(
         "ingest %s (%s): %d rows read, %d quarantined, %d columns",
         name, source.kind, result.rows_in, result.rows_quarantined, result.stats["columns"],
     )
     return result
+
+
+def ingested_batches(source, base_dir, batch_rows: int):
+    """(rows with provenance, quarantine rows) per batch of the source; ingest_frame's checks, batch by batch."""
+    read_batches = getattr(SOURCES[source.kind], "read_batches", None)
+    if read_batches is None:
+        yield ingest_frame(source, base_dir)
+        return
+    name, rows_seen = source_name(source), 0
+    for rows in read_batches(source, base_dir, batch_rows):
+        clashes = [column for column in PROVENANCE if column in rows.columns]
+        if clashes:
+            raise SourceError(f"source {name!r}: has column(s) {clashes}, which ingest adds itself -> rename them in the data")
+        check_arrow_types(rows, name)
+        rows = rows.set_axis(pd.RangeIndex(rows_seen, rows_seen + len(rows)))
+        rows.insert(0, "_row", rows.index.to_numpy(dtype="int64"))
+        rows.insert(0, "_source", pd.Series(name, index=rows.index, dtype=str))
+        rows_seen += len(rows)
+        yield rows.reset_index(drop=True), rejected_rows([], name)
+    if rows_seen == 0:
+        raise SourceError(f"source {name!r}: nothing to ingest: it has no data rows -> fix the data (or `max_rows:`)")
 
 
 @stage_task(name="ingest")

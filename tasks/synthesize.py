@@ -12,18 +12,21 @@ and rows_in + rows_expanded == rows_out + rows_quarantined unless a synthesizer 
 import difflib
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 
 from data_contracts import CONVERSATIONS, PARAPHRASES, RAW
 from data_contracts.base import quarantine_rows
 from loraflow.config.pipeline import config_hash
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS, digests16
+from loraflow.runtime.stage_output import StageResult, StageWriter, read_input, read_input_batches
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.synthesizers import SYNTHESIZERS
 from loraflow.synthesizers.common import CONVERSATION_COLUMNS, gc_paused, skipped_frame
 from loraflow.synthesizers.duplicates import conflicting_duplicates
+from tasks.shard import id_column_for, row_ids
 
 __all__ = ["SynthesizeError", "column_problems", "synthesize_frame", "synthesize_stats", "run_synthesize", "synthesize_task"]
 
@@ -87,11 +90,25 @@ def synthesize_frame(
     """
     if not raw_frames:
         raise SynthesizeError("synthesize: no input artifacts -> configure at least one source")
-    frame_configs = [config if not kind or kind == config.kind else config.model_copy(update={"kind": kind})
-                     for kind in (kinds or [None] * len(raw_frames))]
+    frame_configs = source_configs(config, kinds or [None] * len(raw_frames))
     for frame, frame_config in zip(raw_frames, frame_configs):
         check_columns([frame], frame_config)
-    # Each source is synthesized on its own frame, so a row's quarantine copy has only its own columns.
+    outputs = synthesize_sources(raw_frames, frame_configs, paraphrases)
+    rows_of, places = output_positions(outputs)
+    everything = pd.concat([conversations for *_, conversations, _, _ in outputs], ignore_index=True)
+    outputs = with_rows_set_aside(outputs, conflicting_duplicates(everything, rows_of, places, config.duplicate_ids), rows_of)
+    return assembled(outputs)
+
+
+def source_configs(config: SynthesizeConfig, kinds: list[str | None]) -> list[SynthesizeConfig]:
+    """The config each source is synthesized with: its own `synthesizer:` kind, else config.kind."""
+    return [config if not kind or kind == config.kind else config.model_copy(update={"kind": kind}) for kind in kinds]
+
+
+def synthesize_sources(raw_frames: list[pd.DataFrame], frame_configs: list[SynthesizeConfig],
+                       paraphrases: dict[str, list[str]] | None) -> list[tuple]:
+    """Per source (rows, module, options, conversations, skipped, extra arguments); each source is synthesized on
+    its own frame, so a row's quarantine copy has only its own columns."""
     outputs = []
     for frame, frame_config in zip(raw_frames, frame_configs):
         module, options = SYNTHESIZERS[frame_config.kind], getattr(frame_config, frame_config.kind)
@@ -100,10 +117,13 @@ def synthesize_frame(
         with gc_paused():
             conversations, skipped = module.synthesize(rows, options, **extra)
         outputs.append((rows, module, options, conversations, skipped, extra))
-    outputs = without_conflicting_duplicates(outputs, config.duplicate_ids)
+    return outputs
 
+
+def assembled(outputs: list[tuple], first_row: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The sources' outputs as one (conversations, quarantine); `first_row`: the first input row's position."""
     conversation_parts, quarantine_parts, extra_stats = [], [], {"rows_expanded": 0}
-    offset = 0
+    offset = first_row
     for rows, module, options, conversations, skipped, extra in outputs:
         for key, count in conversations.attrs.get("stats", {}).items():
             extra_stats[key] = extra_stats.get(key, 0) + count
@@ -125,18 +145,21 @@ def extra_arguments(kind: str, paraphrases: dict[str, list[str]] | None) -> dict
     return {"paraphrases": paraphrases} if kind == "table_qa" and paraphrases else {}
 
 
-def without_conflicting_duplicates(outputs: list[tuple], keep: str) -> list[tuple]:
-    """Per source (rows, module, options, conversations, skipped, extra arguments): the conversations of rows whose
-    id another row holds with different facts moved to `skipped`, one entry per emitted unit (kind), across all
-    sources."""
-    keys, rows_of, offset = [], [], 0
+def output_positions(outputs: list[tuple]) -> tuple[list[int], dict[int, str]]:
+    """(each conversation's input row position, across all sources; position -> '<source>:<_row>')."""
+    places, rows_of, offset = {}, [], 0
     for rows, _, _, conversations, _, _ in outputs:
-        position = dict(zip(zip(rows["_source"].tolist(), rows["_row"].tolist()), range(offset, offset + len(rows))))
+        keys = list(zip(rows["_source"].tolist(), rows["_row"].tolist()))
+        position = dict(zip(keys, range(offset, offset + len(rows))))
         rows_of += [position[key] for key in zip(conversations["source"].tolist(), conversations["source_row"].tolist())]
-        keys += [f"{source}:{row}" for source, row in zip(rows["_source"].tolist(), rows["_row"].tolist())]
+        places.update((offset + i, f"{source}:{row}") for i, (source, row) in enumerate(keys))
         offset += len(rows)
-    everything = pd.concat([conversations for *_, conversations, _, _ in outputs], ignore_index=True)
-    set_aside = conflicting_duplicates(everything, rows_of, dict(enumerate(keys)), keep)
+    return rows_of, places
+
+
+def with_rows_set_aside(outputs: list[tuple], set_aside: dict[int, tuple[list[str], str]], rows_of: list[int]) -> list[tuple]:
+    """The outputs with the conversations of `set_aside` rows (position -> (columns, reason)) moved to `skipped`, one
+    entry per emitted unit (kind)."""
     if not set_aside:
         return outputs
     cleaned, offset, start = [], 0, 0
@@ -163,19 +186,33 @@ def expanded_rows(rows_in: int, skipped_kinds: list[str], units: int, per_unit: 
 
 def synthesize_stats(conversations: pd.DataFrame, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
     """Counts for the run summary, including rows_expanded (see module docstring)."""
+    return stats_of(conversation_counts(conversations), quarantine, rows_in, config)
+
+
+def conversation_counts(conversations: pd.DataFrame, before: dict | None = None) -> dict:
+    """Conversations by kind and by phrasing set (first-seen order) and the synthesizers' own counts, added to `before`."""
+    before = before or {"by_kind": {}, "by_phrasing_set": {}, "attrs": {}}
+    added = {"by_kind": counts(conversations["kind"]), "by_phrasing_set": counts(conversations["phrasing_set"]),
+             "attrs": conversations.attrs.get("stats", {})}
+    return {part: {key: before[part].get(key, 0) + added[part].get(key, 0) for key in {**before[part], **added[part]}}
+            for part in before}
+
+
+def stats_of(conversations: dict, quarantine: pd.DataFrame, rows_in: int, config: SynthesizeConfig) -> dict:
+    """The run summary's counts from `conversation_counts` and the quarantine rows."""
     skipped_by_column: dict[str, dict[str, int]] = {}
     for kind, columns in zip(quarantine["kind"].tolist(), quarantine["columns"].tolist()):
         for column in columns:
             skipped_by_column.setdefault(kind, {}).setdefault(column, 0)
             skipped_by_column[kind][column] += 1
-    stats = dict(conversations.attrs.get("stats", {}))
+    stats = dict(conversations["attrs"])
     if "rows_expanded" not in stats:  # frames built by hand: one synthesizer, the configured one
         expansion = SYNTHESIZERS[config.kind].expansion(getattr(config, config.kind))
         stats["rows_expanded"] = expanded_rows(rows_in, quarantine["kind"].tolist(), *expansion)
     return {
         "synthesizer": config.kind,
-        "conversations_by_kind": counts(conversations["kind"]),
-        "conversations_by_phrasing_set": counts(conversations["phrasing_set"]),
+        "conversations_by_kind": conversations["by_kind"],
+        "conversations_by_phrasing_set": conversations["by_phrasing_set"],
         "skipped_by_kind": counts(quarantine["kind"]),
         "skipped_by_column": skipped_by_column,
         "skip_reasons": {str(k): int(n) for k, n in quarantine["reason"].value_counts().head(20).items()},
@@ -190,28 +227,80 @@ def counts(values: pd.Series) -> dict[str, int]:
 
 def run_synthesize(
     raw_refs: list[ArtifactRef], config: SynthesizeConfig, store: ArtifactStore, kinds: list[str | None] | None = None,
-    paraphrases_ref: ArtifactRef | None = None,
+    paraphrases_ref: ArtifactRef | None = None, batch_rows: int = ROW_GROUP_ROWS,
 ) -> StageResult:
-    """Read the RAW artifacts (and the accepted paraphrases, if any), synthesize, and write CONVERSATIONS plus the
-    quarantine (runs without Prefect)."""
-    raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
+    """Read the RAW artifacts (and the accepted paraphrases, if any) a batch at a time, synthesize, and write
+    CONVERSATIONS plus the quarantine (runs without Prefect): the same rows as `synthesize_frame` on whole tables,
+    because synthesizers work row by row and the one check across rows (an id on rows with different facts) runs
+    first over the rows whose id is not unique (`conflicting_rows`)."""
+    if not raw_refs:
+        raise SynthesizeError("synthesize: no input artifacts -> configure at least one source")
     paraphrases = read_paraphrases(store, paraphrases_ref) if paraphrases_ref is not None else None
-    conversations, quarantine = synthesize_frame(raw_frames, config, kinds, paraphrases)
-    rows_in = sum(len(frame) for frame in raw_frames)
-    if len(conversations) == 0:
-        top = quarantine["reason"].value_counts().head(5).to_dict()
-        raise SynthesizeError(
-            f"synthesize ({config.kind}): all {rows_in} input rows were skipped; top reasons: {top} "
-            f"-> check the column mapping under synthesize.{config.kind} and the data"
-        )
-    stats = synthesize_stats(conversations, quarantine, rows_in, config)
+    frame_configs = source_configs(config, kinds or [None] * len(raw_refs))
+    for ref, frame_config in zip(raw_refs, frame_configs):
+        check_columns([first_rows(store, ref)], frame_config)
+    set_aside = conflicting_rows(store, raw_refs, frame_configs, paraphrases, config.duplicate_ids)
+    output = StageWriter(store, stage="synthesize", contract=CONVERSATIONS, config_hash=config_hash(config), row_group_rows=batch_rows)
+    made, quarantined, rows_in, paraphrased = None, [], 0, 0
+    try:
+        for ref, frame_config in zip(raw_refs, frame_configs):
+            for rows in read_input_batches(store, ref, RAW, batch_rows):
+                outputs = synthesize_sources([rows], [frame_config], paraphrases)
+                rows_of, places = output_positions(outputs)
+                here = {position: set_aside[place] for position, place in places.items() if place in set_aside}
+                conversations, quarantine = assembled(with_rows_set_aside(outputs, here, rows_of), first_row=rows_in)
+                output.add(conversations, quarantine)
+                made, rows_in = conversation_counts(conversations, made), rows_in + len(rows)
+                quarantined.append(quarantine)
+                paraphrased += int(conversations["id"].str.contains(r":p\d+$").sum())
+        quarantine = pd.concat(quarantined, ignore_index=True)
+        if not sum(made["by_kind"].values()):
+            top = quarantine["reason"].value_counts().head(5).to_dict()
+            raise SynthesizeError(
+                f"synthesize ({config.kind}): all {rows_in} input rows were skipped; top reasons: {top} "
+                f"-> check the column mapping under synthesize.{config.kind} and the data"
+            )
+    except BaseException:
+        output.abort()
+        raise
+    stats = stats_of(made, quarantine, rows_in, config)
     if paraphrases is not None:  # provenance: which trained phrasings the paraphraser wrote (ids end in :p<j>)
         stats["paraphrases"] = paraphrases
-        stats["paraphrase_conversations"] = int(conversations["id"].str.contains(r":p\d+$").sum())
-    return write_stage_output(
-        store, stage="synthesize", contract=CONVERSATIONS, frame=conversations, rows_in=rows_in,
-        config_hash=config_hash(config), quarantined=quarantine, stats=stats,
-    )
+        stats["paraphrase_conversations"] = paraphrased
+    return output.finish(rows_in=rows_in, stats=stats)
+
+
+def first_rows(store: ArtifactStore, ref: ArtifactRef) -> pd.DataFrame:
+    """The first row of an artifact (its columns, for the column check before any row is synthesized)."""
+    return next(iter(store.read_batches(ref, batch_rows=1))).to_pandas()
+
+
+def conflicting_rows(store: ArtifactStore, raw_refs: list[ArtifactRef], frame_configs: list[SynthesizeConfig],
+                     paraphrases: dict[str, list[str]] | None, keep: str) -> dict[str, tuple[list[str], str]]:
+    """'<source>:<_row>' -> (columns, reason) for every row set aside as a duplicate id with different facts, over all
+    sources: only rows whose id (the shard key, tasks/shard.row_ids) is on more than one row are read and synthesized
+    again, and compared exactly as synthesize_frame compares all rows."""
+    id_columns = [id_column_for(frame_config, frame_config.kind) for frame_config in frame_configs]
+
+    def row_digests(ref, id_column):
+        names = store.schema(ref).names
+        columns = ["_source", "_row"] + ([id_column] if id_column in names else [])
+        for batch in store.read_batches(ref, columns=columns):
+            yield digests16(row_ids(batch.to_pandas(), id_column))
+
+    digests = [d for ref, id_column in zip(raw_refs, id_columns) for d in row_digests(ref, id_column)]
+    unique, repeats = np.unique(np.concatenate(digests), return_counts=True) if digests else (np.zeros(0, "S16"),) * 2
+    repeated = unique[repeats > 1]
+    if not len(repeated):
+        return {}
+    frames = []
+    for ref, id_column in zip(raw_refs, id_columns):
+        parts = [rows[np.isin(digests16(row_ids(rows, id_column)), repeated)] for rows in read_input_batches(store, ref, RAW)]
+        frames.append(pd.concat(parts, ignore_index=True))
+    outputs = synthesize_sources(frames, frame_configs, paraphrases)
+    rows_of, places = output_positions(outputs)
+    everything = pd.concat([conversations for *_, conversations, _, _ in outputs], ignore_index=True)
+    return {places[row]: found for row, found in conflicting_duplicates(everything, rows_of, places, keep).items()}
 
 
 def read_paraphrases(store: ArtifactStore, ref: ArtifactRef) -> dict[str, list[str]]:

@@ -25,17 +25,16 @@ from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.stage_output import StageResult, read_input, read_input_batches, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
+from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine
+from tasks.tokenize_stream import tokenize_stream
 
+ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
-SPLIT_RANK = {"heldout": 0, "validation": 1, "train": 2}  # which copy of a duplicate is kept: evaluation first
-
-
-class TruncationError(ValueError):
-    """tokenize.truncation=error and some examples are longer than tokenize.max_length."""
 
 
 def texts_and_spans(segments_column) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -227,11 +226,8 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     cut_short = 0
     if too_long.any():
         if config.truncation == "error":
-            examples = formatted.loc[too_long, "id"].head(5).tolist()
-            raise TruncationError(
-                f"{int(too_long.sum())} example(s) exceed tokenize.max_length={config.max_length} (longest "
-                f"{int(lengths.max())} tokens; e.g. ids {examples}): raise max_length, or set truncation to drop or truncate"
-            )
+            raise TruncationError(int(too_long.sum()), int(lengths.max()), formatted.loc[too_long, "id"].head(5).tolist(),
+                                  config.max_length)
         if config.truncation == "drop":
             reasons[too_long & pd.isna(reasons)] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
         else:
@@ -285,49 +281,6 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     return tokens, reasons, stats
 
 
-def set_aside_duplicates_and_leaks(tokens: pd.DataFrame, reasons: np.ndarray, config: TokenizeConfig, tokenizer) -> dict:
-    """The dataset-level half of tokenize: mark exact duplicates and leaked evaluation prompts in `reasons`.
-
-    Needs every row at once and in their source order (which copy of a duplicate is kept depends on it).
-    """
-    splits = tokens["split"].to_numpy()
-
-    # ---- exact duplicates (same input_ids): keep evaluation copies first, then the first occurrence
-    duplicates = 0
-    if config.dedupe:
-        ranks = np.fromiter((SPLIT_RANK[s] for s in splits), dtype=np.int8, count=len(splits))
-        seen: dict[bytes, str] = {}
-        ids_column = tokens["id"].to_numpy()
-        input_ids = tokens["input_ids"].to_numpy()
-        for row in np.lexsort((np.arange(len(splits)), ranks)):
-            if reasons[row] is not None:
-                continue
-            key = hashlib.blake2b(np.asarray(input_ids[row], dtype=np.int32).tobytes(), digest_size=16).digest()
-            if key in seen:
-                reasons[row] = f"duplicate: same input_ids as example {seen[key]!r}"
-                duplicates += 1
-            else:
-                seen[key] = ids_column[row]
-
-    # ---- leakage: an evaluation prompt that also is a training prompt
-    prompts = tokens["prompt"].to_numpy()
-    alive = pd.isna(reasons)
-    train_prompts = {p for p, s, ok in zip(prompts, splits, alive) if ok and s == "train"}
-    leaked = np.array([ok and s != "train" and p.strip() != "" and p in train_prompts
-                       for p, s, ok in zip(prompts, splits, alive)], dtype=bool)
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token:
-        leaked &= prompts != tokenizer.bos_token  # kind=text rows: the prompt is only BOS
-    reasons[leaked] = "leakage: this evaluation example's prompt is also a training prompt"
-    return {"duplicates": duplicates, "leaked": int(leaked.sum())}
-
-
-def split_off_quarantine(tokens: pd.DataFrame, reasons: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept rows, quarantined rows with their reasons)."""
-    bad = ~pd.isna(reasons)
-    quarantined = quarantine_rows(tokens[bad], pd.Series(reasons[bad], index=np.flatnonzero(bad)), "tokens")
-    return tokens[~bad].reset_index(drop=True), quarantined
-
-
 def token_stats(tokens: pd.DataFrame) -> dict:
     """Totals, per-split counts and the length distribution of the kept rows."""
     lengths = tokens["length"].to_numpy()
@@ -340,15 +293,18 @@ def token_stats(tokens: pd.DataFrame) -> dict:
     }
 
 
-def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
-    """Read formatted rows, tokenize them, write the TOKENS artifact (and quarantine)."""
+def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
+                 batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
+    """Read formatted rows, tokenize them, write the TOKENS artifact (and quarantine), a batch at a time
+    (tasks/tokenize_stream.py): memory is bounded by `batch_rows`, not by the table."""
     from loraflow.config.pipeline import config_hash
 
-    formatted = read_input(store, formatted_ref, FORMATTED)
-    tokens, quarantined, stats = tokenize_formatted(formatted, config, load_tokenizer_dir(str(tokenizer_dir)))
-    return write_stage_output(
-        store, stage="tokenize", contract=TOKENS, frame=tokens, rows_in=len(formatted),
-        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
+    tokenizer = load_tokenizer_dir(str(tokenizer_dir))
+    # The tokenizer's Encodings of a batch are its peak (about 12 KB an example): it reads fewer rows at a time than a
+    # row group holds; the artifact's row groups stay `batch_rows`.
+    return tokenize_stream(
+        store, read_input_batches(store, formatted_ref, FORMATTED, min(batch_rows, ENCODE_BATCH_ROWS)),
+        lambda formatted: tokenize_rows(formatted, config, tokenizer), config, tokenizer, config_hash(config), batch_rows,
     )
 
 

@@ -12,7 +12,6 @@ config: fsspec's backend reads them from the environment (docs/scaling.md, "Stor
 
 import errno
 import hashlib
-import io
 import json
 import os
 import socket
@@ -27,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, Field
 
 from loraflow.runtime.atomic_files import atomic_file
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS, table_parquet_bytes
 
 
 class ArtifactRef(BaseModel):
@@ -67,55 +67,107 @@ class ArtifactStore:
         """Write `frame` as a Parquet artifact and return its reference (idempotent for equal content)."""
         payload = table_bytes(frame)
         sha = hashlib.sha256(payload).hexdigest()
-        folder = f"{self.base}/artifacts/{stage}"
-        data_path, manifest_path = f"{folder}/{sha}.parquet", f"{folder}/{sha}.manifest.json"
+        data_path = f"{self.base}/artifacts/{stage}/{sha}.parquet"
         ref = ArtifactRef(
             uri=self._uri(data_path), sha256=sha, rows=len(frame), contract=contract,
             schema_version=schema_version, stage=stage, config_hash=config_hash,
         )
-        manifest = json.dumps({**ref.model_dump(), "bytes": len(payload), "written_at": time.time()}, indent=1)
         self._write_atomic(data_path, payload)
-        # The manifest goes last: a reader that finds it knows the Parquet file is whole.
+        self._write_manifest(ref, len(payload))
+        return ref
+
+    def writer(self, *, stage: str, contract: str, schema_version: int, config_hash: str,
+               row_group_rows: int = ROW_GROUP_ROWS) -> "ArtifactWriter":
+        """A writer that takes the artifact's rows a batch at a time (loraflow/runtime/artifact_writer.py)."""
+        from loraflow.runtime.artifact_writer import ArtifactWriter
+
+        return ArtifactWriter(self, stage=stage, contract=contract, schema_version=schema_version, config_hash=config_hash,
+                              row_group_rows=row_group_rows)
+
+    def _write_manifest(self, ref: ArtifactRef, size: int) -> None:
+        """The manifest goes last: a reader that finds it knows the Parquet file is whole."""
+        data_path = self._path(ref.uri)
+        manifest_path = data_path[: -len(".parquet")] + ".manifest.json"
+        manifest = json.dumps({**ref.model_dump(), "bytes": size, "written_at": time.time()}, indent=1)
         try:
             self._write_atomic(manifest_path, manifest.encode())
         except DiskFullError:
             if self.is_local and not os.path.exists(manifest_path):  # a new artifact: leave no manifest-less file
                 os.unlink(data_path)
             raise
-        return ref
 
     def read(self, ref: ArtifactRef, *, verify: bool = True) -> pd.DataFrame:
         """Read an artifact, checking its manifest and sha256 first."""
-        payload = self._read_verified(ref) if verify else self._cat(self._path(ref.uri))
-        return pq.read_table(pa.BufferReader(payload)).to_pandas()
+        return self.read_arrow(ref, verify=verify).to_pandas()
 
-    def read_arrow(self, ref: ArtifactRef) -> pa.Table:
+    def read_arrow(self, ref: ArtifactRef, *, verify: bool = True) -> pa.Table:
         """Read an artifact as an Arrow table (verified)."""
-        return pq.read_table(pa.BufferReader(self._read_verified(ref)))
+        if self.is_local:
+            if verify:
+                self._verify(ref)
+            return pq.read_table(self._path(ref.uri))
+        payload = self._read_verified(ref) if verify else self._cat(self._path(ref.uri))
+        return pq.read_table(pa.BufferReader(payload))
+
+    def read_batches(self, ref: ArtifactRef, *, batch_rows: int = ROW_GROUP_ROWS, columns: list[str] | None = None):
+        """The artifact's rows as Arrow record batches of at most `batch_rows` rows, after checking its manifest and
+        sha256 (read as a stream: memory is one batch, not the file)."""
+        if self.is_local:
+            self._verify(ref)
+            source = self._path(ref.uri)
+        else:
+            source = pa.BufferReader(self._read_verified(ref))
+        # pre_buffer=False: with pyarrow's default (True) iter_batches kept every row group's pre-buffered bytes until
+        # the end (measured: +358 MB of Arrow memory over a 3,000,000-row artifact; 14 MB flat without).
+        parquet = pq.ParquetFile(source, pre_buffer=False)
+        if parquet.metadata.num_rows == 0:
+            return
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True)
+
+    def schema(self, ref: ArtifactRef) -> pa.Schema:
+        """The artifact's Arrow schema (read from its footer, not verified)."""
+        return pq.read_schema(self._path(ref.uri) if self.is_local else pa.BufferReader(self._cat(self._path(ref.uri))))
 
     def is_valid(self, ref: ArtifactRef) -> bool:
         """True when the artifact's file and manifest exist and match its hash and row count."""
         try:
-            self._read_verified(ref)
+            self._verify(ref) if self.is_local else self._read_verified(ref)
             return True
         except CorruptArtifact:
             return False
 
+    def _verify(self, ref: ArtifactRef) -> None:
+        """Check a local artifact's manifest and sha256 without holding the file in memory."""
+        data_path = self._path(ref.uri)
+        manifest = self._manifest(ref, data_path)
+        try:
+            actual = file_sha256(data_path)
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{ref.uri}: file missing") from None
+        self._check(ref, manifest, actual)
+
     def _read_verified(self, ref: ArtifactRef) -> bytes:
         data_path = self._path(ref.uri)
-        manifest_path = data_path[: -len(".parquet")] + ".manifest.json"
-        # Read, then catch "missing": one request per file on an object store instead of an existence check first.
-        try:
-            manifest = json.loads(self._cat(manifest_path))
-        except FileNotFoundError:
-            raise CorruptArtifact(f"{ref.uri}: no manifest (partial or foreign write); it will be recomputed") from None
-        except (ValueError, OSError) as error:
-            raise CorruptArtifact(f"{manifest_path}: unreadable manifest ({error})") from None
+        manifest = self._manifest(ref, data_path)
         try:
             payload = self._cat(data_path)
         except FileNotFoundError:
             raise CorruptArtifact(f"{ref.uri}: file missing") from None
-        actual = hashlib.sha256(payload).hexdigest()
+        self._check(ref, manifest, hashlib.sha256(payload).hexdigest())
+        return payload
+
+    def _manifest(self, ref: ArtifactRef, data_path: str) -> dict:
+        manifest_path = data_path[: -len(".parquet")] + ".manifest.json"
+        # Read, then catch "missing": one request per file on an object store instead of an existence check first.
+        try:
+            return json.loads(self._cat(manifest_path))
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{ref.uri}: no manifest (partial or foreign write); it will be recomputed") from None
+        except (ValueError, OSError) as error:
+            raise CorruptArtifact(f"{manifest_path}: unreadable manifest ({error})") from None
+
+    @staticmethod
+    def _check(ref: ArtifactRef, manifest: dict, actual: str) -> None:
         if actual != ref.sha256 or manifest.get("sha256") != ref.sha256:
             raise CorruptArtifact(
                 f"{ref.uri}: sha256 is {actual[:12]}…, manifest says {str(manifest.get('sha256'))[:12]}…, "
@@ -123,7 +175,6 @@ class ArtifactStore:
             )
         if manifest.get("rows") != ref.rows:
             raise CorruptArtifact(f"{ref.uri}: manifest has {manifest.get('rows')} rows, expected {ref.rows}")
-        return payload
 
     def _write_atomic(self, path: str, payload: bytes) -> None:
         if not self.is_local:
@@ -197,11 +248,9 @@ def _writer_gone(temp_name: str) -> bool:
 
 
 def table_bytes(frame: pd.DataFrame) -> bytes:
-    """Deterministic Parquet bytes of a DataFrame (same rows -> same bytes -> same hash)."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    """Deterministic Parquet bytes of a DataFrame (same rows -> same bytes -> same hash), laid out as a streamed
+    artifact of the same rows is (loraflow/runtime/parquet_stream.py)."""
+    return table_parquet_bytes(pa.Table.from_pandas(frame, preserve_index=False))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

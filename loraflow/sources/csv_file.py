@@ -10,7 +10,7 @@ from typing import Literal
 import pandas as pd
 from pydantic import ConfigDict, Field
 
-from loraflow.sources.common import SourceBase, SourceError, decode_text, existing_file
+from loraflow.sources.common import UTF8_BOM, SourceBase, SourceError, decode_text, existing_file
 # The rest of the source interface (loraflow/sources/common.py) is the one every single-file source shares.
 from loraflow.sources.common import file_check as check, file_default_name as default_name  # noqa: F401
 from loraflow.sources.common import file_fingerprint as fingerprint, file_locations as locations  # noqa: F401
@@ -46,6 +46,24 @@ def read(config: Config, base_dir) -> pd.DataFrame:
             f"or a line break (\"like, this\"), or set `delimiter:` to the file's separator"
         ) from None
     return rows
+
+
+def read_batches(config: Config, base_dir, batch_rows: int):
+    """The rows of a UTF-8 CSV as DataFrames of `batch_rows` rows, parsed as they are read (memory: one batch); the
+    same rows and values as `read`, whose messages any file it refuses gets (another encoding: read whole)."""
+    path = existing_file(config.path, base_dir)
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if config.encoding.lower().replace("_", "-") not in ("utf-8", "utf8") or not head.removeprefix(UTF8_BOM).strip():
+        yield read(config, base_dir)  # decoded whole: its offsets and hints for a wrong encoding, or the empty file
+        return
+    try:
+        with pd.read_csv(path, sep=config.delimiter, dtype=str, keep_default_na=False, na_filter=False, nrows=config.max_rows,
+                         skip_blank_lines=True, encoding="utf-8-sig", chunksize=batch_rows) as chunks:
+            yield from chunks
+    except (UnicodeDecodeError, pd.errors.ParserError):
+        yield read(config, base_dir)  # raises the SourceError that names the offset or line, and the fix
+        raise  # not reached: read() refuses the same file
 
 
 def column_names(config: Config, base_dir) -> list[str]:

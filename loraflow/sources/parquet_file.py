@@ -40,6 +40,28 @@ def read(config: Config, base_dir) -> pd.DataFrame:
     return rows.head(config.max_rows) if config.max_rows is not None else rows
 
 
+def read_batches(config: Config, base_dir, batch_rows: int):
+    """The file's rows as DataFrames of `batch_rows` rows, a row group at a time: the rows and values `read` gives."""
+    path = existing_file(config.path, base_dir)
+    try:
+        parquet = pq.ParquetFile(path, pre_buffer=False)  # pre-buffered row groups would pile up (read_batches)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise SourceError(f"{path}: not a readable Parquet file ({error}) -> check `path:` points at a .parquet file") from None
+    names = parquet.schema_arrow.names
+    missing = [column for column in config.columns or [] if column not in names]
+    if missing:
+        raise SourceError(f"{path}: no column(s) {missing} -> fix `columns:` (the file has {names})")
+    left = config.max_rows
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=config.columns):
+        rows = pa.Table.from_batches([batch]).to_pandas()
+        rows = rows.reset_index(drop=all(name is None for name in rows.index.names))
+        if left is not None:
+            rows, left = rows.head(left), left - min(left, len(rows))
+        yield rows
+        if left == 0:
+            return
+
+
 def column_names(config: Config, base_dir) -> list[str]:
     """The columns read() returns, from the file's schema (for `loraflow check`)."""
     names = [name for name in pq.read_schema(existing_file(config.path, base_dir)).names if not name.startswith("__index_level_")]

@@ -95,6 +95,16 @@ def read(config: Config, base_dir) -> pd.DataFrame:
     return rows.head(config.max_rows) if config.max_rows is not None else rows
 
 
+def read_batches(config: Config, base_dir, batch_rows: int):
+    """The query's rows as they are fetched, `chunk_rows` at a time (ingest writes each as it comes); the rows and
+    values `read` gives."""
+    left = config.max_rows
+    for chunk in _chunks(config, base_dir, statement(config), config.max_rows):
+        if left is not None:
+            chunk, left = chunk.head(left), left - min(left, len(chunk))
+        yield chunk
+
+
 def fingerprint(config: Config, base_dir) -> str:
     """sha256 of what `fingerprint_query` (else the query itself) returns now: column names, types and values."""
     digest = hashlib.sha256()

@@ -1,0 +1,132 @@
+"""The tokenize stage over a formatted artifact of any size, in two passes with memory bounded by a batch.
+
+1. Each batch of formatted rows goes through the per-row half (`tokenize_rows`: ids, labels, length policy, split)
+   and into a scratch Parquet file next to the store, token ids as Arrow list<int32>; of each row only its
+   `RowKeys` (a few 16-byte digests) stay in memory.
+2. The duplicate and leakage rules run once over all rows' keys (tasks/tokenize_checks.py), then the scratch file
+   is read back a batch at a time into the TOKENS artifact, the rows set aside going to the quarantine.
+The artifact holds the same rows and values as tokenizing the whole table at once (tokenize_formatted).
+"""
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_contracts import TOKENS
+from loraflow.config.tokenize import TokenizeConfig
+from loraflow.runtime.artifact_store import ArtifactStore
+from loraflow.runtime.parquet_stream import ParquetStream
+from loraflow.runtime.stage_output import StageResult, StageWriter, give_back_freed_memory
+from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError, find_duplicates, find_leaks, row_keys,
+                                   split_off_quarantine)
+
+
+def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config: TokenizeConfig, tokenizer, config_hash: str,
+                    batch_rows: int) -> StageResult:
+    """Tokenize formatted batches (DataFrames) with `tokenize_batch` (tasks/tokenize.tokenize_rows: frame -> (tokens,
+    reasons, stats)) and write TOKENS plus its quarantine (module docstring)."""
+    scratch_dir = tempfile.mkdtemp(prefix="tokenize-", dir=scratch_root(store))
+    try:
+        scratch_path = os.path.join(scratch_dir, "rows.parquet")
+        keys, stats = tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path, batch_rows)
+        set_aside, counts = dataset_reasons(keys, config, scratch_path)
+        return write_tokens(store, scratch_path, set_aside, {**stats, **counts}, config_hash, batch_rows)
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def scratch_root(store: ArtifactStore) -> str:
+    """Where a stage's scratch files go: the store's own disk when local (not /tmp, which may be RAM)."""
+    root = os.path.join(store.base, "scratch") if store.is_local else tempfile.gettempdir()
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path: str, batch_rows: int) -> tuple[RowKeys, dict]:
+    """Pass 1: every row tokenized into the scratch file (with its per-row reason, "" when kept); (keys, summed stats)."""
+    scratch, keys, stats, too_long = ParquetStream(scratch_path, row_group_rows=batch_rows), [], {}, []
+    try:
+        for formatted in formatted_batches:
+            try:
+                tokens, reasons, batch_stats = tokenize_batch(formatted)
+            except TruncationError as error:  # counted over every batch, raised once with the totals
+                too_long.append(error)
+                continue
+            keys.append(row_keys(tokens, reasons, tokenizer))
+            tokens["reason"] = [reason or "" for reason in reasons]
+            scratch.append(pa.Table.from_pandas(tokens, preserve_index=False))
+            give_back_freed_memory()
+            stats = {key: stats.get(key, 0) + value for key, value in batch_stats.items()}
+        if too_long:
+            raise TruncationError.combined(too_long)
+        scratch.close()
+    finally:
+        scratch.discard()
+    return RowKeys.concat(keys), stats
+
+
+def dataset_reasons(keys: RowKeys, config: TokenizeConfig, scratch_path: str) -> tuple[dict[int, str], dict]:
+    """Pass between: row -> reason for every duplicate and leaked row, and their counts."""
+    duplicates, kept = find_duplicates(keys) if config.dedupe and len(keys.alive) else (np.zeros(0, dtype=np.int64),) * 2
+    keys.alive[duplicates] = False
+    leaked = find_leaks(keys, keys.alive) if len(keys.alive) else np.zeros(0, dtype=bool)
+    kept_ids = ids_at(scratch_path, set(kept.tolist()))
+    set_aside = {row: DUPLICATE.format(kept=kept_ids[kept_row]) for row, kept_row in zip(duplicates.tolist(), kept.tolist())}
+    set_aside.update(dict.fromkeys(np.flatnonzero(leaked).tolist(), LEAKAGE))
+    return set_aside, {"duplicates": int(len(duplicates)), "leaked": int(leaked.sum())}
+
+
+def ids_at(scratch_path: str, rows: set[int]) -> dict[int, str]:
+    """The `id` of each of `rows`, read from the scratch file's id column alone."""
+    found, first_row, wanted = {}, 0, np.array(sorted(rows), dtype=np.int64)
+    if not rows:
+        return found
+    for batch in pq.ParquetFile(scratch_path, pre_buffer=False).iter_batches(columns=["id"]):
+        ids = batch.column(0)
+        for row in in_range(wanted, first_row, len(ids)):
+            found[row] = ids[row - first_row].as_py()
+        first_row += len(ids)
+    return found
+
+
+def in_range(sorted_rows: np.ndarray, first_row: int, count: int) -> list[int]:
+    """The rows of `sorted_rows` in [first_row, first_row + count)."""
+    low, high = np.searchsorted(sorted_rows, [first_row, first_row + count])
+    return sorted_rows[low:high].tolist()
+
+
+def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, str], stats: dict, config_hash: str,
+                 batch_rows: int) -> StageResult:
+    """Pass 2: the scratch rows into TOKENS (kept) and the quarantine (set aside), with the kept rows' token stats."""
+    output = StageWriter(store, stage="tokenize", contract=TOKENS, config_hash=config_hash, row_group_rows=batch_rows)
+    lengths, trained, splits, first_row = [], 0, {"train": 0, "validation": 0, "heldout": 0}, 0
+    set_aside_rows = np.array(sorted(set_aside), dtype=np.int64)
+    try:
+        scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
+        for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
+            tokens = batch.to_pandas()
+            tokens.index = pd.RangeIndex(first_row, first_row + len(tokens))
+            reasons = np.array([reason or None for reason in tokens.pop("reason")], dtype=object)
+            for row in in_range(set_aside_rows, first_row, len(tokens)):
+                reasons[row - first_row] = set_aside[row]
+            kept, quarantined = split_off_quarantine(tokens, reasons)
+            output.add(kept, quarantined)
+            lengths.append(kept["length"].to_numpy())
+            trained += int(kept["n_trained"].sum())
+            for split, count in kept["split"].value_counts().items():
+                splits[split] += int(count)
+            first_row += len(tokens)
+    except BaseException:
+        output.abort()
+        raise
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    percentiles = np.percentile(lengths, [50, 90, 99]).round(1).tolist() if len(lengths) else [0, 0, 0]
+    stats.update({"tokens_total": int(lengths.sum()), "trained_tokens": trained, "splits": splits,
+                  "length": {"p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
+                             "max": int(lengths.max()) if len(lengths) else 0}})
+    return output.finish(rows_in=stats["rows_in"] if "rows_in" in stats else first_row, stats=stats)
