@@ -179,21 +179,8 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     del ids_lists
 
     # ---- labels: mark trained token ranges with a difference array, one cumsum for all rows
-    delta = np.zeros(len(flat_ids) + 1, dtype=np.int32)
-    answer_ends, answer_starts = [], np.zeros(len(lengths), dtype=np.int64)
-    for row, (encoding, row_spans) in enumerate(zip(encodings, spans)):
-        ranges = trained_token_ranges(encoding, row_spans)
-        base = starts[row]
-        for first, last in ranges:
-            delta[base + first] += 1
-            delta[base + last + 1] -= 1
-        answer_ends.append([last for _, last in ranges])
-        answer_starts[row] = ranges[-1][0] if ranges else 0
+    flat_labels, answer_starts, answer_ends = flat_labels_of(encodings, spans, flat_ids, starts, config.train_on_inputs)
     del encodings
-    trained = np.cumsum(delta[:-1]) > 0
-    if config.train_on_inputs:
-        trained[:] = True
-    flat_labels = np.where(trained, flat_ids, IGNORE_INDEX).astype(np.int32)
 
     stats: dict = {"rows_in": len(formatted), "control_text_rows": len(literal_rows)}
     reasons = np.full(len(formatted), None, dtype=object)  # why a row is set aside; None = kept
@@ -201,14 +188,7 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     # ---- characters the vocabulary cannot spell would be trained as other tokens: set the rows aside
     missing = unrepresentable_bytes(tokenizer)
     if missing:
-        keep_missing_only = bytes(set(range(256)) - missing)
-        for row, text in enumerate(texts):
-            found = text.encode("utf-8", "surrogatepass").translate(None, keep_missing_only)
-            if found:
-                reasons[row] = (f"unrepresentable: the tokenizer has no token for byte(s) {sorted(set(found))} (e.g. "
-                                f"character {next(c for c in text if set(c.encode('utf-8', 'surrogatepass')) & missing)!r}); "
-                                "remove or replace those characters")
-        stats["unrepresentable"] = int(sum(r is not None and r.startswith("unrepresentable") for r in reasons))
+        stats["unrepresentable"] = mark_unrepresentable(texts, missing, reasons)
 
     # ---- double BOS: a template that wrote BOS text and also got one added
     bos_id = tokenizer.bos_token_id
@@ -219,26 +199,7 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
         stats["double_bos"] = int(first_two.sum())
 
     # ---- length policy
-    too_long = lengths > config.max_length
-    stats["over_max_length"] = int(too_long.sum())
-    kept_lengths = lengths.copy()
-    truncated = np.zeros(len(lengths), dtype=bool)
-    cut_short = 0
-    if too_long.any():
-        if config.truncation == "error":
-            raise TruncationError(int(too_long.sum()), int(lengths.max()), formatted.loc[too_long, "id"].head(5).tolist(),
-                                  config.max_length)
-        if config.truncation == "drop":
-            reasons[too_long & pd.isna(reasons)] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
-        else:
-            kept_lengths = np.minimum(lengths, config.max_length)
-            truncated = too_long
-            for row in np.flatnonzero(too_long):
-                cut = [end for end in answer_ends[row] if end >= config.max_length]
-                cut_short += bool(cut)
-                answer_ends[row] = [end for end in answer_ends[row] if end < config.max_length]
-    stats.update({"truncated": int(truncated.sum()), "answers_cut_short": int(cut_short),
-                  "dropped_too_long": int(too_long.sum()) if config.truncation == "drop" else 0})
+    kept_lengths, truncated = apply_length_policy(lengths, formatted["id"], answer_ends, config, reasons, stats)
 
     # ---- per-row views into the flat arrays
     row_starts = starts[:-1]
@@ -249,15 +210,7 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
     trained_cumsum = np.concatenate([[0], np.cumsum(flat_labels != IGNORE_INDEX)])
     n_trained = trained_cumsum[row_starts + kept_lengths] - trained_cumsum[row_starts]
 
-    # ---- split by source id
-    split_cache: dict[tuple[str, str], str] = {}
-    splits = []
-    for source_id, phrasing_set in zip(formatted["source_id"], formatted["phrasing_set"]):
-        key = (source_id, phrasing_set)
-        if key not in split_cache:
-            split_cache[key] = split_of(source_id, phrasing_set, config.split_salt, config.validation_fraction)
-        splits.append(split_cache[key])
-    splits = np.asarray(splits, dtype=object)
+    splits = split_column(formatted, config)  # by source id
 
     tokens = pd.DataFrame({
         "id": formatted["id"].to_numpy(),
@@ -279,6 +232,76 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
         "facts": formatted["facts"].to_numpy(),
     })
     return tokens, reasons, stats
+
+
+def apply_length_policy(lengths: np.ndarray, ids: pd.Series, answer_ends: list, config: TokenizeConfig,
+                        reasons: np.ndarray, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """tokenize.truncation over rows longer than max_length: refuse (error), set aside (drop) or cut (truncate, the
+    answer ends past the cut removed in place); returns (kept lengths, truncated mask) and counts into `stats`."""
+    too_long = lengths > config.max_length
+    stats["over_max_length"] = int(too_long.sum())
+    kept_lengths = lengths.copy()
+    truncated = np.zeros(len(lengths), dtype=bool)
+    cut_short = 0
+    if too_long.any():
+        if config.truncation == "error":
+            raise TruncationError(int(too_long.sum()), int(lengths.max()), ids[too_long].head(5).tolist(),
+                                  config.max_length)
+        if config.truncation == "drop":
+            reasons[too_long & pd.isna(reasons)] = f"too_long: more than max_length={config.max_length} tokens (truncation=drop)"
+        else:
+            kept_lengths = np.minimum(lengths, config.max_length)
+            truncated = too_long
+            for row in np.flatnonzero(too_long):
+                cut = [end for end in answer_ends[row] if end >= config.max_length]
+                cut_short += bool(cut)
+                answer_ends[row] = [end for end in answer_ends[row] if end < config.max_length]
+    stats.update({"truncated": int(truncated.sum()), "answers_cut_short": int(cut_short),
+                  "dropped_too_long": int(too_long.sum()) if config.truncation == "drop" else 0})
+    return kept_lengths, truncated
+
+
+def flat_labels_of(encodings, spans, flat_ids: np.ndarray, starts: np.ndarray, train_on_inputs: bool):
+    """(labels over the flat ids, each row's last answer start, each row's answer end positions): trained token
+    ranges from the character spans, marked with a difference array and one cumsum for all rows."""
+    delta = np.zeros(len(flat_ids) + 1, dtype=np.int32)
+    answer_ends, answer_starts = [], np.zeros(len(starts) - 1, dtype=np.int64)
+    for row, (encoding, row_spans) in enumerate(zip(encodings, spans)):
+        ranges = trained_token_ranges(encoding, row_spans)
+        base = starts[row]
+        for first, last in ranges:
+            delta[base + first] += 1
+            delta[base + last + 1] -= 1
+        answer_ends.append([last for _, last in ranges])
+        answer_starts[row] = ranges[-1][0] if ranges else 0
+    trained = np.cumsum(delta[:-1]) > 0
+    if train_on_inputs:
+        trained[:] = True
+    return np.where(trained, flat_ids, IGNORE_INDEX).astype(np.int32), answer_starts, answer_ends
+
+def mark_unrepresentable(texts: list[str], missing: set[int], reasons: np.ndarray) -> int:
+    """Set the reason of every text holding a byte the vocabulary cannot spell; returns how many were marked."""
+    keep_missing_only = bytes(set(range(256)) - missing)
+    marked = 0
+    for row, text in enumerate(texts):
+        found = text.encode("utf-8", "surrogatepass").translate(None, keep_missing_only)
+        if found:
+            reasons[row] = (f"unrepresentable: the tokenizer has no token for byte(s) {sorted(set(found))} (e.g. "
+                            f"character {next(c for c in text if set(c.encode('utf-8', 'surrogatepass')) & missing)!r}); "
+                            "remove or replace those characters")
+            marked += 1
+    return marked
+
+def split_column(formatted: pd.DataFrame, config: TokenizeConfig) -> np.ndarray:
+    """Each row's split (train / validation) by its source id and phrasing set, one hash per distinct pair."""
+    split_cache: dict[tuple[str, str], str] = {}
+    splits = []
+    for source_id, phrasing_set in zip(formatted["source_id"], formatted["phrasing_set"]):
+        key = (source_id, phrasing_set)
+        if key not in split_cache:
+            split_cache[key] = split_of(source_id, phrasing_set, config.split_salt, config.validation_fraction)
+        splits.append(split_cache[key])
+    return np.asarray(splits, dtype=object)
 
 
 def token_stats(tokens: pd.DataFrame) -> dict:

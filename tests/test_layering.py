@@ -68,10 +68,19 @@ def test_no_import_circle():
 
 
 @pytest.mark.parametrize("package", PACKAGES)
-def test_no_source_file_far_over_400_lines(package):
+def test_no_source_file_over_400_lines(package):
     long_files = {str(path.relative_to(ROOT)): n for path in (ROOT / package).rglob("*.py")
-                  if (n := len(path.read_text().splitlines())) > 420}
+                  if (n := len(path.read_text().splitlines())) > 400}
     assert long_files == {}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_function_over_80_lines(package):
+    long_functions = {f"{path.relative_to(ROOT)}:{node.name}": node.end_lineno - node.lineno + 1
+                      for path in (ROOT / package).rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > 80}
+    assert long_functions == {}
 
 
 # Inside the library, the trades a trade may import (errors.py, loraflow's root, may be imported by any).
