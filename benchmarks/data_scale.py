@@ -36,14 +36,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from prepare_scale import SYSTEM_PROMPT, load, scale_config_fields, start_ephemeral_api  # this folder's sibling
+
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_PROMPT = "You are an anime catalog assistant."
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
              "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_DATASETS_OFFLINE": "1"}
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 # ---- memory of a process tree, sampled from /proc
@@ -117,23 +114,11 @@ def run_loraflow(csv_path: Path, work: Path, tree: Path, name: str) -> dict:
     """The prepare flow from `tree`, cold and then all cached."""
     os.environ["PREFECT_HOME"] = str(work / f"prefect-home-{name}")
     sys.path.insert(0, str(tree))
-    from prefect import flow
-
     from flows.prepare import prepare_flow
     from loraflow.config.pipeline import PipelineConfig
 
-    @flow(name="warm-up")
-    def warm_up() -> None:
-        """Starts the ephemeral API, so the timed flow does not pay for it."""
-
-    warm_up()
-    config = PipelineConfig(
-        name=f"scale-{name}", base_dir=str(work), store=str(work / f"store-{name}"), runs_dir=str(work / "runs"),
-        sources=[{"kind": "csv", "name": "anime_catalog", "path": str(csv_path)}],
-        synthesize={"kind": "anime_qa", "anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 0, "max_synopsis_words": 160,
-                                                        "natural_questions": 0, "unknown_titles": 0}},
-        format={"system_prompt": SYSTEM_PROMPT}, tokenize={"max_length": 512},
-    )
+    start_ephemeral_api()
+    config = PipelineConfig(**scale_config_fields(name, csv_path, work))
     load_before, started = load(), time.perf_counter()
     summary = prepare_flow(config)
     seconds = time.perf_counter() - started

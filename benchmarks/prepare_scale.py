@@ -43,6 +43,28 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def start_ephemeral_api() -> None:
+    """Run an empty flow, so Prefect's ephemeral API is up before the timed flow starts."""
+    from prefect import flow
+
+    @flow(name="warm-up")
+    def warm_up() -> None:
+        """Starts the ephemeral API, so the timed flow does not pay for it."""
+
+    warm_up()
+
+
+def scale_config_fields(name: str, csv_path: Path, work: Path) -> dict:
+    """The pipeline config of a scale run over `csv_path` (one trained phrasing a kind, no probes), store in `work`."""
+    return dict(
+        name=f"scale-{name}", base_dir=str(work), store=str(work / f"store-{name}"), runs_dir=str(work / "runs"),
+        sources=[{"kind": "csv", "name": "anime_catalog", "path": str(csv_path)}],
+        synthesize={"kind": "anime_qa", "anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 0, "max_synopsis_words": 160,
+                                                        "natural_questions": 0, "unknown_titles": 0}},
+        format={"system_prompt": SYSTEM_PROMPT}, tokenize={"max_length": 512},
+    )
+
+
 # ---- one variant, in a child process
 
 
@@ -53,24 +75,12 @@ def run_variant(variant: str, csv_path: Path, work: Path, shards: int) -> dict:
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}.items():
         os.environ.setdefault(key, value)
     sys.path.insert(0, str(ROOT))
-    from prefect import flow
-
     from flows.prepare import prepare_flow
     from loraflow.config.pipeline import PipelineConfig
 
-    @flow(name="warm-up")
-    def warm_up() -> None:
-        """Starts the ephemeral API, so the timed flow does not pay for it."""
-
-    warm_up()
-    config = PipelineConfig(
-        name=f"scale-{variant}", base_dir=str(work), store=str(work / f"store-{variant}"), runs_dir=str(work / "runs"),
-        sources=[{"kind": "csv", "name": "anime_catalog", "path": str(csv_path)}],
-        synthesize={"kind": "anime_qa", "anime_qa": {"trained_phrasings": 1, "heldout_phrasings": 0, "max_synopsis_words": 160,
-                                                        "natural_questions": 0, "unknown_titles": 0}},
-        format={"system_prompt": SYSTEM_PROMPT}, tokenize={"max_length": 512},
-        prepare={"shards": shards, **VARIANTS[variant]} if variant != "single" else {},
-    )
+    start_ephemeral_api()
+    config = PipelineConfig(**scale_config_fields(variant, csv_path, work),
+                            prepare={"shards": shards, **VARIANTS[variant]} if variant != "single" else {})
     load_before, started = load(), time.perf_counter()
     summary = prepare_flow(config)
     seconds = time.perf_counter() - started
