@@ -1,0 +1,44 @@
+"""Config of the stage locks: which backend keeps two runs of the same stage from computing it twice."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from loraflow.config.base import StrictModel
+
+LockBackend = Literal["local", "object-store", "redis"]
+
+
+class LockConfig(StrictModel):
+    """Where stage locks live. `local` (the default) serialises runs on one host (or on hosts that share the store's
+    folder); `object-store` and `redis` serialise runs on every host that shares an `s3://` store."""
+
+    backend: LockBackend = Field(
+        "local",
+        description="local: lock files in this host's folder (the store's, or the loraflow cache's for a URL store); "
+        "train, evaluate and publish are locked. object-store: a lease object next to the artifacts "
+        "(<store>/locks/<key>.lock, written with S3 conditional puts), so workers on different hosts that share an "
+        "s3:// store wait for each other; the data stages are locked too. redis: Prefect's RedisLockManager "
+        "(prefect-redis) on locks.redis_url, the same stages as object-store.",
+    )
+    lease_seconds: float = Field(
+        60.0, ge=3, le=3600,
+        description="object-store: how long a lock outlives a holder that stopped renewing it (a killed host); the "
+        "holder renews it every third of this while its stage runs.",
+    )
+    wait_seconds: float | None = Field(
+        None, gt=0,
+        description="How long a run waits for a live holder of the same stage before failing; None: "
+        "LORAFLOW_LOCK_WAIT_S, else 6 hours (a training run).",
+    )
+    redis_url: str | None = Field(
+        None, description="redis: the server, e.g. redis://redis.internal:6379/0 (a password belongs in the "
+        "environment's REDIS_PASSWORD, never here).",
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_a_url(self):
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url: backend redis needs the server's URL -> set locks.redis_url, e.g. "
+                             "redis://host:6379/0")
+        return self
