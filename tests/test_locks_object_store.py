@@ -169,3 +169,108 @@ def test_a_bucket_that_cannot_be_reached_is_named_with_the_fix(bucket):
     manager = ObjectStoreLockManager(f"s3://{bucket.name}-missing/store", lease_seconds=LEASE)
     with pytest.raises(LockStoreError, match=f"{bucket.name}-missing.*AWS_ENDPOINT_URL"):
         manager.acquire_lock("train-abc", holder="me")
+
+
+# ---- two workers, as on two hosts: the real prepare flow on one shared s3:// store
+
+WORKER = """
+import json, sys
+from flows.prepare import prepare_flow
+from loraflow.config.pipeline import load_config
+print("SUMMARY " + json.dumps(prepare_flow(load_config(sys.argv[1]))), flush=True)
+"""
+
+
+def start_worker(folder: Path, config: Path, api_url: str) -> tuple[subprocess.Popen, Path]:
+    """A worker process with its own HOME, Prefect home and loraflow cache (nothing local shared with the other),
+    the Prefect API and the bucket's endpoint and credentials shared; its output goes to `folder`/output.log."""
+    for name in ("home", "prefect", "cache"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(folder / "home"), "PREFECT_HOME": str(folder / "prefect"),
+           "LORAFLOW_CACHE": str(folder / "cache"), "PREFECT_API_URL": api_url}
+    log = folder / "output.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, str(config)], cwd=REPO, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True)
+    return worker, log
+
+
+def held_stage_lock(bucket, prefix: str) -> str | None:
+    """The key of a stage lock held in the bucket now (not the conditional-write probe), or None."""
+    held = [key for key in keys(bucket, f"{prefix}/locks/") if ".conditional-write-probe-" not in key]
+    return held[0] if held else None
+
+
+def stop_while_holding_a_lock(worker: subprocess.Popen, bucket, prefix: str, timeout: float = 300) -> str:
+    """SIGSTOP `worker` while it holds a stage lock (it computes that stage); returns the lock's key."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.poll() is None:
+        if held_stage_lock(bucket, prefix) is None:
+            time.sleep(0.005)
+            continue
+        os.kill(worker.pid, signal.SIGSTOP)
+        if (key := held_stage_lock(bucket, prefix)) is not None:
+            return key
+        os.kill(worker.pid, signal.SIGCONT)  # it released that one just before it stopped: catch the next
+    raise AssertionError(f"worker never seen holding a stage lock (exit code {worker.poll()})")
+
+
+def wait_for_line(log: Path, needle: str, worker: subprocess.Popen, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in log.read_text().splitlines() if needle in line]
+        if found:
+            return found[0]
+        assert worker.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.2)
+    raise AssertionError(f"no line with {needle!r} in {log}:\n{log.read_text()[-4000:]}")
+
+
+def summary_of(worker: subprocess.Popen, log: Path) -> dict:
+    assert worker.wait(timeout=600) == 0, log.read_text()[-4000:]
+    [line] = [line for line in log.read_text().splitlines() if line.startswith("SUMMARY ")]
+    return json.loads(line.removeprefix("SUMMARY "))
+
+
+@pytest.mark.slow
+def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucket, model_dir, tmp_path):
+    """Worker A is frozen while it holds a stage's lease; worker B, started then, computes nothing A did: it waits
+    for that lease, and every stage of the two runs was computed by exactly one of them, with the same artifacts."""
+    import pandas as pd
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.test_prepare_flow import CATALOG
+
+    shared = tmp_path / "shared"  # the config and its source, as both hosts would read them (same path, same bytes)
+    shared.mkdir()
+    pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(12).to_csv(shared / "catalog.csv", index=False)
+    (shared / "config.yaml").write_text(
+        f"name: two-hosts\nstore: s3://{bucket.name}/team/store\nruns_dir: {shared / 'runs'}\n"
+        "locks: {backend: object-store}\n"
+        f"model: {{base: {model_dir}}}\n"  # a model folder both hosts have at this path (a shared mount)
+        "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
+        "synthesize: {kind: anime_qa}\n"
+        "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
+        "tokenize: {max_length: 384, validation_fraction: 0.2}\n")
+    api_url = PREFECT_API_URL.value()
+
+    worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url)
+    try:
+        lock_key = stop_while_holding_a_lock(worker_a, bucket, "team/store")
+        worker_b, log_b = start_worker(tmp_path / "host-b", shared / "config.yaml", api_url)
+        waited = wait_for_line(log_b, f"waiting for lock s3://{bucket.name}/{lock_key}", worker_b)
+    finally:
+        os.kill(worker_a.pid, signal.SIGCONT)
+    a, b = summary_of(worker_a, log_a), summary_of(worker_b, log_b)
+
+    assert "held by pid" in waited and str(worker_a.pid) in waited
+    assert a["stages"].keys() == b["stages"].keys() and len(a["stages"]) >= 4
+    computed_by = {name: [run for run, summary in (("a", a), ("b", b)) if not summary["stages"][name]["cached"]]
+                   for name in a["stages"]}
+    assert all(len(runs) == 1 for runs in computed_by.values()), computed_by  # each stage computed exactly once
+    held_stage = lock_key.rsplit("/", 1)[-1].split("-")[0]  # `ingest-<hash>.lock` -> ingest
+    assert computed_by[next(name for name in a["stages"] if name.split(":")[0] == held_stage)] == ["a"]
+    for name in a["stages"]:
+        assert a["stages"][name]["sha256"] == b["stages"][name]["sha256"], name
+    assert a["tokens"]["sha256"] == b["tokens"]["sha256"]
+    assert held_stage_lock(bucket, "team/store") is None  # every lease released
