@@ -1,6 +1,7 @@
 """Config of the stage locks: which backend keeps two runs of the same stage from computing it twice."""
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
@@ -23,8 +24,8 @@ class LockConfig(StrictModel):
     )
     lease_seconds: float = Field(
         60.0, ge=3, le=3600,
-        description="object-store: how long a lock outlives a holder that stopped renewing it (a killed host); the "
-        "holder renews it every third of this while its stage runs.",
+        description="object-store and redis: how long a lock outlives a holder that stopped renewing it (a killed "
+        "host); the holder renews it every third of this while its stage runs.",
     )
     wait_seconds: float | None = Field(
         None, gt=0,
@@ -32,8 +33,8 @@ class LockConfig(StrictModel):
         "LORAFLOW_LOCK_WAIT_S, else 6 hours (a training run).",
     )
     redis_url: str | None = Field(
-        None, description="redis: the server, e.g. redis://redis.internal:6379/0 (a password belongs in the "
-        "environment's REDIS_PASSWORD, never here).",
+        None, description="redis: the server, e.g. redis://redis.internal:6379/0 or rediss:// for TLS (a password "
+        "belongs in the worker's REDIS_PASSWORD, never in this URL, which is refused with one).",
     )
 
     @model_validator(mode="after")
@@ -41,4 +42,7 @@ class LockConfig(StrictModel):
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("redis_url: backend redis needs the server's URL -> set locks.redis_url, e.g. "
                              "redis://host:6379/0")
+        if self.redis_url and urlsplit(self.redis_url).password:
+            raise ValueError("redis_url: a password in the URL is refused (the config is a flow parameter, shown in "
+                             "the UI) -> set REDIS_PASSWORD in the worker's environment")
         return self

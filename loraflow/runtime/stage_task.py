@@ -65,7 +65,7 @@ def stage_lock_manager(locks: LockConfig, store_root: str):
     if locks.backend == "redis":
         from loraflow.runtime.redis_locks import redis_lock_manager
 
-        return redis_lock_manager(locks.redis_url)
+        return redis_lock_manager(locks.redis_url, lease_seconds=locks.lease_seconds, wait_seconds=locks.wait_seconds)
     return LeaseLockManager(local_root(store_root) / "locks", wait_seconds=locks.wait_seconds)
 
 
