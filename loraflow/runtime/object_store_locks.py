@@ -96,6 +96,13 @@ class ObjectStoreLockManager(LockManager):
         self._held: dict[str, HeldLock] = {}
         self._conditional_writes_checked = False
 
+    def __getstate__(self) -> dict:
+        """Pickled without its client and held locks (a copy in another process holds none): they are rebuilt."""
+        return {name: value for name, value in self.__dict__.items() if name not in ("client", "_held")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, client=s3_client(), _held={})
+
     # ---- the lock object
 
     def object_key(self, key: str) -> str:
