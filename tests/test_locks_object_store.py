@@ -7,6 +7,7 @@ once: each stage is computed by one of them, and the other waits and reuses its 
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,11 +182,21 @@ print("SUMMARY " + json.dumps(prepare_flow(load_config(sys.argv[1]))), flush=Tru
 """
 
 
-def start_worker(folder: Path, config: Path, api_url: str) -> tuple[subprocess.Popen, Path]:
-    """A worker process with its own HOME, Prefect home and loraflow cache (nothing local shared with the other),
-    the Prefect API and the bucket's endpoint and credentials shared; its output goes to `folder`/output.log."""
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
+def start_worker(folder: Path, config: Path, api_url: str, model_dir: Path) -> tuple[subprocess.Popen, Path]:
+    """A worker process with its own HOME (holding its own copy of the base model, `~/smollm2`), Prefect home and
+    loraflow cache (nothing local shared with the other), the Prefect API and the bucket's endpoint and credentials
+    shared; its output goes to `folder`/output.log."""
     for name in ("home", "prefect", "cache"):
         (folder / name).mkdir(parents=True, exist_ok=True)
+    if not (folder / "home" / "smollm2").exists():
+        shutil.copytree(model_dir, folder / "home" / "smollm2", copy_function=link_or_copy)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(folder / "home"), "PREFECT_HOME": str(folder / "prefect"),
            "LORAFLOW_CACHE": str(folder / "cache"), "PREFECT_API_URL": api_url}
     log = folder / "output.log"
@@ -246,22 +257,31 @@ def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucke
     pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(12).to_csv(shared / "catalog.csv", index=False)
     (shared / "config.yaml").write_text(
         f"name: two-hosts\nstore: s3://{bucket.name}/team/store\nruns_dir: {shared / 'runs'}\n"
-        "locks: {backend: object-store}\n"
-        f"model: {{base: {model_dir}}}\n"  # a model folder both hosts have at this path (a shared mount)
+        "locks: {backend: object-store, lease_seconds: 600}\n"  # A is frozen (no renewals) while B starts
+        "model: {base: ~/smollm2}\n"  # each host's own copy, in a folder of its own: the same tokenizer files
         "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
         "synthesize: {kind: anime_qa}\n"
         "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
         "tokenize: {max_length: 384, validation_fraction: 0.2}\n")
     api_url = PREFECT_API_URL.value()
 
-    worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url)
+    shutil.copytree(model_dir, tmp_path / "host-b" / "home" / "smollm2", copy_function=link_or_copy)  # before A freezes
+    workers = []
     try:
-        lock_key = stop_while_holding_a_lock(worker_a, bucket, "team/store")
-        worker_b, log_b = start_worker(tmp_path / "host-b", shared / "config.yaml", api_url)
-        waited = wait_for_line(log_b, f"waiting for lock s3://{bucket.name}/{lock_key}", worker_b)
+        worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url, model_dir)
+        workers.append(worker_a)
+        try:
+            lock_key = stop_while_holding_a_lock(worker_a, bucket, "team/store")
+            worker_b, log_b = start_worker(tmp_path / "host-b", shared / "config.yaml", api_url, model_dir)
+            workers.append(worker_b)
+            waited = wait_for_line(log_b, f"waiting for lock s3://{bucket.name}/{lock_key}", worker_b)
+        finally:
+            os.kill(worker_a.pid, signal.SIGCONT)
+        a, b = summary_of(worker_a, log_a), summary_of(worker_b, log_b)
     finally:
-        os.kill(worker_a.pid, signal.SIGCONT)
-    a, b = summary_of(worker_a, log_a), summary_of(worker_b, log_b)
+        for worker in workers:  # a failed wait leaves them running
+            worker.kill()
+            worker.wait()
 
     assert "held by pid" in waited and str(worker_a.pid) in waited
     assert a["stages"].keys() == b["stages"].keys() and len(a["stages"]) >= 4
@@ -273,4 +293,5 @@ def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucke
     for name in a["stages"]:
         assert a["stages"][name]["sha256"] == b["stages"][name]["sha256"], name
     assert a["tokens"]["sha256"] == b["tokens"]["sha256"]
+    assert a["model_dir"] != b["model_dir"]  # a tokenizer folder of each host's own, and still computed once
     assert held_stage_lock(bucket, "team/store") is None  # every lease released
