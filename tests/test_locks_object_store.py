@@ -22,7 +22,8 @@ from tests.test_store_s3 import bucket, keys, s3_endpoint  # noqa: F401  (fixtur
 
 from loraflow.runtime.object_store_locks import LockStoreError, ObjectStoreLockManager  # noqa: E402
 from loraflow.runtime.stage_locks import LockWaitTimeout  # noqa: E402
-from loraflow.runtime.stage_task import stage_lock_manager  # noqa: E402
+from loraflow.runtime.stage_task import run_locked, stage_lock_manager  # noqa: E402
+from prefect import flow, task  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LEASE = 3.0  # short, so expiry shows in seconds; S3's clock (Date, Last-Modified) counts whole seconds
@@ -170,6 +171,39 @@ def test_a_bucket_that_cannot_be_reached_is_named_with_the_fix(bucket):
     manager = ObjectStoreLockManager(f"s3://{bucket.name}-missing/store", lease_seconds=LEASE)
     with pytest.raises(LockStoreError, match=f"{bucket.name}-missing.*AWS_ENDPOINT_URL"):
         manager.acquire_lock("train-abc", holder="me")
+
+
+@task(name="s3-lease-locked-square")
+def locked_square(value: int) -> int:
+    return value * value
+
+
+@flow(name="s3-lease-locked-twice")
+def locked_twice(store_root: str) -> list:
+    locks = stage_lock_manager(LockConfig(backend="object-store"), store_root)  # as the finetune flow decides it
+    return [run_locked(locked_square, store_root, lambda result: True, lock_manager=locks, value=3) for _ in range(2)]
+
+
+def test_run_locked_takes_and_releases_the_lease_through_prefects_transaction(prefect_api, bucket, tmp_path,
+                                                                              monkeypatch):
+    """train/evaluate/publish's wrapper with object-store locks: computed once, then a cache hit; each call took and
+    released a lease in the bucket (Prefect's transaction asked the manager), no lock file on this host."""
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "cache"))
+    requests = []
+    import botocore.client
+
+    original = botocore.client.BaseClient._make_api_call
+
+    def counted(client, operation, params):
+        if str(params.get("Key", "")).startswith("leased/locks/s3-lease-locked-square-"):
+            requests.append(operation)
+        return original(client, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    assert locked_twice(f"s3://{bucket.name}/leased") == [(9, False), (9, True)]
+    assert requests.count("PutObject") == 2 and requests.count("DeleteObject") == 2  # taken and released, twice
+    assert held_stage_lock(bucket, "leased") is None
+    assert not (tmp_path / "cache" / "stores").exists()
 
 
 # ---- two workers, as on two hosts: the real prepare flow on one shared s3:// store
