@@ -34,7 +34,7 @@ from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_c
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import local_root, run_locked, stage_lock_manager
+from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
@@ -66,7 +66,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary = prepare_stages(config, run_dir)
     tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
-    locks = stage_lock_manager(config.locks, store_root)  # this host's lock files, or shared by every host
+    locks = host_lock_manager(config.locks, store_root)  # this host's: train/eval/publish folders live on it
 
     # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))

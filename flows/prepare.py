@@ -30,7 +30,7 @@ from loraflow.training.checkpoints import base_model_fingerprint
 from loraflow.runtime.shards import build_task_runner, map_stage
 from loraflow.runtime.stage_output import StageResult, quarantine_reasons
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import data_stage_lock_manager, result_storage, run_stage
+from loraflow.runtime.stage_task import shared_lock_manager, result_storage, run_stage
 from loraflow.runs.summary import RunSummary, ShardSummary, SourceSummary, StageSummary
 from tasks.format import format_task
 from tasks.ingest import ingest_task
@@ -60,7 +60,7 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
     check_confinement(config, os.environ.get("LORAFLOW_DATA_ROOTS"))
     store = ArtifactStore(config.store_root())
     summary = RunSummary(name=config.name, run_dir=str(run_dir), store=store.root)
-    locks = data_stage_lock_manager(config.locks, store.root)  # None: unlocked, as twins write the same bytes
+    locks = shared_lock_manager(config.locks, store.root)  # None (locks.backend: local): unlocked
 
     # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []

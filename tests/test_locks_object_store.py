@@ -22,7 +22,7 @@ from tests.test_store_s3 import bucket, keys, s3_endpoint  # noqa: F401  (fixtur
 
 from loraflow.runtime.object_store_locks import LockStoreError, ObjectStoreLockManager  # noqa: E402
 from loraflow.runtime.stage_locks import LockWaitTimeout  # noqa: E402
-from loraflow.runtime.stage_task import run_locked, stage_lock_manager  # noqa: E402
+from loraflow.runtime.stage_task import host_lock_manager, run_locked, shared_lock_manager  # noqa: E402
 from prefect import flow, task  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,8 +157,10 @@ def test_holder_stalled_past_its_lease_loses_the_lock_and_says_so(bucket):
 
 def test_lock_config_is_decided_once(bucket, tmp_path):
     store = f"s3://{bucket.name}/config"
-    assert isinstance(stage_lock_manager(LockConfig(backend="object-store"), store), ObjectStoreLockManager)
-    assert stage_lock_manager(LockConfig(), store).__class__.__name__ == "LeaseLockManager"
+    assert isinstance(shared_lock_manager(LockConfig(backend="object-store"), store), ObjectStoreLockManager)
+    assert shared_lock_manager(LockConfig(), store) is None  # local: the data stages run unlocked, as before
+    # train/evaluate/publish write folders on this host: their locks stay there whatever the backend
+    assert host_lock_manager(LockConfig(backend="object-store", wait_seconds=5), store).wait_seconds == 5
     (tmp_path / "config.yaml").write_text("name: x\nstore: ./store\nlocks: {backend: object-store}\n"
                                           "sources:\n  - {kind: csv, path: a.csv}\n")
     with pytest.raises(ConfigError, match="object-store keeps its leases in an s3:// store"):
@@ -180,14 +182,14 @@ def locked_square(value: int) -> int:
 
 @flow(name="s3-lease-locked-twice")
 def locked_twice(store_root: str) -> list:
-    locks = stage_lock_manager(LockConfig(backend="object-store"), store_root)  # as the finetune flow decides it
+    locks = shared_lock_manager(LockConfig(backend="object-store"), store_root)  # as the prepare flow decides it
     return [run_locked(locked_square, store_root, lambda result: True, lock_manager=locks, value=3) for _ in range(2)]
 
 
 def test_run_locked_takes_and_releases_the_lease_through_prefects_transaction(prefect_api, bucket, tmp_path,
                                                                               monkeypatch):
-    """train/evaluate/publish's wrapper with object-store locks: computed once, then a cache hit; each call took and
-    released a lease in the bucket (Prefect's transaction asked the manager), no lock file on this host."""
+    """run_locked with the object-store lock manager: computed once, then a cache hit; each call took and released a
+    lease in the bucket (Prefect's transaction asked the manager), no lock file on this host."""
     monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "cache"))
     requests = []
     import botocore.client

@@ -21,7 +21,7 @@ from prefect import flow, task  # noqa: E402
 from loraflow.config.locks import LockConfig  # noqa: E402
 from loraflow.runtime.redis_locks import RedisLeaseLockManager, connection_params, redis_lock_manager  # noqa: E402
 from loraflow.runtime.stage_locks import LockWaitTimeout  # noqa: E402
-from loraflow.runtime.stage_task import run_locked, stage_lock_manager  # noqa: E402
+from loraflow.runtime.stage_task import run_locked, shared_lock_manager  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LEASE = 2.0
@@ -105,7 +105,7 @@ def locked_square(value: int) -> int:
 
 @flow(name="redis-locked-twice")
 def locked_twice(store_root: str, redis_url: str) -> list:
-    locks = stage_lock_manager(LockConfig(backend="redis", redis_url=redis_url, lease_seconds=3), store_root)
+    locks = shared_lock_manager(LockConfig(backend="redis", redis_url=redis_url, lease_seconds=3), store_root)
     return [run_locked(locked_square, store_root, lambda result: True, lock_manager=locks, value=3) for _ in range(2)]
 
 

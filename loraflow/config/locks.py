@@ -11,16 +11,16 @@ LockBackend = Literal["local", "object-store", "redis"]
 
 
 class LockConfig(StrictModel):
-    """Where stage locks live. `local` (the default) serialises runs on one host (or on hosts that share the store's
-    folder); `object-store` and `redis` serialise runs on every host that shares an `s3://` store."""
+    """Where stage locks live. `local` (the default) locks train/evaluate/publish on this host; `object-store` and
+    `redis` also lock the data stages across every host that shares the store."""
 
     backend: LockBackend = Field(
         "local",
-        description="local: lock files in this host's folder (the store's, or the loraflow cache's for a URL store); "
-        "train, evaluate and publish are locked. object-store: a lease object next to the artifacts "
-        "(<store>/locks/<key>.lock, written with S3 conditional puts), so workers on different hosts that share an "
-        "s3:// store wait for each other; the data stages are locked too. redis: Prefect's RedisLockManager "
-        "(prefect-redis) on locks.redis_url, the same stages as object-store.",
+        description="local: the data stages run unlocked (a twin writes the same bytes). object-store: each data stage "
+        "(ingest .. tokenize) takes a lease object next to the artifacts (<store>/locks/<key>.lock, S3 conditional "
+        "puts), so workers on different hosts that share an s3:// store compute it once. redis: the same through "
+        "prefect-redis's lock manager on locks.redis_url. Train, evaluate and publish always take lock files in "
+        "this host's folder for the store, where their folders live.",
     )
     lease_seconds: float = Field(
         60.0, ge=3, le=3600,

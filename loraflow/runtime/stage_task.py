@@ -1,6 +1,7 @@
 """The thin Prefect layer every stage shares: a task decorator with content-based caching (STAGE_CACHE), and
 `run_verified`, which runs stage tasks, verifies what their results point at and recomputes a stale cached one;
-`run_stage` and `run_locked` are its two uses; `stage_lock_manager` is where the config's `locks` is decided."""
+`run_stage` and `run_locked` are its two uses; `shared_lock_manager` and `host_lock_manager` turn the config's
+`locks` into the lock managers they take."""
 
 import hashlib
 import time
@@ -55,9 +56,10 @@ def local_root(store_root: str) -> Path:
     return Path(store_root.removeprefix("file://")).resolve()
 
 
-def stage_lock_manager(locks: LockConfig, store_root: str):
-    """The Prefect lock manager that keeps twin runs of a stage apart, as `locks.backend` says: lock files on this
-    host (`local`), lease objects in the s3:// store (`object-store`), or Prefect's Redis lock manager (`redis`)."""
+def shared_lock_manager(locks: LockConfig, store_root: str):
+    """The lock manager of the stages whose outputs live in the store (the data stages), as `locks.backend` says:
+    None for `local` (they run unlocked: a twin writes the same content-addressed bytes), lease objects in the s3://
+    store for `object-store`, prefect-redis with a lease for `redis`; the last two hold across hosts."""
     if locks.backend == "object-store":
         from loraflow.runtime.object_store_locks import ObjectStoreLockManager
 
@@ -66,13 +68,14 @@ def stage_lock_manager(locks: LockConfig, store_root: str):
         from loraflow.runtime.redis_locks import redis_lock_manager
 
         return redis_lock_manager(locks.redis_url, lease_seconds=locks.lease_seconds, wait_seconds=locks.wait_seconds)
+    return None
+
+
+def host_lock_manager(locks: LockConfig, store_root: str) -> LeaseLockManager:
+    """The lock manager of train, evaluate and publish, whatever `locks.backend`: lock files in this host's folder for
+    the store, because their outputs (adapter, eval and model folders) live there. A lock across hosts would only
+    make another host wait for a folder it cannot read and then compute it anyway."""
     return LeaseLockManager(local_root(store_root) / "locks", wait_seconds=locks.wait_seconds)
-
-
-def data_stage_lock_manager(locks: LockConfig, store_root: str):
-    """The lock manager of the data stages (ingest .. tokenize): None with `local` locks (they run unlocked, as a
-    twin computes the same content-addressed bytes), else the cross-host one, so no host repeats another's work."""
-    return None if locks.backend == "local" else stage_lock_manager(locks, store_root)
 
 
 def locked_policy(cache_policy, lock_manager):
@@ -124,7 +127,7 @@ def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, lock_m
               **parameters) -> tuple[object, bool, float]:
     """Run a stage task (or take its cached result) and return (result, was_cached, seconds); a cached result
     any of whose artifacts (`refs_of(result)`) is missing or corrupt is recomputed. With a `lock_manager`
-    (data_stage_lock_manager) a twin run waits for the one computing and reuses its result."""
+    (shared_lock_manager) a twin run waits for the one computing and reuses its result."""
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
     if lock_manager is not None:
@@ -136,7 +139,7 @@ def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, lock_m
 def run_locked(task_fn, lock_root: str, is_valid, *, cache_policy=STAGE_CACHE, lock_manager=None,
                **parameters) -> tuple[object, bool]:
     """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation; `lock_manager` from
-    stage_lock_manager, by default lock files of this host's folder for the store).
+    host_lock_manager, by default lock files of this host's folder for the store).
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
     identical runs never train or publish twice. A lock whose holder died (kill -9) is taken over, and a live
