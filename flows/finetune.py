@@ -34,7 +34,7 @@ from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_c
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import local_root, run_locked
+from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from tasks.evaluate import evaluate_task
@@ -66,6 +66,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary = prepare_stages(config, run_dir)
     tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
+    locks = host_lock_manager(config.locks, store_root)  # this host's: train/eval/publish folders live on it
 
     # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
@@ -73,6 +74,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     with timed(seconds, "train"):
         trained, cached = run_locked(
             train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
+            lock_manager=locks,
             tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
             store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
             run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
@@ -89,6 +91,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     with timed(seconds, "evaluate"):
         evaluation, cached = run_locked(
             evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
+            lock_manager=locks,
             eval_settings=config_hash(config.eval, exclude={"gate"}),
             tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
             output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
@@ -107,7 +110,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
                                          system_prompt=config.format.system_prompt)
 
     # ---- publish through the gate, once per adapter and target: a re-run (or a twin run) reuses the publish
-    publish_through_gate(config, summary, run_dir, trained, evaluation, gate, seconds)
+    publish_through_gate(config, summary, run_dir, trained, evaluation, gate, seconds, locks)
     if trained.tracking and trained.tracking.url:
         create_link_artifact(key=f"{artifact_key(config.name)}-mlflow-run", link=trained.tracking.url,
                              description="this adapter's MLflow run: curve, eval metrics per model, report, card")
@@ -126,7 +129,8 @@ def finetune_flow(config: PipelineConfig) -> dict:
     return summary.to_json()
 
 
-def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained, evaluation, gate, seconds: dict) -> None:
+def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained, evaluation, gate, seconds: dict,
+                         locks=None) -> None:
     """Publish the adapter when the gate passed (once per adapter and target: a re-run reuses the publish), record
     the new version and its champion, link the model from the run folder; sets `summary.publish` either way."""
     logger = get_run_logger()
@@ -139,7 +143,7 @@ def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained
         with timed(seconds, "publish"):
             published, cached = run_locked(
                 publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
-                cache_policy=PUBLISH_CACHE,
+                cache_policy=PUBLISH_CACHE, lock_manager=locks,
                 model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
                 output_dir=str(publish_dir), card=card_facts(config, summary, evaluation, gate),
                 verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),

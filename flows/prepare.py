@@ -30,7 +30,7 @@ from loraflow.training.checkpoints import base_model_fingerprint
 from loraflow.runtime.shards import build_task_runner, map_stage
 from loraflow.runtime.stage_output import StageResult, quarantine_reasons
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import result_storage, run_stage
+from loraflow.runtime.stage_task import shared_lock_manager, result_storage, run_stage
 from loraflow.runs.summary import RunSummary, ShardSummary, SourceSummary, StageSummary
 from tasks.format import format_task
 from tasks.ingest import ingest_task
@@ -60,13 +60,14 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
     check_confinement(config, os.environ.get("LORAFLOW_DATA_ROOTS"))
     store = ArtifactStore(config.store_root())
     summary = RunSummary(name=config.name, run_dir=str(run_dir), store=store.root)
+    locks = shared_lock_manager(config.locks, store.root)  # None (locks.backend: local): unlocked
 
     # ---- ingest: one artifact per source, keyed by the source's fingerprint (what its data is now)
     raw_results = []
     for source in config.sources:
         fingerprint = source_fingerprint(source, config.base_dir)
         result, cached, seconds = run_stage(
-            ingest_task, store, source=source, base_dir=config.base_dir, store_root=store.root,
+            ingest_task, store, lock_manager=locks, source=source, base_dir=config.base_dir, store_root=store.root,
             source_fingerprint=fingerprint,
         )
         raw_results.append(result)
@@ -82,12 +83,12 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
 
     # ---- paraphrase (table_qa, when on): once per config, over the templates; synthesize adds what it accepted
-    paraphrases = paraphrase_stage(config, store, summary)
+    paraphrases = paraphrase_stage(config, store, summary, locks)
 
     # ---- synthesize -> format -> tokenize: in this process, or per shard on the configured task runner
     raw_refs = [r.output for r in raw_results]
     stages = sharded_stages if config.prepare.shards > 1 else single_process_stages
-    formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary, paraphrases)
+    formatted, tokens = stages(config, store, raw_refs, tokenizer_dir, fingerprint, summary, paraphrases, locks)
 
     summary.warnings = (truncation_warnings(summary.stages, config) + split_warnings(summary.stages, config)
                         + control_text_warnings(summary.stages))
@@ -144,7 +145,8 @@ def split_warnings(stages: dict[str, StageSummary], config: PipelineConfig) -> l
             f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
 
 
-def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunSummary) -> ArtifactRef | None:
+def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunSummary,
+                     locks=None) -> ArtifactRef | None:
     """The accepted paraphrases of table_qa's trained phrasings (None when paraphrase is off or nothing uses table_qa);
     the paraphraser is the base model unless synthesize.table_qa.paraphrase.model names another."""
     options = config.synthesize.table_qa
@@ -153,7 +155,7 @@ def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunS
     model = config.model if options.paraphrase.model is None else ModelConfig(base=options.paraphrase.model)
     model_dir = resolve_model_dir(model, config.base_dir)
     result, cached, seconds = run_stage(
-        paraphrase_task, store, options=paraphrase_inputs(options), model_dir=str(model_dir),
+        paraphrase_task, store, lock_manager=locks, options=paraphrase_inputs(options), model_dir=str(model_dir),
         model_fingerprint=base_model_fingerprint(model_dir), store_root=store.root,
         trust_remote_code=model.trust_remote_code,
     )
@@ -162,20 +164,22 @@ def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunS
 
 
 def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                          fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
-    """synthesize -> format -> tokenize, one task each over all rows; returns (formatted, tokens)."""
+                          fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None,
+                          locks=None) -> tuple[ArtifactRef, ArtifactRef]:
+    """synthesize -> format -> tokenize, one task each over all rows (locked by `locks`, a Prefect lock manager,
+    when set); returns (formatted, tokens)."""
     conversations, cached, seconds = run_stage(
-        synthesize_task, store, raw_refs=raw_refs, config=config.synthesize, store_root=store.root,
+        synthesize_task, store, lock_manager=locks, raw_refs=raw_refs, config=config.synthesize, store_root=store.root,
         kinds=[source.synthesizer for source in config.sources], paraphrases_ref=paraphrases,
     )
     record_stage(summary, config.name, "synthesize", conversations, cached, seconds, store)
     formatted, cached, seconds = run_stage(
-        format_task, store, conversations_ref=conversations.output, config=config.format,
+        format_task, store, lock_manager=locks, conversations_ref=conversations.output, config=config.format,
         tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
     )
     record_stage(summary, config.name, "format", formatted, cached, seconds, store)
     tokens, cached, seconds = run_stage(
-        tokenize_task, store, formatted_ref=formatted.output, config=config.tokenize,
+        tokenize_task, store, lock_manager=locks, formatted_ref=formatted.output, config=config.tokenize,
         tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
     )
     record_stage(summary, config.name, "tokenize", tokens, cached, seconds, store)
@@ -183,14 +187,16 @@ def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs
 
 
 def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
-                   fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None) -> tuple[ArtifactRef, ArtifactRef]:
-    """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens)."""
+                   fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None,
+                   locks=None) -> tuple[ArtifactRef, ArtifactRef]:
+    """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens).
+    `locks` locks the steps over all rows; the per-shard steps run unlocked (a subflow's parameters are data)."""
     kinds = [source.synthesizer for source in config.sources]
     source_names = [source_name(source) for source in config.sources]
 
     # ---- shard: every row to blake2b(row id) mod shards, one RAW artifact per (shard, source)
     plan, cached, seconds = run_stage(
-        shard_task, store, refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
+        shard_task, store, lock_manager=locks, refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
         id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
         store_root=store.root,
     )
@@ -211,13 +217,13 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
 
     # ---- dataset-level, once over all rows in source order: one formatted artifact, then duplicates and leakage
     formatted, cached, seconds = run_stage(
-        merge_formatted_task, store, conversations_refs=conversations_refs,
+        merge_formatted_task, store, lock_manager=locks, conversations_refs=conversations_refs,
         formatted_refs=[result.output for result, _ in per_shard["format"][0]], source_names=source_names,
         format_config_hash=config_hash(config.format), store_root=store.root,
     )
     record_stage(summary, config.name, "format:merge", formatted, cached, seconds, store)
     tokens, cached, seconds = run_stage(
-        tokenize_merge_task, store, conversations_refs=conversations_refs,
+        tokenize_merge_task, store, lock_manager=locks, conversations_refs=conversations_refs,
         tokens_refs=[result.output for result, _ in per_shard["tokenize"][0]], source_names=source_names,
         config=config.tokenize, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
     )

@@ -21,6 +21,7 @@ from loraflow.config.format import FormatConfig
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.stage_output import StageResult, StageWriter, read_input_batches, rows_at
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from loraflow.templates import ChatTemplate, build_template, render_text, with_system
 from loraflow.templates.control_text import ControlTextGuard
@@ -164,7 +165,7 @@ def run_format(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_d
     return output.finish(rows_in=conversations_ref.rows, stats={**stats, **counts})
 
 
-@stage_task(name="format")
+@stage_task(name="format", cache_policy=TOKENIZER_STAGE_CACHE)
 def format_task(conversations_ref: ArtifactRef, config: FormatConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
                 store_root: str) -> StageResult:
     """Prefect task around `run_format`; `tokenizer_fingerprint` puts the tokenizer into the cache key."""

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.format import FormatConfig
 from loraflow.runtime.stage_output import rows_at
+from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from tasks.format import evenly_spaced, load_tokenizer_dir
@@ -238,7 +239,7 @@ def messages_of(store: ArtifactStore, formatted_ref: ArtifactRef, ids: set[str])
     return found
 
 
-@stage_task(name="preflight")
+@stage_task(name="preflight", cache_policy=TOKENIZER_STAGE_CACHE)
 def preflight_task(tokens_ref: ArtifactRef, formatted_ref: ArtifactRef, format_config: FormatConfig, tokenizer_dir: str,
                    tokenizer_fingerprint: str, store_root: str) -> dict:
     """Prefect task around `run_preflight`, cached like a stage (the tokens and formatted artifacts' hashes, the

@@ -28,6 +28,7 @@ from loraflow.config.tokenize import TokenizeConfig
 from loraflow.runtime.stage_output import StageResult, read_input, read_input_batches, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
+from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
 from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine
@@ -331,7 +332,7 @@ def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_d
     )
 
 
-@stage_task(name="tokenize")
+@stage_task(name="tokenize", cache_policy=TOKENIZER_STAGE_CACHE)
 def tokenize_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
                   store_root: str) -> StageResult:
     """Prefect task around `run_tokenize`; `tokenizer_fingerprint` puts the tokenizer into the cache key."""
@@ -354,7 +355,7 @@ def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, token
     )
 
 
-@stage_task(name="tokenize-shard")
+@stage_task(name="tokenize-shard", cache_policy=TOKENIZER_STAGE_CACHE)
 def tokenize_shard_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
                         store_root: str) -> StageResult:
     """Prefect task around `run_tokenize_shard`, mapped over the shards."""
@@ -379,7 +380,7 @@ def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[
     )
 
 
-@stage_task(name="tokenize-merge")
+@stage_task(name="tokenize-merge", cache_policy=TOKENIZER_STAGE_CACHE)
 def tokenize_merge_task(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
                         config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str, store_root: str) -> StageResult:
     """Prefect task around `run_tokenize_merge`; runs once, in the flow's process."""

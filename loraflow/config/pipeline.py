@@ -14,6 +14,7 @@ from loraflow.config.base import StrictModel
 from loraflow.config.cost import CostConfig
 from loraflow.config.evaluate import EvalConfig
 from loraflow.config.format import FormatConfig
+from loraflow.config.locks import LockConfig
 from loraflow.config.model import ModelConfig
 from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
@@ -41,6 +42,7 @@ class PipelineConfig(StrictModel):
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Merged model output.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="How the data stages run: one process, or sharded over workers.")
     cost: CostConfig = Field(default_factory=CostConfig, description="Price per device-hour, for the run's cost figure.")
+    locks: LockConfig = Field(default_factory=LockConfig, description="Where stage locks live: this host, or shared by every host of an s3:// store.")
 
     @field_validator("sources")
     @classmethod
@@ -67,6 +69,14 @@ class PipelineConfig(StrictModel):
         if self.publish.register_model and "mlflow" not in self.train.report_to:
             raise ValueError("publish.register_model registers under training's MLflow run -> add mlflow to "
                              "train.report_to, or set publish.register_model: false")
+        return self
+
+    @model_validator(mode="after")
+    def _object_store_locks_need_s3(self):
+        if self.locks.backend == "object-store" and not self.store.startswith("s3://"):
+            raise ValueError(f"locks.backend: object-store keeps its leases in an s3:// store, and store is {self.store!r} "
+                             "-> set store to s3://bucket/prefix, or locks.backend: local (a local folder's lock files "
+                             "already hold for every host that mounts it)")
         return self
 
     def synthesizer_kinds(self) -> list[str]:

@@ -54,6 +54,9 @@ class StageCachePolicy(CachePolicy):
 
 
 STAGE_CACHE = StageCachePolicy()
+# Stages that read the tokenizer: keyed by its fingerprint (its files' hash), not by the folder this host keeps it in,
+# so hosts that share a store share these stages' results whatever their loraflow cache folder.
+TOKENIZER_STAGE_CACHE = STAGE_CACHE - "tokenizer_dir"
 
 
 def stage_code_hash(fn) -> str:

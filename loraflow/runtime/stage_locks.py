@@ -126,7 +126,7 @@ def write_new(path: Path, record: dict) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _logger():
+def lock_logger():
     """The Prefect run logger inside a flow or task run (so the UI shows lock waits), else this module's."""
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
@@ -170,7 +170,7 @@ class LeaseLockManager(FileSystemLockManager):
         # window left is this read to the unlink, microseconds, against a holder that died seconds ago).
         if read_lock(path) == record:
             path.unlink(missing_ok=True)
-            _logger().warning("taking over lock %s: %s; it was held by %s", path, reason, describe(record))
+            lock_logger().warning("taking over lock %s: %s; it was held by %s", path, reason, describe(record))
         return None
 
     def _wait_step(self, path: Path, record: dict, started: float, bound: float, noticed: list[float]) -> None:
@@ -183,7 +183,7 @@ class LeaseLockManager(FileSystemLockManager):
                 f"LORAFLOW_LOCK_WAIT_S (now {bound:.0f})")
         if not noticed or time.monotonic() - noticed[-1] >= self.notice_seconds:
             noticed.append(time.monotonic())
-            _logger().info("waiting for lock %s, held by %s (waited %.0f s of at most %.0f s)",
+            lock_logger().info("waiting for lock %s, held by %s (waited %.0f s of at most %.0f s)",
                            path, describe(record), waited, bound)
         time.sleep(self.poll_seconds)
 

@@ -1,6 +1,7 @@
 """The thin Prefect layer every stage shares: a task decorator with content-based caching (STAGE_CACHE), and
 `run_verified`, which runs stage tasks, verifies what their results point at and recomputes a stale cached one;
-`run_stage` and `run_locked` are its two uses."""
+`run_stage` and `run_locked` are its two uses; `shared_lock_manager` and `host_lock_manager` turn the config's
+`locks` into the lock managers they take."""
 
 import hashlib
 import time
@@ -12,6 +13,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL
 
+from loraflow.config.locks import LockConfig
 from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.runtime.stage_locks import LeaseLockManager
 from loraflow.runtime.cache_folder import cache_dir
@@ -54,6 +56,34 @@ def local_root(store_root: str) -> Path:
     return Path(store_root.removeprefix("file://")).resolve()
 
 
+def shared_lock_manager(locks: LockConfig, store_root: str):
+    """The lock manager of the stages whose outputs live in the store (the data stages), as `locks.backend` says:
+    None for `local` (they run unlocked: a twin writes the same content-addressed bytes), lease objects in the s3://
+    store for `object-store`, prefect-redis with a lease for `redis`; the last two hold across hosts."""
+    if locks.backend == "object-store":
+        from loraflow.runtime.object_store_locks import ObjectStoreLockManager
+
+        return ObjectStoreLockManager(store_root, lease_seconds=locks.lease_seconds, wait_seconds=locks.wait_seconds)
+    if locks.backend == "redis":
+        from loraflow.runtime.redis_locks import redis_lock_manager
+
+        return redis_lock_manager(locks.redis_url, lease_seconds=locks.lease_seconds, wait_seconds=locks.wait_seconds)
+    return None
+
+
+def host_lock_manager(locks: LockConfig, store_root: str) -> LeaseLockManager:
+    """The lock manager of train, evaluate and publish, whatever `locks.backend`: lock files in this host's folder for
+    the store, because their outputs (adapter, eval and model folders) live there. A lock across hosts would only
+    make another host wait for a folder it cannot read and then compute it anyway."""
+    return LeaseLockManager(local_root(store_root) / "locks", wait_seconds=locks.wait_seconds)
+
+
+def locked_policy(cache_policy, lock_manager):
+    """`cache_policy` under SERIALIZABLE isolation with `lock_manager`: one run per cache key computes, the others
+    wait for it and take its result as a cache hit."""
+    return cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager)
+
+
 def run_verified(configured_task, is_valid, calls: list[dict], *, mapped: bool = False) -> list[tuple[object, bool]]:
     """Run `configured_task` once per parameter set in `calls` (or take its cached result); returns
     [(result, was_cached)] in call order.
@@ -93,25 +123,30 @@ def artifacts_valid(store: ArtifactStore, refs_of=stage_refs):
     return lambda result: all(store.is_valid(ref) for ref in refs_of(result))
 
 
-def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, **parameters) -> tuple[object, bool, float]:
+def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, lock_manager=None,
+              **parameters) -> tuple[object, bool, float]:
     """Run a stage task (or take its cached result) and return (result, was_cached, seconds); a cached result
-    any of whose artifacts (`refs_of(result)`) is missing or corrupt is recomputed."""
+    any of whose artifacts (`refs_of(result)`) is missing or corrupt is recomputed. With a `lock_manager`
+    (shared_lock_manager) a twin run waits for the one computing and reuses its result."""
     started = time.perf_counter()
     configured = stage_task_fn.with_options(result_storage=result_storage(store.root))
+    if lock_manager is not None:
+        configured = configured.with_options(cache_policy=locked_policy(stage_task_fn.cache_policy, lock_manager))
     [(result, cached)] = run_verified(configured, artifacts_valid(store, refs_of), [parameters])
     return result, cached, time.perf_counter() - started
 
 
-def run_locked(task_fn, lock_root: str, is_valid, *, cache_policy=STAGE_CACHE, **parameters) -> tuple[object, bool]:
-    """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation, file locks in the store).
+def run_locked(task_fn, lock_root: str, is_valid, *, cache_policy=STAGE_CACHE, lock_manager=None,
+               **parameters) -> tuple[object, bool]:
+    """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation; `lock_manager` from
+    host_lock_manager, by default lock files of this host's folder for the store).
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
     identical runs never train or publish twice. A lock whose holder died (kill -9) is taken over, and a live
     holder is waited for with a log line and a bound (`loraflow.runtime.stage_locks`). A cached result that `is_valid`
     rejects (its folder was deleted) is recomputed. Returns (result, was_cached).
     """
-    policy = cache_policy.configure(isolation_level="SERIALIZABLE",
-                                    lock_manager=LeaseLockManager(local_root(lock_root) / "locks"))
+    policy = locked_policy(cache_policy, lock_manager or LeaseLockManager(local_root(lock_root) / "locks"))
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))
     [(result, cached)] = run_verified(configured, is_valid, [parameters])
