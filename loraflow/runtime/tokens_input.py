@@ -78,6 +78,7 @@ def write_mapped(store: ArtifactStore, ref: ArtifactRef, path: Path, split: str 
     """Stream the artifact's rows of `split` into an uncompressed Arrow IPC file at `path` (atomically), checking
     every batch against the TOKENS contract's structure."""
     from data_contracts import TOKENS, check_structure
+    from loraflow.runtime.stage_output import give_back_freed_memory
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
@@ -96,6 +97,7 @@ def write_mapped(store: ArtifactStore, ref: ArtifactRef, path: Path, split: str 
             writer.close()
         os.replace(temp, path)
     finally:
+        give_back_freed_memory()  # the batches' pandas copies (for the contract check) are gone: return their pages
         temp.unlink(missing_ok=True)
 
 
