@@ -121,6 +121,10 @@ def run_loraflow(csv_path: Path, work: Path, tree: Path, name: str) -> dict:
 
     start_ephemeral_api()
     sharded = {"prepare": {"shards": 4, "task_runner": "dask", "workers": 2}} if name == "dask" else {}
+    if sharded:  # the Dask workers report to this process's API instead of each starting one (slow under load)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
     config = PipelineConfig(**scale_config_fields(name, csv_path, work), **sharded)
     load_before, started = load(), time.perf_counter()
     summary = prepare_flow(config)
