@@ -56,3 +56,45 @@ def test_rows_of_another_run_and_shards_out_of_order_are_told_apart(shards):
         shard_keys(store, conversation_refs[0], foreign, SOURCES)
     assert merge_sequence([np.array([1, 5, 9]), np.array([4, 2])]) is None
     assert merge_sequence([np.array([1, 5, 9]), np.array([2, 4])]).tolist() == [0, 1, 1, 0, 0]
+
+
+def shard_tokens(conversations: pd.DataFrame, number: int) -> pd.DataFrame:
+    """TOKENS rows for a shard's conversations: every 4th example repeats one token sequence (a duplicate across
+    shards and batches), validation examples of row 3 ask a train prompt (leakage)."""
+    records = []
+    for index, (example, source, row) in enumerate(zip(conversations["id"], conversations["source"], conversations["source_row"])):
+        question = int(example[-1])
+        split = "validation" if question == 2 else "train"
+        ids = [5, 6, 7, 8] if (row + question) % 4 == 0 else [5, 9, row + 10, question + 40, len(source)]
+        prompt = "shared prompt" if row == 3 else f"{example} prompt"
+        records.append({"id": example, "input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] + ids[1:],
+                        "length": len(ids), "n_trained": len(ids) - 1, "truncated": False, "split": split, "kind": "qa",
+                        "source_id": f"{source}-{row}", "prompt": prompt, "reference": "r", "facts": []})
+    return pd.DataFrame(records)
+
+
+@pytest.mark.parametrize("batch_rows", [2, 8192])
+def test_tokenize_merge_sets_aside_duplicates_and_leaks_as_the_whole_merge(tmp_path, batch_rows):
+    from data_contracts import TOKENS
+    from loraflow.config.tokenize import TokenizeConfig
+    from tasks.format import load_tokenizer_dir
+    from tasks.tokenize import run_tokenize_merge
+    from tasks.tokenize_checks import set_aside_duplicates_and_leaks, split_off_quarantine
+    from tests.tiny_llama import smollm2_dir
+
+    store, conversations = ArtifactStore(tmp_path / "store"), shard_conversations()
+    tokens = [shard_tokens(frame, number) for number, frame in enumerate(conversations)]
+    conversation_refs = [write(store, frame, "conversations") for frame in conversations]
+    token_refs = [store.write(frame, stage="tokenize-shard", contract=TOKENS.name, schema_version=TOKENS.version,
+                              config_hash=f"s{n}") for n, frame in enumerate(tokens)]
+    config = TokenizeConfig()
+    result = run_tokenize_merge(conversation_refs, token_refs, SOURCES, config, str(smollm2_dir()), store, batch_rows=batch_rows)
+
+    whole = in_source_order([store.read(ref) for ref in token_refs], pd.concat(conversations, ignore_index=True), SOURCES)
+    reasons = np.full(len(whole), None, dtype=object)
+    counts = set_aside_duplicates_and_leaks(whole, reasons, config, load_tokenizer_dir(str(smollm2_dir())))
+    kept, quarantined = split_off_quarantine(whole, reasons)
+    assert counts["duplicates"] > 3 and counts["leaked"] > 0
+    assert result.stats["duplicates"] == counts["duplicates"] and result.stats["leaked"] == counts["leaked"]
+    pd.testing.assert_frame_equal(store.read(result.output), kept, check_dtype=False)
+    assert sorted(store.read(result.quarantine)["reason"]) == sorted(quarantined["reason"])
