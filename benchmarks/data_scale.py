@@ -11,6 +11,8 @@ and `VmHWM` (peak RSS, which also counts memory-mapped file pages the kernel can
 
   loraflow    the prepare flow (flows/prepare.py), single process, cold, in its own store: ingest -> synthesize ->
               format -> tokenize -> pre-flight, then the same flow again (all cached; its wall time after the flow starts);
+  dask        the same flow sharded (prepare.shards 4, task_runner dask, 2 local workers): the flow process holds the
+              merges, duplicates, leakage and pre-flight, the workers synthesize, format and tokenize each shard;
   reference   the same flow from another checkout (--reference-tree, e.g. `git archive main | tar -x -C /tmp/main`),
               whose tokens artifact is then compared with loraflow's row by row and value by value;
   datasets    what axolotl / LLaMA-Factory do (one process, num_proc=None): `load_dataset("csv")` -> Arrow cache files,
@@ -118,7 +120,12 @@ def run_loraflow(csv_path: Path, work: Path, tree: Path, name: str) -> dict:
     from loraflow.config.pipeline import PipelineConfig
 
     start_ephemeral_api()
-    config = PipelineConfig(**scale_config_fields(name, csv_path, work))
+    sharded = {"prepare": {"shards": 4, "task_runner": "dask", "workers": 2}} if name == "dask" else {}
+    if sharded:  # the Dask workers report to this process's API instead of each starting one (slow under load)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        os.environ["PREFECT_API_URL"] = SubprocessASGIServer().api_url
+    config = PipelineConfig(**scale_config_fields(name, csv_path, work), **sharded)
     load_before, started = load(), time.perf_counter()
     summary = prepare_flow(config)
     seconds = time.perf_counter() - started
@@ -127,7 +134,7 @@ def run_loraflow(csv_path: Path, work: Path, tree: Path, name: str) -> dict:
     return {
         "seconds": round(seconds, 2), "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load(),
         "examples": summary["tokens"]["rows"], "tokens_uri": summary["tokens"]["uri"],
-        "tokens_total": summary["stages"]["tokenize"]["stats"]["tokens_total"],
+        "tokens_total": summary["stages"]["tokenize" if not sharded else "tokenize:merge"]["stats"]["tokens_total"],
         "stage_seconds": {stage: line["seconds"] for stage, line in summary["stages"].items()},
         "preflight_passed": summary["preflight"]["passed"],
         "cached_rerun": {"wall_seconds": round(time.perf_counter() - cached_started, 2),
@@ -223,7 +230,7 @@ def run_variant(variant: str, csv_path: Path, work: Path, tree: Path, timeout: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=25_000, help="Catalog rows (3 examples each).")
-    parser.add_argument("--variants", default="loraflow,datasets", help="Comma-separated: loraflow, datasets (reference is "
+    parser.add_argument("--variants", default="loraflow,datasets", help="Comma-separated: loraflow, dask, datasets (reference is "
                                                                         "added by --reference-tree).")
     parser.add_argument("--reference-tree", help="Another checkout to run the same flow from and compare tokens with.")
     parser.add_argument("--timeout", type=int, default=7200, help="Seconds a variant may take before it is stopped.")

@@ -34,14 +34,14 @@ from pydantic import BaseModel, Field
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.config.evaluate import EvalConfig
 from loraflow.evaluation.generation import evaluate_models, stop_token_ids
-from loraflow.evaluation.metrics import (answers_table, comparison_table, evaluation_rows, general_table, loss_sample,
+from loraflow.evaluation.metrics import (answers_table, comparison_table, general_table, loss_sample,
                                          summarise_runs)
 from loraflow.evaluation.report import render_report
 from loraflow.tracking.mlflow_run import evaluation_metrics, log_best_effort
 from loraflow.modeling.precision import choose_precision
 from loraflow.modeling.prompt_encoding import question_prompt_ids
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.tokens_input import load_tokens
+from loraflow.evaluation.question_stream import evaluation_inputs
 from loraflow.tracking.report_to import TrackingRun
 
 log_default = logging.getLogger("loraflow.evaluate")
@@ -93,10 +93,9 @@ def evaluate_adapter(
     if eval_config.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(eval_config.cpu_threads)
     # ---- questions and loss rows ----
-    frame, _ = load_tokens(tokens, store)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    questions, loss_rows, loss_split = evaluation_rows(frame, eval_config)
+    questions, loss_rows, loss_split = evaluation_inputs(tokens, store, eval_config)  # a batch at a time
     log.info("evaluate: %d questions (%d trained, %d held-out phrasings); loss on %d %s rows", len(questions),
              int((questions["set"] == "trained").sum()), int((questions["set"] == "heldout").sum()), len(loss_rows), loss_split)
 

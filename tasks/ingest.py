@@ -97,24 +97,29 @@ def run_ingest(source, store: ArtifactStore, base_dir, batch_rows: int = ROW_GRO
 
 
 def ingested_batches(source, base_dir, batch_rows: int):
-    """(rows with provenance, quarantine rows) per batch of the source; ingest_frame's checks, batch by batch."""
+    """(rows with provenance, quarantine rows) per batch of the source; ingest_frame's checks, batch by batch. A
+    batch is a DataFrame in source order, or (rows indexed by record position, rejected records) like `read`'s."""
     read_batches = getattr(SOURCES[source.kind], "read_batches", None)
     if read_batches is None:
         yield ingest_frame(source, base_dir)
         return
-    name, rows_seen = source_name(source), 0
-    for rows in read_batches(source, base_dir, batch_rows):
+    name, rows_seen, rejected_seen, broken = source_name(source), 0, [], 0
+    for batch in read_batches(source, base_dir, batch_rows):
+        rows, rejected = batch if isinstance(batch, tuple) else (batch, [])
         clashes = [column for column in PROVENANCE if column in rows.columns]
         if clashes:
             raise SourceError(f"source {name!r}: has column(s) {clashes}, which ingest adds itself -> rename them in the data")
         check_arrow_types(rows, name)
-        rows = rows.set_axis(pd.RangeIndex(rows_seen, rows_seen + len(rows)))
+        positions = rows.index if isinstance(batch, tuple) else pd.RangeIndex(rows_seen, rows_seen + len(rows))
+        rows = rows.set_axis(positions)
         rows.insert(0, "_row", rows.index.to_numpy(dtype="int64"))
         rows.insert(0, "_source", pd.Series(name, index=rows.index, dtype=str))
-        rows_seen += len(rows)
-        yield rows.reset_index(drop=True), rejected_rows([], name)
+        rows_seen, rejected_seen, broken = rows_seen + len(rows), rejected_seen + rejected[:3], broken + len(rejected)
+        yield rows.reset_index(drop=True), rejected_rows(rejected, name)
     if rows_seen == 0:
-        raise SourceError(f"source {name!r}: nothing to ingest: it has no data rows -> fix the data (or `max_rows:`)")
+        reasons = "; ".join(record.reason for record in rejected_seen[:3])
+        found = f"all {broken} records are broken ({reasons})" if broken else "it has no data rows"
+        raise SourceError(f"source {name!r}: nothing to ingest: {found} -> fix the data (or `max_rows:`)")
 
 
 @stage_task(name="ingest")

@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field
 
 from data_contracts import FORMATTED, RAW
 from loraflow.config.synthesize import SynthesizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, write_stage_output
+from loraflow.runtime.shard_merge import merge_sequence, merged_frames, shard_keys
+from loraflow.runtime.stage_output import StageResult, StageWriter, read_input, write_stage_output
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.synthesizers.common import column_text
@@ -145,12 +146,25 @@ def in_source_order(frames: list[pd.DataFrame], origin: pd.DataFrame, source_nam
 def run_merge_formatted(conversations_refs: list[ArtifactRef], formatted_refs: list[ArtifactRef], source_names: list[str],
                         format_config_hash: str, store: ArtifactStore) -> StageResult:
     """The shards' FORMATTED artifacts as one, in single-process order: what pre-flight reads, the same bytes as
-    the single-process path's."""
-    origin = example_origins(store, conversations_refs)
-    formatted = in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], origin, source_names)
-    return write_stage_output(store, stage="format", contract=FORMATTED, frame=formatted, rows_in=len(formatted),
-                              config_hash=format_config_hash, stats={"shards": len(formatted_refs),
-                              "control_text_rows": int(formatted["literal_spans"].map(len).gt(0).sum())})
+    the single-process path's. A k-way merge a batch at a time (loraflow/runtime/shard_merge.py)."""
+    keys = [shard_keys(store, conversations, formatted, source_names)
+            for conversations, formatted in zip(conversations_refs, formatted_refs)]
+    sequence = merge_sequence(keys)
+    if sequence is None:  # a shard out of source order (not made by this code): merge it whole, as before
+        origin = example_origins(store, conversations_refs)
+        frames = [in_source_order([read_input(store, ref, FORMATTED) for ref in formatted_refs], origin, source_names)]
+    else:
+        frames = merged_frames(store, formatted_refs, sequence)
+    output = StageWriter(store, stage="format", contract=FORMATTED, config_hash=format_config_hash)
+    control_text_rows = 0
+    try:
+        for frame in frames:
+            output.add(frame, raise_if_empty=False)
+            control_text_rows += int(frame["literal_spans"].map(len).gt(0).sum())
+    except BaseException:
+        output.abort()
+        raise
+    return output.finish(rows_in=output.rows_offered, stats={"shards": len(formatted_refs), "control_text_rows": control_text_rows})
 
 
 @stage_task(name="format-merge")

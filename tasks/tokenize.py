@@ -363,21 +363,26 @@ def tokenize_shard_task(formatted_ref: ArtifactRef, config: TokenizeConfig, toke
 
 
 def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
-                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
+                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
+                       batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
     """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact
-    training reads (the same bytes as the single-process path's)."""
+    training reads (the same bytes as the single-process path's). The shards are merged a batch at a time
+    (loraflow/runtime/shard_merge.py) into tokenize_stream's two passes, as if each merged batch had just been
+    tokenized: the flow process holds the rows' keys, not the rows."""
     from loraflow.config.pipeline import config_hash
+    from loraflow.runtime.shard_merge import merge_sequence, merged_frames, shard_keys
     from tasks.shard import example_origins, in_source_order
 
-    tokens = in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], example_origins(store, conversations_refs), source_names)
-    reasons = np.full(len(tokens), None, dtype=object)
-    stats = {"rows_in": len(tokens), **set_aside_duplicates_and_leaks(tokens, reasons, config, load_tokenizer_dir(str(tokenizer_dir)))}
-    kept, quarantined = split_off_quarantine(tokens, reasons)
-    stats.update(token_stats(kept))
-    return write_stage_output(
-        store, stage="tokenize", contract=TOKENS, frame=kept, rows_in=len(tokens),
-        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
-    )
+    keys = [shard_keys(store, conversations, tokens, source_names) for conversations, tokens in zip(conversations_refs, tokens_refs)]
+    sequence = merge_sequence(keys)
+    if sequence is None:  # a shard out of source order (not made by this code): merge it whole, as before
+        origin = example_origins(store, conversations_refs)
+        frames = [in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], origin, source_names)]
+    else:
+        frames = merged_frames(store, tokens_refs, sequence, batch_rows=batch_rows)
+    merged = ((frame, np.full(len(frame), None, dtype=object), {}) for frame in frames)
+    return tokenize_stream(store, merged, lambda passed: passed, config, load_tokenizer_dir(str(tokenizer_dir)),
+                           config_hash(config), batch_rows)
 
 
 @stage_task(name="tokenize-merge", cache_policy=TOKENIZER_STAGE_CACHE)

@@ -158,12 +158,11 @@ def train_here(inputs: TrainInputs, model_dir: Path, train_config: TrainConfig, 
     # ---- save: collectives on every process first (token counts, the FSDP gather), then rank 0 writes ----
     gathered = gather_after_training(trainer, batches.collator, output_dir)
     peak_bytes, peak_kind = peak_memory(plan.device)
-    train_rows = inputs.train_rows
     result = TrainResult(
         adapter_dir=str(output_dir / "adapter"), metrics_path=str(output_dir / "metrics.json"),
         loss_curve_path=str(output_dir / "loss_curve.parquet"), loss_plot_path=str(output_dir / "loss_curve.png"),
-        global_step=trainer.state.global_step, resumed_from_step=resumed_from_step, train_rows=len(train_rows),
-        train_tokens=int(train_rows["length"].sum()), final_loss=recorder.final_loss(),
+        global_step=trainer.state.global_step, resumed_from_step=resumed_from_step, train_rows=inputs.train_rows.num_rows,
+        train_tokens=inputs.train_tokens, final_loss=recorder.final_loss(),
         tokens_per_second=recorder.tokens_per_second(),
         tokens_per_second_after_first_step=recorder.tokens_per_second(after_first_step=True),
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, packing=plan.packing,

@@ -165,19 +165,26 @@ def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_ne
     return answers
 
 
-def mean_loss(model, rows: pd.DataFrame, *, batch_size: int | str, pad_id: int) -> float | None:
-    """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows` (batch_size "auto": from
+def mean_loss(model, rows, *, batch_size: int | str, pad_id: int) -> float | None:
+    """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows` (a DataFrame or an Arrow
+    table with input_ids and labels; batch_size "auto": from
     the GPU's free memory for the longest row)."""
     import torch
 
-    if rows.empty:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(rows, pd.DataFrame):
+        rows = pa.Table.from_pandas(rows[["input_ids", "labels"]], preserve_index=False)
+    if rows.num_rows == 0:
         return None
-    batch_size = loss_batch_size(batch_size, model, row_tokens=max(len(ids) for ids in rows["input_ids"]))
+    longest = int(pc.max(pc.list_value_length(rows.column("input_ids"))).as_py())
+    batch_size = loss_batch_size(batch_size, model, row_tokens=longest)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    items = list(zip(rows["input_ids"], rows["labels"]))
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    for start in range(0, rows.num_rows, batch_size):  # rows made into lists a batch at a time (memory-mapped table)
+        part = rows.slice(start, batch_size)
+        chunk = list(zip(part.column("input_ids").to_pylist(), part.column("labels").to_pylist()))
         longest = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)

@@ -121,26 +121,33 @@ def select_questions(frame: pd.DataFrame, max_questions: int, seed: int = 0) -> 
     trained phrasings (split train) and held-out phrasings (split heldout) share `max_questions`; natural questions
     (phrasing_set natural) and unknown-title probes (phrasing_set unknown) get up to `max_questions // 2` each.
     Refusal examples that were trained are not asked (the probes measure refusal)."""
+    sets = {}
+    for name, mask in question_sets(frame).items():
+        rows = frame[mask].drop_duplicates("prompt")
+        order = rows["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+        sets[name] = rows.assign(set=name, _order=order.values).sort_values("_order")
+    quotas = question_quotas({name: len(rows) for name, rows in sets.items()}, max_questions)
+    chosen = pd.concat([rows.head(quotas[name]) for name, rows in sets.items()], ignore_index=True)
+    return chosen.drop(columns="_order")
+
+
+def question_sets(frame: pd.DataFrame) -> dict[str, pd.Series]:
+    """Which rows may be asked in each set: trained, heldout, natural, unknown (see `select_questions`)."""
     phrasing = frame["phrasing_set"] if "phrasing_set" in frame.columns else pd.Series("heldout", index=frame.index)
     refusal = frame["kind"] == REFUSAL_KIND if "kind" in frame.columns else pd.Series(False, index=frame.index)
-    masks = {
+    return {
         "trained": (frame["split"] == "train") & ~refusal,
         "heldout": (frame["split"] == "heldout") & ~phrasing.isin(["natural", "unknown"]),
         "natural": (frame["split"] == "heldout") & (phrasing == "natural"),
         "unknown": (frame["split"] == "heldout") & (phrasing == "unknown"),
     }
-    sets = {}
-    for name, mask in masks.items():
-        rows = frame[mask].drop_duplicates("prompt")
-        order = rows["id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
-        sets[name] = rows.assign(set=name, _order=order.values).sort_values("_order")
-    trained, heldout = sets["trained"], sets["heldout"]
-    heldout_quota = min(len(heldout), max(max_questions // 2, max_questions - len(trained)))
-    trained_quota = min(len(trained), max_questions - heldout_quota)
-    chosen = pd.concat([trained.head(trained_quota), heldout.head(heldout_quota),
-                        sets["natural"].head(max_questions // 2), sets["unknown"].head(max_questions // 2)],
-                       ignore_index=True)
-    return chosen.drop(columns="_order")
+
+
+def question_quotas(counts: dict[str, int], max_questions: int) -> dict[str, int]:
+    """How many questions each set gets, from its count of distinct prompts (see `select_questions`)."""
+    heldout = min(counts["heldout"], max(max_questions // 2, max_questions - counts["trained"]))
+    return {"trained": min(counts["trained"], max_questions - heldout), "heldout": heldout,
+            "natural": max_questions // 2, "unknown": max_questions // 2}
 
 
 REFUSAL_KIND = "refusal"  # loraflow/synthesizers/anime_probes.py: questions about made-up titles
@@ -268,6 +275,10 @@ def general_table(eval_config: EvalConfig, runs: dict) -> pd.DataFrame:
 def loss_sample(loss_rows: pd.DataFrame) -> dict:
     """How much the validation loss stands on: examples and scored tokens (labels other than -100, after the shift
     by one that causal-LM loss makes; loraflow.evaluation.generation.mean_loss)."""
+    if not isinstance(loss_rows, pd.DataFrame):  # an Arrow table (loraflow.evaluation.question_stream)
+        from loraflow.evaluation.question_stream import scored_tokens
+
+        return {"eval_loss_examples": loss_rows.num_rows, "eval_loss_tokens": scored_tokens(loss_rows.column("labels"))}
     tokens = sum(int((pd.Series(list(labels)[1:]) != -100).sum()) for labels in loss_rows["labels"]) if len(loss_rows) else 0
     return {"eval_loss_examples": int(len(loss_rows)), "eval_loss_tokens": tokens}
 

@@ -68,31 +68,38 @@ def value_kind(value) -> str | None:
     return None if value is None else VALUE_KINDS.get(type(value), type(value).__name__)
 
 
-def odd_typed_records(records: list[dict]) -> dict[int, str]:
+def odd_typed_records(records: list[dict], counts: dict[str, dict[str, int]] | None = None) -> dict[int, str]:
     """Records whose value in some field has another kind than most records have there: index -> reason.
 
     A field's kind is the one more than half of its non-null values have; a field without such a majority
     is left alone (ingest then refuses the column by name). Parquet cannot store, e.g., a list beside text.
+    `counts` (`kind_counts` of the whole file) decides the majorities when `records` are one batch of it.
     """
-    kinds_by_field: dict[str, list[tuple[int, str]]] = {}
-    for index, record in enumerate(records):
-        for field, value in record.items():
-            kind = value_kind(value)
-            if kind is not None:
-                kinds_by_field.setdefault(field, []).append((index, kind))
+    counts = kind_counts(records) if counts is None else counts
     odd: dict[int, str] = {}
-    for field, kinds in kinds_by_field.items():
-        counts: dict[str, int] = {}
-        for _, kind in kinds:
-            counts[kind] = counts.get(kind, 0) + 1
-        majority, count = max(counts.items(), key=lambda item: item[1])
-        if len(counts) == 1 or count * 2 <= len(kinds):
+    for field, by_kind in counts.items():
+        majority, count = max(by_kind.items(), key=lambda item: item[1])
+        if len(by_kind) == 1 or count * 2 <= sum(by_kind.values()):
             continue
-        for index, kind in kinds:
-            if kind != majority and index not in odd:
+        for index, record in enumerate(records):
+            kind = value_kind(record.get(field))
+            if kind is not None and kind != majority and index not in odd:
                 odd[index] = (f"field {field!r} is {kind}, but {count} other record(s) have {majority} there "
                               f"-> make it {majority} like the others")
     return odd
+
+
+def kind_counts(records, counts: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """Per field (in order of first appearance), how many records hold each kind of non-null value there; added to
+    `counts` when given (a file read in batches)."""
+    counts = {} if counts is None else counts
+    for record in records:
+        for field, value in record.items():
+            kind = value_kind(value)
+            if kind is not None:
+                by_kind = counts.setdefault(field, {})
+                by_kind[kind] = by_kind.get(kind, 0) + 1
+    return counts
 
 
 def resolve_path(path: str, base_dir) -> Path:

@@ -12,11 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from loraflow.config.train import TrainConfig
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.tokens_input import load_tokens
+from loraflow.runtime.tokens_input import TRAIN_COLUMNS, open_tokens
 from loraflow.training.checkpoints import identity_fingerprint, run_identity
 from loraflow.training.micro_batch import configure_fast_path
 from loraflow.training.plan import TrainPlan
@@ -27,25 +30,29 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class TrainInputs:
-    """The train rows of a TOKENS artifact and the run's identity (what a finished or resumed run must match)."""
+    """The train rows of a TOKENS artifact (memory-mapped Arrow: input_ids, attention_mask, labels, length) and the
+    run's identity (what a finished or resumed run must match)."""
 
-    train_rows: pd.DataFrame
+    train_rows: pa.Table
     data_sha: str
     identity: dict
     fingerprint: str
 
     @property
     def longest_example(self) -> int:
-        return int(self.train_rows["length"].max())
+        return int(pc.max(self.train_rows.column("length")).as_py())
+
+    @property
+    def train_tokens(self) -> int:
+        return int(pc.sum(self.train_rows.column("length")).as_py())
 
 
 def read_train_inputs(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None, model_dir: Path,
                       config: TrainConfig) -> TrainInputs:
     """The `split == "train"` rows of `tokens` (a ref or its DataFrame) and the identity of a run on them; refuses
     an artifact with no train rows."""
-    frame, data_sha = load_tokens(tokens, store)
-    train_rows = frame[frame["split"] == "train"]
-    if train_rows.empty:
+    train_rows, data_sha = open_tokens(tokens, store, split="train", columns=TRAIN_COLUMNS)
+    if train_rows.num_rows == 0:
         raise ValueError(f"tokens artifact {data_sha[:12]}…: no rows with split='train'; nothing to train on")
     identity = run_identity(data_sha, model_dir, config)
     return TrainInputs(train_rows, data_sha, identity, identity_fingerprint(identity))
@@ -61,18 +68,18 @@ class BatchPlan:
     packing_stats: dict | None = None
 
 
-def plan_batches(model, train_rows: pd.DataFrame, config: TrainConfig, plan: TrainPlan, pad_id: int, *, log) -> BatchPlan:
+def plan_batches(model, train_rows: pa.Table | pd.DataFrame, config: TrainConfig, plan: TrainPlan, pad_id: int, *, log) -> BatchPlan:
     """Padded batches, or packed rows whose documents only attend to themselves (after the model is built: the
     fast path configures the model for the rows it will see)."""
     examples = TokenizedExamples(train_rows)
     pack_stats = None
     on_cuda = plan.device == "cuda"
     if plan.packing:
-        from loraflow.training import PackedCollator, enable_document_masking, pack_examples, packing_stats
+        from loraflow.training import PackedCollator, enable_document_masking
 
-        max_tokens = max(config.pack_max_tokens, int(train_rows["length"].max()))
-        examples = pack_examples(examples.items, max_tokens=max_tokens)
-        pack_stats = packing_stats(examples, max_tokens)
+        max_tokens = max(config.pack_max_tokens, int(examples.lengths.max()))
+        examples = PackedRows(examples, max_tokens)
+        pack_stats = examples.stats()
         log.info("train: packing %s", pack_stats)
         if plan.fast_path:
             plan = configure_fast_path(model, config, plan, max_tokens, len(examples), log)
@@ -91,23 +98,60 @@ def plan_batches(model, train_rows: pd.DataFrame, config: TrainConfig, plan: Tra
 
 
 class TokenizedExamples:
-    """The train rows as a map-style dataset of {input_ids, attention_mask, labels} (plain int lists)."""
+    """The train rows as a map-style dataset of {input_ids, attention_mask, labels} (plain int lists), each made when
+    it is drawn from the Arrow table (memory-mapped for an artifact); `lengths` is the length column in NumPy."""
 
-    def __init__(self, rows: pd.DataFrame):
-        self.items = [
-            {
-                "input_ids": [int(t) for t in ids],
-                "attention_mask": [int(m) for m in mask],
-                "labels": [int(label) for label in labels],
-            }
-            for ids, mask, labels in zip(rows["input_ids"], rows["attention_mask"], rows["labels"])
-        ]
+    def __init__(self, rows: pa.Table | pd.DataFrame):
+        if isinstance(rows, pd.DataFrame):
+            rows = pa.Table.from_pandas(rows[TRAIN_COLUMNS], preserve_index=False)
+        self.columns = {name: rows.column(name) for name in ("input_ids", "attention_mask", "labels")}
+        self.lengths = rows.column("length").to_numpy().astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.lengths)
 
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        return {name: column[int(index)].as_py() for name, column in self.columns.items()}
+
+    def trained_counts(self) -> np.ndarray:
+        """Per example, the labels other than -100 after the first (packing never trains a document's first token)."""
+        parts = []
+        for chunk in self.columns["labels"].chunks:
+            values = chunk.flatten().to_numpy()
+            parents = pc.list_parent_indices(chunk).to_numpy()
+            first_trained = pc.not_equal(pc.list_element(chunk, 0), -100).to_numpy(zero_copy_only=False)
+            parents_trained = np.bincount(parents[values != IGNORE_INDEX], minlength=len(chunk))
+            parts.append(parents_trained - first_trained)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class PackedRows:
+    """Examples packed into rows of at most `max_tokens` (first-fit decreasing over their lengths, the same rows as
+    `pack_examples`), each row assembled when it is drawn; the assignment is two NumPy arrays."""
+
+    def __init__(self, examples: TokenizedExamples, max_tokens: int):
+        from loraflow.training.packing import first_fit_bins
+
+        if len(examples) and int(examples.lengths.max()) > max_tokens:
+            raise ValueError(f"an example has {int(examples.lengths.max())} tokens, more than max_tokens={max_tokens}")
+        self.examples, self.max_tokens = examples, max_tokens
+        self.members, self.starts = first_fit_bins(examples.lengths, max_tokens)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index: int) -> dict:
+        from loraflow.training.packing import packed_row
+
+        members = self.members[self.starts[index]:self.starts[index + 1]]
+        return packed_row([self.examples[i] for i in members], members)
+
+    def stats(self) -> dict:
+        """What `packing_stats` says of these rows, from the lengths and labels (no row is assembled)."""
+        tokens = int(self.examples.lengths.sum())
+        return {"rows": len(self), "documents": len(self.examples), "tokens": tokens,
+                "trained_tokens": int(self.examples.trained_counts().sum()),
+                "fill": tokens / (len(self) * self.max_tokens) if len(self) else 0.0}
 
 
 class PadByPosition:

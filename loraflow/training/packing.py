@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -95,46 +96,52 @@ def pack_examples(examples: Sequence[Mapping], max_tokens: int) -> list[dict]:
             )
         lengths.append(len(input_ids))
 
-    # Longest first; ties keep input order so the packing is deterministic.
-    order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
-    tree = _FirstFitTree(len(examples))
-    bins: list[list[int]] = []
-    for index in order:
-        target = tree.first_fit(lengths[index])
-        if target is None:
-            target = tree.open_bin(max_tokens)
-            bins.append([])
-        tree.take(target, lengths[index])
-        bins[target].append(index)
+    members, starts = first_fit_bins(lengths, max_tokens)
+    return [packed_row([examples[index] for index in members[a:b]], members[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
-    rows = []
-    for members in bins:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
-        seq_lens: list[int] = []
-        for index in members:
-            example = examples[index]
-            doc_labels = [int(t) for t in example["labels"]]
-            doc_labels[0] = IGNORE_INDEX
-            input_ids.extend(int(t) for t in example["input_ids"])
-            labels.extend(doc_labels)
-            position_ids.extend(range(lengths[index]))
-            seq_lens.append(lengths[index])
-        cu_seqlens = [0]
-        for n in seq_lens:
-            cu_seqlens.append(cu_seqlens[-1] + n)
-        rows.append(
-            {
-                "input_ids": input_ids,
-                "labels": labels,
-                "position_ids": position_ids,
-                "seq_lens": seq_lens,
-                "cu_seqlens": cu_seqlens,
-                "example_indices": list(members),
-            }
-        )
-    return rows
+
+def first_fit_bins(lengths, max_tokens: int, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit decreasing over example lengths (each in 1..max_tokens): (members, starts), row r holding examples
+    members[starts[r]:starts[r + 1]] in the order they went in, rows in the order they were opened. Longest first,
+    ties in input order, so the packing is deterministic; NumPy arrays, not Python lists, hold the assignment."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    # First fit leaves at most one row half full or less, so rows <= 2 * tokens / max_tokens + 1.
+    tree = _FirstFitTree(min(len(lengths), 2 * int(lengths.sum()) // max_tokens + 2))
+    row_of = np.empty(len(lengths), dtype=np.int64)  # the row of the k-th example placed
+    for first in range(0, len(order), chunk):
+        targets = []
+        for need in lengths[order[first:first + chunk]].tolist():
+            target = tree.first_fit(need)
+            if target is None:
+                target = tree.open_bin(max_tokens)
+            tree.take(target, need)
+            targets.append(target)
+        row_of[first:first + len(targets)] = targets
+    members = order[np.argsort(row_of, kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=tree.bins))])
+    return members, starts
+
+
+def packed_row(documents: Sequence[Mapping], members: Sequence[int]) -> dict:
+    """One packed row from its documents (each with `input_ids` and `labels`), in row order: position ids restart
+    per document, each document's first label is -100 (see `pack_examples` for the keys)."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    seq_lens: list[int] = []
+    for example in documents:
+        doc_labels = [int(t) for t in example["labels"]]
+        doc_labels[0] = IGNORE_INDEX
+        input_ids.extend(int(t) for t in example["input_ids"])
+        labels.extend(doc_labels)
+        position_ids.extend(range(len(doc_labels)))
+        seq_lens.append(len(doc_labels))
+    cu_seqlens = [0]
+    for n in seq_lens:
+        cu_seqlens.append(cu_seqlens[-1] + n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_lens": seq_lens,
+            "cu_seqlens": cu_seqlens, "example_indices": [int(i) for i in members]}
 
 
 def packing_stats(rows: Sequence[Mapping], max_tokens: int) -> dict:

@@ -150,6 +150,12 @@ def training_arguments(config: TrainConfig, plan: TrainPlan, checkpoints_dir: Pa
     return TrainingArguments(**kwargs)
 
 
+def grouped_by_length(args) -> bool:
+    """Whether TrainingArguments ask for length-grouped batches (train_sampling_strategy in transformers 5.23,
+    group_by_length before)."""
+    return getattr(args, "train_sampling_strategy", None) == "group_by_length" or bool(getattr(args, "group_by_length", False))
+
+
 def resumable_trainer_class():
     """transformers' Trainer whose length-grouped batch order depends only on (seed, epoch).
 
@@ -183,13 +189,17 @@ def resumable_trainer_class():
             return synchronising_once(optimizer_class), kwargs
 
         def _get_train_sampler(self, *args, **kwargs):  # (self, train_dataset=None) in 5.23, (self) in older releases
-            sampler = super()._get_train_sampler(*args, **kwargs)
-            if type(sampler) is not LengthGroupedSampler:
-                return sampler
             # Grouped by global batch: every process draws the same order, and accelerate deals its micro-batches
             # out in turn, so N processes see the same examples per optimizer step as one process would.
             batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return EpochSeededLengthGroupedSampler(batch_size, list(sampler.lengths), self.args.data_seed or self.args.seed)
+            seed = self.args.data_seed or self.args.seed
+            known = getattr(self.train_dataset, "lengths", None)  # TokenizedExamples: no pass over every example
+            if known is not None and grouped_by_length(self.args):
+                return EpochSeededLengthGroupedSampler(batch_size, known.tolist(), seed)
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if type(sampler) is not LengthGroupedSampler:
+                return sampler
+            return EpochSeededLengthGroupedSampler(batch_size, list(sampler.lengths), seed)
 
     return ResumableTrainer
 
