@@ -69,7 +69,7 @@ def publish_model(
     timing = {}
     merged, tokenizer, max_diff = merge_adapter(
         model_dir, adapter_dir, verify_texts[: publish_config.verify_prompts], tolerance=publish_config.merge_tolerance,
-        dtype=publish_config.merge_dtype, trust_remote_code=trust_remote_code,
+        dtype=publish_config.merge_dtype, trust_remote_code=trust_remote_code, timing=timing,
     )
     timing["merge"] = round(time.perf_counter() - started, 2)
     log.info("publish: merge verified, max |logit difference| %.3g <= %g (%s)", max_diff, publish_config.merge_tolerance,
