@@ -266,11 +266,11 @@ def summarise_flow(summary: dict) -> dict:
         "prepare_stages_s": {name: stage["seconds"] for name, stage in summary.get("stages", {}).items()},
         "flow_seconds": summary.get("seconds"),
         "train": {k: train.get(k) for k in ("global_step", "train_rows", "train_tokens", "tokens_per_second",
-                                            "tokens_per_second_after_first_step", "rows_per_micro_batch", "seconds",
+                                            "tokens_per_second_after_first_step", "first_step_seconds", "rows_per_micro_batch", "seconds",
                                             "peak_memory_bytes", "device_name", "speed_plan")},
         "eval": {k: (summary.get("eval") or {}).get(k) for k in ("seconds", "timing")},
         "publish": {k: (summary.get("publish") or {}).get(k) for k in ("seconds", "gguf_file", "max_logit_diff",
-                                                                      "gguf_max_logit_diff", "saved_dtype")},
+                                                                      "gguf_max_logit_diff", "saved_dtype", "timing")},
     }
 
 

@@ -7,7 +7,10 @@ What `loraflow server` does, on a GPU host: a local Prefect server, the work poo
 its parameter (the catalog and the 8B stand-in made first, as benchmarks/gpu_flow.py makes them). The run happens
 in the worker's child process, so memory is sampled from outside: the host RSS of the worker's process tree
 (psutil) and the GPU's used memory (NVML: the process's allocations plus the CUDA context, so above the
-allocator's figures in gpu_flow.json). Stage times come from the run's summary.json. Writes gpu_worker_run.json.
+allocator's figures in gpu_flow.json), every 0.5 s into a timeline. Each task run's start and end (read back
+from the server) cut that timeline into per-stage wall time and peaks; train's tokens/s and time to its first
+step, evaluation's and publish's step timings come from the run's summary.json. Writes gpu_worker_run.json and
+gpu_worker_timeline.json (unix time, tree RSS GiB, GPU used GiB per sample).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class TreeSampler(threading.Thread):
     def __init__(self, pid: int, period: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.period, self.stopped = pid, period, threading.Event()
-        self.peak_rss, self.peak_gpu_used = 0, 0
+        self.peak_rss, self.peak_gpu_used, self.samples = 0, 0, []
 
     def run(self):
         import psutil
@@ -46,18 +49,41 @@ class TreeSampler(threading.Thread):
             pynvml = device = None
         root = psutil.Process(self.pid)
         while not self.stopped.is_set():
+            rss = 0
             try:
-                tree = [root, *root.children(recursive=True)]
-                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in tree if p.is_running()))
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
             except psutil.Error:
                 pass
-            if device is not None:
-                self.peak_gpu_used = max(self.peak_gpu_used, pynvml.nvmlDeviceGetMemoryInfo(device).used)
+            used = pynvml.nvmlDeviceGetMemoryInfo(device).used if device is not None else 0
+            self.peak_rss, self.peak_gpu_used = max(self.peak_rss, rss), max(self.peak_gpu_used, used)
+            self.samples.append((round(time.time(), 2), rss, used))
             self.stopped.wait(self.period)
+
+    def window(self, start: float, end: float) -> dict:
+        """Peak tree RSS and GPU used (GiB) among the samples taken from `start` to `end` (unix seconds)."""
+        inside = [(rss, used) for t, rss, used in self.samples if start <= t <= end] or [(0, 0)]
+        return {"rss_peak_gib": gib(max(r for r, _ in inside)), "gpu_used_peak_gib": gib(max(u for _, u in inside))}
+
+
+def stage_windows(client, flow_run_id, sampler: TreeSampler) -> list[dict]:
+    """Every task run of the flow run, in start order: name, start (s after the flow run's start), seconds, and the
+    sampler's peaks within it."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = client.read_flow_run(flow_run_id)
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    origin = flow_run.start_time.timestamp() if flow_run.start_time else 0
+    stages = []
+    for task in sorted((t for t in tasks if t.start_time), key=lambda t: t.start_time):
+        start, end = task.start_time.timestamp(), (task.end_time or task.start_time).timestamp()
+        stages.append({"stage": task.name, "state": task.state.type.value if task.state else None,
+                       "start_s": round(start - origin, 1), "seconds": round(end - start, 1), **sampler.window(start, end)})
+    return stages
 
 
 def run_on_worker(local, parameters: dict, timeout: float) -> tuple[dict, float, TreeSampler]:
-    """Create a run of finetune/finetune-gpu and wait for a final state; ({state, message}, seconds, sampler)."""
+    """Create a run of finetune/finetune-gpu and wait for a final state; ({state, message, stages, pickup_s},
+    seconds, sampler)."""
     from loraflow.ops.server import GPU_POOL
 
     worker = local.start_worker(GPU_POOL)
@@ -72,8 +98,10 @@ def run_on_worker(local, parameters: dict, timeout: float) -> tuple[dict, float,
             if run.state is not None and run.state.is_final():
                 break
             time.sleep(2)
-    sampler.stopped.set()
-    state = {"type": run.state.type.value if run.state else None, "message": run.state.message if run.state else None}
+        sampler.stopped.set()
+        state = {"type": run.state.type.value if run.state else None, "message": run.state.message if run.state else None,
+                 "stages": stage_windows(client, run.id, sampler),
+                 "pickup_s": round(run.start_time.timestamp() - run.created.timestamp(), 1) if run.start_time else None}
     return state, time.perf_counter() - started, sampler
 
 
@@ -96,6 +124,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=480)
     args = parser.parse_args()
     out, data_dir = Path(args.out), Path(args.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/gpu_worker_run.py " + " ".join(sys.argv[1:]), "versions": versions(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     started = time.perf_counter()
@@ -111,9 +140,11 @@ def main() -> int:
             deployed = local.prefect("deploy", "--all", check=False)
             result["deploy"] = {"returncode": deployed.returncode, "tail": (deployed.stdout + deployed.stderr)[-1500:]}
             run, seconds, sampler = run_on_worker(local, {"config": config.model_dump(mode="json")}, args.timeout)
-            result |= {"state": run["type"], "state_message": run["message"],
+            result |= {"state": run["type"], "state_message": run["message"], "pickup_s": run["pickup_s"],
                        "run_wall_s": round(seconds, 1), "worker_tree_rss_peak_gib": gib(sampler.peak_rss),
-                       "gpu_used_peak_gib": gib(sampler.peak_gpu_used)}
+                       "gpu_used_peak_gib": gib(sampler.peak_gpu_used), "stages": run["stages"]}
+            (out / "gpu_worker_timeline.json").write_text(json.dumps(
+                [(t, gib(rss), gib(used)) for t, rss, used in sampler.samples]))
         summaries = sorted((data_dir / "runs").glob("*/*/summary.json"), key=lambda p: p.stat().st_mtime)
         if summaries:
             result["flow"] = summarise_flow(json.loads(summaries[-1].read_text()))

@@ -10,9 +10,11 @@ paged AdamW 8-bit at lr 2e-4, timing loop and isolation check); every recipe run
 - loraflow, one child per budget: the train stage's own setup, its TrainPlan (`loraflow.training.plan`), then
   `load_lora_model` and `configure_fast_path` (rows per micro-batch from `train.memory_budget_gb`, then
   `configure_model_for_speed`), with the budget set and nothing else; "unlimited" = no budget (the GPU's memory).
-- Unsloth, one child: FastLanguageModel with its own checkpointing, trained at 1, 2, 4, 8, 16 rows per step in
-  turn (peak reset between); it has no budget setting, so at each budget its row is the fastest setting whose
-  peak fits (its best setting that fits).
+- Unsloth, one child per setting (1, 2, 4, 8, 16 rows per step, or one document length), each with its own
+  `--child-timeout`: a setting that runs slow or fails loses only its own row, and its rows land in the same JSON
+  as loraflow's (`unsloth_sweep.runs`, failures included). Each child pays Unsloth's import and the model load.
+  Unsloth has no budget setting, so at each budget its row is the fastest setting whose peak fits. A setting
+  that runs out of memory skips the larger ones.
 - A peak (max allocated, GiB) above the budget is a failure of that row, not a result.
 - Table column rows/ckpt: loraflow's rows per micro-batch / checkpointed layers, "o" = inputs offloaded to CPU.
 - `--tables long`: single documents of 8k/16k/32k tokens (one per row, nothing packed beside them) at
@@ -118,7 +120,7 @@ def run_loraflow_stage(args, log) -> dict:
     isolation = tt._isolation(torch, model, device, args.vocab)
     optimizer_class = tt.loraflow_optimizer_class(args) if device.type == "cuda" else None
     result = tt._train_loop_counted(torch, model, batches, steps, args.warmup, device, log, optimizer_class=optimizer_class)
-    if args.profile and device.type == "cuda":
+    if (args.profile or args.doc_len in _lengths(args.profile_lens)) and device.type == "cuda":
         result["profile"] = tt._profile_step(torch, model, batches[0][0], device, log, optimizer_class)
     return {**result, "isolation_max_rel_diff": isolation, "plan": plan, "rows_per_step": rows,
             "micro_batch": f"{rows} packed rows of {max_tokens}"}
@@ -165,8 +167,10 @@ def run_unsloth_sweep(args, log) -> dict:
         model, r=16, lora_alpha=32, lora_dropout=0, target_modules=tt.LORA_ALL, bias="none",
         use_gradient_checkpointing="unsloth", random_state=0, max_seq_length=max_seq,
     )
+    isolation = None
     try:
-        isolation = tt._isolation(torch, model, device, args.vocab)
+        if not args.no_isolation:
+            isolation = tt._isolation(torch, model, device, args.vocab)
     except Exception as error:  # noqa: BLE001 - reported, not fatal: the throughput still counts
         isolation = {"packed": f"failed: {type(error).__name__}: {error}"[:300]}
     FastLanguageModel.for_training(model)
@@ -183,7 +187,7 @@ def run_unsloth_sweep(args, log) -> dict:
         try:
             batches = tt._packed_batches(torch, _examples(variant), _with(variant, steps=steps))
             result = tt._train_loop_counted(torch, model, batches, steps, args.warmup, device, log)
-            if args.profile:
+            if args.profile or (kind == "doc_len" and value in _lengths(args.profile_lens)):
                 import bitsandbytes as bnb
 
                 result["profile"] = tt._profile_step(torch, model, batches[0][0], device, log, bnb.optim.PagedAdamW8bit)
@@ -198,6 +202,40 @@ def run_unsloth_sweep(args, log) -> dict:
             torch.cuda.empty_cache()
     return {"runs": runs, "isolation_max_rel_diff": isolation, "unsloth_version": getattr(unsloth, "__version__", "?"),
             "note": "one process, settings in turn, peak memory reset before each"}
+
+
+def _lengths(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
+def unsloth_in_children(args, flag: str, values: list[int], log_file) -> dict:
+    """Unsloth's sweep, one child process per setting (`flag` value: --unsloth-rows N or --doc-lens N), each with
+    its own timeout; the children's runs merged (`merge_sweep`)."""
+    children = {}
+    for value in values:
+        extra = [flag, str(value)] + (["--no-isolation"] if children else [])
+        children[value] = run_child(args, "unsloth-sweep", extra, log_file)
+        if "OutOfMemoryError" in json.dumps(children[value])[:100000] and flag == "--unsloth-rows":
+            break  # more rows per step need more memory still
+    kind = "doc_len" if flag == "--doc-lens" else "rows"
+    return merge_sweep(kind, children)
+
+
+def merge_sweep(kind: str, children: dict) -> dict:
+    """One sweep record from per-setting child results: `runs` keyed "<kind> <value>" (a failed or timed-out child
+    is that setting's {"failed": ...}), the first isolation check, Unsloth's version, and each child's wall time."""
+    runs, isolation, version = {}, None, None
+    for value, child in children.items():
+        key = f"{kind} {value}"
+        if child and "runs" in child:
+            runs[key] = child["runs"].get(key) or {"failed": "the child returned no run for this setting"}
+            isolation = isolation if isolation is not None else child.get("isolation_max_rel_diff")
+            version = version or child.get("unsloth_version")
+        else:
+            runs[key] = {"failed": (child or {}).get("failed", "no result")}
+        runs[key]["child_wall_s"] = (child or {}).get("wall_s")
+    return {"runs": runs, "isolation_max_rel_diff": isolation, "unsloth_version": version,
+            "note": "one child process per setting, each with its own timeout"}
 
 
 def child_main(args) -> None:
@@ -222,6 +260,7 @@ def run_child(args, recipe: str, extra: list[str], log_file) -> dict | None:
     if args.tokenizer_dir:
         command += ["--tokenizer-dir", args.tokenizer_dir]
     command += ["--profile"] * args.profile + ["--bnb-stock-step"] * args.bnb_stock_step
+    command += ["--profile-lens", args.profile_lens] if args.profile_lens else []
     command += extra
     start = time.perf_counter()
     print(f"[{recipe} {' '.join(extra)}] starting", flush=True)
@@ -346,7 +385,7 @@ def parent_main(args, argv: list[str]) -> int:
                         full = run_child(args, "loraflow-stage", extra + attn + ["--lean-recompute", "off"], log_file)
                         record.setdefault("full_recompute_runs", {})[str(budget)] = full
                         _print_lean_ab(f"{budget} GiB", loraflow_runs[budget], full)
-            sweep = run_child(args, "unsloth-sweep", ["--unsloth-rows", args.unsloth_rows], log_file) \
+            sweep = unsloth_in_children(args, "--unsloth-rows", _lengths(args.unsloth_rows), log_file) \
                 if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
             rows = []
@@ -369,8 +408,7 @@ def parent_main(args, argv: list[str]) -> int:
                                          extra + attn + ["--lean-recompute", "off"], log_file)
                         record.setdefault("full_recompute_runs", {})[f"doc_len {length}"] = full
                         _print_lean_ab(f"{length} doc", loraflow_runs[length], full)
-            sweep = run_child(args, "unsloth-sweep", ["--doc-lens", args.long_lens], log_file) \
-                if "unsloth" in recipes else None
+            sweep = unsloth_in_children(args, "--doc-lens", lengths, log_file) if "unsloth" in recipes else None
             iso = sweep.get("isolation_max_rel_diff") if sweep else None
             rows = []
             for length in lengths:
@@ -437,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run each loraflow row with lean recompute off (the lever's A/B, same run)")
     parser.add_argument("--lean-recompute", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="after timing, profile one step of each run (CUDA)")
+    parser.add_argument("--profile-lens", default=None,
+                        help="long table: profile one step of both recipes at these document lengths only (e.g. 32768)")
     parser.add_argument("--bnb-stock-step", action="store_true",
                         help="loraflow: bitsandbytes' own optimizer step (a device sync per parameter; the lever's A/B)")
     parser.add_argument("--child-timeout", type=int, default=240)
@@ -448,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-len", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--doc-lens", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rows-per-step", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--no-isolation", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(args)

@@ -66,11 +66,12 @@ def publish_model(
     started = time.perf_counter()
     model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)
     token = resolve_hub_token(publish_config.hf_token_secret) if publish_config.target == "hf_hub" else None
-
+    timing = {}
     merged, tokenizer, max_diff = merge_adapter(
         model_dir, adapter_dir, verify_texts[: publish_config.verify_prompts], tolerance=publish_config.merge_tolerance,
-        dtype=publish_config.merge_dtype, trust_remote_code=trust_remote_code,
+        dtype=publish_config.merge_dtype, trust_remote_code=trust_remote_code, timing=timing,
     )
+    timing["merge"] = round(time.perf_counter() - started, 2)
     log.info("publish: merge verified, max |logit difference| %.3g <= %g (%s)", max_diff, publish_config.merge_tolerance,
              publish_config.merge_dtype)
     folder = output_dir / "model"
@@ -81,11 +82,12 @@ def publish_model(
                 "gate": card.gate, "max_logit_diff": max_diff}
     saved_dtype, files = save_merged(merged, tokenizer, folder, model_dir=model_dir, adapter_dir=adapter_dir,
                                      card=card_text, run_info=run_info)
+    timing["save"] = round(time.perf_counter() - started - timing["merge"], 2)
     log.info("publish: saved %d files (%s) to %s", len(files), saved_dtype, folder)
     gguf_facts = {}
     if publish_config.gguf is not None:
         gguf_facts = export_verified_gguf(folder, publish_config, verify_texts[: publish_config.verify_prompts], files, log,
-                                          merged=merged, tokenizer=tokenizer)
+                                          merged=merged, tokenizer=tokenizer, timing=timing)
         card_text = render_model_card(card, max_logit_diff=max_diff, tolerance=publish_config.merge_tolerance,
                                       merge_dtype=publish_config.merge_dtype, model_ref=model_ref, gguf={
                                           "file": Path(gguf_facts["gguf_file"]).name, "quantization": publish_config.gguf.quantization,
@@ -106,7 +108,7 @@ def publish_model(
     if publish_config.register_model:
         result |= register_in_mlflow(folder, files, card.run_name, tracking, {
             "prefect_flow_run_id": flow_run_id or "none", **({"hub_commit": result["hub_commit"]} if result.get("hub_commit") else {})}, log)
-    return PublishResult(**result, seconds=round(time.perf_counter() - started, 2))
+    return PublishResult(**result, timing=timing, seconds=round(time.perf_counter() - started, 2))
 
 
 def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking: TrackingRun | None, tags: dict, log) -> dict:
@@ -130,16 +132,20 @@ def register_in_mlflow(folder: Path, files: dict[str, str], name: str, tracking:
 
 
 def export_verified_gguf(folder: Path, publish_config: PublishConfig, verify_texts: list[str], files: dict, log, *,
-                         merged, tokenizer) -> dict:
+                         merged, tokenizer, timing: dict | None = None) -> dict:
     """Write the GGUF beside the merged weights (streamed), check its logits on `merged` (the merged model publish
     holds: no second load, loraflow.publishing.gguf_check), add it to `files`; returns its facts. `merged` holds
-    the GGUF's weights afterwards."""
+    the GGUF's weights afterwards. `timing` gets the seconds of gguf_export and gguf_check."""
     from loraflow.publishing.merge import PublishError, end_of_turn_ids, verification_batch
     from loraflow.runtime.artifact_store import file_sha256
 
+    timing = {} if timing is None else timing
+    started = time.perf_counter()
     path = export_gguf(folder, quantization=publish_config.gguf.quantization, eos_ids=end_of_turn_ids(tokenizer))
+    timing["gguf_export"] = round(time.perf_counter() - started, 2)
     inputs = verification_batch(tokenizer, verify_texts, next(merged.parameters()).device)
     max_diff = gguf_logit_difference_in_place(merged, path, inputs)
+    timing["gguf_check"] = round(time.perf_counter() - started - timing["gguf_export"], 2)
     if not max_diff <= publish_config.gguf.max_logit_difference:
         path.unlink()
         raise PublishError(f"{path.name}: max |logit difference| vs the merged model {max_diff:.4g} > publish.gguf.tolerance "

@@ -2,14 +2,17 @@
 
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
 from loraflow.evaluation.batching import (CPU_BATCH, MAX_GENERATION_BATCH, fitting_batch, generation_batch_size,
                                           generation_prompt_bytes, kv_bytes_per_token, loss_row_bytes)
-from loraflow.evaluation.generation import generate_answers, load_for_inference, stop_token_ids
+from loraflow.config.evaluate import EvalConfig
+from loraflow.evaluation.generation import IGNORE_INDEX, generate_answers, load_for_inference, mean_loss, stop_token_ids
+from loraflow.evaluation.metrics import evaluation_rows, sample_rows
 from loraflow.modeling.prompt_encoding import question_prompt_ids
-from tests.tiny_llama import smollm2_dir
+from tests.tiny_llama import smollm2_dir, tokens_frame
 
 # Llama-3-8B's shape with SmolLM2's vocabulary (scripts/make_8b_model.py).
 LLAMA3_8B = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
@@ -66,3 +69,32 @@ def test_batched_answers_equal_one_at_a_time_greedy(smollm2):
     strip = [{k: v for k, v in a.items() if k != "batch_size"} for a in single + batched]
     assert strip[:6] == strip[6:]
     assert any(a["stopped"] for a in single) and any(not a["stopped"] for a in single)
+
+
+def test_loss_on_labelled_positions_in_length_order_equals_the_models_own_loss(smollm2):
+    """mean_loss (rows sorted by length, padded in batches of 3, float32 only at labelled positions) equals the
+    token-weighted mean of the model's own per-row loss (transformers' `labels=` path, no padding)."""
+    import torch
+
+    model, tokenizer, _ = smollm2
+    rows = tokens_frame(tokenizer)
+    assert rows["length"].nunique() > 3 and len(rows) > 3  # batches with real padding
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids, labels in zip(rows["input_ids"], rows["labels"]):
+            scored = sum(1 for label in list(labels)[1:] if label != IGNORE_INDEX)
+            loss = model(input_ids=torch.tensor([list(ids)]), labels=torch.tensor([list(labels)])).loss
+            total, count = total + float(loss) * scored, count + scored
+    assert mean_loss(model, rows, batch_size=3, pad_id=tokenizer.pad_token_id) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_loss_rows_are_a_deterministic_capped_sample():
+    frame = pd.DataFrame({"id": [f"v{i}" for i in range(50)], "split": "validation", "prompt": "q"})
+    first = sample_rows(frame, 10, seed=0)
+    assert len(first) == 10 and list(first["id"]) == list(sample_rows(frame, 10, seed=0)["id"])
+    assert first.index.is_monotonic_increasing  # original order kept
+    assert set(first["id"]) <= set(sample_rows(frame, 20, seed=0)["id"])  # a bigger cap keeps the smaller's rows
+    assert list(first["id"]) != list(sample_rows(frame, 10, seed=1)["id"])
+    assert sample_rows(frame, None) is frame and sample_rows(frame, 50) is frame
+    _, loss_rows, split = evaluation_rows(frame, EvalConfig(max_loss_rows=7))
+    assert split == "validation" and len(loss_rows) == 7

@@ -44,10 +44,10 @@ def evaluation_frame(rows: int = 240, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-@pytest.mark.parametrize("max_questions", [6, 40, 500])
+@pytest.mark.parametrize("max_questions, max_loss_rows", [(6, None), (40, 10), (500, 1000)])
 @pytest.mark.parametrize("batch_rows", [1, 7, 64])
-def test_questions_and_loss_rows_equal_those_of_the_whole_frame(max_questions, batch_rows):
-    frame, config = evaluation_frame(), EvalConfig(max_questions=max_questions, seed=3)
+def test_questions_and_loss_rows_equal_those_of_the_whole_frame(max_questions, max_loss_rows, batch_rows):
+    frame, config = evaluation_frame(), EvalConfig(max_questions=max_questions, max_loss_rows=max_loss_rows, seed=3)
     questions, loss_rows, split = evaluation_inputs(frame, None, config, batch_rows=batch_rows)
     expected, expected_loss_rows, expected_split = evaluation_rows(frame, config)
     if max_questions > 6:  # every set is asked, and a probe whose title is in the data was dropped
@@ -57,6 +57,7 @@ def test_questions_and_loss_rows_equal_those_of_the_whole_frame(max_questions, b
     assert split == expected_split == "validation"
     assert loss_rows.column("labels").to_pylist() == [list(v) for v in expected_loss_rows["labels"]]
     assert loss_sample(loss_rows) == loss_sample(expected_loss_rows)
+    assert loss_rows.num_rows == min(max_loss_rows or 10**9, int((frame["split"] == "validation").sum()))
 
 
 def test_an_artifact_read_a_batch_at_a_time_gives_the_same_inputs(tmp_path):

@@ -36,11 +36,14 @@ def test_loraflow_run_on_the_gpu_config_with_a_two_layer_stand_in(tmp_path, pref
 
     summary = json.loads(next((tmp_path / "runs").glob("gpu-8b/*/summary.json")).read_text())
     assert summary["train"]["global_step"] == 2
+    assert 0 < summary["train"]["first_step_seconds"] < summary["train"]["seconds"]
     for model in ("base", "finetuned"):
         timing = summary["eval"]["timing"][model]
         assert timing["questions"] >= 4 and timing["batch_size"] == 16  # auto on CPU
     publish = summary["publish"]
     assert publish["published"] and publish["gguf_file"].endswith("model-f16.gguf")
     assert publish["gguf_max_logit_diff"] <= 1.0 and publish["max_logit_diff"] <= 1e-2
+    assert set(publish["timing"]) == {"load", "merge", "save", "gguf_export", "gguf_check"}
+    assert publish["timing"]["load"] < publish["timing"]["merge"] < publish["seconds"]
     manifest = json.loads((next((tmp_path / "runs" / "gpu-8b").glob("*/model")) / "loraflow-manifest.json").read_text())
     assert "model-f16.gguf" in manifest["files"]

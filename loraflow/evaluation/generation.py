@@ -167,41 +167,48 @@ def generate_answers(model, tokenizer, prompts: list[str | list[int]], *, max_ne
 
 def mean_loss(model, rows, *, batch_size: int | str, pad_id: int) -> float | None:
     """Token-weighted mean cross-entropy over the trained (label != -100) tokens of `rows` (a DataFrame or an Arrow
-    table with input_ids and labels; batch_size "auto": from
-    the GPU's free memory for the longest row)."""
-    import torch
-
+    table with input_ids and labels; batch_size "auto": from the GPU's free memory for the longest row). Rows go in
+    order of length (little padding), made into lists a batch at a time, and only the labelled positions' logits are
+    taken to float32 and scored (answer-only labels leave most positions unscored)."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import torch
 
     if isinstance(rows, pd.DataFrame):
         rows = pa.Table.from_pandas(rows[["input_ids", "labels"]], preserve_index=False)
     if rows.num_rows == 0:
         return None
-    longest = int(pc.max(pc.list_value_length(rows.column("input_ids"))).as_py())
-    batch_size = loss_batch_size(batch_size, model, row_tokens=longest)
+    lengths = pc.list_value_length(rows.column("input_ids")).to_numpy(zero_copy_only=False)
+    batch_size = loss_batch_size(batch_size, model, row_tokens=int(lengths.max()))
+    order = np.argsort(lengths, kind="stable")
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, rows.num_rows, batch_size):  # rows made into lists a batch at a time (memory-mapped table)
-        part = rows.slice(start, batch_size)
+    for start in range(0, rows.num_rows, batch_size):
+        part = rows.take(order[start:start + batch_size])
         chunk = list(zip(part.column("input_ids").to_pylist(), part.column("labels").to_pylist()))
-        longest = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for row, (ids, label) in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-            labels[row, :len(ids)] = torch.as_tensor(np.asarray(label, dtype=np.int64))
-            attention[row, :len(ids)] = 1
+        input_ids, labels, attention = padded_batch(chunk, pad_id)
         with torch.inference_mode():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        shifted = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total += float(losses)
-        count += int((shifted != IGNORE_INDEX).sum())
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            shifted = labels[:, 1:].to(device)
+            scored = shifted != IGNORE_INDEX
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), shifted[scored], reduction="sum"))
+        count += int(scored.sum())
     return total / count if count else None
+
+
+def padded_batch(chunk: list, pad_id: int):
+    """(input_ids, labels, attention_mask) of (ids, labels) pairs, right-padded to the longest (labels with -100)."""
+    import torch
+
+    longest = max(len(ids) for ids, _ in chunk)
+    input_ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(chunk), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(chunk), longest), dtype=torch.long)
+    for row, (ids, label) in enumerate(chunk):
+        input_ids[row, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        labels[row, :len(ids)] = torch.as_tensor(np.asarray(label, dtype=np.int64))
+        attention[row, :len(ids)] = 1
+    return input_ids, labels, attention
 
 
 def chat_prompt(tokenizer, question: str, system_prompt: str | None) -> str:

@@ -188,7 +188,17 @@ def evaluation_rows(frame: pd.DataFrame, eval_config: EvalConfig) -> tuple[pd.Da
     loss_split = "validation"
     if loss_rows.empty:
         loss_rows, loss_split = frame[frame["split"] == "heldout"], "heldout"
-    return questions, loss_rows, loss_split
+    return questions, sample_rows(loss_rows, eval_config.max_loss_rows, eval_config.seed), loss_split
+
+
+def sample_rows(rows: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most `limit` of `rows` (all for None), chosen by a hash of id and seed: the same rows on every run, and a
+    row stays chosen as long as it stays among the `limit` smallest hashes. Kept in their original order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    hashes = [hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in rows["id"]]
+    chosen = sorted(sorted(range(len(rows)), key=hashes.__getitem__)[:limit])
+    return rows.iloc[chosen]
 
 
 def score_answers(questions: pd.DataFrame, generations: list[dict], tokenizer=None) -> pd.DataFrame:

@@ -90,10 +90,21 @@ def evaluation_inputs(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore |
         drop = questions.index[probe][[bool(t) and normalise(t) in known for t in titles]]
         questions = questions.drop(index=drop).reset_index(drop=True)
     for split in ("validation", "heldout"):
-        loss_rows, _ = open_tokens(tokens, store, split=split, columns=["input_ids", "labels"])
+        loss_rows, _ = open_tokens(tokens, store, split=split, columns=["id", "input_ids", "labels"])
         if loss_rows.num_rows:
-            return questions, loss_rows, split
-    return questions, loss_rows, "heldout"
+            return questions, sample_table(loss_rows, eval_config.max_loss_rows, eval_config.seed), split
+    return questions, loss_rows.select(["input_ids", "labels"]), "heldout"
+
+
+def sample_table(rows: pa.Table, limit: int | None, seed: int = 0) -> pa.Table:
+    """input_ids and labels of at most `limit` rows (all for None), chosen as `metrics.sample_rows` chooses them (a
+    hash of id and seed), in their original order."""
+    from loraflow.evaluation.metrics import sample_rows
+
+    if limit is not None and rows.num_rows > limit:
+        ids = pd.DataFrame({"id": rows.column("id").to_pylist()})
+        rows = rows.take(sample_rows(ids, limit, seed).index.to_numpy())
+    return rows.select(["input_ids", "labels"])
 
 
 def _batch_reader(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None, batch_rows: int | None):

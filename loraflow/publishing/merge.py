@@ -34,17 +34,23 @@ class PublishError(RuntimeError):
 # ---- merge and verify ----------------------------------------------------------------------------------
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, verify_texts: list[str], *, tolerance: float,
-                  dtype: str = "float32", trust_remote_code: bool = False):
-    """Base (unquantized, `dtype`) + adapter, merged; returns (merged model, tokenizer, max |Δlogit|)."""
+                  dtype: str = "float32", trust_remote_code: bool = False, timing: dict | None = None):
+    """Base (unquantized, `dtype`) + adapter, merged; returns (merged model, tokenizer, max |Δlogit|). `timing` gets
+    the seconds of the base's load ("load")."""
+    import time
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
         device_map={"": 0} if torch.cuda.is_available() else None,
     )
+    if timing is not None:
+        timing["load"] = round(time.perf_counter() - started, 2)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     inputs = verification_batch(tokenizer, verify_texts, next(model.parameters()).device)

@@ -27,4 +27,6 @@ class PublishResult(BaseModel):
     hub_commit: str | None = None
     registered_model: str | None = Field(None, description="MLflow Model Registry name (publish.register_model).")
     registered_version: str | None = Field(None, description="Its version holding this merged model.")
+    timing: dict[str, float] = Field(default_factory=dict, description="Seconds of publish's steps: load (the base, "
+                                     "unquantized), merge (load, reference logits, merge, check), save (write, verify, hashes), gguf_export, gguf_check.")
     seconds: float

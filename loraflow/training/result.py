@@ -42,6 +42,10 @@ class TrainResult(BaseModel):
     tokens_per_second_after_first_step: float | None = Field(
         None, description="Non-padding tokens/s from the end of the first step to the last (leaves out compilation/warm-up).",
     )
+    first_step_seconds: float | None = Field(
+        None, description="Seconds from the train stage's start to its first optimizer step (inputs, model load, plan, "
+        "the first step's warm-up); None when no step ran.",
+    )
     packing: bool = Field(False, description="Whether examples were packed into rows.")
     rows_per_micro_batch: int | None = Field(None, description="Packed rows (or examples) per forward pass.")
     speed_plan: dict | None = Field(

@@ -222,6 +222,7 @@ class StepRecorder(TrainerCallback):
         self.bar = None
         self._started = (time.perf_counter(), 0)  # (time, tokens_seen) when training (re)started
         self._next_eta = None
+        self.first_step_at: float | None = None  # perf_counter() when the first optimizer step was logged
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
@@ -235,6 +236,7 @@ class StepRecorder(TrainerCallback):
         # The dataloader fetches ahead, so per-step token counts jitter; the rate is averaged since the start.
         # Summed over launched processes (every process logs each step, so the collective lines up): global tokens/s.
         now, seen = time.perf_counter(), sum_over_processes(self.collator.tokens_seen)
+        self.first_step_at = self.first_step_at or now
         elapsed = now - self._started[0]
         tokens_per_s = (seen - self._started[1]) / elapsed if elapsed > 0 else None
         row = {
