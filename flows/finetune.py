@@ -25,6 +25,7 @@ from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.ops.assets import materialize_published_model, source_asset_key
 from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
+from loraflow.publishing.champion_start import champion_start
 from loraflow.publishing.merge import MODEL_MANIFEST
 from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
 from loraflow.runtime.code_version import code_version
@@ -37,6 +38,7 @@ from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
+from loraflow.training.continuation import StartAdapter
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
 from tasks.publish import publish_task
@@ -68,16 +70,19 @@ def finetune_flow(config: PipelineConfig) -> dict:
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
     locks = host_lock_manager(config.locks, store_root)  # this host's: train/eval/publish folders live on it
 
-    # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
+    # ---- train: the adapter folder is named by data + base model + training config (+ the champion's adapter it
+    # continues from, train.init_from=champion); one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
-    train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
+    start = start_adapter(config, store_root, tokens)
+    train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train),
+                         *([start.adapter_sha256] if start else []))
     with timed(seconds, "train"):
         trained, cached = run_locked(
             train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
             lock_manager=locks,
             tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
             store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
-            run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
+            run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")), start=start,
         )
     summary.train = TrainSummary(**trained.model_dump(), cached=cached)
     summary.tracking = trained.tracking  # the MLflow run of this adapter
@@ -183,6 +188,18 @@ def source_asset_keys(config: PipelineConfig) -> list[str]:
             for source in config.sources for location in source_locations(source, config.base_dir)]
 
 
+def start_adapter(config: PipelineConfig, store_root: str, tokens: ArtifactRef) -> StartAdapter | None:
+    """With train.init_from=champion, the champion's adapter to continue from (loraflow.publishing.champion_start);
+    None for a fresh adapter (asked for, or nothing to continue from: a warning says why)."""
+    if config.train.init_from == "none":
+        return None
+    start, why_fresh = champion_start(registry_root(local_root(store_root)), ArtifactStore(store_root), config.name,
+                                      config.train, tokens.sha256)
+    if why_fresh:
+        get_run_logger().warning("train.init_from=champion: %s; training a fresh adapter", why_fresh)
+    return start
+
+
 def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
     """The champion of model name `run_name` (loraflow.publishing.registry), unless it came from this very adapter
     (an unchanged re-run) or its folder is gone."""
@@ -207,6 +224,7 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
         "config": {**config.model_dump(mode="json"), "store": config.store_root(), "runs_dir": str(config.runs_root())},
         "code": code_version(), "flow_run_id": flow_run_id,
         "tracking": summary.tracking.model_dump(mode="json") if summary.tracking else None,
+        "init_from": summary.train.continuation.start.model_dump(mode="json") if summary.train.continuation else None,
     })
     move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
     materialize_published_model(config.name, number, source_asset_keys(config), {
