@@ -26,6 +26,7 @@ from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.ops.assets import materialize_published_model, source_asset_key
 from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from loraflow.publishing.champion_start import champion_start
+from loraflow.publishing.hub import move_champion_tag_to
 from loraflow.publishing.merge import MODEL_MANIFEST
 from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
 from loraflow.runtime.code_version import code_version
@@ -217,6 +218,7 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
     model's asset; returns its number."""
     root, flow_run_id = registry_root(local_root(store_root)), flow_run.get_id()
     sources = [source.model_dump(mode="json") for source in summary.sources]
+    hub_tag = champion_hub_tag(config, published, f"{config.name}: champion (passed the gate, flow run {flow_run_id})")
     number = add_version(root, config.name, {
         "adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published,
         "metrics": summary.eval.finetuned, "gate": gate_reasons, "run_dir": summary.run_dir,
@@ -225,8 +227,10 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
         "code": code_version(), "flow_run_id": flow_run_id,
         "tracking": summary.tracking.model_dump(mode="json") if summary.tracking else None,
         "init_from": summary.train.continuation.start.model_dump(mode="json") if summary.train.continuation else None,
+        "hub_tag": hub_tag,
     })
-    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
+    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})",
+                  hub_tag=hub_tag)
     materialize_published_model(config.name, number, source_asset_keys(config), {
         "metrics": {metric: summary.eval.finetuned.get(metric) for metric in HEADLINE_METRICS},
         "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in sources],
@@ -234,6 +238,20 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
     note = set_champion_alias(version(root, config.name, number))
     get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
     return number
+
+
+def champion_hub_tag(config: PipelineConfig, published: dict, message: str) -> dict | None:
+    """Move the Hub's `champion` tag to the commit just published (publish.target=hf_hub; None otherwise). Best
+    effort: the model is published and its version is recorded either way, so a failure is a warning with the command
+    that moves the tag again (`loraflow promote`), and {"error": ...} in the record."""
+    try:
+        return move_champion_tag_to({**published, "config": {"publish": config.publish.model_dump(mode="json")}}, message,
+                                    log=get_run_logger())
+    except Exception as error:  # the Hub unreachable, a token without write access: the publish stands
+        get_run_logger().warning("the Hub tag `champion` of %s did not move (%s: %s) -> `loraflow promote %s VERSION "
+                                 "--why 'move the Hub tag'` moves it", published.get("hub_repo"), type(error).__name__,
+                                 str(error)[:300], config.name)
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:
