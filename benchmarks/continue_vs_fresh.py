@@ -37,14 +37,19 @@ CATALOG = ROOT / "data" / "sample" / "anime_catalog.csv"
 EDITED = (1, 2, 3)  # catalog rows (0-based) whose studio, score and genres change
 
 
+def read_catalog() -> pd.DataFrame:
+    """The sample catalog as text, so that rows written back unchanged are byte for byte the same."""
+    return pd.read_csv(CATALOG, dtype=str, keep_default_na=False)
+
+
 def changed_catalog(rows: int, added: int) -> pd.DataFrame:
     """The first `rows` + `added` catalog rows, EDITED rows given the studio, genres and score of rows far below."""
-    table = pd.read_csv(CATALOG)
+    table = read_catalog()
     changed = table.head(rows + added).copy()
     for row in EDITED:
         donor = table.iloc[100 + row]
         changed.loc[row, ["Studios", "Genres"]] = donor["Studios"], donor["Genres"]
-        changed.loc[row, "Score"] = round(float(changed.loc[row, "Score"]) + 0.77, 2)
+        changed.loc[row, "Score"] = f"{float(changed.loc[row, 'Score']) + 0.77:.2f}"
     return changed
 
 
@@ -124,7 +129,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="loraflow-continue-") as folder:
         work, home = Path(folder), Path(folder) / "prefect-home"
         catalog = work / "catalog.csv"
-        pd.read_csv(CATALOG).head(args.rows).to_csv(catalog, index=False)
+        read_catalog().head(args.rows).to_csv(catalog, index=False)
         champion, wall, load = loraflow_run(write_config(work, catalog, args, "none"), home)
         runs["champion"] = {"wall_seconds": wall, "flow_seconds": champion["seconds"], "load_average_1_5_15_before": load,
                             "train_seconds": champion["train"]["seconds"], "train_steps": champion["train"]["global_step"],

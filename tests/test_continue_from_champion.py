@@ -4,7 +4,6 @@ SmolLM2 through `loraflow run`: a first run with no champion trains fresh (warne
 catalog row continues from version 1 on the changed records' rows plus the replayed share, an unchanged re-run is
 all cached, and the continued model starts from exactly the champion's LoRA weights."""
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,10 +149,13 @@ def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tm
 
     start_adapter = StartAdapter(**plan["start"])
     captured = LoraWeights()
-    train_config = TrainConfig(**{**json.loads(json.dumps(version_two["config"]["train"])), "max_steps": 1})
+    # One step at the full learning rate (no warm-up step at rate 0), so that it moves the weights.
+    train_config = TrainConfig(**{**version_two["config"]["train"], "max_steps": 1, "warmup_ratio": 0.0,
+                                  "lr_scheduler": "constant"})
     result = train_adapter(ArtifactRef(**second["tokens"]), model_dir, train_config, tmp_path / "again",
                            store=ArtifactStore(tmp_path / "store"), start=start_adapter, callbacks=[captured])
     champion_weights = load_file(Path(start_adapter.adapter_dir) / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for name, tensor in champion_weights.items() if "lora_B" in name)  # not a fresh B
     assert set(captured.seen) == set(champion_weights)
     assert all(captured.seen[name].equal(champion_weights[name].to(captured.seen[name].dtype)) for name in champion_weights)
     after = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")
