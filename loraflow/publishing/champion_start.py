@@ -32,17 +32,19 @@ def champion_start(root: Path, store: ArtifactStore, name: str, train_config: Tr
     record = champion(root, name)
     if record is None:
         return None, f"{name} has no champion yet (nothing published in {root})"
-    if record["data"]["tokens_sha256"] == tokens_sha256:  # the champion's own data: its own start (see above)
+    where = f"version {record['version']} in {root / name / 'versions'}"
+    champion_tokens = (record.get("data") or {}).get("tokens_sha256")
+    if not champion_tokens or "train" not in (record.get("config") or {}):
+        return None, f"the champion's record ({where}) names no training data or config (published by an older loraflow)"
+    if champion_tokens == tokens_sha256:  # the champion's own data: its own start (see above)
         held = record.get("init_from")
         return (StartAdapter(**held) if held else None), None
-    where = f"version {record['version']} in {root / name / 'versions'}"
     adapter_dir = Path(record["model_dir"]) / "adapter"
     if not all((adapter_dir / file).exists() for file in ADAPTER_FILES):
         return None, f"the champion's adapter ({where}) is not in {adapter_dir}"
-    tokens = store.find(record["data"]["tokens_sha256"])
+    tokens = store.find(champion_tokens)
     if tokens is None:
-        return None, (f"the champion's training data (tokens {record['data']['tokens_sha256'][:12]}…, {where}) is no "
-                      f"longer in the store {store.root}")
+        return None, f"the champion's training data (tokens {champion_tokens[:12]}…, {where}) is no longer in the store {store.root}"
     check_lora_settings(record["config"]["train"], train_config, where)
     return StartAdapter(model_name=name, version=record["version"], adapter_dir=str(adapter_dir),
                         adapter_sha256=adapter_sha256(adapter_dir), tokens=tokens), None
