@@ -7,7 +7,9 @@ published again. Every publish is a numbered version of the model name (the conf
 champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
 `loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
 evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
-worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
+worse, so a regression is never published. With train.init_from=champion the adapter continues from the
+champion's (loraflow.publishing.champion_start), on the rows changed since its data plus a replayed share; with
+publish.target=hf_hub the Hub repo's tag `champion` moves to every version published as champion. A refused run ends Completed(name="Refused") (or Failed, with
 eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
 """
 
