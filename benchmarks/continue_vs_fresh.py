@@ -11,7 +11,9 @@ get another studio, score and genres; the next 2 rows are added) and (2) `train.
 flow and training seconds, steps and rows trained, and the fine-tuned model's fact accuracy on the questions about
 edited, new and unchanged titles (trained, held-out and natural phrasings, from the run's eval_answers.parquet),
 its refusal rate on made-up titles and the general suite. Reduced by default so it ends on a loaded 2-core CPU:
-`--rows 5`, 3 trained phrasings, `--epochs 4`, 2 refusal examples per row, `eval.max_questions` = every question.
+`--rows 5`, 3 trained phrasings, `--epochs 4`, 2 refusal examples per row, `eval.max_questions` 24 (12 trained and
+12 held-out phrasings, natural questions and made-up titles on top) and every 4th question of the general suite (11
+of 44). `--work DIR` keeps the store between invocations (a champion already trained there is reused from the cache).
 Writes benchmarks/results/continue_vs_fresh_cpu.json with the command, date, machine and load averages.
 """
 
@@ -33,6 +35,8 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from loraflow.config.general_suite import GENERAL_SUITE  # noqa: E402
 CATALOG = ROOT / "data" / "sample" / "anime_catalog.csv"
 EDITED = (1, 2, 3)  # catalog rows (0-based) whose studio, score and genres change
 
@@ -63,7 +67,9 @@ def write_config(work: Path, catalog: Path, args, init_from: str) -> Path:
                                             trained_title_variants=min(2, args.trained_phrasings - 1),
                                             refusal_examples=args.refusal_examples)
     config["train"].update(epochs=args.epochs, init_from=init_from, replay_unchanged=args.replay, cpu_threads=args.threads)
-    config["eval"]["max_questions"] = 10_000  # every question: accuracy per title needs them all
+    config["eval"]["max_questions"] = args.max_questions
+    general = list(GENERAL_SUITE.items())[:: args.general_every]
+    config["eval"].update(general_questions=[q for q, _ in general], general_expected=dict(general))
     config["eval"]["gate"].update(previous_tolerance=1.0)  # measure both candidates: publish whatever trained
     path = work / f"config_{init_from}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -123,11 +129,15 @@ def main() -> None:
     parser.add_argument("--refusal-examples", type=int, default=2)
     parser.add_argument("--replay", type=float, default=0.25, help="train.replay_unchanged of the continued run")
     parser.add_argument("--threads", type=int, default=1, help="train.cpu_threads")
+    parser.add_argument("--max-questions", type=int, default=24, help="eval.max_questions")
+    parser.add_argument("--general-every", type=int, default=4, help="every Nth question of the general suite")
+    parser.add_argument("--work", default=None, help="folder for the store and runs (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continue_vs_fresh_cpu.json"))
     args = parser.parse_args()
     runs = {}
     with tempfile.TemporaryDirectory(prefix="loraflow-continue-") as folder:
-        work, home = Path(folder), Path(folder) / "prefect-home"
+        work = Path(args.work or folder)
+        home = work / "prefect-home"
         catalog = work / "catalog.csv"
         read_catalog().head(args.rows).to_csv(catalog, index=False)
         champion, wall, load = loraflow_run(write_config(work, catalog, args, "none"), home)
@@ -150,7 +160,8 @@ def main() -> None:
                      "config": "configs/anime_demo.yaml reduced: " + json.dumps(
                          {"epochs": args.epochs, "trained_phrasings": args.trained_phrasings,
                           "refusal_examples": args.refusal_examples, "replay_unchanged": args.replay,
-                          "cpu_threads": args.threads})},
+                          "cpu_threads": args.threads, "max_questions": args.max_questions,
+                          "general_questions": len(list(GENERAL_SUITE)[:: args.general_every])})},
         "runs": runs,
         "continued_vs_fresh": {key: round(runs["continued"][key] / runs["fresh"][key], 3)
                                for key in ("train_seconds", "flow_seconds", "train_steps")},
