@@ -6,7 +6,8 @@ The same scenario and configs as benchmarks/continue_vs_fresh_flow.py (the demo 
 trained on the first 5 catalog rows; then rows 2-4 get another studio, score and genres and 2 rows are added), but
 run through the library so that it ends on a loaded 2-core CPU, where the flow version's evaluation of three models
 per run (base, candidate, champion) did not: `loraflow prepare` makes both TOKENS artifacts, then
-`tasks.train.train_adapter` trains the champion (reused from the flow's store folder when it is there), the
+`tasks.train.train_adapter` trains the champion (reused from the flow's store folder when it is there; it answers too, so its accuracy on the
+unchanged titles is the baseline, and on the edited ones it still states the old facts), the
 continued adapter (`train.init_from: champion`, `replay_unchanged` 0.25) and the fresh one, timed; then each
 candidate alone (no base, no champion) answers the trained and held-out phrasings about every title (greedy, the
 evaluation's own budgets and scoring) and 11 questions of the general suite. Fact accuracy per title group (edited,
@@ -138,6 +139,9 @@ def main() -> None:
                          adapter_sha256=adapter_sha256(Path(champion.adapter_dir)), tokens=tokens_before)
     continued_config = config.train.model_copy(update={"init_from": "champion"})
     frame = store.read(tokens_after)
+    answered = answer(model_dir, champion.adapter_dir, frame, config.eval, config.format.system_prompt)
+    runs["champion"] |= {"accuracy_by_title": accuracy_by_title(answered["scored"], args.rows),  # edited: its old facts
+                         "general_right": answered["general_right"], "general_total": answered["general_total"]}
     for name, train_config, start_adapter in (("continued", continued_config, start), ("fresh", config.train, None)):
         result, seconds, load = timed_training(tokens_after, model_dir, train_config, work / f"train_{name}", store, start_adapter)
         answered = answer(model_dir, result.adapter_dir, frame, config.eval, config.format.system_prompt)
