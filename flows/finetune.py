@@ -7,7 +7,9 @@ published again. Every publish is a numbered version of the model name (the conf
 champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
 `loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
 evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
-worse, so a regression is never published. A refused run ends Completed(name="Refused") (or Failed, with
+worse, so a regression is never published. With train.init_from=champion the adapter continues from the
+champion's (loraflow.publishing.champion_start), on the rows changed since its data plus a replayed share; with
+publish.target=hf_hub the Hub repo's tag `champion` moves to every version published as champion. A refused run ends Completed(name="Refused") (or Failed, with
 eval.gate.fail_on_refusal) and emits the event loraflow.model.refused (loraflow.ops.refusal).
 """
 
@@ -25,6 +27,8 @@ from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
 from loraflow.ops.assets import materialize_published_model, source_asset_key
 from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
+from loraflow.publishing.champion_start import champion_start
+from loraflow.publishing.hub import move_champion_tag_to
 from loraflow.publishing.merge import MODEL_MANIFEST
 from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
 from loraflow.runtime.code_version import code_version
@@ -37,6 +41,7 @@ from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
+from loraflow.training.continuation import StartAdapter
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
 from tasks.publish import publish_task
@@ -68,16 +73,19 @@ def finetune_flow(config: PipelineConfig) -> dict:
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
     locks = host_lock_manager(config.locks, store_root)  # this host's: train/eval/publish folders live on it
 
-    # ---- train: the adapter folder is named by data + base model + training config; one run trains at a time
+    # ---- train: the adapter folder is named by data + base model + training config (+ the champion's adapter it
+    # continues from, train.init_from=champion); one run trains at a time
     base_fingerprint = base_model_fingerprint(Path(model_dir))
-    train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train))
+    start = start_adapter(config, store_root, tokens)
+    train_dir = work_dir(store_root, "train", tokens.sha256, base_fingerprint, config_hash(config.train),
+                         *([start.adapter_sha256] if start else []))
     with timed(seconds, "train"):
         trained, cached = run_locked(
             train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
             lock_manager=locks,
             tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
             store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
-            run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")),
+            run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")), start=start,
         )
     summary.train = TrainSummary(**trained.model_dump(), cached=cached)
     summary.tracking = trained.tracking  # the MLflow run of this adapter
@@ -183,6 +191,18 @@ def source_asset_keys(config: PipelineConfig) -> list[str]:
             for source in config.sources for location in source_locations(source, config.base_dir)]
 
 
+def start_adapter(config: PipelineConfig, store_root: str, tokens: ArtifactRef) -> StartAdapter | None:
+    """With train.init_from=champion, the champion's adapter to continue from (loraflow.publishing.champion_start);
+    None for a fresh adapter (asked for, or nothing to continue from: a warning says why)."""
+    if config.train.init_from == "none":
+        return None
+    start, why_fresh = champion_start(registry_root(local_root(store_root)), ArtifactStore(store_root), config.name,
+                                      config.train, tokens.sha256)
+    if why_fresh:
+        get_run_logger().warning("train.init_from=champion: %s; training a fresh adapter", why_fresh)
+    return start
+
+
 def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
     """The champion of model name `run_name` (loraflow.publishing.registry), unless it came from this very adapter
     (an unchanged re-run) or its folder is gone."""
@@ -200,6 +220,7 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
     model's asset; returns its number."""
     root, flow_run_id = registry_root(local_root(store_root)), flow_run.get_id()
     sources = [source.model_dump(mode="json") for source in summary.sources]
+    hub_tag = champion_hub_tag(config, published, f"{config.name}: champion (passed the gate, flow run {flow_run_id})")
     number = add_version(root, config.name, {
         "adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published,
         "metrics": summary.eval.finetuned, "gate": gate_reasons, "run_dir": summary.run_dir,
@@ -207,8 +228,11 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
         "config": {**config.model_dump(mode="json"), "store": config.store_root(), "runs_dir": str(config.runs_root())},
         "code": code_version(), "flow_run_id": flow_run_id,
         "tracking": summary.tracking.model_dump(mode="json") if summary.tracking else None,
+        "init_from": summary.train.continuation.start.model_dump(mode="json") if summary.train.continuation else None,
+        "hub_tag": hub_tag,
     })
-    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})")
+    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})",
+                  hub_tag=hub_tag)
     materialize_published_model(config.name, number, source_asset_keys(config), {
         "metrics": {metric: summary.eval.finetuned.get(metric) for metric in HEADLINE_METRICS},
         "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in sources],
@@ -216,6 +240,20 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
     note = set_champion_alias(version(root, config.name, number))
     get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
     return number
+
+
+def champion_hub_tag(config: PipelineConfig, published: dict, message: str) -> dict | None:
+    """Move the Hub's `champion` tag to the commit just published (publish.target=hf_hub; None otherwise). Best
+    effort: the model is published and its version is recorded either way, so a failure is a warning with the command
+    that moves the tag again (`loraflow promote`), and {"error": ...} in the record."""
+    try:
+        return move_champion_tag_to({**published, "config": {"publish": config.publish.model_dump(mode="json")}}, message,
+                                    log=get_run_logger())
+    except Exception as error:  # the Hub unreachable, a token without write access: the publish stands
+        get_run_logger().warning("the Hub tag `champion` of %s did not move (%s: %s) -> `loraflow promote %s VERSION "
+                                 "--why 'move the Hub tag'` moves it", published.get("hub_repo"), type(error).__name__,
+                                 str(error)[:300], config.name)
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
 def work_dir(store_root: str, kind: str, *parts: str) -> Path:

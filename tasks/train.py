@@ -48,6 +48,7 @@ from loraflow.tracking.mlflow_run import check_tracker, log_best_effort, tracked
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.throttle import Throttle
 from loraflow.training.checkpoints import finished_result, resume_point
+from loraflow.training.continuation import StartAdapter
 from loraflow.training.data import TrainInputs, plan_batches, read_train_inputs
 from loraflow.training.distributed import is_main_process, world_size
 from loraflow.training.launch import launch_training, resolve_num_processes
@@ -64,7 +65,7 @@ PROGRESS_SECONDS = 5.0  # the UI's progress bar moves at most this often: each u
 def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, train_config: TrainConfig,
                   output_dir: str | Path, *, store: ArtifactStore | None = None, trust_remote_code: bool = False,
                   callbacks: list | None = None, on_step=None, run_name: str | None = None,
-                  tracking_params: dict[str, str] | None = None,
+                  tracking_params: dict[str, str] | None = None, start: StartAdapter | None = None,
                   log: logging.Logger | logging.LoggerAdapter | None = None) -> TrainResult:
     """Train a LoRA adapter on the `split == "train"` rows of a TOKENS artifact (a ref or its DataFrame): here
     (`train_here`), or with train.distributed in launched processes (each runs `train_launched`).
@@ -78,6 +79,8 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
     With mlflow in train.report_to: an MLflow server that does not answer fails here before anything loads
     (TrackerError); the run transformers' MLflowCallback opens is named `run_name`, gets `tracking_params` (the
     flattened pipeline config) and the curve files, and is TrainResult.tracking (loraflow.tracking.mlflow_run).
+    `start` (train.init_from=champion, found by the flow): continue from that adapter on the rows changed since its
+    data plus a replayed share (loraflow.training.continuation); TrainResult.continuation says what ran.
     """
     log = log or log_default
     started = time.perf_counter()
@@ -87,7 +90,7 @@ def train_adapter(tokens: ArtifactRef | pd.DataFrame, model_dir: str | Path, tra
                          "process cannot run: drop callbacks, or set train.distributed=none")
     # ---- validate inputs before loading anything heavy; reuse a finished adapter ----
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    inputs = read_train_inputs(tokens, store, model_dir, train_config)
+    inputs = read_train_inputs(tokens, store, model_dir, train_config, start)
     done = finished_result(output_dir, inputs.fingerprint)
     if done is not None:
         log.info("train: adapter %s already complete for these inputs (fingerprint %s); reusing it", output_dir / "adapter", inputs.fingerprint)
@@ -128,6 +131,8 @@ def train_here(inputs: TrainInputs, model_dir: Path, train_config: TrainConfig, 
     save. The TrainPlan is decided once here and goes into the TrainResult."""
     started = started or time.perf_counter()
     plan = plan_training(train_config, model_dir, inputs.longest_example, log, processes=world_size())
+    if inputs.continuation is not None:
+        log.info("train: %s", inputs.continuation.describe())
 
     # ---- resume or start: decide before building the Trainer, so a refusal costs nothing ----
     checkpoints_dir = output_dir / "checkpoints"
@@ -140,7 +145,8 @@ def train_here(inputs: TrainInputs, model_dir: Path, train_config: TrainConfig, 
     from transformers import set_seed
 
     set_seed(train_config.seed)
-    model = load_lora_model(model_dir, train_config, plan, trust_remote_code=trust_remote_code)
+    start_dir = inputs.continuation.start.adapter_dir if inputs.continuation else None
+    model = load_lora_model(model_dir, train_config, plan, trust_remote_code=trust_remote_code, start_adapter_dir=start_dir)
     trainable, total = parameter_counts(model)
     log.info("train: %s trainable LoRA parameters of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -172,7 +178,7 @@ def train_here(inputs: TrainInputs, model_dir: Path, train_config: TrainConfig, 
         quantization=plan.quantization, quantization_reason=plan.quantization_reason,
         precision=plan.precision, precision_reason=plan.precision_reason, optimizer=plan.optimizer,
         data_sha256=inputs.data_sha, fingerprint=inputs.fingerprint, tracking=tracked_run(trainer),
-        fsdp_memory=plan.fsdp_memory, plan=plan,
+        fsdp_memory=plan.fsdp_memory, plan=plan, continuation=inputs.continuation,
     )
     if is_main_process():  # rank 0 writes; the others' result is never read
         save_outputs(result, model=model, trainer=trainer, train_output=train_output, curve_rows=recorder.rows,
@@ -202,9 +208,10 @@ if task is not None:
     def train_task(
         tokens: ArtifactRef, model_dir: str, train_config: TrainConfig, output_dir: str, store_root: str,
         base_fingerprint: str = "", trust_remote_code: bool = False, run_name: str | None = None,
-        tracking_params: dict[str, str] | None = None,
+        tracking_params: dict[str, str] | None = None, start: StartAdapter | None = None,
     ) -> TrainResult:
-        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key; run_name and
+        """Prefect task around `train_adapter` (base_fingerprint only feeds the cache key; `start`, the champion
+        adapter a train.init_from=champion run continues from, is in it with its content hash; run_name and
         tracking_params, for the tracker, are left out of it by the flow); a progress artifact in the UI follows
         the optimizer steps, updated at most every PROGRESS_SECONDS (not every step: each update is an API call and
         a `prefect.artifact.updated` event). With train.distributed the launched processes' output
@@ -237,7 +244,7 @@ if task is not None:
         result = train_adapter(
             tokens, model_dir, train_config, output_dir, store=ArtifactStore(store_root),
             trust_remote_code=trust_remote_code, log=log, on_step=report_progress, run_name=run_name,
-            tracking_params=tracking_params,
+            tracking_params=tracking_params, start=start,
         )
         report_progress(1, 1, None)  # 100 %, as best-effort as every step's report
         return result

@@ -1,7 +1,8 @@
 """A local stand-in for the parts of the Hugging Face Hub HTTP API that publishing uses.
 
 Point HF_ENDPOINT at `HubStandIn().start()` and the real `huggingface_hub` client runs its real code path
-against it: create_repo, create_branch, repo_info, validate-yaml (README metadata), preupload (every
+against it: create_repo, create_branch, create_tag / delete_tag / list_repo_refs (tags name commits; a revision
+may be a tag), repo_info, validate-yaml (README metadata), preupload (every
 file is answered "regular", i.e. inline base64, no LFS), commit (NDJSON, with parentCommit checks),
 list_repo_tree, and file downloads (HEAD/GET resolve, what snapshot_download uses). Repos live in memory as commits of {path: bytes}; every request's headers are recorded
 so tests can check that the token was sent (and nowhere else). `fail()` makes chosen requests fail the way
@@ -47,6 +48,9 @@ class HubStandIn:
 
             def do_HEAD(self):
                 standin._handle(self, "HEAD")
+
+            def do_DELETE(self):
+                standin._handle(self, "DELETE")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -96,7 +100,20 @@ class HubStandIn:
     # ---- state helpers for tests ----
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.repos[repo_id]
-        return dict(repo["commits"][repo["branches"].get(revision, revision)]["files"])
+        return dict(repo["commits"][self._resolve(repo, revision)]["files"])
+
+    def tags(self, repo_id: str) -> dict[str, str]:
+        """Tag name -> commit id."""
+        return dict(self.repos[repo_id]["tags"])
+
+    @staticmethod
+    def _resolve(repo: dict, revision: str) -> str | None:
+        """The commit a branch, tag or commit id names (None: none)."""
+        if revision in repo["branches"]:
+            return repo["branches"][revision]
+        if revision in repo["tags"]:
+            return repo["tags"][revision]
+        return revision if revision in repo["commits"] else None
 
     def _new_commit(self, repo: dict, files: dict, parent: str | None, summary: str) -> str:
         oid = hashlib.sha1(json.dumps([parent, summary, sorted((p, git_blob_sha1(c)) for p, c in files.items())]).encode()).hexdigest()
@@ -142,7 +159,7 @@ class HubStandIn:
         with self.lock:
             self.requests.append({"method": method, "path": handler.path, "headers": {k.lower(): v for k, v in handler.headers.items()}})
             repo = self.repos.get(repo_id)
-            head = repo and repo["branches"].get(revision, revision if revision in repo["commits"] else None)
+            head = repo and self._resolve(repo, revision)
             content = repo["commits"][head]["files"].get(file_path) if head else None
         if content is None:
             handler.send_response(404)
@@ -166,13 +183,22 @@ class HubStandIn:
             repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
             if repo_id in self.repos:
                 return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
-            repo = {"private": request.get("visibility") == "private", "branches": {}, "commits": {}}
+            repo = {"private": request.get("visibility") == "private", "branches": {}, "tags": {}, "commits": {}}
             repo["branches"]["main"] = self._new_commit(repo, {".gitattributes": b"*.safetensors filter=lfs\n"}, None, "initial commit")
             self.repos[repo_id] = repo
             return 200, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id, "id": repo_id}
         if method == "POST" and path == "/api/validate-yaml":
             return 200, {"errors": [], "warnings": []}
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|revision|preupload|commit|tree)/([^/]+)(/.*)?", path)
+        refs = re.fullmatch(r"/api/models/([^/]+/[^/]+)/refs", path)
+        if refs and method == "GET":
+            repo = self.repos.get(refs.group(1))
+            if repo is None:
+                return 404, {"error": "Repository not found"}
+            def listed(kind, names):
+                return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": oid} for n, oid in sorted(names.items())]
+            return 200, {"branches": listed("heads", repo["branches"]), "tags": listed("tags", repo["tags"]),
+                         "converts": [], "pullRequests": []}
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|tag|revision|preupload|commit|tree)/([^/]+)(/.*)?", path)
         if not match:
             return 404, {"error": f"no such endpoint: {method} {path}"}
         repo_id, action, revision, rest = match.group(1), match.group(2), unquote(match.group(3)), match.group(4)
@@ -185,7 +211,17 @@ class HubStandIn:
             start = (json.loads(body) if body else {}).get("startingPoint") or "main"
             repo["branches"][revision] = repo["branches"].get(start, start)
             return 200, {}
-        head = repo["branches"].get(revision, revision if revision in repo["commits"] else None)
+        if action == "tag" and method == "DELETE":  # the revision part is the tag's name
+            if repo["tags"].pop(revision, None) is None:
+                return 404, {"error": f"Tag {revision} not found"}
+            return 200, {}
+        head = self._resolve(repo, revision)
+        if action == "tag" and method == "POST" and head is not None:
+            tag = json.loads(body)["tag"]
+            if tag in repo["tags"] or tag in repo["branches"]:
+                return 409, {"error": f"Tag {tag} already exists"}
+            repo["tags"][tag] = head
+            return 200, {}
         if head is None:
             return 404, {"error": f"Invalid rev id: {revision}"}
         if action == "revision":

@@ -8,6 +8,7 @@
 
 import asyncio
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def test_unchanged_rerun_is_all_cached_publishes_nothing_and_is_byte_identical(t
     assert all(stage["cached"] for stage in second["stages"].values()), second["stages"]
     assert second["publish"]["reused"] and not second["publish"]["published"]
     hub, before = two_runs["hub"], two_runs["after_first"]
+    # Published as the champion: the Hub's `champion` tag is on that commit, and the version record says so.
+    assert hub.tags(REPO_ID) == {"champion": first["publish"]["hub_commit"]}
+    record = json.loads((two_runs["store"] / "published" / "reliability" / "versions" / "0001.json").read_text())
+    assert record["hub_tag"] == {"repo": REPO_ID, "tag": "champion", "commit": first["publish"]["hub_commit"], "moved_from": None}
     assert hub.repos[REPO_ID]["branches"] == before["branches"] and len(hub.repos[REPO_ID]["commits"]) == before["commits"]
 
     after = store_hashes(two_runs["store"])

@@ -1,7 +1,8 @@
 """`loraflow models / promote / rollback`: list a model name's versions and move its champion (who and why recorded).
 
-The record lives in the store (loraflow.publishing.registry); with MLflow registration on, the alias `champion`
-moves with it (loraflow.tracking.mlflow_run.set_champion_alias).
+The record lives in the store (loraflow.publishing.registry); a version published to the Hub gets the Hub tag
+`champion` first (loraflow.publishing.hub.move_champion_tag: when the Hub refuses, nothing moves), and with MLflow
+registration on, the alias `champion` moves with it (loraflow.tracking.mlflow_run.set_champion_alias).
 """
 
 from __future__ import annotations
@@ -89,18 +90,42 @@ def _move(args, number: int, action: str) -> int:
 
     root = registry_of(args.store)
     try:
-        entry = move_champion(root, args.name, number, action=action, why=args.why, by=args.by)
+        record = version(root, args.name, number)
+        hub_tag = _move_hub_tag(record, f"{args.name} version {number}: champion ({action}: {args.why})")
+        entry = move_champion(root, args.name, number, action=action, why=args.why, by=args.by, hub_tag=hub_tag)
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    record, alias = version(root, args.name, number), ""
+    except HubTagError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    alias = f"; Hub tag champion of {hub_tag['repo']} -> {hub_tag['commit'][:10]}" if hub_tag else ""
     if record.get("registered_version"):  # the tracking module imports transformers (~20 s on a busy 2-core CPU)
         from loraflow.tracking.mlflow_run import set_champion_alias
 
-        alias = set_champion_alias(record)
+        alias += set_champion_alias(record)
     print(f"{args.name}: version {number} is the champion (was {entry['from_version']}; {action} by {entry['by']}: "
           f"{entry['why']}){alias}")
     return 0
+
+
+class HubTagError(RuntimeError):
+    """The Hub did not move its `champion` tag; the champion stays where it was everywhere."""
+
+
+def _move_hub_tag(record: dict, message: str) -> dict | None:
+    """The Hub's `champion` tag on the version's commit (None when it is not on the Hub); HubTagError naming the repo
+    and what to do when the Hub refuses or cannot be reached."""
+    if not record.get("hub_repo"):
+        return None
+    from loraflow.publishing.hub import move_champion_tag_to
+
+    try:
+        return move_champion_tag_to(record, message)
+    except Exception as error:
+        raise HubTagError(f"the Hub tag `champion` of {record['hub_repo']} did not move to {record.get('hub_commit')} "
+                          f"({type(error).__name__}: {str(error)[:300]}); nothing moved -> check HF_TOKEN (or the "
+                          f"Secret block publish.hf_token_secret names) and HF_ENDPOINT, and run the command again") from error
 
 
 def _num(value) -> str:

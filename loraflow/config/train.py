@@ -115,6 +115,24 @@ class TrainConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="Newest complete checkpoints kept while training (all removed after success).")
     nonfinite_patience: int = Field(3, ge=1, description="Stop after this many consecutive steps with non-finite loss or grad norm.")
     allow_resume_mismatch: bool = Field(False, description="Resume even if data or config differ from the checkpoint's.")
+    init_from: Literal["none", "champion"] = Field(
+        "none",
+        description=(
+            "none = a fresh adapter. champion = continue from the model name's champion adapter (the published version "
+            "in force), training on the rows it has not seen (source records new or edited since its data) plus "
+            "replay_unchanged of the rest. No champion yet (a first run), or its adapter or data gone from the store: "
+            "trains fresh, with a warning. The champion's LoRA settings (r, alpha, targets, rsLoRA, DoRA) must be these. "
+            "docs/retraining.md, 'Continue or start fresh'."
+        ),
+    )
+    replay_unchanged: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description=(
+            "With init_from=champion: the share of the unchanged train rows (examples of source records the champion "
+            "was trained on as they are now) trained again beside the changed ones, so it keeps them (0 = changed rows "
+            "only, 1 = all rows, from the champion's weights). Drawn with train.seed."
+        ),
+    )
     seed: int = Field(0, description="Random seed.")
     cpu_threads: int | None = Field(
         None, ge=1,
@@ -141,6 +159,11 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "train.distributed=fsdp cannot shard 8-bit weights (FSDP shards float storage only): use "
                 "train.quantization=4bit (stored as bf16) or none, or train.distributed=ddp"
+            )
+        if self.init_from == "champion" and self.distributed != "none":
+            raise ValueError(
+                "train.init_from=champion continues in this one process only (launched processes do not load the "
+                "champion's adapter yet): set train.distributed=none, or train.init_from=none"
             )
         if self.distributed == "fsdp" and self.optimizer == "paged_adamw_8bit":
             raise ValueError(

@@ -1,7 +1,9 @@
-"""Publishing a model folder to the Hugging Face Hub: the token, one verified commit to a run branch, then main.
+"""Publishing a model folder to the Hugging Face Hub: the token, one verified commit to a run branch, then main;
+the tag `champion` on the commit of the model name's champion.
 
     token = resolve_hub_token(publish_config.hf_token_secret)     # a Prefect Secret block, or HF_TOKEN
     push_folder(folder, files, repo_id=..., token=token, private=..., branch="main", run_branch=..., message=...)
+    move_champion_tag(repo_id, commit, token=token)               # publish as champion, promote, rollback
 
 A request that fails in transit (connection, timeout, 408/429/5xx) is sent again with backoff (loraflow.runtime.io_retries);
 a commit is skipped when its branch already holds the files, so a retry or a re-run after a push that failed
@@ -86,6 +88,61 @@ def push_folder(folder: Path, files: dict[str, str], *, repo_id: str, token: str
     log.info("publish: %s@%s is %s%s", repo_id, branch, main_commit[:10], " (unchanged: already published)" if main_commit == head else "")
     return {"hub_repo": repo_id, "hub_run_branch": run_branch, "hub_run_commit": run_commit,
             "hub_branch": branch, "hub_commit": main_commit}
+
+
+CHAMPION_TAG = "champion"
+
+
+def move_champion_tag(repo_id: str, commit: str, *, token: str, message: str, tag: str = CHAMPION_TAG, retries: int = 3,
+                      retry_delay: float = 2.0, log=log_default) -> dict:
+    """Point the tag `tag` of `repo_id` at `commit`, so `revision="champion"` loads the champion; returns
+    {"repo", "tag", "commit", "moved_from"}.
+
+    The Hub moves no tag in place: the old one is deleted, then the new one created. Each attempt reads the repo's
+    tags first, so a retry after a lost answer (or a second move to the same commit) changes nothing twice. When
+    the new tag cannot be created, the old one is put back (best effort) before the error is raised."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    moved_from: list[str | None] = []
+
+    def tagged() -> str | None:
+        return next((ref.target_commit for ref in api.list_repo_refs(repo_id).tags if ref.name == tag), None)
+
+    def attempt() -> None:
+        current = tagged()
+        moved_from.append(current)
+        if current == commit:
+            return
+        if current is not None:
+            api.delete_tag(repo_id, tag=tag)
+        api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message)
+
+    try:
+        with_io_retries(attempt, f"hub tag {tag} ({repo_id})", retries=retries, delay=retry_delay, log=log)
+    except Exception:
+        if moved_from and moved_from[0] is not None:  # put the champion's old tag back rather than leave none
+            try:
+                if tagged() is None:
+                    api.create_tag(repo_id, tag=tag, revision=moved_from[0], tag_message=f"{message} (failed; kept)")
+            except Exception as error:
+                log.warning("hub: %s has no tag %s now (putting it back on %s failed: %s)", repo_id, tag,
+                            moved_from[0][:10], type(error).__name__)
+        raise
+    log.info("hub: %s@%s is %s%s", repo_id, tag, commit[:10], " (already)" if moved_from[0] == commit else "")
+    return {"repo": repo_id, "tag": tag, "commit": commit, "moved_from": moved_from[0]}
+
+
+def move_champion_tag_to(record: dict, message: str, log=log_default) -> dict | None:
+    """Move the Hub tag `champion` to the commit of a published version (its registry record, or the publish result
+    with the config), with the token and retries of the publish config it was made with; None when it was not
+    published to the Hub."""
+    if not record.get("hub_repo") or not record.get("hub_commit"):
+        return None
+    publish = (record.get("config") or {}).get("publish") or {}
+    token = resolve_hub_token(publish.get("hf_token_secret"))
+    return move_champion_tag(record["hub_repo"], record["hub_commit"], token=token, message=message,
+                             retries=publish.get("hub_retries", 3), retry_delay=publish.get("hub_retry_delay", 2.0), log=log)
 
 
 def remote_files(api, repo_id: str, revision: str) -> dict:

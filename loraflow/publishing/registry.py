@@ -75,13 +75,15 @@ def champion(root: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def move_champion(root: Path, name: str, number: int, *, action: str, why: str, by: str | None = None) -> dict:
+def move_champion(root: Path, name: str, number: int, *, action: str, why: str, by: str | None = None,
+                  hub_tag: dict | None = None) -> dict:
     """Make version `number` the champion of `name`, recording the move (publish / promote / rollback), who and
-    why; returns the history entry."""
+    why, and where the Hub's `champion` tag went with it (`hub_tag`, when the version is on the Hub); returns the
+    history entry."""
     record = version(root, name, number)
     current = champion(root, name)
     entry = {"action": action, "version": number, "from_version": current.get("version") if current else None,
-             "by": by or current_user(), "why": why, "at": time.time()}
+             "by": by or current_user(), "why": why, "at": time.time(), **({"hub_tag": hub_tag} if hub_tag else {})}
     with open(root / name / "history.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
         handle.flush()

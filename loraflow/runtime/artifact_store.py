@@ -96,6 +96,14 @@ class ArtifactStore:
                 os.unlink(data_path)
             raise
 
+    def find(self, sha256: str) -> ArtifactRef | None:
+        """The reference of the artifact named `sha256` (any stage), from its manifest; None when it is not here."""
+        manifests = self.fs.glob(f"{self.base}/artifacts/*/{sha256}.manifest.json")
+        if not manifests:
+            return None
+        manifest = json.loads(self._cat(manifests[0]))
+        return ArtifactRef(**{field: manifest[field] for field in ArtifactRef.model_fields})
+
     def read(self, ref: ArtifactRef, *, verify: bool = True) -> pd.DataFrame:
         """Read an artifact, checking its manifest and sha256 first."""
         return self.read_arrow(ref, verify=verify).to_pandas()

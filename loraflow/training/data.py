@@ -21,6 +21,7 @@ from loraflow.config.train import TrainConfig
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.tokens_input import TRAIN_COLUMNS, open_tokens
 from loraflow.training.checkpoints import identity_fingerprint, run_identity
+from loraflow.training.continuation import RECORD_COLUMNS, ContinuationPlan, StartAdapter, continuation_rows
 from loraflow.training.micro_batch import configure_fast_path
 from loraflow.training.plan import TrainPlan
 
@@ -37,6 +38,7 @@ class TrainInputs:
     data_sha: str
     identity: dict
     fingerprint: str
+    continuation: ContinuationPlan | None = None  # train.init_from=champion: what is trained, from which adapter
 
     @property
     def longest_example(self) -> int:
@@ -48,14 +50,24 @@ class TrainInputs:
 
 
 def read_train_inputs(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None, model_dir: Path,
-                      config: TrainConfig) -> TrainInputs:
+                      config: TrainConfig, start: StartAdapter | None = None) -> TrainInputs:
     """The `split == "train"` rows of `tokens` (a ref or its DataFrame) and the identity of a run on them; refuses
-    an artifact with no train rows."""
+    an artifact with no train rows. With `start` (train.init_from=champion): only the rows of records changed since
+    the champion's data, plus train.replay_unchanged of the others (loraflow.training.continuation), and the
+    champion's adapter hash in the identity."""
     train_rows, data_sha = open_tokens(tokens, store, split="train", columns=TRAIN_COLUMNS)
     if train_rows.num_rows == 0:
         raise ValueError(f"tokens artifact {data_sha[:12]}…: no rows with split='train'; nothing to train on")
     identity = run_identity(data_sha, model_dir, config)
-    return TrainInputs(train_rows, data_sha, identity, identity_fingerprint(identity))
+    if start is None:
+        return TrainInputs(train_rows, data_sha, identity, identity_fingerprint(identity))
+    # The records' texts (small beside the token ids) say which rows changed since the champion's data.
+    records = open_tokens(tokens, store, split="train", columns=RECORD_COLUMNS)[0].to_pandas()
+    champion_records = open_tokens(start.tokens, store, split="train", columns=RECORD_COLUMNS)[0].to_pandas()
+    keep, continuation = continuation_rows(records, champion_records, start, replay_share=config.replay_unchanged,
+                                           seed=config.seed)
+    identity = {**identity, "init_from": start.adapter_sha256}
+    return TrainInputs(train_rows.filter(pa.array(keep)), data_sha, identity, identity_fingerprint(identity), continuation)
 
 
 @dataclass

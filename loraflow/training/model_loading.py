@@ -25,8 +25,10 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
     return tokenizer, pad_id
 
 
-def load_lora_model(model_dir: Path, config: TrainConfig, plan: TrainPlan, *, trust_remote_code: bool = False):
-    """The base model (quantized as `plan` says) wrapped in a fresh peft LoRA adapter.
+def load_lora_model(model_dir: Path, config: TrainConfig, plan: TrainPlan, *, trust_remote_code: bool = False,
+                    start_adapter_dir: str | None = None):
+    """The base model (quantized as `plan` says) wrapped in a fresh peft LoRA adapter, or in the adapter saved in
+    `start_adapter_dir` (train.init_from=champion), trainable, with its weights.
 
     On the fast path (plan.fast_path) prepare_model_for_kbit_training is skipped (its fp32 upcast of frozen tensors
     and all-layer checkpointing cost speed): configure_model_for_speed sets the model up after this."""
@@ -60,6 +62,10 @@ def load_lora_model(model_dir: Path, config: TrainConfig, plan: TrainPlan, *, tr
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    if start_adapter_dir is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, start_adapter_dir, is_trainable=True)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

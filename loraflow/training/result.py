@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from loraflow.tracking.report_to import TrackingRun
+from loraflow.training.continuation import ContinuationPlan
 from loraflow.training.plan import TrainPlan
 
 
@@ -69,4 +70,8 @@ class TrainResult(BaseModel):
     plan: TrainPlan | None = Field(
         None, description="What ran and why (loraflow.training.plan): device, precision, quantization, packing, "
                           "micro-batch, checkpointing, attention, optimizer, processes. None only for results of older runs.",
+    )
+    continuation: ContinuationPlan | None = Field(
+        None, description="train.init_from=champion: the champion adapter it continued from and the rows it trained "
+                          "(changed, replayed); None for a fresh adapter.",
     )
