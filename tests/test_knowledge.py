@@ -10,7 +10,9 @@ from loraflow.config.evaluate import GateConfig
 from loraflow.config.pipeline import PipelineConfig, load_config
 from loraflow.config.tokenize import ROW_HOLDOUT_DEFAULT
 from loraflow.evaluation.gate import decide_gate
-from loraflow.evaluation.metrics import evaluation_rows, loss_sample, refused, score_answers, summarise
+from loraflow.evaluation.metrics import (answers_table, comparison_table, evaluation_rows, loss_sample, refused,
+                                         score_answers, summarise)
+from loraflow.evaluation.report import render_report
 from tasks.format import format_conversations
 from tasks.synthesize import synthesize_frame
 from tasks.tokenize import tokenize_formatted
@@ -104,14 +106,19 @@ def test_false_refusals_are_counted_per_kind_and_gated(tokenizer):
     assert summary["false_refusal_rate"] == round(len(first_of_kind) / len(questions), 4)
     assert summary["false_refusal_rate_by_kind"] == {kind: round(1 / count, 4) for kind, count in kinds.items()}
 
+    clean_scored = score_answers(questions, [{"text": r, "stopped": True, "n_tokens": 10} for r in questions["reference"]],
+                                 tokenizer)
+    report = render_report(comparison_table(summarise(clean_scored), summary), answers_table(clean_scored, scored), pd.DataFrame())
+    assert f"### False refusals (natural questions about titles in the data answered with a refusal: {len(first_of_kind)})" in report
+    assert "| false_refusal_rate |" in report and all(f"| false_refusal_rate_by_kind[{kind}] |" in report for kind in kinds.index)
+
     base = {"fact_accuracy": 0.0}
     refused_gate = decide_gate(base, {**summary, "fact_accuracy": 1.0}, GateConfig())
     assert not refused_gate.passed
     fail, = [line for line in refused_gate.failures if "false_refusal_rate" in line]
     assert f"n={len(questions)}" in fail and all(kind in fail for kind in kinds.index)
 
-    clean = summarise(score_answers(questions, [{"text": r, "stopped": True, "n_tokens": 10} for r in questions["reference"]],
-                                    tokenizer))
+    clean = summarise(clean_scored)
     assert clean["false_refusal_rate"] == 0.0
     assert any(line.startswith("PASS: false_refusal_rate") for line in decide_gate(base, {**clean, "fact_accuracy": 1.0},
                                                                                      GateConfig()).reasons)
