@@ -132,3 +132,27 @@ def test_no_natural_questions_skips_the_false_refusal_gate(limit):
     decision = decide_gate({"fact_accuracy": 0.0}, summary, GateConfig(max_false_refusal_rate=limit))
     assert decision.passed
     assert any(line.startswith("SKIP") and "false_refusal_rate" in line for line in decision.reasons) == (limit is not None)
+
+
+def test_prepare_names_the_rows_a_hold_out_withholds(prefect_api, tmp_path):
+    import contextlib
+    import io
+    import json
+
+    from loraflow.cli.commands import main
+    from loraflow.runtime.artifact_store import ArtifactStore
+    from loraflow.runs.summary import RunSummary
+    from tests.test_cli import write_config
+
+    records = "".join(json.dumps({"instruction": f"Say {n}", "output": str(n)}) + "\n" for n in range(12))
+    config = write_config(tmp_path, records, validation_fraction=0.4)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["prepare", str(config)]) == 0
+    out = printed.getvalue()
+    summary = RunSummary.read(out.strip().splitlines()[-1])
+    tokens = ArtifactStore(summary.store).read(summary.tokens)
+    withheld = sorted(set(tokens.loc[tokens["split"] == "validation", "source_id"]))
+    assert withheld and summary.untrained_rows == withheld
+    assert f"not trained, withheld for validation by tokenize.validation_fraction ({len(withheld)} named" in out
+    warning, = [w for w in summary.warnings if "will not know them" in w]
+    assert f"withheld {len(withheld)} source row(s)" in warning and all(source_id in warning for source_id in withheld)
