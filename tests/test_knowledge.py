@@ -12,6 +12,7 @@ from loraflow.config.tokenize import ROW_HOLDOUT_DEFAULT
 from loraflow.evaluation.gate import decide_gate
 from loraflow.evaluation.metrics import (answers_table, comparison_table, evaluation_rows, loss_sample, refused,
                                          score_answers, summarise)
+from loraflow.evaluation.question_stream import evaluation_inputs
 from loraflow.evaluation.report import render_report
 from tasks.format import format_conversations
 from tasks.synthesize import synthesize_frame
@@ -64,6 +65,8 @@ def test_default_validation_is_the_trained_rows_heldout_and_natural_questions_of
     assert set(loss_rows["phrasing_set"]) == {"heldout", "natural"}  # made-up titles' probes are not in the loss
     assert set(loss_rows["source_id"]) == catalog_ids
     size = loss_sample(loss_rows)
+    _, streamed, streamed_split = evaluation_inputs(tokens, None, config.eval, batch_rows=50)  # what the stage reads
+    assert streamed_split == "heldout" and loss_sample(streamed) == size
     gate = config.eval.gate
     assert size["eval_loss_examples"] >= gate.min_loss_examples and size["eval_loss_tokens"] >= gate.min_loss_tokens
 
