@@ -92,6 +92,8 @@ def prepare_stages(config: PipelineConfig, run_dir: Path) -> RunSummary:
 
     summary.warnings = (truncation_warnings(summary.stages, config) + split_warnings(summary.stages, config)
                         + control_text_warnings(summary.stages))
+    tokenize_stats = (summary.stages.get("tokenize") or summary.stages.get("tokenize:merge")).stats
+    summary.untrained_rows = list(tokenize_stats.get("withheld_source_ids", []))
     for warning in summary.warnings:
         logger.warning(warning)
 
@@ -135,14 +137,24 @@ def truncation_warnings(stages: dict[str, StageSummary], config: PipelineConfig)
 
 
 def split_warnings(stages: dict[str, StageSummary], config: PipelineConfig) -> list[str]:
-    """What the user should know about the split before training: an empty validation split (unless asked for)."""
+    """What the user should know about the split before training: rows withheld from training (named), an empty
+    validation split (unless asked for)."""
     tokenize = stages.get("tokenize") or stages.get("tokenize:merge")
-    splits = tokenize.stats.get("splits", {}) if tokenize else {}
-    if not splits or splits.get("validation", 0) > 0 or config.tokenize.validation_fraction == 0:
-        return []
-    return [f"the validation split is empty ({splits.get('train', 0)} train examples, tokenize.validation_fraction="
-            f"{config.tokenize.validation_fraction}; the split goes by source id, so few rows can all land in train): "
-            f"evaluation has no validation loss -> raise tokenize.validation_fraction or add rows"]
+    stats = tokenize.stats if tokenize else {}
+    splits, warnings = stats.get("splits", {}), []
+    if stats.get("withheld_rows"):
+        named, count = stats["withheld_source_ids"], stats["withheld_rows"]
+        more = f" and {count - len(named)} more" if count > len(named) else ""
+        warnings.append(f"tokenize.validation_fraction={config.tokenize.validation_fraction} withheld {count} source "
+                        f"row(s) whole for validation, never trained, so the model will not know them (source ids: "
+                        f"{', '.join(named)}{more}; summary.json untrained_rows) -> set tokenize.validation_fraction: 0 "
+                        f"to train every row")
+    if splits and not splits.get("validation", 0) and config.tokenize.validation_fraction:
+        warnings.append(f"the validation split is empty ({splits.get('train', 0)} train examples, tokenize."
+                        f"validation_fraction={config.tokenize.validation_fraction}; the split goes by source id, so few "
+                        f"rows can all land in train): evaluation has no validation loss -> raise "
+                        f"tokenize.validation_fraction or add rows")
+    return warnings
 
 
 def paraphrase_stage(config: PipelineConfig, store: ArtifactStore, summary: RunSummary,

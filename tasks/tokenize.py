@@ -31,7 +31,7 @@ from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
-from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine
+from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine, withheld_stats
 from tasks.tokenize_stream import tokenize_stream
 
 ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
@@ -300,7 +300,7 @@ def split_column(formatted: pd.DataFrame, config: TokenizeConfig) -> np.ndarray:
     for source_id, phrasing_set in zip(formatted["source_id"], formatted["phrasing_set"]):
         key = (source_id, phrasing_set)
         if key not in split_cache:
-            split_cache[key] = split_of(source_id, phrasing_set, config.split_salt, config.validation_fraction)
+            split_cache[key] = split_of(source_id, phrasing_set, config.split_salt, config.rows_held_out())
         splits.append(split_cache[key])
     return np.asarray(splits, dtype=object)
 
@@ -314,6 +314,7 @@ def token_stats(tokens: pd.DataFrame) -> dict:
         "trained_tokens": int(tokens["n_trained"].sum()),
         "splits": {split: int((tokens["split"] == split).sum()) for split in ("train", "validation", "heldout")},
         "length": {"p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2], "max": int(lengths.max()) if len(lengths) else 0},
+        **withheld_stats(set(tokens.loc[tokens["split"] == "validation", "source_id"])),
     }
 
 

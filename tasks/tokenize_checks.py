@@ -21,6 +21,12 @@ from data_contracts.base import quarantine_rows
 SPLIT_RANK = {"heldout": 0, "validation": 1, "train": 2}  # which copy of a duplicate is kept: evaluation first
 DUPLICATE = "duplicate: same input_ids as example {kept!r}"
 LEAKAGE = "leakage: this evaluation example's prompt is also a training prompt"
+WITHHELD_NAMED = 100  # source ids the stats name when tokenize.validation_fraction withholds rows (the count is whole)
+
+
+def withheld_stats(withheld: set[str]) -> dict:
+    """The source rows held out whole for validation (never trained): their count and the first WITHHELD_NAMED ids."""
+    return {"withheld_rows": len(withheld), "withheld_source_ids": sorted(withheld)[:WITHHELD_NAMED]}
 
 
 class TruncationError(ValueError):

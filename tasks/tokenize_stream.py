@@ -23,7 +23,7 @@ from loraflow.runtime.artifact_store import ArtifactStore
 from loraflow.runtime.parquet_stream import ParquetStream
 from loraflow.runtime.stage_output import StageResult, StageWriter, give_back_freed_memory
 from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError, find_duplicates, find_leaks, row_keys,
-                                   split_off_quarantine)
+                                   split_off_quarantine, withheld_stats)
 
 
 def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config: TokenizeConfig, tokenizer, config_hash: str,
@@ -105,6 +105,7 @@ def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, s
     """Pass 2: the scratch rows into TOKENS (kept) and the quarantine (set aside), with the kept rows' token stats."""
     output = StageWriter(store, stage="tokenize", contract=TOKENS, config_hash=config_hash, row_group_rows=batch_rows)
     lengths, trained, splits, first_row = [], 0, {"train": 0, "validation": 0, "heldout": 0}, 0
+    withheld: set[str] = set()
     set_aside_rows = np.array(sorted(set_aside), dtype=np.int64)
     try:
         scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
@@ -120,6 +121,7 @@ def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, s
             trained += int(kept["n_trained"].sum())
             for split, count in kept["split"].value_counts().items():
                 splits[split] += int(count)
+            withheld.update(kept.loc[kept["split"] == "validation", "source_id"])
             first_row += len(tokens)
     except BaseException:
         output.abort()
@@ -128,5 +130,5 @@ def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, s
     percentiles = np.percentile(lengths, [50, 90, 99]).round(1).tolist() if len(lengths) else [0, 0, 0]
     stats.update({"tokens_total": int(lengths.sum()), "trained_tokens": trained, "splits": splits,
                   "length": {"p50": percentiles[0], "p90": percentiles[1], "p99": percentiles[2],
-                             "max": int(lengths.max()) if len(lengths) else 0}})
+                             "max": int(lengths.max()) if len(lengths) else 0}, **withheld_stats(withheld)})
     return output.finish(rows_in=stats["rows_in"] if "rows_in" in stats else first_row, stats=stats)

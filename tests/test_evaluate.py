@@ -112,7 +112,7 @@ def test_gate_decisions_with_reasons():
     good = {"fact_accuracy": 0.95, "stop_rate": 1.0, "rouge_l": 0.8}
     gate = GateConfig(min_fact_accuracy=0.9, min_stop_rate=0.99, must_beat_base=True, max_general_regressions=0)
     decision = decide_gate(base, good, gate)
-    assert decision.passed and [r.split(":")[0] for r in decision.reasons] == ["PASS", "PASS", "SKIP", "SKIP", "PASS", "PASS"]
+    assert decision.passed and [r.split(":")[0] for r in decision.reasons] == ["PASS", "PASS", "SKIP", "SKIP", "SKIP", "PASS", "PASS"]
 
     decision = decide_gate(base, {**good, "stop_rate": 0.9}, gate, general_regressions=1)
     assert not decision.passed

@@ -75,11 +75,16 @@ def test_an_artifact_read_a_batch_at_a_time_gives_the_same_inputs(tmp_path):
     assert loss_rows.num_rows == len(expected_loss_rows) and loss_sample(loss_rows) == loss_sample(expected_loss_rows)
 
 
-def test_without_a_validation_split_the_loss_is_taken_on_heldout():
+def test_without_a_validation_split_the_loss_is_taken_on_heldout(tmp_path):
     frame = evaluation_frame(60)
-    frame = frame[frame["split"] != "validation"]
-    _, loss_rows, split = evaluation_inputs(frame, None, EvalConfig(max_questions=10), batch_rows=9)
-    assert split == "heldout" and loss_rows.num_rows == int((frame["split"] == "heldout").sum())
+    frame = frame[frame["split"] != "validation"].reset_index(drop=True)
+    heldout = frame[frame["split"] == "heldout"]
+    assert set(heldout["phrasing_set"]) == {"heldout", "natural", "unknown"}  # the made-up titles' probes are left out
+    store = ArtifactStore(tmp_path)
+    ref = store.write(frame, stage="tokenize", contract="tokens", schema_version=2, config_hash="test")
+    for tokens in (frame, ref):
+        _, loss_rows, split = evaluation_inputs(tokens, store, EvalConfig(max_questions=10), batch_rows=9)
+        assert split == "heldout" and loss_rows.num_rows == int((heldout["phrasing_set"] != "unknown").sum())
 
 
 def test_loss_on_the_arrow_table_equals_loss_on_the_frame(tmp_path):

@@ -43,7 +43,7 @@ eval:
   general_questions: ["What is 2 + 2?"]
   general_max_new_tokens: 8
   general_expected: {{"What is 2 + 2?": "4|four"}}
-  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_general_regressions: null}}
+  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_false_refusal_rate: null, max_general_regressions: null}}
 cost: {{price_per_device_hour: 3.6}}
 """)
     return path

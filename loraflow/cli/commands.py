@@ -95,6 +95,9 @@ def print_stage_table(summary) -> None:
     for name, stage in summary.stages.items():
         print(f"{name:<28}{stage.rows_in:>8}{stage.rows_out:>8}{stage.rows_quarantined:>8}"
               f"{'yes' if stage.cached else 'no':>8}{stage.seconds:>8.2f}")
+    if summary.untrained_rows:
+        print(f"not trained, withheld for validation by tokenize.validation_fraction ({len(summary.untrained_rows)} "
+              f"named; summary.json untrained_rows): {', '.join(summary.untrained_rows)}")
     reasons = {name: stage.quarantine_reasons for name, stage in summary.stages.items() if stage.quarantine_reasons}
     if reasons:
         print("quarantined rows, top reasons per stage (all of them: each stage's `quarantine` in summary.json):")
@@ -137,7 +140,8 @@ def print_eval_table(summary) -> None:
     for metric in HEADLINE_METRICS:
         print(f"{metric:<24}{_num(base.get(metric)):>10}{_num(tuned.get(metric)):>12}")
     # Fact accuracy per question kind (any synthesizer that records facts), trained and held-out phrasings.
-    for key, phrasings in (("fact_accuracy_by_kind", "trained"), ("heldout_fact_accuracy_by_kind", "held-out")):
+    for key, phrasings in (("fact_accuracy_by_kind", "trained"), ("heldout_fact_accuracy_by_kind", "held-out"),
+                           ("false_refusal_rate_by_kind", "refused")):
         for kind in tuned.get(key, {}):
             metric = f"  {phrasings}[{kind}]"
             print(f"{metric:<24}{_num(base.get(key, {}).get(kind)):>10}{_num(tuned[key][kind]):>12}")

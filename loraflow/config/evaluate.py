@@ -8,8 +8,8 @@ from loraflow.config.base import StrictModel
 from loraflow.config.general_suite import GENERAL_SUITE
 
 # The metrics the console, the run summary and the Prefect UI show first (loraflow.evaluation.metrics.summarise).
-HEADLINE_METRICS = ("fact_accuracy", "heldout_fact_accuracy", "natural_fact_accuracy", "refusal_rate", "general_right",
-                    "rouge_l", "stop_rate", "eval_loss")
+HEADLINE_METRICS = ("fact_accuracy", "heldout_fact_accuracy", "natural_fact_accuracy", "refusal_rate",
+                    "false_refusal_rate", "general_right", "rouge_l", "stop_rate", "eval_loss")
 
 
 class GateConfig(StrictModel):
@@ -67,6 +67,12 @@ class GateConfig(StrictModel):
         0.5, ge=0, le=1,
         description="Minimum share of questions about made-up titles answered with a refusal (skipped when the data has "
         "none; None: not gated).",
+    )
+    max_false_refusal_rate: float | None = Field(
+        0.02, ge=0, le=1,
+        description="Most natural questions about titles in the data that may be answered with a refusal (\"I don't "
+        "know an anime called ...\"); reported per question kind (skipped when the data has no natural questions; "
+        "None: reported, not gated).",
     )
 
 

@@ -20,7 +20,7 @@ from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig, missing_options
 from loraflow.synthesizers.table_qa_options import heldout_problems
-from loraflow.config.tokenize import TokenizeConfig
+from loraflow.config.tokenize import TokenizeConfig, default_validation_fraction
 from loraflow.config.train import TrainConfig
 from loraflow.sources import SourceConfig, source_locations, source_name
 
@@ -62,6 +62,12 @@ class PipelineConfig(StrictModel):
             problems = heldout_problems(self.synthesize.table_qa)
             if problems:
                 raise ValueError("\n".join(f"synthesize.table_qa.{problem}" for problem in problems))
+        return self
+
+    @model_validator(mode="after")
+    def _validation_split_by_synthesizer(self):
+        if self.tokenize.validation_fraction is None:
+            self.tokenize.validation_fraction = default_validation_fraction(self.synthesizer_kinds())
         return self
 
     @model_validator(mode="after")

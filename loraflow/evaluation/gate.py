@@ -1,7 +1,7 @@
 """The publish gate: a pure decision on evaluation summaries (loraflow.evaluation.metrics.summarise), no model.
 
-Thresholds first (fact accuracy, stop rate, held-out / natural accuracy, refusal rate, beat the base, general
-regressions), then, when the model name has a champion evaluated on the same questions, the candidate against it on
+Thresholds first (fact accuracy, stop rate, held-out / natural accuracy, refusal rate, false refusals of known
+titles, beat the base, general regressions), then, when the model name has a champion evaluated on the same questions, the candidate against it on
 every question metric both were asked, each line with its sample size. The validation loss is compared only when it
 stands on enough examples and tokens (eval.gate.min_loss_examples / min_loss_tokens); below that it is reported with
 its size, never gated: a loss on one example says nothing about a model. Every check adds one PASS / FAIL / SKIP /
@@ -70,6 +70,7 @@ def thresholds(base: dict, finetuned: dict, gate: GateConfig, general_regression
             lines.append((None, f"SKIP: no {what} in the data, so {metric} is not gated"))
         else:
             lines.append((value >= minimum, f"{metric} {value:.3f} >= {minimum:.3f} ({what}{_n(finetuned, size_key)})"))
+    lines += false_refusals(finetuned, gate)
     if gate.must_beat_base:
         metric = "fact_accuracy" if accuracy is not None else "rouge_l"
         ours, theirs = finetuned.get(metric), base.get(metric)
@@ -83,6 +84,18 @@ def thresholds(base: dict, finetuned: dict, gate: GateConfig, general_regression
     elif general_regressions:
         lines.append((None, f"NOTE: {general_regressions} general answer(s) went from right to wrong (not gated)"))
     return lines
+
+
+def false_refusals(finetuned: dict, gate: GateConfig) -> list[tuple[bool | None, str]]:
+    """(ok, text) for natural questions about known titles answered with a refusal, per kind in the text."""
+    rate, limit = finetuned.get("false_refusal_rate"), gate.max_false_refusal_rate
+    if limit is None:
+        return [] if rate is None else [(None, f"NOTE: false_refusal_rate {rate:.3f} (not gated)")]
+    if rate is None:
+        return [(None, "SKIP: no natural questions in the data, so false_refusal_rate is not gated")]
+    by_kind = ", ".join(f"{kind} {value:.3f}" for kind, value in sorted(finetuned.get("false_refusal_rate_by_kind", {}).items()))
+    return [(rate <= limit, f"false_refusal_rate {rate:.3f} <= {limit:.3f} (known titles refused, natural questions"
+                            f"{_n(finetuned, 'false_refusal_questions')}{'; ' + by_kind if by_kind else ''})")]
 
 
 def against_champion(finetuned: dict, champion: dict, gate: GateConfig) -> list[tuple[bool | None, str]]:

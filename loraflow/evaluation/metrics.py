@@ -182,12 +182,16 @@ def without_known_titles(questions: pd.DataFrame, frame: pd.DataFrame) -> tuple[
 
 def evaluation_rows(frame: pd.DataFrame, eval_config: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(questions to generate answers for, rows for the validation loss, the loss rows' split name): the loss is
-    taken on split "validation", or "heldout" when there is none."""
+    taken on split "validation" (rows withheld whole), or, when no row was withheld, on the trained rows' held-out
+    phrasings and natural questions (split "heldout"; made-up titles' probes left out)."""
     questions, _ = without_known_titles(select_questions(frame, eval_config.max_questions, eval_config.seed), frame)
     loss_rows = frame[frame["split"] == "validation"]
     loss_split = "validation"
     if loss_rows.empty:
-        loss_rows, loss_split = frame[frame["split"] == "heldout"], "heldout"
+        heldout = frame[frame["split"] == "heldout"]
+        if "phrasing_set" in heldout.columns:
+            heldout = heldout[heldout["phrasing_set"] != "unknown"]
+        loss_rows, loss_split = heldout, "heldout"
     return questions, sample_rows(loss_rows, eval_config.max_loss_rows, eval_config.seed), loss_split
 
 
@@ -207,8 +211,9 @@ def score_answers(questions: pd.DataFrame, generations: list[dict], tokenizer=No
     scored["answer"] = [g["text"] for g in generations]
     scored["stopped"] = [bool(g["stopped"]) for g in generations]
     scored["answer_tokens"] = [int(g["n_tokens"]) for g in generations]
-    scored["fact_hit"] = [refused(a) if kind == REFUSAL_KIND else facts_present(a, f)
-                          for a, f, kind in zip(scored["answer"], scored["facts"], scored["kind"])]
+    scored["refused"] = [refused(a) for a in scored["answer"]]
+    scored["fact_hit"] = [refusal if kind == REFUSAL_KIND else facts_present(a, f)
+                          for a, f, kind, refusal in zip(scored["answer"], scored["facts"], scored["kind"], scored["refused"])]
     scored["rouge_l"] = [rouge_l_f1(a, r) for a, r in zip(scored["answer"], scored["reference"])]
     if tokenizer is not None:
         scored["reference_tokens"] = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in scored["reference"]]
@@ -227,6 +232,9 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
     def answered(rows: pd.DataFrame) -> int:
         return int(rows["fact_hit"].notna().sum())
 
+    def refused_share(rows: pd.DataFrame) -> float | None:
+        return round(float(rows["refused"].astype(bool).mean()), 4) if len(rows) else None
+
     def mean(values) -> float | None:
         values = pd.Series(values, dtype=float).dropna()
         return round(float(values.mean()), 4) if len(values) else None
@@ -241,6 +249,9 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
         "fact_accuracy_by_kind": {k: accuracy(g) for k, g in trained.groupby("kind") if accuracy(g) is not None},
         "heldout_fact_accuracy_by_kind": {k: accuracy(g) for k, g in heldout.groupby("kind") if accuracy(g) is not None},
         "natural_fact_accuracy_by_kind": {k: accuracy(g) for k, g in natural.groupby("kind") if accuracy(g) is not None},
+        # False refusals: natural questions about titles in the data answered with "I don't know ...".
+        "false_refusal_rate": refused_share(natural),
+        "false_refusal_rate_by_kind": {k: refused_share(g) for k, g in natural.groupby("kind")},
         "rouge_l": mean(trained["rouge_l"]),
         "heldout_rouge_l": mean(heldout["rouge_l"]),
         "stop_rate": mean(scored["stopped"].astype(float)),
@@ -254,6 +265,7 @@ def summarise(scored: pd.DataFrame, eval_loss: float | None = None, general: lis
         "heldout_questions": answered(heldout),
         "natural_questions": answered(natural),
         "refusal_questions": answered(scored[scored["set"] == "unknown"]),
+        "false_refusal_questions": int(len(natural)),
     }
     if general is not None:
         summary["general_right"] = sum(1 for g in general if g["ok"])
@@ -325,7 +337,7 @@ def answers_table(base_scored: pd.DataFrame, tuned_scored: pd.DataFrame) -> pd.D
     """Every question with the base and fine-tuned answers and their scores side by side (facts as JSON)."""
     answers = base_scored[["id", "set", "kind", "prompt", "reference"]].copy()
     for prefix, scored in (("base", base_scored), ("finetuned", tuned_scored)):
-        for column in ("answer", "fact_hit", "rouge_l", "stopped", "answer_tokens"):
+        for column in ("answer", "fact_hit", "refused", "rouge_l", "stopped", "answer_tokens"):
             answers[f"{prefix}_{column}"] = scored[column].values
     answers["facts"] = base_scored["facts"].map(lambda f: json.dumps(fact_list(f)))
     return answers

@@ -6,7 +6,8 @@ The same questions as `metrics.evaluation_rows` on the whole frame: per set (tra
 row per distinct prompt (the first, in artifact order: 16-byte prompt digests across batches), the `max_questions`
 first by sampling order (a hash of id and seed) kept as batches go by with the set's count, the quotas applied at the
 end; the made-up titles of the unknown-title probes are then looked for in a second pass. The loss rows (split
-validation, else heldout) are a memory-mapped Arrow table of input_ids and labels (loraflow.runtime.tokens_input).
+validation, else heldout without the made-up titles' probes) are a memory-mapped Arrow table of input_ids and labels
+(loraflow.runtime.tokens_input).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def evaluation_inputs(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore |
         drop = questions.index[probe][[bool(t) and normalise(t) in known for t in titles]]
         questions = questions.drop(index=drop).reset_index(drop=True)
     for split in ("validation", "heldout"):
-        loss_rows, _ = open_tokens(tokens, store, split=split, columns=["id", "input_ids", "labels"])
+        loss_rows = loss_table(tokens, store, split)
         if loss_rows.num_rows:
             return questions, sample_table(loss_rows, eval_config.max_loss_rows, eval_config.seed), split
     return questions, loss_rows.select(["input_ids", "labels"]), "heldout"
@@ -105,6 +106,18 @@ def sample_table(rows: pa.Table, limit: int | None, seed: int = 0) -> pa.Table:
         ids = pd.DataFrame({"id": rows.column("id").to_pylist()})
         rows = rows.take(sample_rows(ids, limit, seed).index.to_numpy())
     return rows.select(["input_ids", "labels"])
+
+
+def loss_table(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None, split: str) -> pa.Table:
+    """The id, input_ids and labels of `split`'s rows; of split heldout the trained rows' held-out phrasings and
+    natural questions only (the made-up titles' probes are not a validation of what was trained)."""
+    columns = tokens.columns if isinstance(tokens, pd.DataFrame) else (store or store_for(tokens)).schema(tokens).names
+    by_phrasing = split == "heldout" and "phrasing_set" in columns
+    kept = ["id", "input_ids", "labels"]
+    rows, _ = open_tokens(tokens, store, split=split, columns=kept + ["phrasing_set"] * by_phrasing)
+    if by_phrasing:
+        rows = rows.filter(pc.not_equal(rows.column("phrasing_set"), "unknown")).select(kept)
+    return rows
 
 
 def _batch_reader(tokens: ArtifactRef | pd.DataFrame, store: ArtifactStore | None, batch_rows: int | None):

@@ -31,6 +31,13 @@ def render_report(table: pd.DataFrame, answers: pd.DataFrame, general: pd.DataFr
         for row in general.itertuples():
             lines.append(f"| {_cell(row.question)} | {_cell(row.base_answer)} | {_cell(row.finetuned_answer)} | "
                          f"{'yes' if row.finetuned_ok or not row.base_ok else '**no**'} |")
+    if "finetuned_refused" in answers.columns:
+        falsely = answers[(answers["set"] == "natural") & answers["finetuned_refused"].astype(bool)]
+        if len(falsely):
+            lines += ["", f"### False refusals (natural questions about titles in the data answered with a refusal: "
+                          f"{len(falsely)})", "", "| kind | question | fine-tuned |", "|---|---|---|"]
+            lines += [f"| {row.kind} | {_cell(_question_of(row.prompt))} | {_cell(row.finetuned_answer)} |"
+                      for row in falsely.itertuples()]
     for name, title in SETS:
         sample = answers[answers["set"] == name].head(examples)
         if len(sample):

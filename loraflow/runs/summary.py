@@ -150,6 +150,10 @@ class RunSummary(_Section):
     sources: list[SourceSummary] = Field(default_factory=list)
     stages: dict[str, StageSummary] = Field(default_factory=dict, description="Per data stage, in run order.")
     warnings: list[str] = Field(default_factory=list, description="What to know about the data before training.")
+    untrained_rows: list[str] = Field(
+        default_factory=list, description="Source ids of the rows tokenize.validation_fraction withheld whole for "
+        "validation: never trained, so the model will not know them (empty when every row is trained; the first 100, "
+        "the count is the tokenize stage's stats.withheld_rows).")
     preflight: dict = Field(default_factory=dict, description="The pre-flight checks' report.")
     tokens: ArtifactRef | None = Field(None, description="The TOKENS artifact training reads.")
     formatted: ArtifactRef | None = Field(None, description="The FORMATTED artifact.")
