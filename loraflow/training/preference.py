@@ -102,6 +102,7 @@ def mean_by_kind(sample: pd.DataFrame, before: list[float], after: list[float]) 
 
 def dpo_arguments(config: PreferenceConfig, output_dir: Path, precision: str, seed: int):
     """TRL's DPOConfig for this step: no checkpoints, no trackers, every step logged."""
+    import torch
     from trl import DPOConfig
 
     return DPOConfig(
@@ -109,7 +110,7 @@ def dpo_arguments(config: PreferenceConfig, output_dir: Path, precision: str, se
         gradient_accumulation_steps=1, learning_rate=config.learning_rate, lr_scheduler_type="linear",
         beta=config.beta, loss_type=list(config.loss_type), loss_weights=config.loss_weights,
         max_length=config.max_length, logging_steps=1, save_strategy="no", report_to=[], seed=seed,
-        bf16=precision == "bf16", gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
+        bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True,
     )
 
 
@@ -126,10 +127,12 @@ def load_policy(model_dir: Path, sft_adapter_dir: Path, precision: str, trust_re
 
 
 def train_preference(pairs: pd.DataFrame, model_dir: str | Path, sft_adapter_dir: str | Path, config: PreferenceConfig,
-                     output_dir: str | Path, *, fingerprint: str, seed: int = 0, trust_remote_code: bool = False,
+                     output_dir: str | Path, *, fingerprint: str, seed: int = 0, precision: str = "auto",
+                     trust_remote_code: bool = False,
                      log: logging.Logger | logging.LoggerAdapter | None = None) -> PreferenceResult:
     """DPO on `pairs` (PAIRS rows) starting from the SFT adapter; writes output_dir/adapter (manifest last) and
-    metrics.json; a complete adapter with the same fingerprint is reused."""
+    metrics.json; a complete adapter with the same fingerprint is reused. `precision` is train.precision (auto, bf16,
+    fp32), resolved for this device as the train stage resolves it."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import DPOTrainer
@@ -143,7 +146,7 @@ def train_preference(pairs: pd.DataFrame, model_dir: str | Path, sft_adapter_dir
         return done
     # ---- model: the tokenizer first (the margins and TRL's tokenization need it), then base + SFT adapter
     tokenizer, _ = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    precision = choose_precision().precision
+    precision = choose_precision(precision).precision
     set_seed(seed)
     model = load_policy(model_dir, Path(sft_adapter_dir), precision, trust_remote_code)
     sample = margin_sample(pairs, config.margin_sample)
