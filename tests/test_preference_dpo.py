@@ -53,3 +53,20 @@ def test_dpo_moves_the_margin_up_and_trains_only_the_adapter(rows, sft_adapter, 
     # A finished adapter for the same inputs is reused, for other inputs it is not.
     assert finished_preference(tmp_path / "dpo", "test") == result
     assert finished_preference(tmp_path / "dpo", "other") is None
+
+
+def test_finetune_flow_runs_pairs_and_dpo_behind_the_switch_and_caches_them(tmp_path):
+    """The whole `loraflow run` with preference.enabled on a tiny random Llama (the wiring, not the quality): the pairs
+    stage and the DPO step run after SFT, evaluation and publish take the DPO adapter, and a re-run is all cached."""
+    from tests.test_finetune_flow import run_cli, tiny_config
+    from tests.tiny_llama import build_tiny_llama
+
+    config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))
+    config.write_text(config.read_text() + "preference: {enabled: true, steps: 2, batch_size: 2, margin_sample: 4}\n")
+    first = run_cli(config, tmp_path / "home")
+    assert first["stages"]["pairs"]["rows_out"] > 0 and not first["preference"]["cached"]
+    assert first["preference"]["steps"] == 2 and first["preference"]["sft_adapter_dir"] != first["preference"]["adapter_dir"]
+    assert first["publish"]["adapter_dir"] == first["preference"]["adapter_dir"] == first["candidate"]["adapter_dir"]
+    again = run_cli(config, tmp_path / "home")
+    assert again["preference"]["cached"] and again["stages"]["pairs"]["cached"]
+    assert again["preference"]["adapter_dir"] == first["preference"]["adapter_dir"]
