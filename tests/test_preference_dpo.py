@@ -33,7 +33,8 @@ def sft_adapter(tmp_path_factory, model_dir):
 def test_dpo_moves_the_margin_up_and_trains_only_the_adapter(rows, sft_adapter, model_dir, tmp_path):  # noqa: F811
     pairs, _ = build_pairs(rows, ["fact_swap", "made_up_title", "false_refusal"])
     pairs = pairs.groupby("kind").head(2).reset_index(drop=True)  # 6 pairs, 2 of each kind
-    config = PreferenceConfig(enabled=True, steps=4, batch_size=3, learning_rate=2e-3, beta=0.1, margin_sample=6)
+    config = PreferenceConfig(enabled=True, loss_type=["sigmoid"], steps=4, batch_size=3, learning_rate=2e-3, beta=0.1,
+                              margin_sample=6)  # plain DPO: the margin moves by the preference loss alone
     result = train_preference(pairs, model_dir, sft_adapter, config, tmp_path / "dpo", fingerprint="test", seed=0)
 
     assert result.steps == 4 and result.margin_after > result.margin_before + 1.0
