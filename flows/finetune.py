@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.prepare import artifact_key, new_run_dir, prepare_stages
+from flows.prepare import artifact_key, new_run_dir, prepare_stages, record_stage
 from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.config.evaluate import HEADLINE_METRICS
 from loraflow.config.pipeline import PipelineConfig, config_hash
@@ -38,12 +38,14 @@ from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_c
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked
+from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked, run_stage, shared_lock_manager
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from loraflow.training.continuation import StartAdapter
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
+from tasks.preference import pairs_task
 from tasks.publish import publish_task
 from tasks.train import train_task
 
@@ -89,6 +91,11 @@ def finetune_flow(config: PipelineConfig) -> dict:
         )
     summary.train = TrainSummary(**trained.model_dump(), cached=cached)
     summary.tracking = trained.tracking  # the MLflow run of this adapter
+
+    # ---- preference (preference.enabled): pairs from the trained rows, DPO on the same adapter; what follows
+    # evaluates, gates and publishes the DPO adapter
+    if config.preference.enabled:
+        trained = preference_step(config, summary, trained, seconds, locks)
 
     # ---- evaluate base vs fine-tuned (and vs the champion, if another adapter made it); gate
     previous = champion_to_beat(store_root, config.name, exclude_fingerprint=trained.fingerprint)
@@ -171,6 +178,27 @@ def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained
         if card_path.exists():
             create_markdown_artifact(key=f"{artifact_key(config.name)}-model-card", markdown=card_path.read_text(),
                                      description="model card")
+
+
+def preference_step(config: PipelineConfig, summary: RunSummary, trained, seconds: dict, locks):
+    """The pairs stage, then DPO from the SFT adapter (cached and locked like training); records both in the summary
+    and returns `trained` pointing at the DPO adapter, with a fingerprint of SFT adapter + pairs + DPO settings."""
+    store = ArtifactStore(summary.store)
+    with timed(seconds, "preference"):
+        pairs, cached, pair_seconds = run_stage(pairs_task, store, lock_manager=shared_lock_manager(config.locks, store.root),
+                                                formatted_ref=summary.formatted, tokens_ref=summary.tokens,
+                                                config=config.preference, store_root=store.root)
+        record_stage(summary, config.name, "pairs", pairs, cached, pair_seconds, store)
+        fingerprint = hashlib.sha256("|".join([trained.fingerprint, pairs.output.sha256, config.train.precision,
+                                               config_hash(config.preference, exclude={"enabled"})]).encode()).hexdigest()[:16]
+        tuned, cached = run_locked(
+            dpo_task, store.root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), lock_manager=locks,
+            pairs=pairs.output, model_dir=summary.model_dir, sft_adapter_dir=trained.adapter_dir, config=config.preference,
+            output_dir=str(work_dir(store.root, "dpo", fingerprint)), store_root=store.root, fingerprint=fingerprint,
+            seed=config.train.seed, precision=config.train.precision, trust_remote_code=config.model.trust_remote_code,
+        )
+    summary.preference = {**tuned.model_dump(mode="json"), "cached": cached}
+    return trained.model_copy(update={"adapter_dir": tuned.adapter_dir, "fingerprint": tuned.fingerprint})
 
 
 def stage_devices(config: PipelineConfig) -> dict[str, int]:

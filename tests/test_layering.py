@@ -96,6 +96,7 @@ ALLOWED_TRADES = {
     "tracking": {"config", "runtime"},
     "evaluation": {"config", "modeling", "runtime"},
     "training": {"config", "modeling", "runtime", "tracking"},
+    "preference": {"config"},  # pair building: pure functions over the synthesized rows
     "publishing": {"config", "modeling", "runtime", "training", "evaluation"},
     "ops": {"config", "runtime"},
     "runs": {"config", "runtime", "training", "evaluation", "publishing", "tracking"},  # summary.json gathers them all

@@ -16,6 +16,7 @@ from loraflow.config.evaluate import EvalConfig
 from loraflow.config.format import FormatConfig
 from loraflow.config.locks import LockConfig
 from loraflow.config.model import ModelConfig
+from loraflow.config.preference import PreferenceConfig
 from loraflow.config.prepare import PrepareConfig
 from loraflow.config.publish import PublishConfig
 from loraflow.config.synthesize import SynthesizeConfig, missing_options
@@ -38,6 +39,7 @@ class PipelineConfig(StrictModel):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Text -> tokens, labels, split.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and tokenizer.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="LoRA / QLoRA training.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Preference pairs and DPO after SFT (off by default).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation and publish gate.")
     publish: PublishConfig = Field(default_factory=PublishConfig, description="Merged model output.")
     prepare: PrepareConfig = Field(default_factory=PrepareConfig, description="How the data stages run: one process, or sharded over workers.")

@@ -162,6 +162,8 @@ class RunSummary(_Section):
     all_cached: bool | None = Field(None, description="Every data stage came from the cache.")
     train: TrainSummary | None = None
     tracking: TrackingRun | None = Field(None, description="The adapter's MLflow run (train.report_to has mlflow).")
+    preference: dict | None = Field(None, description="The DPO step after SFT (preference.enabled): "
+                                                      "loraflow.training.preference.PreferenceResult and `cached`.")
     eval: EvalSummary | None = None
     publish: PublishSummary | None = None
     candidate: CandidateSummary | None = Field(None, description="The adapter this run trained, askable when refused.")
