@@ -84,11 +84,11 @@ def write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-# Who uses them (grep): precision picks the dtype for every stage that loads the model; gguf.py is publish's
+# Who uses them (grep): precision picks the dtype for every stage that loads the model (DPO too); gguf.py is publish's
 # export; paraphrasing.py is the paraphrase stage's prompt and generation.
 EDITS = {
     # tasks.gate reads tasks.evaluate's EvalResult, so it follows evaluate's modules (it is not cached: no key to change)
-    "loraflow/modeling/precision.py": {"tasks.paraphrase", "tasks.train", "tasks.evaluate", "tasks.gate", "tasks.publish"},
+    "loraflow/modeling/precision.py": {"tasks.paraphrase", "tasks.train", "tasks.dpo", "tasks.evaluate", "tasks.gate", "tasks.publish"},
     "loraflow/publishing/gguf.py": {"tasks.publish"},
     "loraflow/modeling/paraphrasing.py": {"tasks.paraphrase"},
 }
