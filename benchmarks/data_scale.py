@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -38,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prepare_scale import SYSTEM_PROMPT, load, scale_config_fields, start_ephemeral_api  # this folder's sibling
+from prepare_scale import SYSTEM_PROMPT, load, machine_record, scale_config_fields, start_ephemeral_api, write_catalog  # this folder's sibling
 
 ROOT = Path(__file__).resolve().parent.parent
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
@@ -251,14 +250,7 @@ def main() -> None:
         variants = {"reference": Path(args.reference_tree).resolve(), **variants}
     with tempfile.TemporaryDirectory(prefix="loraflow-data-scale-") as work:
         work = Path(work)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from prepare_throughput import make_rows  # the same catalog generator and options
-
-        started = time.perf_counter()
-        csv_path = work / "catalog.csv"
-        make_rows(args.rows).to_csv(csv_path, index=False)
-        print(f"catalog: {args.rows:,} rows, {csv_path.stat().st_size / 2**20:,.0f} MiB, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        csv_path, _ = write_catalog(args.rows, work)
         results = {}
         for variant, tree in variants.items():
             results[variant] = run_variant(variant, csv_path, work, tree, args.timeout)
@@ -273,11 +265,8 @@ def main() -> None:
     result = {
         "command": "python " + shlex.join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "load_average_1_5_15_at_start": load_at_start, "load_average_1_5_15_at_end": load(),
-                    "note": "2 cores shared with up to 6 other engineers' tests: a load average above 2 inflates every "
-                            "timing (memory figures are not disturbed); each variant's load averages are recorded with it"},
+        "machine": machine_record(load_at_start, "2 cores shared with up to 6 other engineers' tests: a load average above 2 inflates every "
+                            "timing (memory figures are not disturbed); each variant's load averages are recorded with it"),
         "note": args.note, "catalog_rows": args.rows, "variants": results,
         "wall_ratio_vs_datasets": {name: round(r["seconds"] / datasets_seconds, 2) for name, r in results.items()
                                    if isinstance(r, dict) and "seconds" in r} if datasets_seconds else None,

@@ -43,6 +43,26 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def machine_record(load_at_start: list[float], note: str) -> dict:
+    """A result file's "machine": cores, platform, Python, memory, and the load averages at the start and now."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "load_average_1_5_15_at_start": load_at_start, "load_average_1_5_15_at_end": load(), "note": note}
+
+
+def write_catalog(rows: int, folder: Path) -> tuple[Path, float]:
+    """benchmarks/prepare_throughput's catalog of `rows` rows as folder/catalog.csv (printed); its path and seconds."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from prepare_throughput import make_rows  # the same catalog generator and options
+
+    started = time.perf_counter()
+    csv_path = folder / "catalog.csv"
+    make_rows(rows).to_csv(csv_path, index=False)
+    seconds = time.perf_counter() - started
+    print(f"catalog: {rows:,} rows, {csv_path.stat().st_size / 2**20:,.0f} MiB, {seconds:.0f} s", flush=True)
+    return csv_path, seconds
+
+
 def start_ephemeral_api() -> None:
     """Run an empty flow, so Prefect's ephemeral API is up before the timed flow starts."""
     from prefect import flow
@@ -119,14 +139,7 @@ def main() -> None:
     variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(prefix="loraflow-scale-") as work:
         work = Path(work)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from prepare_throughput import make_rows  # the same catalog generator and options
-
-        started = time.perf_counter()
-        csv_path = work / "catalog.csv"
-        make_rows(args.rows).to_csv(csv_path, index=False)
-        generate_seconds = time.perf_counter() - started
-        print(f"catalog: {args.rows:,} rows, {csv_path.stat().st_size / 2**20:,.0f} MiB, {generate_seconds:.0f} s", flush=True)
+        csv_path, generate_seconds = write_catalog(args.rows, work)
 
         results = {}
         for variant in variants:
@@ -151,11 +164,8 @@ def main() -> None:
     result = {
         "command": "python " + shlex.join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "load_average_1_5_15_at_start": load_at_start, "load_average_1_5_15_at_end": load(),
-                    "note": "2 cores shared with other engineers' work: a load average above 2 inflates every timing; "
-                            "each variant's own load averages are recorded with it"},
+        "machine": machine_record(load_at_start, "2 cores shared with other engineers' work: a load average above 2 inflates every timing; "
+                            "each variant's own load averages are recorded with it"),
         "note": args.note,
         "catalog_rows": args.rows, "shards": args.shards, "generate_catalog_seconds": round(generate_seconds, 1),
         "variants": results,

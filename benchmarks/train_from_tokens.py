@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from data_scale import TreeSampler  # noqa: E402  this folder's sibling
-from prepare_scale import load  # noqa: E402
+from prepare_scale import load, machine_record  # noqa: E402
 
 BATCH_ROWS = 65_536
 VOCAB = 49_152
@@ -184,10 +183,7 @@ def main() -> None:
     result = {
         "command": "python " + shlex.join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "load_average_1_5_15_at_start": load_at_start, "load_average_1_5_15_at_end": load(),
-                    "note": "2 cores shared with other engineers' runs: wall times follow the load; memory does not"},
+        "machine": machine_record(load_at_start, "2 cores shared with other engineers' runs: wall times follow the load; memory does not"),
         "note": args.note, "examples": args.examples, "artifact": {"rows": ref["rows"], "seconds_to_build": built,
                                                                     "mapped_train_file_bytes": mapped_bytes},
         "variants": results,
