@@ -22,7 +22,7 @@ import anyio
 import fsspec
 from prefect.locking.protocol import LockManager
 
-from loraflow.runtime.stage_locks import LEASE_SECONDS, NOTICE_SECONDS, WAIT_SECONDS, LockWaitTimeout, describe, lock_logger
+from loraflow.runtime.stage_locks import LEASE_SECONDS, NOTICE_SECONDS, WAIT_SECONDS, describe, lock_logger, note_wait
 
 # What S3 answers when a condition fails (412) or a concurrent conditional write won (409).
 LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -214,16 +214,9 @@ class ObjectStoreLockManager(LockManager):
                    pause: float) -> float:
         """One poll of a wait on a live holder: a notice now and then, the error after `bound` seconds; returns the
         next pause (doubling up to max_poll_seconds)."""
-        waited = time.monotonic() - started
-        if waited >= bound:
-            raise LockWaitTimeout(
-                f"gave up after {waited:.0f} s waiting for lock {self.where(key)}, held by {describe(lease.record)}. "
-                f"A holder that died loses it {lease.record.get('lease_seconds')} s after its last renewal; to wait "
-                f"longer set locks.wait_seconds or LORAFLOW_LOCK_WAIT_S (now {bound:.0f})")
-        if not noticed or time.monotonic() - noticed[-1] >= self.notice_seconds:
-            noticed.append(time.monotonic())
-            lock_logger().info("waiting for lock %s, held by %s (waited %.0f s of at most %.0f s)",
-                           self.where(key), describe(lease.record), waited, bound)
+        note_wait(self.where(key), lease.record, started, bound, noticed, self.notice_seconds,
+                  fix=f"A holder that died loses it {lease.record.get('lease_seconds')} s after its last renewal; to "
+                      f"wait longer set locks.wait_seconds or LORAFLOW_LOCK_WAIT_S")
         time.sleep(pause)
         return min(pause * 2, self.max_poll_seconds)
 

@@ -104,6 +104,20 @@ def dead_reason(record: dict, host: str, now: datetime) -> str | None:
     return None
 
 
+
+def note_wait(where: str, record: dict, started: float, bound: float, noticed: list[float], notice_seconds: float,
+              fix: str) -> None:
+    """A wait on a live holder of lock `where`: the error, ending in `fix`, once `bound` seconds have passed; else a
+    notice every `notice_seconds` (their times kept in `noticed`)."""
+    waited = time.monotonic() - started
+    if waited >= bound:
+        raise LockWaitTimeout(f"gave up after {waited:.0f} s waiting for lock {where}, held by {describe(record)}. "
+                              f"{fix} (now {bound:.0f})")
+    if not noticed or time.monotonic() - noticed[-1] >= notice_seconds:
+        noticed.append(time.monotonic())
+        lock_logger().info("waiting for lock %s, held by %s (waited %.0f s of at most %.0f s)",
+                           where, describe(record), waited, bound)
+
 def describe(record: dict) -> str:
     """Who holds a lock and since when, for log lines and errors."""
     lease = record.get("expiration") or "never (no lease)"
@@ -175,16 +189,9 @@ class LeaseLockManager(FileSystemLockManager):
 
     def _wait_step(self, path: Path, record: dict, started: float, bound: float, noticed: list[float]) -> None:
         """One poll of a wait on a live holder: a notice now and then, the error after `bound` seconds."""
-        waited = time.monotonic() - started
-        if waited >= bound:
-            raise LockWaitTimeout(
-                f"gave up after {waited:.0f} s waiting for lock {path}, held by {describe(record)}. If that process "
-                f"is really gone (e.g. on another machine), delete {path} and re-run; to wait longer set "
-                f"LORAFLOW_LOCK_WAIT_S (now {bound:.0f})")
-        if not noticed or time.monotonic() - noticed[-1] >= self.notice_seconds:
-            noticed.append(time.monotonic())
-            lock_logger().info("waiting for lock %s, held by %s (waited %.0f s of at most %.0f s)",
-                           path, describe(record), waited, bound)
+        note_wait(str(path), record, started, bound, noticed, self.notice_seconds,
+                  fix=f"If that process is really gone (e.g. on another machine), delete {path} and re-run; to wait "
+                      f"longer set LORAFLOW_LOCK_WAIT_S")
         time.sleep(self.poll_seconds)
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
