@@ -15,6 +15,7 @@ and `VmHWM` (peak RSS, which also counts memory-mapped file pages the kernel can
               merges, duplicates, leakage and pre-flight, the workers synthesize, format and tokenize each shard;
   reference   the same flow from another checkout (--reference-tree, e.g. `git archive main | tar -x -C /tmp/main`),
               whose tokens artifact is then compared with loraflow's row by row and value by value;
+  bare        one batched call of the same fast tokenizer on the same rendered texts (rendering not timed): the floor;
   datasets    what axolotl / LLaMA-Factory do (one process, num_proc=None): `load_dataset("csv")` -> Arrow cache files,
               a batched `map` making the same 3 conversations per row (loraflow's anime_qa synthesizer on the batch),
               a batched `map` rendering each with `apply_chat_template` and tokenizing prompt and whole text to mask
@@ -178,10 +179,41 @@ def run_datasets(csv_path: Path, work: Path) -> dict:
             "tokens_total": int(sum(len(ids) for ids in tokenized.with_format("arrow")["input_ids"].to_pylist()))}
 
 
+def run_bare(csv_path: Path) -> dict:
+    """One batched call of the same fast tokenizer on the same rendered texts: the floor for any tokenizing pipeline.
+
+    The texts (3 conversations a row, rendered with the chat template) are made first and not timed.
+    """
+    sys.path.insert(0, str(ROOT))
+    import pandas as pd
+
+    from loraflow.config.model import ModelConfig
+    from loraflow.modeling.base_model import load_tokenizer, resolve_model_dir
+    from loraflow.synthesizers import anime_qa
+
+    tokenizer = load_tokenizer(ModelConfig(base=str(resolve_model_dir(ModelConfig(), ROOT))))
+    options = anime_qa.Options(trained_phrasings=1, heldout_phrasings=0, max_synopsis_words=160, natural_questions=0, unknown_titles=0)
+    texts = []
+    for rows in pd.read_csv(csv_path, dtype=str, keep_default_na=False, chunksize=20_000):
+        rows = rows.assign(_source="anime_catalog", _row=range(len(texts) // 3, len(texts) // 3 + len(rows)))
+        made, _ = anime_qa.synthesize(rows, options)
+        texts += tokenizer.apply_chat_template([[{"role": "system", "content": SYSTEM_PROMPT}, *m] for m in made["messages"]],
+                                               tokenize=False)
+    load_before, started = load(), time.perf_counter()
+    tokens_total = 0
+    for first in range(0, len(texts), 20_000):  # one call per 20,000 texts: the same work, bounded output lists
+        encoded = tokenizer(texts[first:first + 20_000], add_special_tokens=False, truncation=True, max_length=512)
+        tokens_total += sum(len(ids) for ids in encoded["input_ids"])
+    return {"seconds": round(time.perf_counter() - started, 2), "load_average_1_5_15_before": load_before,
+            "load_average_1_5_15_after": load(), "examples": len(texts), "tokens_total": tokens_total}
+
+
 def child(variant: str, csv_path: Path, work: Path, tree: Path) -> dict:
     os.environ.update({key: os.environ.get(key, value) for key, value in QUIET_ENV.items()})
     if variant == "datasets":
         return run_datasets(csv_path, work)
+    if variant == "bare":
+        return run_bare(csv_path)
     return run_loraflow(csv_path, work, tree, variant)
 
 
@@ -229,7 +261,7 @@ def run_variant(variant: str, csv_path: Path, work: Path, tree: Path, timeout: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=25_000, help="Catalog rows (3 examples each).")
-    parser.add_argument("--variants", default="loraflow,datasets", help="Comma-separated: loraflow, dask, datasets (reference is "
+    parser.add_argument("--variants", default="loraflow,datasets", help="Comma-separated: loraflow, dask, datasets, bare (reference is "
                                                                         "added by --reference-tree).")
     parser.add_argument("--reference-tree", help="Another checkout to run the same flow from and compare tokens with.")
     parser.add_argument("--timeout", type=int, default=7200, help="Seconds a variant may take before it is stopped.")
@@ -262,6 +294,7 @@ def main() -> None:
             print("tokens equal to the reference:", results["tokens_equal_to_reference"], flush=True)
 
     datasets_seconds = results.get("datasets", {}).get("seconds")
+    bare_seconds = results.get("bare", {}).get("seconds")
     result = {
         "command": "python " + shlex.join([sys.argv[0].replace(str(ROOT) + "/", "")] + sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -270,6 +303,8 @@ def main() -> None:
         "note": args.note, "catalog_rows": args.rows, "variants": results,
         "wall_ratio_vs_datasets": {name: round(r["seconds"] / datasets_seconds, 2) for name, r in results.items()
                                    if isinstance(r, dict) and "seconds" in r} if datasets_seconds else None,
+        "wall_ratio_vs_bare_tokenizer": {name: round(r["seconds"] / bare_seconds, 2) for name, r in results.items()
+                                         if isinstance(r, dict) and "seconds" in r} if bare_seconds else None,
     }
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"data_scale_cpu_{args.rows}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
