@@ -3,7 +3,9 @@
 Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Training, evaluation and publish
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
-published again. Every publish is a numbered version of the model name (the config's `name`) and becomes its
+published again. With an s3:// store those folders are in this host's folder for it and are shipped to the store,
+so another host reuses them (loraflow.runtime.store_folders; locks.backend object-store or redis locks them across
+hosts). Every publish is a numbered version of the model name (the config's `name`) and becomes its
 champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
 `loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
 evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
@@ -81,9 +83,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary = prepare_stages(config, run_dir)
     tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
-    # One train/DPO/evaluate/publish per cache key: across hosts with locks.backend object-store or redis (their
-    # folders then travel through an s3:// store), else on this host
-    locks = folder_lock_manager(config.locks, store_root)
+    locks = folder_lock_manager(config.locks, store_root)  # train..publish: across hosts unless locks.backend=local
 
     # ---- train: the adapter folder is named by data + base model + training config (+ the champion's adapter it
     # continues from, train.init_from=champion); one run trains at a time
@@ -109,16 +109,15 @@ def finetune_flow(config: PipelineConfig) -> dict:
 
     # ---- evaluate base vs fine-tuned (and vs the champion, if another adapter made it); gate
     previous = champion_to_beat(store_root, config.name, exclude_fingerprint=trained.fingerprint)
-    previous_model_dir = previous["model_dir"] if previous else None
+    previous_model_dir, previous_fingerprint = (previous["model_dir"], previous["adapter_fingerprint"]) if previous else (None, "")
     # Keyed without eval.gate (EVALUATE_CACHE): a changed threshold re-decides below, without generating again.
     eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval, exclude={"gate"}),
-                        str(config.format.system_prompt), previous["adapter_fingerprint"] if previous else "")
+                        str(config.format.system_prompt), previous_fingerprint)
     with timed(seconds, "evaluate"):
         evaluation, cached = run_locked(
             evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
             lock_manager=locks, folder=eval_dir,
-            eval_settings=config_hash(config.eval, exclude={"gate"}),
-            previous_fingerprint=previous["adapter_fingerprint"] if previous else "",
+            eval_settings=config_hash(config.eval, exclude={"gate"}), previous_fingerprint=previous_fingerprint,
             tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
             output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
             system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,

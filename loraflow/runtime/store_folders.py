@@ -97,14 +97,16 @@ def from_store(result: BaseModel, store_root: str, folder: str | Path, is_valid)
     when `is_valid` finds it missing here (another host made it). A local store's result is returned as it is."""
     if not is_url(store_root):
         return result
-    here = relocated(result, folder)
-    if not is_valid(here):
-        try:
-            fetch_folder(store_root, folder)
-        except FolderFetchError as error:  # left out: is_valid still rejects the result, so the stage runs here
-            from loraflow.runtime.stage_locks import lock_logger  # Prefect's logger (this module runs without it)
+    from loraflow.runtime.stage_locks import lock_logger  # the run's logger (this module's other users run without Prefect)
 
-            lock_logger().warning("%s", error)
+    here = relocated(result, folder)
+    if is_valid(here):
+        return here
+    try:
+        if fetch_folder(store_root, folder):
+            lock_logger().info("fetched %s into %s (made by another host)", folder_url(store_root, folder), folder)
+    except FolderFetchError as error:  # left out: is_valid still rejects the result, so the stage runs here
+        lock_logger().warning("%s", error)
     return here
 
 
