@@ -3,7 +3,9 @@
 Parameters are one PipelineConfig, so the Prefect UI renders a typed form. Training, evaluation and publish
 outputs live in content-addressed folders of the store (named by what they were made from), so an unchanged
 re-run reuses the adapter and its evaluation, and a model already published for the same adapter is not
-published again. Every publish is a numbered version of the model name (the config's `name`) and becomes its
+published again. With an s3:// store those folders are in this host's folder for it and are shipped to the store,
+so another host reuses them (loraflow.runtime.store_folders; locks.backend object-store or redis locks them across
+hosts). Every publish is a numbered version of the model name (the config's `name`) and becomes its
 champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
 `loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
 evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
@@ -38,7 +40,7 @@ from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_c
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
-from loraflow.runtime.stage_task import host_lock_manager, local_root, run_locked, run_stage, shared_lock_manager
+from loraflow.runtime.stage_task import folder_lock_manager, local_root, run_locked, run_stage, shared_lock_manager
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
 from loraflow.training.continuation import StartAdapter
@@ -50,15 +52,23 @@ from tasks.publish import publish_task
 from tasks.train import train_task
 
 
-# Train once per data, base model and training config: the tracker's run name and params (the whole pipeline
-# config) do not make another adapter.
-TRAIN_CACHE = STAGE_CACHE - "run_name" - "tracking_params"
-# Evaluate once per adapter, data, eval settings and champion, never per gate threshold: the gate step decides on
-# the cached metrics. eval_settings (the eval config's hash without eval.gate) stands for eval_config in the key.
-EVALUATE_CACHE = STAGE_CACHE - "eval_config"
-# Publish once per adapter, base model, publish config and destination (not per run: the card's run-specific text
-# does not make a new model).
-PUBLISH_CACHE = STAGE_CACHE - "card" - "verify_texts" - "system_prompt" - "trust_remote_code" - "tracking"
+# The folder stages are keyed by what their folders are made from, never by where this host keeps the base model and
+# the folders (model_dir, adapter_dir, output_dir: paths in this host's loraflow cache), so hosts that share an s3://
+# store share their results (the folders travel through the store: loraflow.runtime.store_folders).
+FOLDER_STAGE_CACHE = STAGE_CACHE - "model_dir" - "output_dir"
+# Train once per data, base model (base_fingerprint) and training config: the tracker's run name and params (the
+# whole pipeline config) do not make another adapter.
+TRAIN_CACHE = FOLDER_STAGE_CACHE - "run_name" - "tracking_params"
+# DPO once per SFT adapter, pairs and DPO settings (`fingerprint` holds all three).
+DPO_CACHE = FOLDER_STAGE_CACHE - "sft_adapter_dir"
+# Evaluate once per adapter, data, eval settings and champion (previous_fingerprint), never per gate threshold: the
+# gate step decides on the cached metrics. eval_settings (the eval config's hash without eval.gate) stands for
+# eval_config in the key.
+EVALUATE_CACHE = FOLDER_STAGE_CACHE - "eval_config" - "adapter_dir" - "previous_model_dir"
+# Publish once per adapter (adapter_fingerprint, which holds the base model's), publish config and destination (not
+# per run: the card's run-specific text does not make a new model).
+PUBLISH_CACHE = (FOLDER_STAGE_CACHE - "adapter_dir" - "card" - "verify_texts" - "system_prompt" - "trust_remote_code"
+                 - "tracking")
 
 
 @flow(name="finetune", log_prints=True)
@@ -73,7 +83,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     summary = prepare_stages(config, run_dir)
     tokens, model_dir, store_root = summary.tokens, summary.model_dir, summary.store
     seconds = {"prepare": summary.prepare_seconds}  # this run's seconds per stage, for its cost
-    locks = host_lock_manager(config.locks, store_root)  # this host's: train/eval/publish folders live on it
+    locks = folder_lock_manager(config.locks, store_root)  # train..publish: across hosts unless locks.backend=local
 
     # ---- train: the adapter folder is named by data + base model + training config (+ the champion's adapter it
     # continues from, train.init_from=champion); one run trains at a time
@@ -84,7 +94,7 @@ def finetune_flow(config: PipelineConfig) -> dict:
     with timed(seconds, "train"):
         trained, cached = run_locked(
             train_task, store_root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=TRAIN_CACHE,
-            lock_manager=locks,
+            lock_manager=locks, folder=train_dir,
             tokens=tokens, model_dir=model_dir, train_config=config.train, output_dir=str(train_dir),
             store_root=store_root, base_fingerprint=base_fingerprint, trust_remote_code=config.model.trust_remote_code,
             run_name=config.name, tracking_params=pipeline_params(config.model_dump(mode="json")), start=start,
@@ -99,15 +109,15 @@ def finetune_flow(config: PipelineConfig) -> dict:
 
     # ---- evaluate base vs fine-tuned (and vs the champion, if another adapter made it); gate
     previous = champion_to_beat(store_root, config.name, exclude_fingerprint=trained.fingerprint)
-    previous_model_dir = previous["model_dir"] if previous else None
+    previous_model_dir, previous_fingerprint = (previous["model_dir"], previous["adapter_fingerprint"]) if previous else (None, "")
     # Keyed without eval.gate (EVALUATE_CACHE): a changed threshold re-decides below, without generating again.
     eval_dir = work_dir(store_root, "eval", trained.fingerprint, config_hash(config.eval, exclude={"gate"}),
-                        str(config.format.system_prompt), previous["adapter_fingerprint"] if previous else "")
+                        str(config.format.system_prompt), previous_fingerprint)
     with timed(seconds, "evaluate"):
         evaluation, cached = run_locked(
             evaluate_task, store_root, lambda r: Path(r.metrics_path).exists(), cache_policy=EVALUATE_CACHE,
-            lock_manager=locks,
-            eval_settings=config_hash(config.eval, exclude={"gate"}),
+            lock_manager=locks, folder=eval_dir,
+            eval_settings=config_hash(config.eval, exclude={"gate"}), previous_fingerprint=previous_fingerprint,
             tokens=tokens, model_dir=model_dir, adapter_dir=trained.adapter_dir, eval_config=config.eval,
             output_dir=str(eval_dir), store_root=store_root, adapter_fingerprint=trained.fingerprint,
             system_prompt=config.format.system_prompt, previous_model_dir=previous_model_dir,
@@ -158,12 +168,12 @@ def publish_through_gate(config: PipelineConfig, summary, run_dir: Path, trained
         with timed(seconds, "publish"):
             published, cached = run_locked(
                 publish_task, store_root, lambda r: (Path(r.model_dir) / MODEL_MANIFEST).exists(),
-                cache_policy=PUBLISH_CACHE, lock_manager=locks,
+                cache_policy=PUBLISH_CACHE, lock_manager=locks, folder=publish_dir,
                 model_dir=model_dir, adapter_dir=trained.adapter_dir, publish_config=config.publish,
                 output_dir=str(publish_dir), card=card_facts(config, summary, evaluation, gate),
                 verify_texts=verification_texts(store_root, tokens, config.publish.verify_prompts),
                 system_prompt=config.format.system_prompt, trust_remote_code=config.model.trust_remote_code,
-                tracking=trained.tracking,
+                tracking=trained.tracking, store_root=store_root, adapter_fingerprint=trained.fingerprint,
             )
         summary.publish = PublishSummary(**gate_verdict, **published.model_dump(), published=not cached, reused=cached)
         if cached:
@@ -191,10 +201,12 @@ def preference_step(config: PipelineConfig, summary: RunSummary, trained, second
         record_stage(summary, config.name, "pairs", pairs, cached, pair_seconds, store)
         fingerprint = hashlib.sha256("|".join([trained.fingerprint, pairs.output.sha256, config.train.precision,
                                                config_hash(config.preference, exclude={"enabled"})]).encode()).hexdigest()[:16]
+        dpo_dir = work_dir(store.root, "dpo", fingerprint)
         tuned, cached = run_locked(
-            dpo_task, store.root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), lock_manager=locks,
+            dpo_task, store.root, lambda r: (Path(r.adapter_dir) / ADAPTER_MANIFEST).exists(), cache_policy=DPO_CACHE,
+            lock_manager=locks, folder=dpo_dir,
             pairs=pairs.output, model_dir=summary.model_dir, sft_adapter_dir=trained.adapter_dir, config=config.preference,
-            output_dir=str(work_dir(store.root, "dpo", fingerprint)), store_root=store.root, fingerprint=fingerprint,
+            output_dir=str(dpo_dir), store_root=store.root, fingerprint=fingerprint,
             seed=config.train.seed, precision=config.train.precision, trust_remote_code=config.model.trust_remote_code,
         )
     summary.preference = {**tuned.model_dump(mode="json"), "cached": cached}
@@ -318,6 +330,7 @@ def card_facts(config: PipelineConfig, summary: RunSummary, evaluation, gate) ->
             "global_step", "final_loss", "tokens_per_second", "train_rows", "train_tokens", "seconds",
             "peak_memory_bytes", "peak_memory_kind")},
         train_ran={k: getattr(train, k) for k in TRAIN_RAN_FIELDS},
+        continued_from=train.continuation.describe() if train.continuation else None,
         eval_report_markdown=Path(evaluation.report_path).read_text(),
         eval_metrics={metric: value for metric in HEADLINE_METRICS
                       if isinstance(value := evaluation.finetuned.get(metric), (int, float)) and not isinstance(value, bool)},

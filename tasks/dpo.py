@@ -11,6 +11,7 @@ from data_contracts import PAIRS
 from loraflow.config.preference import PreferenceConfig
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_output import read_input
+from loraflow.runtime.store_folders import ship_folder
 from loraflow.training.preference import PreferenceResult, train_preference
 
 
@@ -37,6 +38,8 @@ if task is not None:
         """Prefect task around `run_dpo`; `fingerprint` (SFT adapter + pairs + settings) names what it makes."""
         from prefect import get_run_logger
 
-        return run_dpo(pairs, model_dir, sft_adapter_dir, config, output_dir, ArtifactStore(store_root),
-                       fingerprint=fingerprint, seed=seed, precision=precision, trust_remote_code=trust_remote_code,
-                       log=get_run_logger())
+        result = run_dpo(pairs, model_dir, sft_adapter_dir, config, output_dir, ArtifactStore(store_root),
+                         fingerprint=fingerprint, seed=seed, precision=precision, trust_remote_code=trust_remote_code,
+                         log=get_run_logger())
+        ship_folder(store_root, output_dir)  # a URL store: other hosts reuse this adapter
+        return result

@@ -32,6 +32,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
+from loraflow.runtime.store_folders import ship_folder
 from loraflow.config.evaluate import EvalConfig
 from loraflow.evaluation.generation import evaluate_models, stop_token_ids
 from loraflow.evaluation.metrics import (answers_table, comparison_table, general_table, loss_sample,
@@ -151,6 +152,7 @@ if task is not None:
         tokens: ArtifactRef, model_dir: str, adapter_dir: str, eval_config: EvalConfig, output_dir: str, store_root: str,
         adapter_fingerprint: str, system_prompt: str | None = None, previous_model_dir: str | None = None,
         trust_remote_code: bool = False, tracking: TrackingRun | None = None, eval_settings: str = "",
+        previous_fingerprint: str = "",
     ) -> EvalResult:
         """Prefect task around `evaluate_adapter`; also publishes the report as a markdown artifact and, with
         `tracking` (training's MLflow run, TrainResult.tracking), logs the metrics per model and the report there
@@ -159,7 +161,8 @@ if task is not None:
         adapter_fingerprint (TrainResult.fingerprint) only feeds the cache key: a new adapter re-evaluates. So does
         `tracking`, which comes with the adapter: a cached evaluation logs nothing twice. So does `eval_settings`
         (the eval config's hash without eval.gate), which the flow keys on in place of eval_config: a changed gate
-        threshold does not re-evaluate.
+        threshold does not re-evaluate; and `previous_fingerprint` (the champion's adapter), which it keys on in place
+        of the champion's folder. A URL store gets a copy of the output folder for other hosts.
         """
         from prefect import get_run_logger
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -175,4 +178,5 @@ if task is not None:
         per_model = {"base": result.base, "finetuned": result.finetuned, "previous": result.previous}
         log_best_effort(tracking, "evaluate", get_run_logger(), metrics=evaluation_metrics(per_model),
                         files=[result.report_path, result.metrics_path, result.table_path], folder="eval")
+        ship_folder(store_root, output_dir)  # a URL store: other hosts reuse this evaluation
         return result

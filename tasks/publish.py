@@ -36,6 +36,7 @@ from loraflow.publishing.merge import merge_adapter, save_merged
 from loraflow.tracking.mlflow_run import log_best_effort, register_model
 from loraflow.publishing.model_card import CardFacts, render_model_card
 from loraflow.publishing.result import PublishResult
+from loraflow.runtime.store_folders import ship_folder
 from loraflow.tracking.report_to import TrackingRun, redact_url
 
 log_default = logging.getLogger("loraflow.publish")
@@ -181,13 +182,16 @@ if task is not None:
     def publish_task(
         model_dir: str, adapter_dir: str, publish_config: PublishConfig, output_dir: str, card: CardFacts,
         verify_texts: list[str], system_prompt: str | None = None, trust_remote_code: bool = False,
-        tracking: TrackingRun | None = None,
+        tracking: TrackingRun | None = None, store_root: str = "", adapter_fingerprint: str = "",
     ) -> PublishResult:
         """Prefect task around `publish_model` (the token is resolved inside, never a parameter); a registry
-        version is tagged with this flow run's id."""
+        version is tagged with this flow run's id. With a URL `store_root` the model folder is shipped to the store
+        for other hosts; `adapter_fingerprint` only feeds the cache key (the flow keys on it, not on folder paths)."""
         from prefect import get_run_logger
         from prefect.runtime import flow_run
 
-        return publish_model(model_dir, adapter_dir, publish_config, output_dir, card=card, verify_texts=verify_texts,
-                             system_prompt=system_prompt, trust_remote_code=trust_remote_code, tracking=tracking,
-                             flow_run_id=flow_run.get_id(), log=get_run_logger())
+        result = publish_model(model_dir, adapter_dir, publish_config, output_dir, card=card, verify_texts=verify_texts,
+                               system_prompt=system_prompt, trust_remote_code=trust_remote_code, tracking=tracking,
+                               flow_run_id=flow_run.get_id(), log=get_run_logger())
+        ship_folder(store_root, output_dir)  # nothing for a local store (or none given)
+        return result

@@ -47,6 +47,7 @@ from loraflow.config.train import TrainConfig
 from loraflow.tracking.mlflow_run import check_tracker, log_best_effort, tracked_run
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.throttle import Throttle
+from loraflow.runtime.store_folders import ship_folder
 from loraflow.training.checkpoints import finished_result, resume_point
 from loraflow.training.continuation import StartAdapter
 from loraflow.training.data import TrainInputs, plan_batches, read_train_inputs
@@ -247,4 +248,5 @@ if task is not None:
             tracking_params=tracking_params, start=start,
         )
         report_progress(1, 1, None)  # 100 %, as best-effort as every step's report
+        ship_folder(store_root, output_dir)  # a URL store: other hosts reuse this adapter (before the lock is released)
         return result

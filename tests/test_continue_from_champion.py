@@ -127,6 +127,8 @@ def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tm
     assert plan["rows_changed"] > 0 and plan["rows_replayed"] == round(0.5 * plan["rows_unchanged"])
     assert second["train"]["train_rows"] == plan["rows_changed"] + plan["rows_replayed"]
     assert second["publish"]["version"] == 2
+    card = (Path(second["publish"]["model_dir"]) / "README.md").read_text()  # the card says where it started
+    assert "Not a fresh adapter: continuing from tiny version 1 (adapter " in card
     (_, version_two) = versions(registry, "tiny")
     assert version_two["init_from"] == plan["start"]  # the lineage says where it started
 

@@ -225,19 +225,21 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def start_worker(folder: Path, config: Path, api_url: str, model_dir: Path) -> tuple[subprocess.Popen, Path]:
-    """A worker process with its own HOME (holding its own copy of the base model, `~/smollm2`), Prefect home and
-    loraflow cache (nothing local shared with the other), the Prefect API and the bucket's endpoint and credentials
-    shared; its output goes to `folder`/output.log."""
+def start_worker(folder: Path, config: Path, api_url: str, model_dir: Path,
+                 script: str = WORKER) -> tuple[subprocess.Popen, Path]:
+    """A worker process running `script` (the prepare flow; the config's path is its argument) with its own HOME
+    (holding its own copy of the base model, `~/base-model`), Prefect home and loraflow cache (nothing local shared
+    with the other), the Prefect API and the bucket's endpoint and credentials shared; its output goes to
+    `folder`/output.log."""
     for name in ("home", "prefect", "cache"):
         (folder / name).mkdir(parents=True, exist_ok=True)
-    if not (folder / "home" / "smollm2").exists():
-        shutil.copytree(model_dir, folder / "home" / "smollm2", copy_function=link_or_copy)
+    if not (folder / "home" / "base-model").exists():
+        shutil.copytree(model_dir, folder / "home" / "base-model", copy_function=link_or_copy)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(folder / "home"), "PREFECT_HOME": str(folder / "prefect"),
            "LORAFLOW_CACHE": str(folder / "cache"), "PREFECT_API_URL": api_url}
     log = folder / "output.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([sys.executable, "-c", WORKER, str(config)], cwd=REPO, env=env, stdout=out,
+        worker = subprocess.Popen([sys.executable, "-c", script, str(config)], cwd=REPO, env=env, stdout=out,
                                   stderr=subprocess.STDOUT, text=True)
     return worker, log
 
@@ -294,14 +296,14 @@ def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucke
     (shared / "config.yaml").write_text(
         f"name: two-hosts\nstore: s3://{bucket.name}/team/store\nruns_dir: {shared / 'runs'}\n"
         "locks: {backend: object-store, lease_seconds: 600}\n"  # A is frozen (no renewals) while B starts
-        "model: {base: ~/smollm2}\n"  # each host's own copy, in a folder of its own: the same tokenizer files
+        "model: {base: ~/base-model}\n"  # each host's own copy, in a folder of its own: the same tokenizer files
         "sources:\n  - {kind: csv, name: catalog, path: catalog.csv}\n"
         "synthesize: {kind: anime_qa}\n"
         "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
         "tokenize: {max_length: 384, validation_fraction: 0.2}\n")
     api_url = PREFECT_API_URL.value()
 
-    shutil.copytree(model_dir, tmp_path / "host-b" / "home" / "smollm2", copy_function=link_or_copy)  # before A freezes
+    shutil.copytree(model_dir, tmp_path / "host-b" / "home" / "base-model", copy_function=link_or_copy)  # before A freezes
     workers = []
     try:
         worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url, model_dir)

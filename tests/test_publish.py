@@ -84,6 +84,21 @@ def test_model_card_is_written_from_pipeline_facts():
         assert expected in card, expected
 
 
+def test_model_card_says_which_version_a_continued_adapter_started_from():
+    from loraflow.runtime.artifact_store import ArtifactRef
+    from loraflow.training.continuation import ContinuationPlan, StartAdapter
+
+    tokens = ArtifactRef(uri="store/artifacts/tokenize/ab.parquet", sha256="ab" * 32, rows=9, contract="tokens",
+                         schema_version=2, stage="tokenize", config_hash="c")
+    plan = ContinuationPlan(start=StartAdapter(model_name="anime-demo", version=3, adapter_dir="/models/v3/adapter",
+                                               adapter_sha256="ef" * 32, tokens=tokens),
+                            records_new=1, records_edited=2, records_unchanged=5, rows_changed=6, rows_unchanged=10,
+                            rows_replayed=5, replay_share=0.5)
+    card = render_model_card(card_facts(continued_from=plan.describe()))
+    assert "Not a fresh adapter: continuing from anime-demo version 3 (adapter efefefefefef): 1 new + 2 edited" in card
+    assert "Not a fresh adapter" not in render_model_card(card_facts())
+
+
 def test_model_card_reports_what_training_ran_not_what_was_configured(training):
     """A 4-bit config trained on CPU: the card says unquantized, on cpu, in the precision that ran (item 7)."""
     _, result, _ = training

@@ -11,16 +11,17 @@ LockBackend = Literal["local", "object-store", "redis"]
 
 
 class LockConfig(StrictModel):
-    """Where stage locks live. `local` (the default) locks train/evaluate/publish on this host; `object-store` and
-    `redis` also lock the data stages across every host that shares the store."""
+    """Where stage locks live. `local` (the default) locks train/DPO/evaluate/publish on this host; `object-store` and
+    `redis` lock every stage across the hosts that share the store."""
 
     backend: LockBackend = Field(
         "local",
         description="local: the data stages run unlocked (a twin writes the same bytes). object-store: each data stage "
         "(ingest .. tokenize) takes a lease object next to the artifacts (<store>/locks/<key>.lock, S3 conditional "
-        "puts), so workers on different hosts that share an s3:// store compute it once. redis: the same through "
-        "prefect-redis's lock manager on locks.redis_url. Train, evaluate and publish always take lock files in "
-        "this host's folder for the store, where their folders live.",
+        "puts), so workers on different hosts that share an s3:// store compute it once; so do train, DPO, evaluate and "
+        "publish, whose folders travel through the store (<store>/folders/). redis: the same through prefect-redis's "
+        "lock manager on locks.redis_url. local: train, DPO, evaluate and publish take lock files in this host's "
+        "folder for the store.",
     )
     lease_seconds: float = Field(
         60.0, ge=3, le=3600,

@@ -46,6 +46,9 @@ class CardFacts(BaseModel):
         description="What the train stage actually ran (TrainResult's device, precision, quantization and their reasons): "
                     "the card reports these, not the configured values.",
     )
+    continued_from: str | None = Field(
+        None, description="With train.init_from=champion: the champion version the adapter continued from and what it "
+                          "trained on (TrainResult.continuation's ContinuationPlan.describe()); None for a fresh adapter.")
     eval_report_markdown: str | None = Field(None, description="EvalResult's report (table + examples).")
     eval_metrics: dict[str, float] = Field(
         default_factory=dict, description="The fine-tuned model's headline metrics on the validation split: the "
@@ -91,6 +94,8 @@ def render_model_card(facts: CardFacts, *, max_logit_diff: float | None = None, 
     if facts.preflight:
         lines += ["", "## Pre-flight checks", ""] + [f"- {k}: {v}" for k, v in facts.preflight.items()]
     lines += ["", "## Training", ""]
+    if facts.continued_from:
+        lines += [f"Not a fresh adapter: {facts.continued_from}.", ""]
     ran = facts.train_ran
     if ran:
         lines += [f"Trained on {ran.get('device')}" + (f" ({ran['device_name']})" if ran.get("device_name") else "")

@@ -1,7 +1,7 @@
 """The thin Prefect layer every stage shares: a task decorator with content-based caching (STAGE_CACHE), and
 `run_verified`, which runs stage tasks, verifies what their results point at and recomputes a stale cached one;
-`run_stage` and `run_locked` are its two uses; `shared_lock_manager` and `host_lock_manager` turn the config's
-`locks` into the lock managers they take."""
+`run_stage` and `run_locked` are its two uses; `shared_lock_manager` (data stages) and `folder_lock_manager`
+(train, DPO, evaluate, publish) turn the config's `locks` into the lock managers they take."""
 
 import hashlib
 import time
@@ -18,6 +18,7 @@ from loraflow.runtime.cache_keys import STAGE_CACHE
 from loraflow.runtime.stage_locks import LeaseLockManager
 from loraflow.runtime.cache_folder import cache_dir
 from loraflow.runtime.stage_output import StageResult
+from loraflow.runtime.store_folders import from_store
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore, is_url
 
 # JSON results keep cached StageResults readable and portable (not cloudpickle blobs tied to one machine).
@@ -72,10 +73,15 @@ def shared_lock_manager(locks: LockConfig, store_root: str):
 
 
 def host_lock_manager(locks: LockConfig, store_root: str) -> LeaseLockManager:
-    """The lock manager of train, evaluate and publish, whatever `locks.backend`: lock files in this host's folder for
-    the store, because their outputs (adapter, eval and model folders) live there. A lock across hosts would only
-    make another host wait for a folder it cannot read and then compute it anyway."""
+    """Lock files in this host's folder for the store: they serialise twin runs on this host only."""
     return LeaseLockManager(local_root(store_root) / "locks", wait_seconds=locks.wait_seconds)
+
+
+def folder_lock_manager(locks: LockConfig, store_root: str):
+    """The lock manager of train, DPO, evaluate and publish, whose outputs are folders: the shared one when
+    `locks.backend` holds across hosts (object-store, redis: the folders travel through the store,
+    loraflow.runtime.store_folders), else this host's lock files."""
+    return shared_lock_manager(locks, store_root) if locks.backend != "local" else host_lock_manager(locks, store_root)
 
 
 def locked_policy(cache_policy, lock_manager):
@@ -84,16 +90,20 @@ def locked_policy(cache_policy, lock_manager):
     return cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=lock_manager)
 
 
-def run_verified(configured_task, is_valid, calls: list[dict], *, mapped: bool = False) -> list[tuple[object, bool]]:
+def run_verified(configured_task, is_valid, calls: list[dict], *, mapped: bool = False,
+                 localize=None) -> list[tuple[object, bool]]:
     """Run `configured_task` once per parameter set in `calls` (or take its cached result); returns
     [(result, was_cached)] in call order.
 
     A result that `is_valid` rejects (a cached result whose artifact or folder is missing or corrupt) is never
     used: that call is re-run with `refresh_cache=True`, which recomputes it and overwrites the cache entry.
     `mapped` submits every call to the flow's task runner and awaits them all (one failing call does not cancel
-    the others' work, which stays cached); otherwise they run one after another in this thread.
+    the others' work, which stays cached); otherwise they run one after another in this thread. `localize` makes a
+    result usable on this host before it is checked (a folder another host made, fetched from the store).
     """
     outcomes = _run_all(configured_task, calls, mapped)
+    if localize is not None:
+        outcomes = [(localize(result), cached) for result, cached in outcomes]
     stale = [index for index, (result, _) in enumerate(outcomes) if not is_valid(result)]
     if stale:
         get_run_logger().warning("%s: %d cached result(s) point at a missing or corrupt output; recomputing",
@@ -137,17 +147,20 @@ def run_stage(stage_task_fn, store: ArtifactStore, *, refs_of=stage_refs, lock_m
 
 
 def run_locked(task_fn, lock_root: str, is_valid, *, cache_policy=STAGE_CACHE, lock_manager=None,
-               **parameters) -> tuple[object, bool]:
+               folder: Path | None = None, **parameters) -> tuple[object, bool]:
     """Run a task once per cache key across concurrent runs (SERIALIZABLE isolation; `lock_manager` from
-    host_lock_manager, by default lock files of this host's folder for the store).
+    folder_lock_manager, by default lock files of this host's folder for the store).
 
     A second run with the same inputs waits for the first and then takes its result as a cache hit, so two
     identical runs never train or publish twice. A lock whose holder died (kill -9) is taken over, and a live
     holder is waited for with a log line and a bound (`loraflow.runtime.stage_locks`). A cached result that `is_valid`
-    rejects (its folder was deleted) is recomputed. Returns (result, was_cached).
+    rejects (its folder was deleted) is recomputed. `folder`: this host's copy of the stage's output folder; with a
+    URL store a result made on another host is moved to it and the folder fetched from the store first
+    (loraflow.runtime.store_folders). Returns (result, was_cached).
     """
     policy = locked_policy(cache_policy, lock_manager or LeaseLockManager(local_root(lock_root) / "locks"))
     configured = task_fn.with_options(cache_policy=policy, persist_result=True, result_serializer="json",
                                       result_storage=result_storage(lock_root))
-    [(result, cached)] = run_verified(configured, is_valid, [parameters])
+    localize = partial(from_store, store_root=lock_root, folder=folder, is_valid=is_valid) if folder else None
+    [(result, cached)] = run_verified(configured, is_valid, [parameters], localize=localize)
     return result, cached
