@@ -26,15 +26,15 @@ from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, read_input_batches
+from loraflow.runtime.stage_output import StageResult, read_input_batches
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
 from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine, withheld_stats
-from tasks.tokenize_partitions import run_partition_duplicates, run_partition_leaks, run_shard_keys, verdicts_of
-from tasks.tokenize_stream import tokenize_shard_stream, tokenize_stream, write_tokens
+from tasks.tokenize_partitions import run_tokenize_merge, tokenize_merge_task  # noqa: F401  the sharded path's merge
+from tasks.tokenize_stream import tokenize_shard_stream, tokenize_stream
 
 ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
@@ -364,54 +364,3 @@ def tokenize_shard_task(formatted_ref: ArtifactRef, config: TokenizeConfig, toke
                         store_root: str) -> StageResult:
     """Prefect task around `run_tokenize_shard`, mapped over the shards."""
     return run_tokenize_shard(formatted_ref, config, tokenizer_dir, ArtifactStore(store_root))
-
-
-def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
-                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
-                       batch_rows: int = ROW_GROUP_ROWS, partitions: int | None = None) -> StageResult:
-    """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact training
-    reads (the same bytes as the single-process path's). The steps the workers run as tasks (flows/prepare.shards_flow:
-    keys per shard, duplicates and leaks per partition, tasks/tokenize_partitions.py; then `run_merge_tokens`), here
-    one after another in this process; `partitions` defaults to one per shard."""
-    partitions = partitions or max(len(tokens_refs), 1)
-    keys = [run_shard_keys(conversations, tokens, shard, source_names, partitions, tokenizer_dir, store)
-            for shard, (conversations, tokens) in enumerate(zip(conversations_refs, tokens_refs))]
-    duplicates = [run_partition_duplicates([shard.partitions[number] for shard in keys], config.dedupe, partitions, store)
-                  for number in range(partitions)]
-    leaks = [run_partition_leaks([partition.survivors[number] for partition in duplicates], store) for number in range(partitions)]
-    return run_merge_tokens(conversations_refs, tokens_refs, [partition.verdicts for partition in duplicates],
-                            [partition.verdicts for partition in leaks], source_names, config, store, batch_rows)
-
-
-def run_merge_tokens(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], duplicates_refs: list[ArtifactRef],
-                     leaks_refs: list[ArtifactRef], source_names: list[str], config: TokenizeConfig, store: ArtifactStore,
-                     batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
-    """The shards' tokens merged a batch at a time into single-process order (loraflow/runtime/shard_merge.py), the
-    partitions' verdicts (rows set aside as duplicates or leaks) applied on the way, through tokenize_stream's pass 2:
-    the process holds the merge order and the verdicts, not the rows or their digests."""
-    from loraflow.config.pipeline import config_hash
-    from loraflow.runtime.shard_merge import merge_positions, merge_sequence, merged_frames, shard_keys
-    from tasks.shard import example_origins, in_source_order
-
-    keys = [shard_keys(store, conversations, tokens, source_names) for conversations, tokens in zip(conversations_refs, tokens_refs)]
-    shard, row, reasons = verdicts_of(store, duplicates_refs + leaks_refs)
-    position, first_of_shard = merge_positions(keys)
-    set_aside = dict(zip(position[first_of_shard[shard] + row].tolist(), reasons))
-    sequence = merge_sequence(keys)
-    del keys, position
-    if sequence is None:  # a shard out of source order (not made by this code): merge it whole, as before
-        origin = example_origins(store, conversations_refs)
-        frames = [in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], origin, source_names)]
-    else:
-        frames = merged_frames(store, tokens_refs, sequence, batch_rows=batch_rows)
-    counts = {"duplicates": sum(ref.rows for ref in duplicates_refs), "leaked": sum(ref.rows for ref in leaks_refs),
-              "partitions": len(duplicates_refs)}
-    return write_tokens(store, (frame.assign(reason="") for frame in frames), set_aside, counts, config_hash(config), batch_rows)
-
-
-@stage_task(name="tokenize-merge")
-def tokenize_merge_task(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], duplicates_refs: list[ArtifactRef],
-                        leaks_refs: list[ArtifactRef], source_names: list[str], config: TokenizeConfig, store_root: str) -> StageResult:
-    """Prefect task around `run_merge_tokens`; runs once, on a worker when the shards do."""
-    return run_merge_tokens(conversations_refs, tokens_refs, duplicates_refs, leaks_refs, source_names, config,
-                            ArtifactStore(store_root))

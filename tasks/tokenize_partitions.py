@@ -11,8 +11,11 @@ are then found across the shards in three steps, each a task per shard or per pa
    leak) into one artifact per leakage partition (prompt digest mod `partitions`).
 3. leaks (per partition): `find_leaks` over its survivors; the rows set aside.
 
-The merge (tasks/tokenize.run_merge_tokens) applies these verdicts as it writes the one TOKENS artifact. The rules are
-tasks/tokenize_checks.py's, so the rows set aside are those of the whole table.
+4. merge (once): the shards' rows in single-process order (loraflow/runtime/shard_merge.py), the verdicts applied as
+   tokenize_stream's pass 2 writes the one TOKENS artifact (`run_merge_tokens`).
+
+The rules are tasks/tokenize_checks.py's, so the rows set aside are those of the whole table; `run_tokenize_merge`
+runs the four steps one after another in one process.
 """
 
 import numpy as np
@@ -21,10 +24,15 @@ from pydantic import BaseModel
 
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
-from loraflow.runtime.shard_merge import shard_keys
+from loraflow.runtime.shard_merge import merge_positions, merge_sequence, merged_frames, shard_keys
 from loraflow.runtime.stage_task import stage_task
+from data_contracts import TOKENS
+from loraflow.config.tokenize import TokenizeConfig
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
+from loraflow.runtime.stage_output import StageResult, read_input
 from tasks.format import load_tokenizer_dir
 from tasks.tokenize_checks import DUPLICATE, LEAKAGE, SPLIT_RANK, RowKeys, find_duplicates, find_leaks, row_keys
+from tasks.tokenize_stream import write_tokens
 
 KEYS = pa.schema([("shard", pa.int32()), ("row", pa.int64()), ("source_key", pa.int64()), ("rank", pa.int8()),
                   ("ids_digest", pa.binary(16)), ("prompt_digest", pa.binary(16)), ("may_leak", pa.bool_()),
@@ -140,6 +148,58 @@ def run_partition_leaks(survivors_refs: list[ArtifactRef], store: ArtifactStore)
 def partition_leaks_task(survivors_refs: list[ArtifactRef], store_root: str) -> PartitionVerdicts:
     """Prefect task around `run_partition_leaks`, mapped over the partitions."""
     return run_partition_leaks(survivors_refs, ArtifactStore(store_root))
+
+
+# ---- 4. the merge: the shards in source order, the verdicts applied
+
+
+def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
+                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
+                       batch_rows: int = ROW_GROUP_ROWS, partitions: int | None = None) -> StageResult:
+    """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact training
+    reads (the same bytes as the single-process path's): the module's four steps, which flows/prepare.shards_flow runs
+    as tasks on the workers, here one after another in this process; `partitions` defaults to one per shard."""
+    partitions = partitions or max(len(tokens_refs), 1)
+    keys = [run_shard_keys(conversations, tokens, shard, source_names, partitions, tokenizer_dir, store)
+            for shard, (conversations, tokens) in enumerate(zip(conversations_refs, tokens_refs))]
+    duplicates = [run_partition_duplicates([shard.partitions[number] for shard in keys], config.dedupe, partitions, store)
+                  for number in range(partitions)]
+    leaks = [run_partition_leaks([partition.survivors[number] for partition in duplicates], store) for number in range(partitions)]
+    return run_merge_tokens(conversations_refs, tokens_refs, [partition.verdicts for partition in duplicates],
+                            [partition.verdicts for partition in leaks], source_names, config, store, batch_rows)
+
+
+def run_merge_tokens(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], duplicates_refs: list[ArtifactRef],
+                     leaks_refs: list[ArtifactRef], source_names: list[str], config: TokenizeConfig, store: ArtifactStore,
+                     batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
+    """The shards' tokens merged a batch at a time into single-process order (loraflow/runtime/shard_merge.py), the
+    partitions' verdicts (rows set aside as duplicates or leaks) applied on the way, through tokenize_stream's pass 2:
+    the process holds the merge order and the verdicts, not the rows or their digests."""
+    from loraflow.config.pipeline import config_hash
+    from tasks.shard import example_origins, in_source_order
+
+    keys = [shard_keys(store, conversations, tokens, source_names) for conversations, tokens in zip(conversations_refs, tokens_refs)]
+    shard, row, reasons = verdicts_of(store, duplicates_refs + leaks_refs)
+    position, first_of_shard = merge_positions(keys)
+    set_aside = dict(zip(position[first_of_shard[shard] + row].tolist(), reasons))
+    sequence = merge_sequence(keys)
+    del keys, position
+    if sequence is None:  # a shard out of source order (not made by this code): merge it whole, as before
+        origin = example_origins(store, conversations_refs)
+        frames = [in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], origin, source_names)]
+    else:
+        frames = merged_frames(store, tokens_refs, sequence, batch_rows=batch_rows)
+    counts = {"duplicates": sum(ref.rows for ref in duplicates_refs), "leaked": sum(ref.rows for ref in leaks_refs),
+              "partitions": len(duplicates_refs)}
+    return write_tokens(store, (frame.assign(reason="") for frame in frames), set_aside, counts, config_hash(config), batch_rows)
+
+
+@stage_task(name="tokenize-merge")
+def tokenize_merge_task(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], duplicates_refs: list[ArtifactRef],
+                        leaks_refs: list[ArtifactRef], source_names: list[str], config: TokenizeConfig, store_root: str) -> StageResult:
+    """Prefect task around `run_merge_tokens`; runs once, on a worker when the shards do."""
+    return run_merge_tokens(conversations_refs, tokens_refs, duplicates_refs, leaks_refs, source_names, config,
+                            ArtifactStore(store_root))
 
 
 # ---- the verdicts, read back by the merge
