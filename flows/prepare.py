@@ -208,25 +208,21 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
                    fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None,
                    locks=None) -> tuple[ArtifactRef, ArtifactRef]:
     """shard -> (synthesize -> format -> tokenize per shard) -> duplicates and leaks per digest partition -> merge in
-    source order; returns (formatted, tokens). `locks` locks the shard step; the subflow's steps run unlocked (its
-    parameters are data; a twin run writes the same content-addressed bytes)."""
+    source order, all in a subflow on the task runner; returns (formatted, tokens). Its steps run unlocked (a subflow's
+    parameters are data; a twin run writes the same content-addressed bytes), so `locks` is not used here."""
     kinds = [source.synthesizer for source in config.sources]
+    per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
+        raw_refs=raw_refs, kinds=kinds, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint,
+        store_root=store.root, paraphrases_ref=paraphrases,
+    )
 
     # ---- shard: every row to blake2b(row id) mod shards, one RAW artifact per (shard, source)
-    plan, cached, seconds = run_stage(
-        shard_task, store, lock_manager=locks, refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
-        id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
-        store_root=store.root,
-    )
+    [(plan, cached)], seconds = per_shard["shard"]
     summary.stages["shard"] = StageSummary(rows_in=plan.rows_in, rows_out=plan.rows_out, rows_quarantined=0,
                                            cached=cached, seconds=round(seconds, 3),
                                            stats={**plan.stats, "unaccounted_rows": plan.rows_in - plan.rows_out})
 
-    # ---- per shard, on the task runner (a Dask cluster lives as long as this subflow)
-    per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
-        plan=plan, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
-        paraphrases_ref=paraphrases,
-    )
+    # ---- per shard
     shard_numbers = [shard.number for shard in plan.shards]
     for stage_name in PER_SHARD_STAGES:
         outcomes, seconds = per_shard[stage_name]
@@ -241,14 +237,20 @@ def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[
 
 
 @flow(name="prepare-shards")
-def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
-                store_root: str, paraphrases_ref: ArtifactRef | None = None) -> dict[str, tuple[list[tuple[StageResult, bool]], float]]:
-    """synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time; then, on the same task
-    runner, the formatted merge, tokenize's dataset-level half hash-partitioned by digest (one partition per shard,
-    tasks/tokenize_partitions.py) and the tokens merge: the flow's process only passes references."""
+def shards_flow(raw_refs: list[ArtifactRef], kinds: list[str | None], config: PipelineConfig, tokenizer_dir: str,
+                tokenizer_fingerprint: str, store_root: str,
+                paraphrases_ref: ArtifactRef | None = None) -> dict[str, tuple[list[tuple[StageResult | ShardPlan, bool]], float]]:
+    """Every step over rows as a task on this subflow's task runner (the Dask workers), the flow's process passing only
+    references: shard; synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time; the
+    formatted merge; tokenize's dataset-level half hash-partitioned by digest (one partition per shard,
+    tasks/tokenize_partitions.py); the tokens merge."""
     store = ArtifactStore(store_root)
     tokenizer = {"tokenizer_dir": tokenizer_dir, "tokenizer_fingerprint": tokenizer_fingerprint}
     source_names = [source_name(source) for source in config.sources]
+    sharded = map_stage(shard_task, store, [{}], refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
+                        id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
+                        store_root=store_root)
+    [(plan, _)] = sharded[0]
     conversations = map_stage(synthesize_task, store, [{"raw_refs": shard.raw_refs, "kinds": shard.kinds} for shard in plan.shards],
                               config=config.synthesize, store_root=store_root, paraphrases_ref=paraphrases_ref)
     formatted = map_stage(format_task, store, [{"conversations_ref": ref} for ref in outputs_of(conversations)],
@@ -278,7 +280,7 @@ def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tok
                              config=config.tokenize, store_root=store_root)
     dataset_level = (keys, duplicates, leaks, tokens_merge)
     [(merged, _)] = tokens_merge[0]
-    return {"synthesize": conversations, "format": formatted, "tokenize": tokens, "format:merge": formatted_merge,
+    return {"shard": sharded, "synthesize": conversations, "format": formatted, "tokenize": tokens, "format:merge": formatted_merge,
             "tokenize:merge": ([(merged, all(cached for step, _ in dataset_level for _, cached in step))],
                                sum(seconds for _, seconds in dataset_level))}
 
