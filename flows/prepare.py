@@ -41,7 +41,7 @@ from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_ta
 from tasks.synthesize import synthesize_task
 from loraflow.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
-from tasks.tokenize_partitions import PartitionVerdicts, partition_duplicates_task, partition_leaks_task, shard_keys_task
+from tasks.tokenize_partitions import PartitionVerdicts, ShardKeys, partition_duplicates_task, partition_leaks_task, shard_keys_task
 
 
 PER_SHARD_STAGES = ("synthesize", "format", "tokenize")  # sharded: a task per shard each
@@ -266,7 +266,7 @@ def shards_flow(raw_refs: list[ArtifactRef], kinds: list[str | None], config: Pi
     keys = map_stage(shard_keys_task, store,
                      [{"conversations_ref": conversations_ref, "tokens_ref": tokens_ref, "shard": number} for number, (conversations_ref, tokens_ref)
                       in enumerate(zip(outputs_of(conversations), outputs_of(tokens)))],
-                     refs_of=lambda shard_keys: shard_keys.partitions, source_names=source_names, partitions=partitions,
+                     refs_of=ShardKeys.refs, source_names=source_names, partitions=partitions,
                      store_root=store_root, **tokenizer)
     duplicates = map_stage(partition_duplicates_task, store,
                            [{"keys_refs": [shard_keys.partitions[number] for shard_keys, _ in keys[0]]} for number in range(partitions)],

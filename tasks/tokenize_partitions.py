@@ -47,6 +47,9 @@ class ShardKeys(BaseModel):
 
     partitions: list[ArtifactRef]
 
+    def refs(self) -> list[ArtifactRef]:
+        return self.partitions
+
 
 class PartitionVerdicts(BaseModel):
     """A partition's rows set aside (shard, row, reason) and, after the duplicates step, its survivors per leakage
