@@ -11,8 +11,9 @@ and `VmHWM` (peak RSS, which also counts memory-mapped file pages the kernel can
 
   loraflow    the prepare flow (flows/prepare.py), single process, cold, in its own store: ingest -> synthesize ->
               format -> tokenize -> pre-flight, then the same flow again (all cached; its wall time after the flow starts);
-  dask        the same flow sharded (prepare.shards 4, task_runner dask, 2 local workers): the flow process holds the
-              merges, duplicates, leakage and pre-flight, the workers synthesize, format and tokenize each shard;
+  dask        the same flow sharded (prepare.shards 4, task_runner dask, 2 local workers): the workers synthesize,
+              format and tokenize each shard, decide duplicates and leakage per digest partition and run both merges;
+              the flow process passes references and runs the pre-flight;
   reference   the same flow from another checkout (--reference-tree, e.g. `git archive main | tar -x -C /tmp/main`),
               whose tokens artifact is then compared with loraflow's row by row and value by value;
   bare        one batched call of the same fast tokenizer on the same rendered texts (rendering not timed): the floor;

@@ -7,9 +7,10 @@ only what depends on it. Each run writes `summary.json` into its own run folder.
 With `prepare.shards > 1` the rows are split after ingest by a hash of their id (tasks/shard.py);
 synthesize -> format -> tokenize run per shard as mapped tasks of a subflow on the configured task runner
 (prefect-dask's DaskTaskRunner for `task_runner: dask`), each shard with its own artifacts and cache keys, so
-a changed row recomputes its shard only. The steps that need every row (duplicates, leakage, pre-flight) then
-run once, on the shards' outputs put back into source order: the final formatted and tokens artifacts are
-the same bytes as the single-process path's, so training's cache keys do not change with the sharding.
+a changed row recomputes its shard only. Duplicates and leakage are then decided per partition of the examples'
+digests, and the shards' outputs are merged back into source order, all as tasks on the same runner (the flow's
+process only passes references); pre-flight runs once. The final formatted and tokens artifacts are the same bytes
+as the single-process path's, so training's cache keys do not change with the sharding.
 """
 
 import json
@@ -40,6 +41,11 @@ from tasks.shard import ShardPlan, id_column_for, merge_formatted_task, shard_ta
 from tasks.synthesize import synthesize_task
 from loraflow.sources import source_fingerprint, source_locations, source_name
 from tasks.tokenize import tokenize_merge_task, tokenize_shard_task, tokenize_task
+from tasks.tokenize_partitions import PartitionVerdicts, ShardKeys, partition_duplicates_task, partition_leaks_task, shard_keys_task
+
+
+PER_SHARD_STAGES = ("synthesize", "format", "tokenize")  # sharded: a task per shard each
+MERGE_STAGES = ("format:merge", "tokenize:merge")  # sharded: the shards back into one artifact each
 
 
 @flow(name="prepare", log_prints=True)
@@ -201,61 +207,87 @@ def single_process_stages(config: PipelineConfig, store: ArtifactStore, raw_refs
 def sharded_stages(config: PipelineConfig, store: ArtifactStore, raw_refs: list[ArtifactRef], tokenizer_dir: str,
                    fingerprint: str, summary: RunSummary, paraphrases: ArtifactRef | None = None,
                    locks=None) -> tuple[ArtifactRef, ArtifactRef]:
-    """shard -> (synthesize -> format -> tokenize per shard) -> merge in source order; returns (formatted, tokens).
-    `locks` locks the steps over all rows; the per-shard steps run unlocked (a subflow's parameters are data)."""
+    """shard -> (synthesize -> format -> tokenize per shard) -> duplicates and leaks per digest partition -> merge in
+    source order, all in a subflow on the task runner; returns (formatted, tokens). Its steps run unlocked (a subflow's
+    parameters are data; a twin run writes the same content-addressed bytes), so `locks` is not used here."""
     kinds = [source.synthesizer for source in config.sources]
-    source_names = [source_name(source) for source in config.sources]
+    per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
+        raw_refs=raw_refs, kinds=kinds, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint,
+        store_root=store.root, paraphrases_ref=paraphrases,
+    )
 
     # ---- shard: every row to blake2b(row id) mod shards, one RAW artifact per (shard, source)
-    plan, cached, seconds = run_stage(
-        shard_task, store, lock_manager=locks, refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
-        id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
-        store_root=store.root,
-    )
+    [(plan, cached)], seconds = per_shard["shard"]
     summary.stages["shard"] = StageSummary(rows_in=plan.rows_in, rows_out=plan.rows_out, rows_quarantined=0,
                                            cached=cached, seconds=round(seconds, 3),
                                            stats={**plan.stats, "unaccounted_rows": plan.rows_in - plan.rows_out})
 
-    # ---- per shard, on the task runner (a Dask cluster lives as long as this subflow)
-    per_shard = shards_flow.with_options(task_runner=build_task_runner(config.prepare))(
-        plan=plan, config=config, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
-        paraphrases_ref=paraphrases,
-    )
+    # ---- per shard
     shard_numbers = [shard.number for shard in plan.shards]
-    for stage_name, (outcomes, seconds) in per_shard.items():
+    for stage_name in PER_SHARD_STAGES:
+        outcomes, seconds = per_shard[stage_name]
         summary.stages[stage_name] = shards_summary(outcomes, shard_numbers, seconds)
         shards_artifact(config.name, stage_name, summary.stages[stage_name])
-    conversations_refs = [result.output for result, _ in per_shard["synthesize"][0]]
 
-    # ---- dataset-level, once over all rows in source order: one formatted artifact, then duplicates and leakage
-    formatted, cached, seconds = run_stage(
-        merge_formatted_task, store, lock_manager=locks, conversations_refs=conversations_refs,
-        formatted_refs=[result.output for result, _ in per_shard["format"][0]], source_names=source_names,
-        format_config_hash=config_hash(config.format), store_root=store.root,
-    )
-    record_stage(summary, config.name, "format:merge", formatted, cached, seconds, store)
-    tokens, cached, seconds = run_stage(
-        tokenize_merge_task, store, lock_manager=locks, conversations_refs=conversations_refs,
-        tokens_refs=[result.output for result, _ in per_shard["tokenize"][0]], source_names=source_names,
-        config=config.tokenize, tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=fingerprint, store_root=store.root,
-    )
-    record_stage(summary, config.name, "tokenize:merge", tokens, cached, seconds, store)
-    return formatted.output, tokens.output
+    # ---- dataset-level, over all rows in source order (run by the subflow on its task runner, not in this process)
+    for stage_name in MERGE_STAGES:
+        [(result, cached)], seconds = per_shard[stage_name]
+        record_stage(summary, config.name, stage_name, result, cached, seconds, store)
+    return per_shard["format:merge"][0][0][0].output, per_shard["tokenize:merge"][0][0][0].output
 
 
 @flow(name="prepare-shards")
-def shards_flow(plan: ShardPlan, config: PipelineConfig, tokenizer_dir: str, tokenizer_fingerprint: str,
-                store_root: str, paraphrases_ref: ArtifactRef | None = None) -> dict[str, tuple[list[tuple[StageResult, bool]], float]]:
-    """synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time."""
+def shards_flow(raw_refs: list[ArtifactRef], kinds: list[str | None], config: PipelineConfig, tokenizer_dir: str,
+                tokenizer_fingerprint: str, store_root: str,
+                paraphrases_ref: ArtifactRef | None = None) -> dict[str, tuple[list[tuple[StageResult | ShardPlan, bool]], float]]:
+    """Every step over rows as a task on this subflow's task runner (the Dask workers), the flow's process passing only
+    references: shard; synthesize -> format -> tokenize (per-row half) mapped over the shards, a stage at a time; the
+    formatted merge; tokenize's dataset-level half hash-partitioned by digest (one partition per shard,
+    tasks/tokenize_partitions.py); the tokens merge."""
     store = ArtifactStore(store_root)
     tokenizer = {"tokenizer_dir": tokenizer_dir, "tokenizer_fingerprint": tokenizer_fingerprint}
+    source_names = [source_name(source) for source in config.sources]
+    sharded = map_stage(shard_task, store, [{}], refs_of=ShardPlan.refs, raw_refs=raw_refs, kinds=kinds,
+                        id_columns=[id_column_for(config.synthesize, kind) for kind in kinds], shards=config.prepare.shards,
+                        store_root=store_root)
+    [(plan, _)] = sharded[0]
     conversations = map_stage(synthesize_task, store, [{"raw_refs": shard.raw_refs, "kinds": shard.kinds} for shard in plan.shards],
                               config=config.synthesize, store_root=store_root, paraphrases_ref=paraphrases_ref)
-    formatted = map_stage(format_task, store, [{"conversations_ref": result.output} for result, _ in conversations[0]],
+    formatted = map_stage(format_task, store, [{"conversations_ref": ref} for ref in outputs_of(conversations)],
                           config=config.format, store_root=store_root, **tokenizer)
-    tokens = map_stage(tokenize_shard_task, store, [{"formatted_ref": result.output} for result, _ in formatted[0]],
+    tokens = map_stage(tokenize_shard_task, store, [{"formatted_ref": ref} for ref in outputs_of(formatted)],
                        config=config.tokenize, store_root=store_root, **tokenizer)
-    return {"synthesize": conversations, "format": formatted, "tokenize": tokens}
+
+    # ---- the formatted merge; duplicates and leaks: keys per shard -> per digest partition; the tokens merge
+    formatted_merge = map_stage(merge_formatted_task, store, [{}], conversations_refs=outputs_of(conversations),
+                                formatted_refs=outputs_of(formatted), source_names=source_names,
+                                format_config_hash=config_hash(config.format), store_root=store_root)
+    partitions = len(plan.shards)
+    keys = map_stage(shard_keys_task, store,
+                     [{"conversations_ref": conversations_ref, "tokens_ref": tokens_ref, "shard": number} for number, (conversations_ref, tokens_ref)
+                      in enumerate(zip(outputs_of(conversations), outputs_of(tokens)))],
+                     refs_of=ShardKeys.refs, source_names=source_names, partitions=partitions,
+                     store_root=store_root, **tokenizer)
+    duplicates = map_stage(partition_duplicates_task, store,
+                           [{"keys_refs": [shard_keys.partitions[number] for shard_keys, _ in keys[0]]} for number in range(partitions)],
+                           refs_of=PartitionVerdicts.refs, dedupe=config.tokenize.dedupe, partitions=partitions, store_root=store_root)
+    leaks = map_stage(partition_leaks_task, store,
+                      [{"survivors_refs": [verdicts.survivors[number] for verdicts, _ in duplicates[0]]} for number in range(partitions)],
+                      refs_of=PartitionVerdicts.refs, store_root=store_root)
+    tokens_merge = map_stage(tokenize_merge_task, store, [{}], conversations_refs=outputs_of(conversations),
+                             tokens_refs=outputs_of(tokens), duplicates_refs=[verdicts.verdicts for verdicts, _ in duplicates[0]],
+                             leaks_refs=[verdicts.verdicts for verdicts, _ in leaks[0]], source_names=source_names,
+                             config=config.tokenize, store_root=store_root)
+    dataset_level = (keys, duplicates, leaks, tokens_merge)
+    [(merged, _)] = tokens_merge[0]
+    return {"shard": sharded, "synthesize": conversations, "format": formatted, "tokenize": tokens, "format:merge": formatted_merge,
+            "tokenize:merge": ([(merged, all(cached for step, _ in dataset_level for _, cached in step))],
+                               sum(seconds for _, seconds in dataset_level))}
+
+
+def outputs_of(mapped: tuple[list[tuple[StageResult, bool]], float]) -> list[ArtifactRef]:
+    """The output artifact of each call of a mapped stage, in call order."""
+    return [result.output for result, _ in mapped[0]]
 
 
 def record_stage(summary: RunSummary, run_name: str, stage_name: str, result: StageResult, cached: bool, seconds: float,

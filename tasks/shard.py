@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 from data_contracts import FORMATTED, RAW
 from loraflow.config.synthesize import SynthesizeConfig
 from loraflow.runtime.shard_merge import merge_sequence, merged_frames, shard_keys
-from loraflow.runtime.stage_output import StageResult, StageWriter, read_input, write_stage_output
+from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
+from loraflow.runtime.stage_output import StageResult, StageWriter, read_input, read_input_batches
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.stage_task import stage_task
 from loraflow.synthesizers.common import column_text
@@ -89,23 +90,36 @@ def shard_frames(raw_frames: list[pd.DataFrame], id_columns: list[str | None], s
 
 
 def run_shard(raw_refs: list[ArtifactRef], kinds: list[str | None], id_columns: list[str | None], shards: int,
-              store: ArtifactStore) -> ShardPlan:
-    """Read the RAW artifacts, write one RAW artifact per (shard, source with rows there), return the plan."""
-    raw_frames = [read_input(store, ref, RAW) for ref in raw_refs]
-    plan, rows_out = [], 0
-    for number, frames in enumerate(shard_frames(raw_frames, id_columns, shards)):
-        refs, shard_kinds = [], []
-        for frame, kind in zip(frames, kinds):
-            if len(frame):
-                written = write_stage_output(store, stage="shard", contract=RAW, frame=frame, rows_in=len(frame),
-                                             config_hash=f"shard-{number}-of-{shards}")
-                refs.append(written.output)
-                shard_kinds.append(kind)
-                rows_out += written.rows_out
-        if refs:
-            plan.append(Shard(number=number, raw_refs=refs, kinds=shard_kinds, rows=sum(ref.rows for ref in refs)))
+              store: ArtifactStore, batch_rows: int = ROW_GROUP_ROWS) -> ShardPlan:
+    """Read the RAW artifacts a batch at a time into one RAW artifact per (shard, source with rows there), return the
+    plan. A process holds a batch plus, per shard, the rows of its row group not yet written."""
+    shard_refs: list[list[tuple[ArtifactRef, str | None]]] = [[] for _ in range(shards)]
+    rows_in = rows_out = 0
+    for raw_ref, kind, id_column in zip(raw_refs, kinds, id_columns):
+        outputs = [StageWriter(store, stage="shard", contract=RAW, config_hash=f"shard-{number}-of-{shards}")
+                   for number in range(shards)]
+        try:
+            for raw in read_input_batches(store, raw_ref, RAW, batch_rows):
+                numbers = shard_numbers(row_ids(raw, id_column), shards)
+                for number, output in enumerate(outputs):
+                    if (numbers == number).any():
+                        output.add(raw[numbers == number].reset_index(drop=True))
+                rows_in += len(raw)
+            for number, output in enumerate(outputs):
+                if output.rows_offered:
+                    written = output.finish(rows_in=output.rows_offered)
+                    shard_refs[number].append((written.output, kind))
+                    rows_out += written.rows_out
+                else:
+                    output.abort()
+        except BaseException:
+            for output in outputs:
+                output.abort()
+            raise
+    plan = [Shard(number=number, raw_refs=[ref for ref, _ in refs], kinds=[kind for _, kind in refs],
+                  rows=sum(ref.rows for ref, _ in refs)) for number, refs in enumerate(shard_refs) if refs]
     rows = [shard.rows for shard in plan]
-    return ShardPlan(shards=plan, rows_in=sum(len(frame) for frame in raw_frames), rows_out=rows_out,
+    return ShardPlan(shards=plan, rows_in=rows_in, rows_out=rows_out,
                      stats={"shards": shards, "non_empty_shards": len(plan), "rows_per_shard_min": min(rows, default=0),
                             "rows_per_shard_max": max(rows, default=0)})
 

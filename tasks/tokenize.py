@@ -26,14 +26,15 @@ from data_contracts import FORMATTED, TOKENS
 from data_contracts.base import quarantine_rows
 from data_contracts.tokens import IGNORE_INDEX
 from loraflow.config.tokenize import TokenizeConfig
-from loraflow.runtime.stage_output import StageResult, read_input, read_input_batches, write_stage_output
+from loraflow.runtime.stage_output import StageResult, read_input_batches
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.runtime.parquet_stream import ROW_GROUP_ROWS
 from loraflow.runtime.cache_keys import TOKENIZER_STAGE_CACHE
 from loraflow.runtime.stage_task import stage_task
 from tasks.format import load_tokenizer_dir
 from tasks.tokenize_checks import TruncationError, set_aside_duplicates_and_leaks, split_off_quarantine, withheld_stats
-from tasks.tokenize_stream import tokenize_stream
+from tasks.tokenize_partitions import run_tokenize_merge, tokenize_merge_task  # noqa: F401  the sharded path's merge
+from tasks.tokenize_stream import tokenize_shard_stream, tokenize_stream
 
 ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
@@ -345,16 +346,16 @@ def tokenize_task(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_
 # ---- the sharded path (prepare.shards > 1): the per-row half per shard, the dataset-level half once
 
 
-def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore) -> StageResult:
-    """One shard's formatted rows -> its TOKENS artifact, before duplicates and leakage are looked for."""
+def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
+                       batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
+    """One shard's formatted rows -> its TOKENS artifact, before duplicates and leakage are looked for; streamed a batch
+    at a time as `run_tokenize` (a worker holds a batch, not the shard)."""
     from loraflow.config.pipeline import config_hash
 
-    formatted = read_input(store, formatted_ref, FORMATTED)
-    tokens, reasons, stats = tokenize_rows(formatted, config, load_tokenizer_dir(str(tokenizer_dir)))
-    kept, quarantined = split_off_quarantine(tokens, reasons)  # counts only: they add up over shards
-    return write_stage_output(
-        store, stage="tokenize-shard", contract=TOKENS, frame=kept, rows_in=len(formatted),
-        config_hash=config_hash(config), quarantined=quarantined, stats=stats,
+    tokenizer = load_tokenizer_dir(str(tokenizer_dir))
+    return tokenize_shard_stream(
+        store, read_input_batches(store, formatted_ref, FORMATTED, min(batch_rows, ENCODE_BATCH_ROWS)),
+        lambda formatted: tokenize_rows(formatted, config, tokenizer), config_hash(config), batch_rows,
     )
 
 
@@ -363,33 +364,3 @@ def tokenize_shard_task(formatted_ref: ArtifactRef, config: TokenizeConfig, toke
                         store_root: str) -> StageResult:
     """Prefect task around `run_tokenize_shard`, mapped over the shards."""
     return run_tokenize_shard(formatted_ref, config, tokenizer_dir, ArtifactStore(store_root))
-
-
-def run_tokenize_merge(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
-                       config: TokenizeConfig, tokenizer_dir: str, store: ArtifactStore,
-                       batch_rows: int = ROW_GROUP_ROWS) -> StageResult:
-    """All shards' tokens in single-process order, duplicates and leaks set aside: the one TOKENS artifact
-    training reads (the same bytes as the single-process path's). The shards are merged a batch at a time
-    (loraflow/runtime/shard_merge.py) into tokenize_stream's two passes, as if each merged batch had just been
-    tokenized: the flow process holds the rows' keys, not the rows."""
-    from loraflow.config.pipeline import config_hash
-    from loraflow.runtime.shard_merge import merge_sequence, merged_frames, shard_keys
-    from tasks.shard import example_origins, in_source_order
-
-    keys = [shard_keys(store, conversations, tokens, source_names) for conversations, tokens in zip(conversations_refs, tokens_refs)]
-    sequence = merge_sequence(keys)
-    if sequence is None:  # a shard out of source order (not made by this code): merge it whole, as before
-        origin = example_origins(store, conversations_refs)
-        frames = [in_source_order([read_input(store, ref, TOKENS) for ref in tokens_refs], origin, source_names)]
-    else:
-        frames = merged_frames(store, tokens_refs, sequence, batch_rows=batch_rows)
-    merged = ((frame, np.full(len(frame), None, dtype=object), {}) for frame in frames)
-    return tokenize_stream(store, merged, lambda passed: passed, config, load_tokenizer_dir(str(tokenizer_dir)),
-                           config_hash(config), batch_rows)
-
-
-@stage_task(name="tokenize-merge", cache_policy=TOKENIZER_STAGE_CACHE)
-def tokenize_merge_task(conversations_refs: list[ArtifactRef], tokens_refs: list[ArtifactRef], source_names: list[str],
-                        config: TokenizeConfig, tokenizer_dir: str, tokenizer_fingerprint: str, store_root: str) -> StageResult:
-    """Prefect task around `run_tokenize_merge`; runs once, in the flow's process."""
-    return run_tokenize_merge(conversations_refs, tokens_refs, source_names, config, tokenizer_dir, ArtifactStore(store_root))

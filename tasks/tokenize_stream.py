@@ -6,6 +6,10 @@
 2. The duplicate and leakage rules run once over all rows' keys (tasks/tokenize_checks.py), then the scratch file
    is read back a batch at a time into the TOKENS artifact, the rows set aside going to the quarantine.
 The artifact holds the same rows and values as tokenizing the whole table at once (tokenize_formatted).
+
+A shard of the sharded path (prepare.shards > 1) runs pass 1 alone, straight into its artifact (`tokenize_shard_stream`):
+its duplicates and leaks are looked for across the shards afterwards (tasks/tokenize_partitions.py), and the merge
+writes the one TOKENS artifact through the same pass 2 (`write_tokens`).
 """
 
 import os
@@ -35,9 +39,25 @@ def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, con
         scratch_path = os.path.join(scratch_dir, "rows.parquet")
         keys, stats = tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path, batch_rows)
         set_aside, counts = dataset_reasons(keys, config, scratch_path)
-        return write_tokens(store, scratch_path, set_aside, {**stats, **counts}, config_hash, batch_rows)
+        return write_tokens(store, scratch_batches(scratch_path, batch_rows), set_aside, {**stats, **counts}, config_hash,
+                            batch_rows)
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def tokenize_shard_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config_hash: str, batch_rows: int) -> StageResult:
+    """Pass 1 without the dataset-level checks, each batch's kept rows straight into a shard's TOKENS artifact and its
+    per-row set-asides into the quarantine: memory is a batch."""
+    output = StageWriter(store, stage="tokenize-shard", contract=TOKENS, config_hash=config_hash, row_group_rows=batch_rows)
+    stats: dict = {}
+    try:
+        for tokens, reasons, batch_stats in tokenized_batches(formatted_batches, tokenize_batch):
+            output.add(*split_off_quarantine(tokens, reasons))
+            stats = summed(stats, batch_stats)
+    except BaseException:
+        output.abort()
+        raise
+    return output.finish(rows_in=stats.get("rows_in", 0), stats=stats)
 
 
 def scratch_root(store: ArtifactStore) -> str:
@@ -49,25 +69,39 @@ def scratch_root(store: ArtifactStore) -> str:
 
 def tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path: str, batch_rows: int) -> tuple[RowKeys, dict]:
     """Pass 1: every row tokenized into the scratch file (with its per-row reason, "" when kept); (keys, summed stats)."""
-    scratch, keys, stats, too_long = ParquetStream(scratch_path, row_group_rows=batch_rows), [], {}, []
+    scratch, keys, stats = ParquetStream(scratch_path, row_group_rows=batch_rows), [], {}
     try:
-        for formatted in formatted_batches:
-            try:
-                tokens, reasons, batch_stats = tokenize_batch(formatted)
-            except TruncationError as error:  # counted over every batch, raised once with the totals
-                too_long.append(error)
-                continue
+        for tokens, reasons, batch_stats in tokenized_batches(formatted_batches, tokenize_batch):
             keys.append(row_keys(tokens, reasons, tokenizer))
             tokens["reason"] = [reason or "" for reason in reasons]
             scratch.append(pa.Table.from_pandas(tokens, preserve_index=False))
             give_back_freed_memory()
-            stats = {key: stats.get(key, 0) + value for key, value in batch_stats.items()}
-        if too_long:
-            raise TruncationError.combined(too_long)
+            stats = summed(stats, batch_stats)
         scratch.close()
     finally:
         scratch.discard()
     return RowKeys.concat(keys), stats
+
+
+def tokenized_batches(formatted_batches, tokenize_batch):
+    """Pass 1's loop: (tokens indexed like their formatted rows, reasons, stats) of each batch; the over-long examples
+    of every batch are counted and raised once, with the totals, at the end."""
+    too_long = []
+    for formatted in formatted_batches:
+        try:
+            tokens, reasons, batch_stats = tokenize_batch(formatted)
+        except TruncationError as error:
+            too_long.append(error)
+            continue
+        tokens.index = formatted.index
+        yield tokens, reasons, batch_stats
+    if too_long:
+        raise TruncationError.combined(too_long)
+
+
+def summed(stats: dict, batch_stats: dict) -> dict:
+    """A batch's counts added to the stage's."""
+    return {**stats, **{key: stats.get(key, 0) + value for key, value in batch_stats.items()}}
 
 
 def dataset_reasons(keys: RowKeys, config: TokenizeConfig, scratch_path: str) -> tuple[dict[int, str], dict]:
@@ -100,17 +134,23 @@ def in_range(sorted_rows: np.ndarray, first_row: int, count: int) -> list[int]:
     return sorted_rows[low:high].tolist()
 
 
-def write_tokens(store: ArtifactStore, scratch_path: str, set_aside: dict[int, str], stats: dict, config_hash: str,
+def scratch_batches(scratch_path: str, batch_rows: int):
+    """The scratch file's rows (with their `reason` column) as DataFrames of at most `batch_rows` rows."""
+    scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
+    for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
+        yield batch.to_pandas()
+
+
+def write_tokens(store: ArtifactStore, token_batches, set_aside: dict[int, str], stats: dict, config_hash: str,
                  batch_rows: int) -> StageResult:
-    """Pass 2: the scratch rows into TOKENS (kept) and the quarantine (set aside), with the kept rows' token stats."""
+    """Pass 2: consecutive batches of tokens rows (each with its per-row `reason`, "" when kept) into TOKENS (kept) and
+    the quarantine (set aside, `set_aside` adding row -> reason), with the kept rows' token stats."""
     output = StageWriter(store, stage="tokenize", contract=TOKENS, config_hash=config_hash, row_group_rows=batch_rows)
     lengths, trained, splits, first_row = [], 0, {"train": 0, "validation": 0, "heldout": 0}, 0
     withheld: set[str] = set()
     set_aside_rows = np.array(sorted(set_aside), dtype=np.int64)
     try:
-        scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
-        for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
-            tokens = batch.to_pandas()
+        for tokens in token_batches:
             tokens.index = pd.RangeIndex(first_row, first_row + len(tokens))
             reasons = np.array([reason or None for reason in tokens.pop("reason")], dtype=object)
             for row in in_range(set_aside_rows, first_row, len(tokens)):

@@ -138,3 +138,22 @@ def test_prepare_config_dask_needs_shards():
         PrepareConfig(shards=4, address="tcp://127.0.0.1:8786")
     with pytest.raises(ValidationError, match="Extra inputs"):
         PrepareConfig(shard_rows=100)
+
+
+def test_the_shard_step_streams_to_the_artifacts_of_one_batch(tmp_path):
+    """run_shard on 7-row batches of two sources writes the same artifacts as on one batch (each shard's rows in
+    source order, the shard functions' split of the whole table), and an empty (shard, source) gets none."""
+    from tasks.shard import run_shard
+
+    catalog = pd.read_csv(CATALOG, dtype=str, keep_default_na=False).head(40)
+    store = ArtifactStore(tmp_path / "store")
+    raws = [store.write(catalog.assign(_source=name, _row=range(len(catalog))).head(rows), stage="ingest", contract=RAW.name,
+                        schema_version=RAW.version, config_hash=name) for name, rows in (("catalog", 40), ("extra", 2))]
+    plans = [run_shard(raws, ["anime_qa", None], ["anime_id", "anime_id"], 5, store, batch_rows=batch_rows) for batch_rows in (7, 10_000)]
+    assert plans[0] == plans[1] and plans[0].rows_in == plans[0].rows_out == 42
+    expected = shard_frames([store.read(ref) for ref in raws], ["anime_id", "anime_id"], 5)
+    for shard in plans[0].shards:
+        written = [store.read(ref) for ref in shard.raw_refs]
+        assert [len(frame) for frame in written] == [len(frame) for frame in expected[shard.number] if len(frame)]
+        pd.testing.assert_frame_equal(written[0], expected[shard.number][0], check_dtype=False)
+    assert sum(len(shard.raw_refs) for shard in plans[0].shards) < 10  # "extra"'s 2 rows are in at most 2 shards

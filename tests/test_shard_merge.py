@@ -98,3 +98,23 @@ def test_tokenize_merge_sets_aside_duplicates_and_leaks_as_the_whole_merge(tmp_p
     assert result.stats["duplicates"] == counts["duplicates"] and result.stats["leaked"] == counts["leaked"]
     pd.testing.assert_frame_equal(store.read(result.output), kept, check_dtype=False)
     assert sorted(store.read(result.quarantine)["reason"]) == sorted(quarantined["reason"])
+
+
+def test_duplicates_and_leaks_are_the_same_whatever_the_partitions(tmp_path):
+    """Copies of one token sequence in every shard and prompts asked in several shards meet in one partition whatever
+    the partition count: the tokens artifact, its quarantine and the counts do not change with it."""
+    from data_contracts import TOKENS
+    from loraflow.config.tokenize import TokenizeConfig
+    from tasks.tokenize import run_tokenize_merge
+    from tests.tiny_llama import smollm2_dir
+
+    store, conversations = ArtifactStore(tmp_path / "store"), shard_conversations()
+    conversation_refs = [write(store, frame, "conversations") for frame in conversations]
+    token_refs = [store.write(shard_tokens(frame, number), stage="tokenize-shard", contract=TOKENS.name,
+                              schema_version=TOKENS.version, config_hash=f"s{number}") for number, frame in enumerate(conversations)]
+    results = {partitions: run_tokenize_merge(conversation_refs, token_refs, SOURCES, TokenizeConfig(), str(smollm2_dir()),
+                                              store, batch_rows=4, partitions=partitions) for partitions in (1, 2, 7)}
+    assert len({result.output.sha256 for result in results.values()}) == 1
+    assert len({result.quarantine.sha256 for result in results.values()}) == 1
+    assert {(result.stats["duplicates"], result.stats["leaked"]) for result in results.values()} == {(results[1].stats["duplicates"], results[1].stats["leaked"])}
+    assert results[7].stats["partitions"] == 7 and results[1].stats["duplicates"] > 3 and results[1].stats["leaked"] > 0

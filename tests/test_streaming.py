@@ -190,3 +190,27 @@ def test_parquet_batches_match_the_whole_read(tmp_path, named_index):
         whole = parquet_file.read(config, tmp_path)
         batches = list(parquet_file.read_batches(config, tmp_path, 2))
         assert pd.concat(batches).reset_index(drop=True).equals(whole.reset_index(drop=True)), options
+
+
+def test_a_shard_tokenized_a_batch_at_a_time_then_checked_by_partition_equals_tokenize(runs, model_dir):
+    """The sharded path's tokenize on one shard: tokenize-shard on 5-row batches gives one batch's rows, quarantine and
+    counts; its duplicates (copies in other batches) and leaks decided in 1 or 3 digest partitions, then merged, give
+    the single-process tokens artifact, value by value, and its set-aside rows."""
+    from tasks.tokenize import run_tokenize_merge, run_tokenize_shard
+
+    config = TokenizeConfig(validation_fraction=0.3)
+    shard = {name: run_tokenize_shard(runs[name][1]["format"].output, config, str(model_dir), runs[name][0], batch_rows=rows)
+             for name, rows in (("batched", BATCH), ("whole", WHOLE))}
+    (batched_store, batched), (whole_store, _) = runs["batched"], runs["whole"]
+    assert values(batched_store, shard["batched"].output) == values(whole_store, shard["whole"].output)
+    assert quarantined(batched_store, shard["batched"]) == quarantined(whole_store, shard["whole"])
+    assert shard["batched"].stats == shard["whole"].stats
+
+    source = batched_store.read(batched["synthesize"].output)["source"].iloc[0]
+    for partitions in (1, 3):
+        merged = run_tokenize_merge([batched["synthesize"].output], [shard["batched"].output], [source], config,
+                                    str(model_dir), batched_store, batch_rows=BATCH, partitions=partitions)
+        assert values(batched_store, merged.output) == values(batched_store, batched["tokenize"].output)
+        assert merged.stats["duplicates"] == batched["tokenize"].stats["duplicates"] >= 3
+        set_aside = [reason for result in (shard["batched"], merged) for reason, _, _ in quarantined(batched_store, result)]
+        assert sorted(set_aside) == sorted(reason for reason, _, _ in quarantined(batched_store, batched["tokenize"]))

@@ -58,6 +58,15 @@ def merge_sequence(keys: list[np.ndarray]) -> np.ndarray | None:
     return shard_of[np.argsort(np.concatenate(keys) if keys else np.zeros(0), kind="stable")]
 
 
+def merge_positions(keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(the position in the merge of every shard row, the shards' rows one after another; the index of each shard's
+    first row there): row r of shard s lands at `position[first[s] + r]`, in either merge (stable on the keys)."""
+    order = np.argsort(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64), kind="stable")
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return position, np.concatenate([[0], np.cumsum([len(k) for k in keys], dtype=np.int64)]).astype(np.int64)
+
+
 class ShardRows:
     """One shard artifact's rows handed out in file order, `take(n)` at a time."""
 
