@@ -15,7 +15,8 @@ state:
   4. threshold   same data, gate thresholds changed (`loraflow schedule` again): what refused run 3 loosened, else
                  min_stop_rate 0.97 -> 0.96; the gate re-decides on the cached evaluation;
   5. rollback    `loraflow rollback NAME` (seconds), then one more run whose gate compares against that champion.
---init-from-champion adds run 3 again with `train.init_from: champion` (on a catalog edited a second time).
+--init-from-champion adds run 3's data again with `train.init_from: champion`: it continues from the champion in
+force after the rollback (trained on the first catalog) instead of training fresh.
 --tiny forces a refusal in run 3 as tests/test_finetune_flow.py does (a learning rate that learns nothing, the
 validation loss gated on any number of examples), so the refusal path is exercised in minutes.
 Per run: wall seconds, load average before, final state, flow and per-stage seconds and what was cached
@@ -52,6 +53,7 @@ import loraflow  # noqa: E402
 from loraflow.ops.server import CPU_POOL, LocalPrefect  # noqa: E402
 from loraflow.publishing.registry import champion, registry_root  # noqa: E402
 
+MACHINE_NOTE = "2 cores shared with other engineers' runs and tests (load averages per run)"
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 METRICS = ("fact_accuracy", "heldout_fact_accuracy", "natural_fact_accuracy", "refusal_rate", "false_refusal_rate",
            "general_accuracy", "stop_rate", "eval_loss", "eval_loss_examples")
@@ -163,11 +165,13 @@ def deployment_run(local: LocalPrefect, deployment: str, timeout: float) -> tupl
     """`prefect deployment run DEPLOYMENT`, then the flow run polled to its final state: (flow run, wall s, load before)."""
     load_before, started = load(), time.perf_counter()
     printed = local.prefect("deployment", "run", deployment).stdout
+    command_seconds = time.perf_counter() - started
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", printed).group(1)
     deadline = time.time() + timeout
     while time.time() < deadline:
         flow_run = api(local, "GET", f"/flow_runs/{flow_run_id}")
         if flow_run["state"]["type"] in TERMINAL:
+            flow_run["command_seconds"] = round(command_seconds, 1)
             return flow_run, round(time.perf_counter() - started, 1), load_before
         time.sleep(0.5)
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout} s; see the worker log")
@@ -181,6 +185,14 @@ def run_summary(runs_dir: Path, since: float) -> dict:
     return json.loads(max(written, key=lambda path: path.stat().st_mtime).read_text())
 
 
+def seconds_between(earlier: str, later: str | None) -> float | None:
+    """Seconds between two of the server's ISO timestamps: a flow run's creation and its start (worker pickup and
+    process start), None when it never started."""
+    if later is None:
+        return None
+    return round((datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds(), 1)
+
+
 def run_facts(flow_run: dict, wall: float, load_before: list[float], summary: dict, published: Path, name: str) -> dict:
     """What one run cost, what ran, what the gate said and what is published after it."""
     stages = summary.get("stages") or {}
@@ -189,6 +201,8 @@ def run_facts(flow_run: dict, wall: float, load_before: list[float], summary: di
     return {
         "flow_run": {"id": flow_run["id"], "name": flow_run["name"]}, "wall_seconds": wall, "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load(),
         "state": {"type": flow_run["state"]["type"], "name": flow_run["state"]["name"]},
+        "prefect_deployment_run_command_seconds": flow_run["command_seconds"],
+        "created_to_running_seconds": seconds_between(flow_run["created"], flow_run["start_time"]),
         "server_run_seconds": flow_run.get("total_run_time"),
         "flow_seconds": summary.get("seconds"),
         "stage_seconds": (summary.get("cost") or {}).get("device_seconds"),
@@ -241,6 +255,7 @@ def main() -> None:
         result["runs"][label] = facts
         print(label, json.dumps({k: facts[k] for k in ("wall_seconds", "flow_seconds", "state", "published", "version",
                                                         "champion_after", "load_average_1_5_15_before")}), flush=True)
+        result["machine"] = machine_record(load_at_start, MACHINE_NOTE)
         out.write_text(json.dumps(result, indent=2) + "\n")  # what ran so far survives a later failure
 
     hook = start_hook()
@@ -299,8 +314,7 @@ def main() -> None:
                 result["setup_seconds"]["schedule_init_from_champion"] = schedule(local, project, config)
                 through_server("6_changed_init_from_champion")
     hook.shutdown()
-    result["machine"] = machine_record(load_at_start, "2 cores shared with other engineers' runs and tests "
-                                                      "(load averages per run)")
+    result["machine"] = machine_record(load_at_start, MACHINE_NOTE)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
