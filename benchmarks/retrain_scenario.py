@@ -227,8 +227,11 @@ def refusal_notice(local: LocalPrefect, flow_run: dict, seconds: float = 90) -> 
     while time.time() < deadline and not any(flow_run["name"] in json.dumps(body) for body in Hook.received):
         time.sleep(1)
     posted = [body for body in Hook.received if flow_run["name"] in json.dumps(body)]
-    events = api(local, "POST", "/events/filter", {"filter": {"event": {"name": ["loraflow.model.refused"]}}})["events"]
-    mine = [event for event in events if flow_run["id"] in json.dumps(event["related"])]
+    mine, deadline = [], time.time() + seconds
+    while time.time() < deadline and not mine:  # the server stores events in batches
+        events = api(local, "POST", "/events/filter", {"filter": {"event": {"name": ["loraflow.model.refused"]}}})["events"]
+        mine = [event for event in events if flow_run["id"] in json.dumps(event["related"])]
+        time.sleep(0 if mine else 2)
     return {"webhook_posts": len(posted), "webhook_says_refused": any("Refused" in json.dumps(body) for body in posted),
             "refused_events": len(mine), "event_failures": mine[0]["payload"].get("failures") if mine else None}
 
