@@ -34,6 +34,13 @@ class GateConfig(StrictModel):
         description="Drop allowed against the champion in each question metric both models were asked (trained, "
         "held-out and natural fact accuracy, refusal rate, general accuracy; ROUGE-L where the data has no facts).",
     )
+    previous_slack_questions: int = Field(
+        1, ge=0,
+        description="A drop against the champion of at most this many questions is within a sample's noise and never "
+        "refuses: the drop allowed in a question metric is the larger of previous_tolerance and this many questions' "
+        "share of its sample (1 of 44 general questions = 0.023; 1 of 8 trained facts = 0.125). 0: previous_tolerance "
+        "alone.",
+    )
     previous_loss_tolerance: float = Field(
         0.05, ge=0, description="Relative rise in validation loss allowed against the champion (0.05 = 5 %); gated only "
         "when the loss stands on at least min_loss_examples examples and min_loss_tokens tokens.",
