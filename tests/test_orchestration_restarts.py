@@ -1,9 +1,12 @@
 """The Prefect server or its database killed and restarted during a run, against a real server and process worker
 started here: the run finishes and its state reaches the server (the two server restarts carry the `soak` mark:
-`make test-all`). Worker kills and Cancel: tests/test_orchestration_faults.py."""
+`make test-all`). With PostgreSQL as the server's database, the run's state is read back from PostgreSQL's own
+tables and no SQLite file is made (this was tests/test_server_postgres.py's own server and run: the deployment end to
+end on PostgreSQL). Worker kills and Cancel: tests/test_orchestration_faults.py."""
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -68,3 +71,13 @@ def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path,
         artifacts = api(local, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
         keys = [artifact["key"] for artifact in artifacts if artifact["key"]]
         assert "restarted-summary" in keys and len(keys) == len(set(keys)), keys  # reached the server, once each
+        if database_url:  # the run is in PostgreSQL's tables, not in a SQLite file
+            port = database_url.rsplit(":", 1)[1].split("/")[0]
+            rows = subprocess.run(
+                [str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "prefect", "-tAc",
+                 f"select state_type from flow_run where id = '{run_id}'"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            assert rows == "COMPLETED", rows
+    if database_url:
+        assert not list((tmp_path / "home").glob("*.db"))
