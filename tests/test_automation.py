@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
-from tests.test_server import api, free_port, small_config, wait_for_terminal_state
+from tests.test_server import api, free_port, small_config, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +78,7 @@ def server(tmp_path_factory):
             notify_on_failure(local, hook)
             local.start_worker(CPU_POOL)
             yield local
+            stop_workers(local)
     finally:
         hook.shutdown()
 

@@ -5,7 +5,6 @@ re-run resumes). The server or its database restarted during a run: tests/test_o
 file, so that pytest-xdist's `--dist loadfile` can run it beside these two)."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
 from loraflow.training.checkpoints import CHECKPOINT_MARKER
-from tests.test_server import api, deploy, free_port, wait_for_terminal_state
+from tests.test_server import api, deploy, free_port, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -88,13 +87,7 @@ def server(tmp_path_factory):
         local.ensure_crash_detection(SILENT_SECONDS)
         deploy(local, "finetune")
         yield local
-        # The workers' process groups are killed before LocalPrefect's stop: after these faults a worker sent SIGTERM
-        # kept retrying the server that stopped beside it until stop()'s 20 s grace ran out, one after the other (40 s
-        # of this module's teardown); nothing here depends on their graceful end.
-        for name, process, _ in local.processes:
-            if name != "server" and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+        stop_workers(local)  # (40 s of this module's teardown was its two workers' SIGTERM grace)
 
 
 def test_worker_killed_mid_training_is_marked_crashed_and_the_rerun_resumes(server, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_orchestration_faults import complete_checkpoints, run_summary, start_run, training_config, wait_for
-from tests.test_server import api, deploy, free_port, wait_for_terminal_state
+from tests.test_server import api, deploy, free_port, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,7 @@ def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path,
                                           else (None, None))
         local = stack.enter_context(LocalPrefect(port=free_port(), home=tmp_path / "home", database_url=database_url,
                                                  log_dir=tmp_path / "logs"))
+        stack.callback(stop_workers, local)  # before the server's stop (tests/test_server.py says why)
         local.ensure_pools()
         deploy(local, "finetune")
         local.start_worker(CPU_POOL)

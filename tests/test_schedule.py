@@ -5,8 +5,6 @@ materializes the source starts a retrain by itself, which reads the new rows and
 with the source as its upstream (these two on one server of this module). `loraflow server` records its API URL for
 other shells."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.ops.server import LocalPrefect
-from tests.test_server import api, free_port
+from tests.test_server import api, free_port, stop_workers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,7 +141,7 @@ eval: {{max_questions: 2, max_new_tokens: 4, general_questions: ["What is 2 + 2?
     local = server
     made = loraflow(local, project, "schedule", str(config), "--on-data")
     assert made.returncode == 0 and key in made.stdout, made.stdout + made.stderr[-3000:]
-    worker = local.start_worker()
+    local.start_worker()
     try:
         etl = subprocess.run([sys.executable, "-c", ETL, str(table), key, str(sample)], env={**local.env, "PYTHONPATH": str(REPO)},
                              capture_output=True, text=True, timeout=300)
@@ -161,12 +159,7 @@ eval: {{max_questions: 2, max_new_tokens: 4, general_questions: ["What is 2 + 2?
                      if e["resource"]["prefect.resource.id"] == "loraflow://models/landed"]
             time.sleep(1)
     finally:  # no worker left for the --cron test's deployment
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=20)
+        stop_workers(local)
     assert finished["state"]["type"] == "COMPLETED", finished["state"]
     (summary_path,) = (project / "runs" / "landed").glob("*/summary.json")
     summary = __import__("json").loads(summary_path.read_text())

@@ -6,6 +6,7 @@ in tests/test_browser.py). SQLite here; PostgreSQL: tests/test_orchestration_res
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -65,6 +66,17 @@ def deploy(local: LocalPrefect, name: str | None = None) -> None:
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
 
+def stop_workers(local: LocalPrefect) -> None:
+    """SIGKILL the process group of each worker that `local` started (the worker and any run it started) before the
+    server's own stop. Sent SIGTERM beside its server, a worker that had served runs kept retrying the server until
+    LocalPrefect.stop's 20 s grace ran out (20 s of this module's teardown, 40 s of test_orchestration_faults' with
+    two workers); no test depends on a worker's graceful end."""
+    for name, process, _ in local.processes:
+        if name != "server" and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
@@ -74,6 +86,7 @@ def server(tmp_path_factory):
         deploy(local)
         local.start_worker(CPU_POOL)
         yield local
+        stop_workers(local)
 
 
 def small_config(tmp_path: Path) -> dict:
