@@ -5,6 +5,8 @@ materializes the source starts a retrain by itself, which reads the new rows and
 with the source as its upstream (these two on one server of this module). `loraflow server` records its API URL for
 other shells."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
