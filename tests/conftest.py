@@ -29,11 +29,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # the suite of 2026-12-07 (19 min 21 s), or per file alone (`-n 0`) on the 2-core EPYC on 2026-12-07 after that day's
 # cuts, beside other engineers' jobs (load 3 to 13: the order is what counts). The browser test now runs on
 # test_server.py's server; test_finetune_flow.py starts one `loraflow run` process instead of seven.
-LONGEST_FILES = ("test_orchestration_faults.py",   # suite 210: worker kill + 60 s crash window, Cancel, both re-runs
-                 "test_finetune_flow.py",          # alone 300 at load 7-13 (331 before at load 3-5): SmolLM2, 1 CLI + 4 in-process runs
-                 "test_server.py",                 # alone 174 at load 5-10: a server, `prefect deploy --all`, a worker, runs, Chromium
+LONGEST_FILES = ("test_orchestration_faults.py",   # alone 308 at load 4: worker kill + 60 s crash window, Cancel, both re-runs
+                 "test_finetune_flow.py",          # alone 209 at load 4 (331 before at load 3-5): SmolLM2, 1 CLI + 4 in-process runs
+                 "test_server.py",                 # alone 134 at load 4-6: a server, `prefect deploy --all`, a worker, runs, Chromium
                  "test_orchestration_restarts.py", # alone 124: its own server and PostgreSQL, restarted mid-run
-                 "test_continue_from_champion.py", # alone 240 at load 11-13, 54 of it the session's Prefect API: 3 runs
+                 "test_continue_from_champion.py", # alone 122 at load 4-5 (22 of it the session's Prefect API): 3 runs
                  "test_distributed.py",            # suite 80: DDP launches, a kill -9 and a resume
                  "test_concurrent_runs.py")        # suite 75: two `loraflow run`s at once
 
