@@ -30,10 +30,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # cuts, beside other engineers' jobs (load 3 to 13: the order is what counts). The browser test now runs on
 # test_server.py's server; test_finetune_flow.py starts one `loraflow run` process instead of seven.
 LONGEST_FILES = ("test_orchestration_faults.py",   # alone 308 at load 4: worker kill + 60 s crash window, Cancel, both re-runs
-                 "test_finetune_flow.py",          # alone 209 at load 4 (331 before at load 3-5): SmolLM2, 1 CLI + 4 in-process runs
+                 "test_finetune_flow.py",          # alone 184 at load 4-5 (331 before at load 3-5): SmolLM2, 1 CLI + 4 in-process runs
                  "test_server.py",                 # alone 134 at load 4-6: a server, `prefect deploy --all`, a worker, runs, Chromium
                  "test_orchestration_restarts.py", # alone 124: its own server and PostgreSQL, restarted mid-run
-                 "test_continue_from_champion.py", # alone 122 at load 4-5 (22 of it the session's Prefect API): 3 runs
+                 "test_continue_from_champion.py", # alone 100 at load 3-4 (tiny Llama): 1 CLI + 2 in-process runs
                  "test_distributed.py",            # suite 80: DDP launches, a kill -9 and a resume
                  "test_concurrent_runs.py")        # suite 75: two `loraflow run`s at once
 
