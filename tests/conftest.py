@@ -25,13 +25,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-# The longest test files (seconds on one worker, 2-core EPYC, 2026-12-03), started before the other `slow` ones: the
-# first to start are the last to end.
-LONGEST_FILES = ("test_orchestration_faults.py",   # 220: worker kill + 60 s crash window, Cancel, both re-runs
-                 "test_finetune_flow.py",          # 190: three `loraflow run`s on SmolLM2
-                 "test_orchestration_restarts.py", # 110: its own server and PostgreSQL, restarted mid-run
-                 "test_distributed.py",            # 80: DDP launches, a kill -9 and a resume
-                 "test_concurrent_runs.py")        # 75: two `loraflow run`s at once
+# The longest test files, started before the other `slow` ones: the first to start are the last to end. Seconds: in
+# the suite of 2026-12-07 (19 min 21 s), or per file alone (`-n 0`) on the 2-core EPYC on 2026-12-07 after that day's
+# cuts, beside other engineers' jobs (load 3 to 13: the order is what counts). The browser test now runs on
+# test_server.py's server; test_finetune_flow.py starts one `loraflow run` process instead of seven.
+LONGEST_FILES = ("test_orchestration_faults.py",   # alone 308 at load 4: worker kill + 60 s crash window, Cancel, both re-runs
+                 "test_finetune_flow.py",          # alone 184 at load 4-5 (331 before at load 3-5): SmolLM2, 1 CLI + 4 in-process runs
+                 "test_server.py",                 # alone 134 at load 4-6: a server, `prefect deploy --all`, a worker, runs, Chromium
+                 "test_orchestration_restarts.py", # alone 124: its own server and PostgreSQL, restarted mid-run
+                 "test_continue_from_champion.py", # alone 100 at load 3-4 (tiny Llama): 1 CLI + 2 in-process runs
+                 "test_distributed.py",            # suite 80: DDP launches, a kill -9 and a resume
+                 "test_concurrent_runs.py")        # suite 75: two `loraflow run`s at once
 
 
 def pytest_collection_modifyitems(config, items):

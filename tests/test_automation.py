@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
-from tests.test_server import api, free_port, small_config, wait_for_terminal_state
+from tests.test_server import api, free_port, small_config, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +36,13 @@ def start_hook() -> HTTPServer:
     return hook
 
 
-def wait_for_hook(seconds: float = 90) -> None:
+def wait_for_hook(run_name: str, seconds: float = 90) -> list[str]:
+    """The webhook's messages (as JSON text) that name the flow run `run_name`, once one came."""
     deadline = time.time() + seconds
-    while time.time() < deadline and not Hook.received:
+    while True:
+        messages = [json.dumps(message) for message in Hook.received if run_name in json.dumps(message)]
+        if messages or time.time() > deadline:
+            return messages
         time.sleep(1)
 
 
@@ -59,33 +63,40 @@ def notify_on_failure(local: LocalPrefect, hook: HTTPServer) -> None:
     assert created.returncode == 0, created.stderr
 
 
-def test_failed_run_notifies_webhook(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for both tests (its start, the deploys, the automation and the worker are most of their time): the
+    prepare-only and finetune deployments, the failure automation posting to a webhook here, a worker."""
+    home = tmp_path_factory.mktemp("automation-home")
     hook = start_hook()
-    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
+    local = LocalPrefect(port=free_port(), home=home, log_dir=home / "logs")
     try:
         with local:
             local.ensure_pools()
-            assert local.prefect("deploy", "--name", "prepare-only", check=False).returncode == 0
+            deployed = local.prefect("deploy", "--name", "prepare-only", "--name", "finetune", check=False)
+            assert deployed.returncode == 0, deployed.stdout + deployed.stderr
             notify_on_failure(local, hook)
             local.start_worker(CPU_POOL)
-            config = small_config(tmp_path)
-            config["sources"][0]["path"] = "../data/sample/no-such-file.csv"
-            deployment = api(local, "GET", "/deployments/name/prepare/prepare-only")
-            run = api(local, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}})
-            assert wait_for_terminal_state(local, run["id"])["state"]["type"] == "FAILED"
-            wait_for_hook()
+            yield local
+            stop_workers(local)
     finally:
         hook.shutdown()
-    assert Hook.received, "the automation did not call the webhook"
-    message = json.dumps(Hook.received[0])
-    assert run["name"] in message and "Failed" in message and "prepare-only" in message
 
 
-def test_a_refused_model_ends_refused_emits_its_event_and_notifies_webhook(tmp_path):
+def test_failed_run_notifies_webhook(server, tmp_path):
+    config = small_config(tmp_path)
+    config["sources"][0]["path"] = "../data/sample/no-such-file.csv"
+    deployment = api(server, "GET", "/deployments/name/prepare/prepare-only")
+    run = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}})
+    assert wait_for_terminal_state(server, run["id"])["state"]["type"] == "FAILED"
+    messages = wait_for_hook(run["name"])
+    assert messages, f"the automation did not call the webhook for {run['name']}: {Hook.received}"
+    assert "Failed" in messages[0] and "prepare-only" in messages[0]
+
+
+def test_a_refused_model_ends_refused_emits_its_event_and_notifies_webhook(server, tmp_path):
     from tests.tiny_llama import build_tiny_llama
 
-    hook = start_hook()
-    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
     config = {  # a random 2-layer model learns no facts in two steps: a gate that asks for 90 % refuses it
         **small_config(tmp_path), "name": "nightly", "model": {"base": str(build_tiny_llama(tmp_path / "tiny-llama"))},
         "train": {"max_steps": 2, "micro_batch_size": 4, "gradient_checkpointing": False},
@@ -93,25 +104,16 @@ def test_a_refused_model_ends_refused_emits_its_event_and_notifies_webhook(tmp_p
                  "general_max_new_tokens": 4, "gate": {"min_fact_accuracy": 0.9}},
     }
     config["sources"][0]["max_rows"] = 4
-    try:
-        with local:
-            local.ensure_pools()
-            assert local.prefect("deploy", "--name", "finetune", check=False).returncode == 0
-            notify_on_failure(local, hook)
-            local.start_worker(CPU_POOL)
-            deployment = api(local, "GET", "/deployments/name/finetune/finetune")
-            run = api(local, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}})
-            ended = wait_for_terminal_state(local, run["id"], timeout=600)
-            wait_for_hook()
-            events = wait_for_events(local, "loraflow.model.refused")
-    finally:
-        hook.shutdown()
+    deployment = api(server, "GET", "/deployments/name/finetune/finetune")
+    run = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": config}})
+    ended = wait_for_terminal_state(server, run["id"], timeout=600)
+    messages = wait_for_hook(run["name"])
+    events = wait_for_events(server, "loraflow.model.refused")
     assert (ended["state"]["type"], ended["state"]["name"]) == ("COMPLETED", "Refused"), ended["state"]
     assert "FAIL: fact accuracy" in ended["state"]["message"]
     (event,) = events
     assert event["resource"]["prefect.resource.id"] == "loraflow.model.nightly"
     assert any(reason.startswith("FAIL: fact accuracy") for reason in event["payload"]["failures"])
     assert run["id"] in json.dumps(event["related"])  # Prefect relates the event to the flow run that emitted it
-    assert Hook.received, "the automation did not post the refusal to the webhook"
-    message = json.dumps(Hook.received[0])
-    assert run["name"] in message and "Refused" in message and "FAIL: fact accuracy" in message
+    assert messages, f"the automation did not post the refusal of {run['name']} to the webhook: {Hook.received}"
+    assert "Refused" in messages[0] and "FAIL: fact accuracy" in messages[0]

@@ -1,8 +1,10 @@
 """train.init_from: champion (issue 33, item 7): which rows a continued run trains (pure, on small frames), the
-champion's LoRA settings checked, the train stage's key holding the champion's adapter hash, and on the real
-SmolLM2 through `loraflow run`: a first run with no champion trains fresh (warned), a run after 1 edited and 1 added
-catalog row continues from version 1 on the changed records' rows plus the replayed share, an unchanged re-run is
-all cached, and the continued model starts from exactly the champion's LoRA weights."""
+champion's LoRA settings checked, the train stage's key holding the champion's adapter hash, and through the whole
+pipeline on the tiny random Llama (the continuation's wiring is the point, not what SmolLM2 learns; the whole pipeline
+on SmolLM2: tests/test_finetune_flow.py): a first run with no champion, a real `loraflow run`, trains fresh (warned),
+a run after 1 edited and 1 added catalog row continues from version 1 on the changed records' rows plus the replayed
+share, an unchanged re-run is all cached (these two through the same entry point in this process), and the continued
+model starts from exactly the champion's LoRA weights."""
 
 import shutil
 from pathlib import Path
@@ -16,7 +18,7 @@ from loraflow.publishing.registry import champion, versions
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.training.continuation import (ContinuationError, StartAdapter, check_lora_settings, continuation_rows,
                                             record_fingerprints)
-from tests.test_finetune_flow import REPO, run_cli, tiny_config
+from tests.test_finetune_flow import REPO, run_cli, run_cli_here, tiny_config
 
 
 def examples(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
@@ -93,7 +95,7 @@ def test_the_train_key_and_folder_change_when_the_champion_changes(tmp_path):
     assert work_dir("s", "train", "t", one.adapter_sha256) != work_dir("s", "train", "t", two.adapter_sha256)
 
 
-# ---- on the real SmolLM2, through `loraflow run` --------------------------------------------------------------
+# ---- the whole pipeline on the tiny random Llama, through `loraflow run` ---------------------------------------
 
 def edited_catalog(source: Path, target: Path) -> None:
     """The first 5 catalog rows with the second one's title edited (the 5th is new when max_rows goes 4 -> 5)."""
@@ -103,10 +105,13 @@ def edited_catalog(source: Path, target: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tmp_path, model_dir):
+def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tmp_path, prefect_api):
+    from tests.tiny_llama import build_tiny_llama
+
     catalog = tmp_path / "catalog.csv"
     shutil.copy(REPO / "data/sample/anime_catalog.csv", catalog)
-    config = tiny_config(tmp_path)
+    model_dir = build_tiny_llama(tmp_path / "tiny-llama")
+    config = tiny_config(tmp_path, model_dir)
     config.write_text(config.read_text()
                       .replace(str(REPO / "data/sample/anime_catalog.csv"), str(catalog))
                       .replace("gradient_checkpointing: false}", "gradient_checkpointing: false, init_from: champion, "
@@ -120,7 +125,7 @@ def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tm
 
     edited_catalog(REPO / "data/sample/anime_catalog.csv", catalog)
     config.write_text(config.read_text().replace("max_rows: 4", "max_rows: 5"))
-    second = run_cli(config, home)
+    second = run_cli_here(config)
     plan = second["train"]["continuation"]
     assert plan["start"]["version"] == 1 and plan["start"]["adapter_dir"] == str(Path(first["publish"]["model_dir"]) / "adapter")
     assert (plan["records_new"], plan["records_edited"]) == (1, 1) and plan["records_unchanged"] >= 3
@@ -132,7 +137,7 @@ def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tm
     (_, version_two) = versions(registry, "tiny")
     assert version_two["init_from"] == plan["start"]  # the lineage says where it started
 
-    third = run_cli(config, home)  # unchanged data: the champion's own start, so the key that made it: all cached
+    third = run_cli_here(config)  # unchanged data: the champion's own start, so the key that made it: all cached
     assert third["train"]["cached"] and third["publish"]["reused"] and champion(registry, "tiny")["version"] == 2
 
     # The continued model's LoRA weights before its first step are the champion's, bit for bit; after it they moved.

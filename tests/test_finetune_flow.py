@@ -3,7 +3,12 @@ an unchanged re-run all cached with nothing new published, a retrained model tha
 one refused by the gate (Refused, still askable) and then, with a looser threshold, re-decided on the cached
 evaluation and published as version 2; rolled back to version 1, which the next gate compares against. Two
 identical runs at once: tests/test_concurrent_runs.py (its own file, so that pytest-xdist's `--dist loadfile` can
-run it beside this one)."""
+run it beside this one).
+
+The first run is a real `loraflow run` in its own process (its own ephemeral Prefect API); the runs after it, `ask`
+and `rollback` go through the same entry point (`loraflow.cli.commands.main`: exit code, stdout, stderr) in this
+process, on the session's Prefect API: another process than the first run's, so the caches are still read back from
+the store, without starting Python, torch and a Prefect server again for each (about 25 s a command)."""
 
 import json
 import subprocess
@@ -68,7 +73,31 @@ def run_cli(config: Path, home: Path, expect_returncode: int = 0, stderr: list |
     return json.loads(Path(done.stdout.strip().splitlines()[-1]).read_text())
 
 
-def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
+def run_here(*args: str, expect_returncode: int = 0) -> tuple[str, str]:
+    """`loraflow ARGS` through the console script's entry point in this process; its (stdout, stderr).
+
+    (contextlib's redirects, not capsys: a stream that Prefect's console handler might take up meanwhile stays open
+    after the test.)"""
+    import contextlib
+    import io
+
+    from loraflow.cli.commands import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        returncode = main(list(args))
+    assert returncode == expect_returncode, out.getvalue()[-3000:] + err.getvalue()[-3000:]
+    return out.getvalue(), err.getvalue()
+
+
+def run_cli_here(config: Path, expect_returncode: int = 0, stderr: list | None = None) -> dict:
+    """`run_cli` in this process (`run_here`)."""
+    out, err = run_here("run", str(config), expect_returncode=expect_returncode)
+    if stderr is not None:
+        stderr.append(err)
+    return json.loads(Path(out.strip().splitlines()[-1]).read_text())
+
+
+def test_run_publishes_once_and_rerun_is_all_cached(tmp_path, prefect_api):
     config = tiny_config(tmp_path)
     first = run_cli(config, tmp_path / "home")
     for model in ("base", "finetuned"):
@@ -89,7 +118,7 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     assert version_one["data"]["sources"][0]["fingerprint"] == first["sources"][0]["fingerprint"]
     assert version_one["code"]["code_hash"] and version_one["flow_run_id"] and version_one["run_dir"] == first["run_dir"]
 
-    second = run_cli(config, tmp_path / "home")
+    second = run_cli_here(config)
     assert second["all_cached"] and second["train"]["cached"] and second["eval"]["cached"]
     assert second["publish"]["reused"] and not second["publish"]["published"]
     assert second["publish"]["model_dir"] == first["publish"]["model_dir"]
@@ -103,7 +132,7 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     config.write_text(changed.replace("max_general_regressions: null}", "max_general_regressions: null, "
                                       "min_loss_examples: 1, min_loss_tokens: 1}"))  # here it is gated, and refuses
     errors = []
-    third = run_cli(config, tmp_path / "home", expect_returncode=1, stderr=errors)
+    third = run_cli_here(config, expect_returncode=1, stderr=errors)
     assert not third["train"]["cached"] and third["tokens"]["sha256"] != first["tokens"]["sha256"]
     assert third["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
     assert third["eval"]["previous"]["eval_loss"] < third["eval"]["finetuned"]["eval_loss"], third["eval"]
@@ -113,13 +142,13 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
     record = json.loads((tmp_path / "store" / "published" / "tiny.json").read_text())
     assert record["model_dir"] == first["publish"]["model_dir"]
     # The refused candidate still answers, and says it is not the published model.
-    asked = loraflow(tmp_path / "home", "ask", third["run_dir"], "What is 2 + 2?", "--max-new-tokens", "4")
-    assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr[-2000:]
-    assert "candidate the gate refused, NOT a published model" in asked.stderr
+    answer, note = run_here("ask", third["run_dir"], "What is 2 + 2?", "--max-new-tokens", "4")
+    assert answer.strip(), note[-2000:]
+    assert "candidate the gate refused, NOT a published model" in note
 
     # The same data with the loss tolerance loosened: the gate re-decides on the cached evaluation and publishes.
     config.write_text(config.read_text().replace("min_loss_tokens: 1}", "min_loss_tokens: 1, previous_loss_tolerance: 100.0}"))
-    fourth = run_cli(config, tmp_path / "home")
+    fourth = run_cli_here(config)
     assert fourth["train"]["cached"] and fourth["eval"]["cached"], fourth["eval"]
     assert fourth["publish"]["gate_passed"] and fourth["publish"]["published"]
     assert any(r.startswith("PASS: validation loss") for r in fourth["publish"]["gate_reasons"])
@@ -127,8 +156,8 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path):
 
     # Rolled back to version 1, the next run's gate compares against it again (here all cached: the same evaluation
     # as the fourth run's, beside version 1), and reusing version 2's publish does not move the champion back.
-    rolled = loraflow(tmp_path / "home", "rollback", "tiny", "--store", str(tmp_path / "store"), "--why", "test", "--by", "ci")
-    assert rolled.returncode == 0 and "version 1 is the champion (was 2; rollback by ci: test)" in rolled.stdout, rolled.stderr
-    fifth = run_cli(config, tmp_path / "home")
+    rolled, _ = run_here("rollback", "tiny", "--store", str(tmp_path / "store"), "--why", "test", "--by", "ci")
+    assert "version 1 is the champion (was 2; rollback by ci: test)" in rolled
+    fifth = run_cli_here(config)
     assert fifth["eval"]["cached"] and fifth["eval"]["previous_model_dir"] == first["publish"]["model_dir"]
     assert fifth["publish"]["reused"] and champion(tmp_path / "store" / "published", "tiny")["version"] == 1

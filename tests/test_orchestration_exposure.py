@@ -75,7 +75,7 @@ def test_server_on_all_interfaces_refuses_unauthenticated(tmp_path, monkeypatch)
 @pytest.mark.browser
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium")
 def test_ui_in_chromium_asks_for_login(tmp_path, monkeypatch):
-    from tests.test_browser import render
+    from tests.test_server import render
 
     monkeypatch.setenv(AUTH_ENV, SECRET)
     local = LocalPrefect(port=free_port(), host="0.0.0.0", home=tmp_path / "home", log_dir=tmp_path / "logs")

@@ -15,7 +15,7 @@ import yaml
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
 from loraflow.training.checkpoints import CHECKPOINT_MARKER
-from tests.test_server import api, deploy, free_port, wait_for_terminal_state
+from tests.test_server import api, deploy, free_port, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,7 @@ def server(tmp_path_factory):
         local.ensure_crash_detection(SILENT_SECONDS)
         deploy(local, "finetune")
         yield local
+        stop_workers(local)  # (40 s of this module's teardown was its two workers' SIGTERM grace)
 
 
 def test_worker_killed_mid_training_is_marked_crashed_and_the_rerun_resumes(server, tmp_path):

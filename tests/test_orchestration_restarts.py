@@ -1,9 +1,12 @@
 """The Prefect server or its database killed and restarted during a run, against a real server and process worker
 started here: the run finishes and its state reaches the server (the two server restarts carry the `soak` mark:
-`make test-all`). Worker kills and Cancel: tests/test_orchestration_faults.py."""
+`make test-all`). With PostgreSQL as the server's database, the run's state is read back from PostgreSQL's own
+tables and no SQLite file is made (this was tests/test_server_postgres.py's own server and run: the deployment end to
+end on PostgreSQL). Worker kills and Cancel: tests/test_orchestration_faults.py."""
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_orchestration_faults import complete_checkpoints, run_summary, start_run, training_config, wait_for
-from tests.test_server import api, deploy, free_port, wait_for_terminal_state
+from tests.test_server import api, deploy, free_port, stop_workers, wait_for_terminal_state
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +51,7 @@ def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path,
                                           else (None, None))
         local = stack.enter_context(LocalPrefect(port=free_port(), home=tmp_path / "home", database_url=database_url,
                                                  log_dir=tmp_path / "logs"))
+        stack.callback(stop_workers, local)  # before the server's stop (tests/test_server.py says why)
         local.ensure_pools()
         deploy(local, "finetune")
         local.start_worker(CPU_POOL)
@@ -68,3 +72,13 @@ def test_a_run_survives_its_server_or_database_restarting_mid_training(tmp_path,
         artifacts = api(local, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
         keys = [artifact["key"] for artifact in artifacts if artifact["key"]]
         assert "restarted-summary" in keys and len(keys) == len(set(keys)), keys  # reached the server, once each
+        if database_url:  # the run is in PostgreSQL's tables, not in a SQLite file
+            port = database_url.rsplit(":", 1)[1].split("/")[0]
+            rows = subprocess.run(
+                [str(postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-d", "prefect", "-tAc",
+                 f"select state_type from flow_run where id = '{run_id}'"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            assert rows == "COMPLETED", rows
+    if database_url:
+        assert not list((tmp_path / "home").glob("*.db"))

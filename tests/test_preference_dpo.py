@@ -56,10 +56,11 @@ def test_dpo_moves_the_margin_up_and_trains_only_the_adapter(rows, sft_adapter, 
     assert finished_preference(tmp_path / "dpo", "other") is None
 
 
-def test_finetune_flow_runs_pairs_and_dpo_behind_the_switch_and_caches_them(tmp_path):
+def test_finetune_flow_runs_pairs_and_dpo_behind_the_switch_and_caches_them(tmp_path, prefect_api):
     """The whole `loraflow run` with preference.enabled on a tiny random Llama (the wiring, not the quality): the pairs
-    stage and the DPO step run after SFT, evaluation and publish take the DPO adapter, and a re-run is all cached."""
-    from tests.test_finetune_flow import run_cli, tiny_config
+    stage and the DPO step run after SFT, evaluation and publish take the DPO adapter, and a re-run (through the same
+    entry point in this process) is all cached."""
+    from tests.test_finetune_flow import run_cli, run_cli_here, tiny_config
     from tests.tiny_llama import build_tiny_llama
 
     config = tiny_config(tmp_path, build_tiny_llama(tmp_path / "tiny-llama"))
@@ -68,6 +69,6 @@ def test_finetune_flow_runs_pairs_and_dpo_behind_the_switch_and_caches_them(tmp_
     assert first["stages"]["pairs"]["rows_out"] > 0 and not first["preference"]["cached"]
     assert first["preference"]["steps"] == 2 and first["preference"]["sft_adapter_dir"] != first["preference"]["adapter_dir"]
     assert first["publish"]["adapter_dir"] == first["preference"]["adapter_dir"] == first["candidate"]["adapter_dir"]
-    again = run_cli(config, tmp_path / "home")
+    again = run_cli_here(config)
     assert again["preference"]["cached"] and again["stages"]["pairs"]["cached"]
     assert again["preference"]["adapter_dir"] == first["preference"]["adapter_dir"]

@@ -2,8 +2,11 @@
 whose relative folders are absolute against the config's folder, updated in place when scheduled again, listed by
 `loraflow schedules`; the server makes scheduled runs of it; with --on-data a stand-in upstream ETL flow that
 materializes the source starts a retrain by itself, which reads the new rows and materializes the model's asset
-with the source as its upstream. `loraflow server` records its API URL for other shells."""
+with the source as its upstream (these two on one server of this module). `loraflow server` records its API URL for
+other shells."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.ops.server import LocalPrefect
-from tests.test_server import api, free_port
+from tests.test_server import api, free_port, stop_workers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +28,19 @@ def loraflow(local: LocalPrefect, cwd: Path, *args: str) -> subprocess.Completed
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_config_on_a_schedule_keeps_its_own_folders(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the --cron and --on-data tests (a server start is tens of seconds on a busy machine). Each test
+    leaves no worker and no scheduled run behind for the other: the --cron test deletes its deployment (and with it
+    its scheduled runs) and the --on-data test stops the worker it started."""
+    home = tmp_path_factory.mktemp("schedule-home")
+    local = LocalPrefect(port=free_port(), home=home, log_dir=home / "logs")
+    with local:
+        local.ensure_pools()
+        yield local
+
+
+def test_a_config_on_a_schedule_keeps_its_own_folders(server, tmp_path):
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "data" / "catalog.csv").write_bytes((REPO / "data/sample/anime_catalog.csv").read_bytes())
@@ -34,15 +49,14 @@ def test_a_config_on_a_schedule_keeps_its_own_folders(tmp_path):
                       "sources:\n  - {kind: csv, name: catalog, path: data/catalog.csv, max_rows: 8}\n")
     elsewhere = tmp_path / "elsewhere"  # the shell the user types in is not the config's folder
     elsewhere.mkdir()
-    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
-    with local:
-        local.ensure_pools()
-        made = loraflow(local, elsewhere, "schedule", str(config), "--cron", "0 3 * * *", "--timezone", "Asia/Tokyo")
-        assert made.returncode == 0, made.stderr[-3000:]
-        again = loraflow(local, elsewhere, "schedule", str(config), "--cron", "* * * * *")  # updated, not doubled
-        assert again.returncode == 0, again.stderr[-3000:]
-        deployments = [d for d in api(local, "POST", "/deployments/filter", {}) if d["name"] == "my-nightly-schedule"]
-        listed = loraflow(local, elsewhere, "schedules")
+    local = server
+    made = loraflow(local, elsewhere, "schedule", str(config), "--cron", "0 3 * * *", "--timezone", "Asia/Tokyo")
+    assert made.returncode == 0, made.stderr[-3000:]
+    again = loraflow(local, elsewhere, "schedule", str(config), "--cron", "* * * * *")  # updated, not doubled
+    assert again.returncode == 0, again.stderr[-3000:]
+    deployments = [d for d in api(local, "POST", "/deployments/filter", {}) if d["name"] == "my-nightly-schedule"]
+    listed = loraflow(local, elsewhere, "schedules")
+    try:
         deadline = time.time() + 120
         while time.time() < deadline:
             runs = api(local, "POST", "/flow_runs/filter",
@@ -50,6 +64,9 @@ def test_a_config_on_a_schedule_keeps_its_own_folders(tmp_path):
             if runs:
                 break
             time.sleep(2)
+    finally:  # its scheduled runs (one a minute) go with it: no worker of this module's server may pick one up
+        for made_deployment in deployments:
+            api(local, "DELETE", f"/deployments/{made_deployment['id']}")
     (deployment,) = deployments
     assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
     parameters = deployment["parameters"]["config"]
@@ -61,9 +78,6 @@ def test_a_config_on_a_schedule_keeps_its_own_folders(tmp_path):
 
 
 def test_loraflow_server_records_its_api_url_for_other_shells_until_it_stops(tmp_path):
-    import os
-    import signal
-
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
@@ -103,7 +117,7 @@ etl()
 '''
 
 
-def test_retrained_when_the_data_lands_and_the_model_asset_names_its_source(tmp_path):
+def test_retrained_when_the_data_lands_and_the_model_asset_names_its_source(server, tmp_path):
     from loraflow.ops.assets import source_asset_key
     from tests.test_automation import wait_for_events
     from tests.test_server import wait_for_terminal_state
@@ -126,12 +140,11 @@ eval: {{max_questions: 2, max_new_tokens: 4, general_questions: ["What is 2 + 2?
               min_refusal_rate: null, max_general_regressions: null}}}}
 """)
     key = source_asset_key(str(table), table)
-    local = LocalPrefect(port=free_port(), home=tmp_path / "home", log_dir=tmp_path / "logs")
-    with local:
-        local.ensure_pools()
-        made = loraflow(local, project, "schedule", str(config), "--on-data")
-        assert made.returncode == 0 and key in made.stdout, made.stdout + made.stderr[-3000:]
-        local.start_worker()
+    local = server
+    made = loraflow(local, project, "schedule", str(config), "--on-data")
+    assert made.returncode == 0 and key in made.stdout, made.stdout + made.stderr[-3000:]
+    local.start_worker()
+    try:
         etl = subprocess.run([sys.executable, "-c", ETL, str(table), key, str(sample)], env={**local.env, "PYTHONPATH": str(REPO)},
                              capture_output=True, text=True, timeout=300)
         assert etl.returncode == 0, etl.stderr[-3000:]
@@ -147,6 +160,8 @@ eval: {{max_questions: 2, max_new_tokens: 4, general_questions: ["What is 2 + 2?
             model = [e for e in wait_for_events(local, "prefect.asset.materialization.succeeded")
                      if e["resource"]["prefect.resource.id"] == "loraflow://models/landed"]
             time.sleep(1)
+    finally:  # no worker left for the --cron test's deployment
+        stop_workers(local)
     assert finished["state"]["type"] == "COMPLETED", finished["state"]
     (summary_path,) = (project / "runs" / "landed").glob("*/summary.json")
     summary = __import__("json").loads(summary_path.read_text())

@@ -1,8 +1,14 @@
 """Operations on a real Prefect server: pools, `prefect deploy --all`, a worker, runs triggered through the
-API exactly as the UI does, caching across runs, schedules. SQLite here; PostgreSQL when the test can start one."""
+API exactly as the UI does, caching across runs, schedules, and the Prefect UI seen in a real browser (Debian's
+headless Chromium: a run's artifacts and the typed form; on this module's server, which it used to start for itself
+in tests/test_browser.py). SQLite here; PostgreSQL: tests/test_orchestration_restarts.py."""
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -60,6 +66,17 @@ def deploy(local: LocalPrefect, name: str | None = None) -> None:
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
 
+def stop_workers(local: LocalPrefect) -> None:
+    """SIGKILL the process group of each worker that `local` started (the worker and any run it started) before the
+    server's own stop. Sent SIGTERM beside its server, a worker that had served runs kept retrying the server until
+    LocalPrefect.stop's 20 s grace ran out (20 s of this module's teardown, 40 s of test_orchestration_faults' with
+    two workers); no test depends on a worker's graceful end."""
+    for name, process, _ in local.processes:
+        if name != "server" and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
@@ -69,6 +86,7 @@ def server(tmp_path_factory):
         deploy(local)
         local.start_worker(CPU_POOL)
         yield local
+        stop_workers(local)
 
 
 def small_config(tmp_path: Path) -> dict:
@@ -149,3 +167,53 @@ def test_pools_are_made_once_through_prefects_client(server):
 
 def test_a_server_that_is_not_there_is_not_healthy():
     assert not LocalPrefect(port=free_port()).healthy()
+
+
+# ---- the UI in a real browser ---------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SOURCE_TITLES = ("CSV file", "JSON / JSONL file", "Hugging Face dataset", "Parquet file", "SQL query")
+
+
+def render(url: str, profile: Path, screenshot: Path | None = None) -> str:
+    """The DOM of `url` after its scripts ran (and optionally a PNG of it)."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+             f"--user-data-dir={profile}", "--window-size=1400,1000", "--virtual-time-budget=20000"]
+    if screenshot is not None:
+        subprocess.run(["chromium", *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                          check=True).stdout
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium")
+def test_run_page_artifacts_and_form_in_chromium(server, tmp_path):
+    local = server
+    deployment = api(local, "GET", "/deployments/name/prepare/prepare-only")
+    run = api(local, "POST", f"/deployments/{deployment['id']}/create_flow_run",
+              {"parameters": {"config": small_config(tmp_path)}})
+    assert wait_for_terminal_state(local, run["id"])["state"]["type"] == "COMPLETED"
+    ui = f"http://127.0.0.1:{local.port}"
+    keep = os.environ.get("LORAFLOW_UPDATE_SCREENSHOTS") == "1"
+
+    run_page = render(f"{ui}/runs/flow-run/{run['id']}", tmp_path / "chrome",
+                      DOCS / "prefect-run.png" if keep else tmp_path / "run.png")
+    assert "Completed" in run_page and "tokenize" in run_page
+
+    artifacts = api(local, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    keys = {artifact["key"] for artifact in artifacts}
+    assert {"server-test-synthesize", "server-test-format", "server-test-tokenize"} <= keys
+    tokenize = next(a for a in artifacts if a["key"] == "server-test-tokenize")
+    artifact_page = render(f"{ui}/artifacts/artifact/{tokenize['id']}", tmp_path / "chrome",
+                           DOCS / "prefect-artifact.png" if keep else None)
+    assert "rows quarantined" in artifact_page
+
+    form = render(f"{ui}/deployments/deployment/{deployment['id']}/run", tmp_path / "chrome")
+    assert "Hub repo id or local folder" in form and "Run name" in form
+    # The default UI shows each source as JSON; Prefect's V2 UI (/v2) renders the sources' union as a kind
+    # selector named by each source config's title. The docs screenshot is that form.
+    form_v2 = render(f"{ui}/v2/deployments/deployment/{deployment['id']}/run", tmp_path / "chrome",
+                     DOCS / "prefect-run-form.png" if keep else None)
+    assert all(title in form_v2 for title in SOURCE_TITLES), [t for t in SOURCE_TITLES if t not in form_v2]
+    assert ">Config<" not in form_v2  # no option is the bare class name
