@@ -202,9 +202,9 @@ def open_registry(store_root: str, local_root: Path) -> Registry:
 
 
 def model_dir_here(record: dict, store_root: str, local_root: Path) -> Path:
-    """A version's model folder on this host: its `model_dir` when this host has it, else this host's copy of its
-    `model_url` in the store (fetched and verified; missing when the store holds no complete copy)."""
-    here = Path(record["model_dir"])
-    if here.exists() or not record.get("model_url"):
-        return here
-    return local_copy(store_root, record["model_url"], local_root)
+    """A version's model folder on this host: with a URL store, this host's copy of its `model_url` in the store
+    (fetched and verified when missing here; still missing when the store holds no complete copy); else, or for a
+    version recorded without one, its `model_dir`."""
+    if record.get("model_url") and is_url(store_root):
+        return local_copy(store_root, record["model_url"], local_root)
+    return Path(record["model_dir"])
