@@ -194,7 +194,7 @@ class FolderRegistry:
 def open_registry(store_root: str, local_root: Path) -> Registry:
     """The registry of a store: in the bucket for an `s3://` store (every host sees it), else the folder
     `registry_root(local_root)` (the store's own folder; for another URL store, this host's folder for it)."""
-    if is_url(store_root) and str(store_root).startswith("s3://"):
+    if str(store_root).startswith("s3://"):
         from loraflow.publishing.bucket_registry import BucketRegistry  # boto3: only for s3 stores
 
         return BucketRegistry(store_root)

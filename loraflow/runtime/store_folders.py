@@ -111,7 +111,8 @@ def local_copy(store_root: str, url: str, local_root: str | Path) -> Path:
     verified when that path is missing here (still missing when the store holds no complete copy)."""
     prefix = f"{store_root.rstrip('/')}/folders/"
     if not url.startswith(prefix):
-        raise ValueError(f"{url} is not a stage folder of the store {store_root} (expected {prefix}<stage>/<name>/...)")
+        raise ValueError(f"{url} is not a stage folder of the store {store_root} (expected {prefix}<stage>/<name>/...) "
+                         "-> it was published through another store: name that store (the config's `store`, --store)")
     stage, name, *rest = url.removeprefix(prefix).split("/")
     folder = Path(local_root) / stage / name
     here = folder.joinpath(*rest)
