@@ -160,3 +160,28 @@ def test_host_b_gate_and_init_from_find_host_a_champion_fetched_from_the_store(b
 
     gone = {**registry_a.champion("anime"), "model_url": f"{store}/folders/publish/never-shipped/model"}
     assert not model_dir_here(gone, store, tmp_path / "host-c").exists()  # nothing in the store: nothing to compare
+
+
+def test_host_b_asks_host_a_champion_by_name(bucket, tmp_path, monkeypatch, capsys):
+    """`loraflow ask NAME --store s3://...` on host B answers with A's champion, fetched into B's own folder (the
+    model's answer itself is stubbed, as in tests/test_run_folder.py)."""
+    from loraflow.runtime.stage_task import local_root
+
+    store = f"s3://{bucket.name}/team/store"
+    assert main(["ask", "anime", "hi", "--store", store]) == 2 and "nothing published" in capsys.readouterr().err
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "host-a" / "cache"))
+    root_a = local_root(store)
+    model_a = published_model(root_a)
+    registry_a = open_registry(store, root_a)
+    registry_a.add_version("anime", {"model_dir": str(model_a), "model_url": store_url(store, root_a, model_a)})
+    registry_a.move_champion("anime", 1, action="publish", why="passed the gate", by="gate")
+
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path / "host-b" / "cache"))
+    asked = []
+    monkeypatch.setattr("loraflow.modeling.inference.ask", lambda folder, question, **kwargs: asked.append(folder) or iter(["ok"]))
+    assert main(["ask", "anime", "hi", "--store", store]) == 2  # not shipped yet: said, with the fix
+    assert "its model folder is not in" in capsys.readouterr().err and asked == []
+    ship_folder(store, model_a.parent)
+    assert main(["ask", "anime", "hi", "--store", store]) == 0 and capsys.readouterr().out == "ok\n"
+    assert asked == [local_root(store) / "publish" / "0a1b2c" / "model"]
+    assert (asked[0] / "model.safetensors").read_bytes() == (model_a / "model.safetensors").read_bytes()

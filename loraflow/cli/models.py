@@ -33,16 +33,39 @@ def add_model_commands(command) -> None:
         sub.add_argument("--by", default=None, help="who moves it (default: $LORAFLOW_USER, else the login name)")
 
 
+def store_folder(store: str) -> Path:
+    """This host's folder for a store: a local store's own folder, or for an object-store URL its folder in the
+    loraflow cache (loraflow.runtime.stage_task.local_root)."""
+    if "://" in store and not store.startswith("file://"):
+        from loraflow.runtime.stage_task import local_root  # imports Prefect: only for object stores
+
+        return local_root(store)
+    return Path(store.removeprefix("file://")).resolve()
+
+
 def registry_of(store: str):
     """The registry of a store (loraflow.publishing.registry.open_registry): its folder for a local store, the bucket
     for an s3:// one (another object-store URL keeps it in this host's folder for the store)."""
     from loraflow.publishing.registry import open_registry
 
-    if "://" in store and not store.startswith("file://"):
-        from loraflow.runtime.stage_task import local_root  # imports Prefect: only for object stores
+    return open_registry(store, store_folder(store))
 
-        return open_registry(store, local_root(store))
-    return open_registry(store, Path(store.removeprefix("file://")).resolve())
+
+def champion_model_dir(store: str, name: str) -> Path:
+    """The model folder of `name`'s champion on this host (fetched from an s3:// store when another host published
+    it); RegistryError when there is no champion or its folder is in neither place."""
+    from loraflow.publishing.registry import RegistryError, model_dir_here
+
+    registry = registry_of(store)
+    record = registry.champion(name)
+    if record is None:
+        raise RegistryError(f"{name}: nothing published in {registry.where} -> `loraflow run CONFIG` publishes it")
+    model_dir = model_dir_here(record, store, store_folder(store))
+    if not model_dir.exists():
+        raise RegistryError(f"{name} version {record['version']}: its model folder is not in {model_dir} (nor in the "
+                            f"store: {record.get('model_url') or 'not recorded'}) -> publish it again, or "
+                            f"`loraflow promote {name} VERSION` another version")
+    return model_dir
 
 
 def cmd_models(args) -> int:
