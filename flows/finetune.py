@@ -6,7 +6,8 @@ re-run reuses the adapter and its evaluation, and a model already published for 
 published again. With an s3:// store those folders are in this host's folder for it and are shipped to the store,
 so another host reuses them (loraflow.runtime.store_folders; locks.backend object-store or redis locks them across
 hosts). Every publish is a numbered version of the model name (the config's `name`) and becomes its
-champion (loraflow.publishing.registry, `<store>/published/`) and a materialization of the Prefect asset
+champion (loraflow.publishing.registry, `<store>/published/`: in the bucket for an s3:// store, so every host
+sees one registry) and a materialization of the Prefect asset
 `loraflow://models/<name>` whose upstream assets are the sources (loraflow.ops.assets). A retrained adapter is
 evaluated beside the champion, and the gate (its own cheap step on the cached evaluation) refuses it if it is
 worse, so a regression is never published. With train.init_from=champion the adapter continues from the
@@ -32,7 +33,7 @@ from loraflow.ops.refusal import emit_refusal, refusal_message, refused_state
 from loraflow.publishing.champion_start import champion_start
 from loraflow.publishing.hub import move_champion_tag_to
 from loraflow.publishing.merge import MODEL_MANIFEST
-from loraflow.publishing.registry import add_version, champion, move_champion, registry_root, version
+from loraflow.publishing.registry import model_dir_here, open_registry
 from loraflow.runtime.code_version import code_version
 from loraflow.runtime.run_cost import cost_line, run_cost, timed
 from loraflow.sources import source_locations
@@ -40,6 +41,7 @@ from loraflow.tracking.mlflow_run import log_best_effort, pipeline_params, set_c
 from loraflow.publishing.model_card import TRAIN_RAN_FIELDS, CardFacts, SourceFacts
 from loraflow.runtime.run_folder import link_model
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
+from loraflow.runtime.store_folders import store_url
 from loraflow.runtime.stage_task import folder_lock_manager, local_root, run_locked, run_stage, shared_lock_manager
 from loraflow.runs.summary import CandidateSummary, CostSummary, EvalSummary, PublishSummary, RunSummary, TrainSummary
 from loraflow.training.checkpoints import ADAPTER_MANIFEST, base_model_fingerprint
@@ -236,21 +238,22 @@ def start_adapter(config: PipelineConfig, store_root: str, tokens: ArtifactRef) 
     None for a fresh adapter (asked for, or nothing to continue from: a warning says why)."""
     if config.train.init_from == "none":
         return None
-    start, why_fresh = champion_start(registry_root(local_root(store_root)), ArtifactStore(store_root), config.name,
-                                      config.train, tokens.sha256)
+    start, why_fresh = champion_start(open_registry(store_root, local_root(store_root)), ArtifactStore(store_root),
+                                      config.name, config.train, tokens.sha256, local_root(store_root))
     if why_fresh:
         get_run_logger().warning("train.init_from=champion: %s; training a fresh adapter", why_fresh)
     return start
 
 
 def champion_to_beat(store_root: str, run_name: str, exclude_fingerprint: str) -> dict | None:
-    """The champion of model name `run_name` (loraflow.publishing.registry), unless it came from this very adapter
-    (an unchanged re-run) or its folder is gone."""
-    record = champion(registry_root(local_root(store_root)), run_name)
-    if record is None or record["adapter_fingerprint"] == exclude_fingerprint \
-            or not (Path(record["model_dir"]) / MODEL_MANIFEST).exists():
+    """The champion's record of model name `run_name` (loraflow.publishing.registry), its `model_dir` this host's
+    copy (fetched from an s3:// store when another host published it); None when it came from this very adapter (an
+    unchanged re-run) or its folder is gone."""
+    record = open_registry(store_root, local_root(store_root)).champion(run_name)
+    if record is None or record["adapter_fingerprint"] == exclude_fingerprint:
         return None
-    return record
+    here = model_dir_here(record, store_root, local_root(store_root))
+    return {**record, "model_dir": str(here)} if (here / MODEL_MANIFEST).exists() else None
 
 
 def record_version(store_root: str, config: PipelineConfig, summary: RunSummary, adapter_fingerprint: str,
@@ -258,11 +261,12 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
     """Record the model just published as the next version of `config.name`, with its lineage (metrics, data
     fingerprints, the full resolved config, code version, flow-run id), make it the champion and materialize the
     model's asset; returns its number."""
-    root, flow_run_id = registry_root(local_root(store_root)), flow_run.get_id()
+    registry, flow_run_id = open_registry(store_root, local_root(store_root)), flow_run.get_id()
     sources = [source.model_dump(mode="json") for source in summary.sources]
     hub_tag = champion_hub_tag(config, published, f"{config.name}: champion (passed the gate, flow run {flow_run_id})")
-    number = add_version(root, config.name, {
+    number = registry.add_version(config.name, {
         "adapter_fingerprint": adapter_fingerprint, "published_at": time.time(), **published,
+        "model_url": store_url(store_root, local_root(store_root), published["model_dir"]),  # for the other hosts
         "metrics": summary.eval.finetuned, "gate": gate_reasons, "run_dir": summary.run_dir,
         "data": {"sources": sources, "tokens_sha256": summary.tokens.sha256},
         "config": {**config.model_dump(mode="json"), "store": config.store_root(), "runs_dir": str(config.runs_root())},
@@ -271,13 +275,13 @@ def record_version(store_root: str, config: PipelineConfig, summary: RunSummary,
         "init_from": summary.train.continuation.start.model_dump(mode="json") if summary.train.continuation else None,
         "hub_tag": hub_tag,
     })
-    move_champion(root, config.name, number, action="publish", why="passed the gate", by=f"loraflow gate (flow run {flow_run_id})",
-                  hub_tag=hub_tag)
+    registry.move_champion(config.name, number, action="publish", why="passed the gate",
+                           by=f"loraflow gate (flow run {flow_run_id})", hub_tag=hub_tag)
     materialize_published_model(config.name, number, source_asset_keys(config), {
         "metrics": {metric: summary.eval.finetuned.get(metric) for metric in HEADLINE_METRICS},
         "sources": [{key: source[key] for key in ("name", "fingerprint", "rows")} for source in sources],
         "tokens_sha256": summary.tokens.sha256, "model_dir": published["model_dir"]})
-    note = set_champion_alias(version(root, config.name, number))
+    note = set_champion_alias(registry.version(config.name, number))
     get_run_logger().info("published %s version %d, now the champion%s", config.name, number, note)
     return number
 

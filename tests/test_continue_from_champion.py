@@ -172,32 +172,33 @@ def test_a_continued_run_starts_from_the_champion_and_trains_the_changed_rows(tm
 
 def test_the_champion_to_continue_from_or_why_not(tmp_path):
     from loraflow.publishing.champion_start import adapter_sha256, champion_start
-    from loraflow.publishing.registry import add_version, move_champion, registry_root
+    from loraflow.publishing.registry import FolderRegistry, add_version, move_champion, registry_root
 
     store, root = ArtifactStore(tmp_path / "store"), registry_root(tmp_path / "store")
+    registry = FolderRegistry(root)
     train = TrainConfig(init_from="champion")
-    assert champion_start(root, store, "m", train, "now")[1] == f"m has no champion yet (nothing published in {root})"
+    assert champion_start(registry, store, "m", train, "now")[1] == f"m has no champion yet (nothing published in {root})"
 
     tokens = store.write(CHAMPION_DATA, stage="tokenize", contract="tokens", schema_version=2, config_hash="c")
     model_dir = tmp_path / "published-model"
     add_version(root, "m", {"model_dir": str(model_dir), "data": {"tokens_sha256": tokens.sha256},
                             "config": {"train": TrainConfig().model_dump(mode="json")}})
     move_champion(root, "m", 1, action="publish", why="gate", by="ci")
-    assert "the champion's adapter (version 1" in champion_start(root, store, "m", train, "now")[1]
+    assert "the champion's adapter (version 1" in champion_start(registry, store, "m", train, "now")[1]
 
     (model_dir / "adapter").mkdir(parents=True)
     (model_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     (model_dir / "adapter" / "adapter_config.json").write_text("{}")
-    found, why_fresh = champion_start(root, store, "m", train, "now")
+    found, why_fresh = champion_start(registry, store, "m", train, "now")
     assert why_fresh is None and found.version == 1 and found.tokens == tokens
     assert found.adapter_sha256 == adapter_sha256(model_dir / "adapter") and found.adapter_dir == str(model_dir / "adapter")
     (model_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"other weights")
-    assert champion_start(root, store, "m", train, "now")[0].adapter_sha256 != found.adapter_sha256  # content, not path
+    assert champion_start(registry, store, "m", train, "now")[0].adapter_sha256 != found.adapter_sha256  # content, not path
 
     # Trained on these very data (fresh): the run starts where the champion started, fresh.
-    assert champion_start(root, store, "m", train, tokens.sha256) == (None, None)
+    assert champion_start(registry, store, "m", train, tokens.sha256) == (None, None)
     with pytest.raises(ContinuationError, match="train.lora_r: 16 in the champion, 4 here"):
-        champion_start(root, store, "m", TrainConfig(init_from="champion", lora_r=4), "now")
+        champion_start(registry, store, "m", TrainConfig(init_from="champion", lora_r=4), "now")
     for path in (tmp_path / "store" / "artifacts").rglob("*"):
         path.unlink() if path.is_file() else None
-    assert "is no longer in the store" in champion_start(root, store, "m", train, "now")[1]
+    assert "is no longer in the store" in champion_start(registry, store, "m", train, "now")[1]

@@ -175,7 +175,24 @@ eval:
     assert file_hashes(Path(b["eval"]["report"]).parent) == file_hashes(Path(a["eval"]["report"]).parent)
     assert file_hashes(Path(b["publish"]["model_dir"])) == file_hashes(Path(a["publish"]["model_dir"]))
     assert (Path(b["run_dir"]) / "model" / "model.safetensors").exists()  # B's run folder links B's copy
-    version_files = [list((tmp_path / host / "cache" / "stores").glob("*/published/tiny/versions/*.json"))
-                     for host in ("host-a", "host-b")]
-    assert [len(files) for files in version_files] == [1, 0]  # one numbered version, in the registry of A's host
+    assert keys(bucket, "team/store/published/tiny/versions/") == ["team/store/published/tiny/versions/0001.json"]
+    assert not list((tmp_path / "host-a" / "cache").rglob("published"))  # the registry is the bucket's, not a host's
     assert held_stage_lock(bucket, "team/store") is None  # every lease released
+
+    # B's next run (another adapter: one more step) is gated against A's champion, its model fetched from the store,
+    # and becomes version 2 of the one registry
+    (shared / "next.yaml").write_text((shared / "config.yaml").read_text()
+                                      .replace("max_steps: 2", "max_steps: 3")
+                                      .replace("gate: {", "gate: {previous_tolerance: 1.0, previous_loss_tolerance: 100, "))
+    worker_b, log_b = start_worker(tmp_path / "host-b", shared / "next.yaml", api_url, tiny_llama, script=FINETUNE_WORKER)
+    try:
+        nxt = summary_of(worker_b, log_b)
+    finally:
+        worker_b.kill()
+        worker_b.wait()
+    assert not nxt["train"]["cached"] and nxt["eval"]["previous"] is not None  # compared with the champion
+    assert Path(nxt["eval"]["previous_model_dir"]) == Path(b["publish"]["model_dir"])  # B's copy of A's version 1
+    assert (nxt["publish"]["published"], nxt["publish"]["version"]) == (True, 2)
+    champion = json.loads(bucket.client.get_object(Bucket=bucket.name, Key="team/store/published/tiny.json")["Body"].read())
+    assert champion["version"] == 2 and champion["champion_since"]["from_version"] == 1
+    assert champion["model_url"] == f"s3://{bucket.name}/team/store/folders/publish/{Path(nxt['publish']['model_dir']).parent.name}/model"

@@ -159,6 +159,15 @@ def cmd_ask(args) -> int:
     from loraflow.runs.summary import SUMMARY_FILE, RunSummary
     from loraflow.runtime.run_folder import published_model_dir
 
+    if args.store:  # a model name: its champion
+        from loraflow.cli.models import champion_model_dir
+        from loraflow.publishing.registry import RegistryError
+
+        try:
+            return _answer(champion_model_dir(args.store, args.run_dir), args)
+        except RegistryError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     run_dir = Path(args.run_dir)
     if not (run_dir / SUMMARY_FILE).exists() and not (run_dir / "config.json").exists():
         print(f"{run_dir / SUMMARY_FILE}: not found; pass the run folder that `loraflow run` printed", file=sys.stderr)
@@ -176,6 +185,10 @@ def cmd_ask(args) -> int:
     if model_dir is None:
         print(f"{args.run_dir}: this run published no model and has no candidate (it stopped before training)", file=sys.stderr)
         return 2
+    return _answer(model_dir, args, adapter_dir=adapter_dir, system_prompt=system_prompt)
+
+
+def _answer(model_dir: Path, args, adapter_dir=None, system_prompt=None) -> int:
     from loraflow.modeling.inference import ask
 
     for piece in ask(model_dir, args.question, stream=True, max_new_tokens=args.max_new_tokens, system_prompt=system_prompt,
@@ -262,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", cmd_run, "run the whole pipeline (prepare, train, evaluate, publish); prints the summary path last") \
         .add_argument("config", help=config_help)
     ask = command("ask", cmd_ask, "ask the model a run published, or the candidate its gate refused (the answer is streamed)")
-    ask.add_argument("run_dir", help="the run folder `loraflow run` printed (summary.json, model/), or a model folder")
+    ask.add_argument("run_dir", help="the run folder `loraflow run` printed (summary.json, model/), a model folder, or "
+                                     "with --store a model name (its champion answers)")
     ask.add_argument("question", help="the question, quoted")
+    ask.add_argument("--store", default=None, help="read RUN_DIR as a model name of this store's registry and ask its "
+                                                   "champion (from an s3:// store, fetched when another host published it)")
     ask.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default: 256)")
     notify = command("notify-on-failure", cmd_notify, "post failed runs to a webhook (Prefect automation)")
     notify.add_argument("webhook_url", help="URL that receives a POST for every failed or crashed flow run")

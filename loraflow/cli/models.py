@@ -1,6 +1,7 @@
 """`loraflow models / promote / rollback`: list a model name's versions and move its champion (who and why recorded).
 
-The record lives in the store (loraflow.publishing.registry); a version published to the Hub gets the Hub tag
+The record lives in the store (loraflow.publishing.registry; in the bucket for an s3:// store, so a promote on one host
+moves the champion every host sees); a version published to the Hub gets the Hub tag
 `champion` first (loraflow.publishing.hub.move_champion_tag: when the Hub refuses, nothing moves), and with MLflow
 registration on, the alias `champion` moves with it (loraflow.tracking.mlflow_run.set_champion_alias).
 """
@@ -32,27 +33,49 @@ def add_model_commands(command) -> None:
         sub.add_argument("--by", default=None, help="who moves it (default: $LORAFLOW_USER, else the login name)")
 
 
-def registry_of(store: str) -> Path:
-    """The registry folder of a local store (an object-store URL keeps its registry in this host's cache folder)."""
-    from loraflow.publishing.registry import registry_root
-
+def store_folder(store: str) -> Path:
+    """This host's folder for a store: a local store's own folder, or for an object-store URL its folder in the
+    loraflow cache (loraflow.runtime.stage_task.local_root)."""
     if "://" in store and not store.startswith("file://"):
         from loraflow.runtime.stage_task import local_root  # imports Prefect: only for object stores
 
-        return registry_root(local_root(store))
-    return registry_root(Path(store.removeprefix("file://")).resolve())
+        return local_root(store)
+    return Path(store.removeprefix("file://")).resolve()
+
+
+def registry_of(store: str):
+    """The registry of a store (loraflow.publishing.registry.open_registry): its folder for a local store, the bucket
+    for an s3:// one (another object-store URL keeps it in this host's folder for the store)."""
+    from loraflow.publishing.registry import open_registry
+
+    return open_registry(store, store_folder(store))
+
+
+def champion_model_dir(store: str, name: str) -> Path:
+    """The model folder of `name`'s champion on this host (fetched from an s3:// store when another host published
+    it); RegistryError when there is no champion or its folder is in neither place."""
+    from loraflow.publishing.registry import RegistryError, model_dir_here
+
+    registry = registry_of(store)
+    record = registry.champion(name)
+    if record is None:
+        raise RegistryError(f"{name}: nothing published in {registry.where} -> `loraflow run CONFIG` publishes it")
+    model_dir = model_dir_here(record, store, store_folder(store))
+    if not model_dir.exists():
+        raise RegistryError(f"{name} version {record['version']}: its model folder is not in {model_dir} (nor in the "
+                            f"store: {record.get('model_url') or 'not recorded'}) -> publish it again, or "
+                            f"`loraflow promote {name} VERSION` another version")
+    return model_dir
 
 
 def cmd_models(args) -> int:
     """Print every version of NAME: number, champion mark, when, headline metrics, code, flow run."""
-    from loraflow.publishing.registry import champion, history, versions
-
-    root = registry_of(args.store)
-    held = versions(root, args.name)
+    registry = registry_of(args.store)
+    held = registry.versions(args.name)
     if not held:
-        print(f"{args.name}: no published versions in {root}", file=sys.stderr)
+        print(f"{args.name}: no published versions in {registry.where}", file=sys.stderr)
         return 2
-    current = (champion(root, args.name) or {}).get("version")
+    current = (registry.champion(args.name) or {}).get("version")
     print(f"{'':2}{'version':>8}  {'published (UTC)':<20}{'facts':>7}{'natural':>9}{'general':>9}  {'code':<14}flow run")
     for record in held:
         metrics, code = record.get("metrics", {}), record.get("code", {})
@@ -61,7 +84,7 @@ def cmd_models(args) -> int:
         print(f"{'*' if record['version'] == current else ' ':2}{record['version']:>8}  {when:<20}"
               f"{_num(metrics.get('fact_accuracy')):>7}{_num(metrics.get('natural_fact_accuracy')):>9}"
               f"{_num(metrics.get('general_accuracy')):>9}  {commit:<14}{record.get('flow_run_id') or '-'}")
-    moves = history(root, args.name)
+    moves = registry.history(args.name)
     if moves:
         last = moves[-1]
         print(f"champion: version {current} ({last['action']} by {last['by']}: {last['why']})")
@@ -75,10 +98,10 @@ def cmd_promote(args) -> int:
 
 def cmd_rollback(args) -> int:
     """Give NAME's champion back to the version before it (or --to VERSION)."""
-    from loraflow.publishing.registry import RegistryError, rollback_target
+    from loraflow.publishing.registry import RegistryError
 
     try:
-        target = args.to if args.to is not None else rollback_target(registry_of(args.store), args.name)
+        target = args.to if args.to is not None else registry_of(args.store).rollback_target(args.name)
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -86,13 +109,13 @@ def cmd_rollback(args) -> int:
 
 
 def _move(args, number: int, action: str) -> int:
-    from loraflow.publishing.registry import RegistryError, move_champion, version
+    from loraflow.publishing.registry import RegistryError
 
-    root = registry_of(args.store)
+    registry = registry_of(args.store)
     try:
-        record = version(root, args.name, number)
+        record = registry.version(args.name, number)
         hub_tag = _move_hub_tag(record, f"{args.name} version {number}: champion ({action}: {args.why})")
-        entry = move_champion(root, args.name, number, action=action, why=args.why, by=args.by, hub_tag=hub_tag)
+        entry = registry.move_champion(args.name, number, action=action, why=args.why, by=args.by, hub_tag=hub_tag)
     except RegistryError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,11 @@ of the checked files). A local store is the folder itself: nothing is copied.
 
     ship_folder(store_root, output_dir)                          # in the stage's task, before its lock is released
     result = from_store(result, store_root, output_dir, is_valid)  # where a cached result is used
+
+A path inside a stage folder can be named for every host by its URL in the store (a version record's `model_url`):
+
+    url = store_url(store_root, local_root, model_dir)   # `<store>/folders/publish/<name>/model`; None: local store
+    model_dir = local_copy(store_root, url, local_root)  # this host's copy, the folder fetched when missing here
 """
 
 import json
@@ -90,6 +95,30 @@ def relocated(result: BaseModel, folder: str | Path) -> BaseModel:
     if other_root is None:
         return result
     return type(result).model_validate(_moved(values, other_root, here))
+
+
+def store_url(store_root: str, local_root: str | Path, path: str | Path) -> str | None:
+    """The URL in a URL store of `path`, a file or folder inside a stage folder of this host's `local_root`
+    (`<local root>/<stage>/<name>/<rest>` -> `<store>/folders/<stage>/<name>/<rest>`); None for a local store."""
+    if not is_url(store_root):
+        return None
+    stage, name, *rest = Path(path).relative_to(local_root).parts
+    return "/".join([folder_url(store_root, Path(stage) / name), *rest])
+
+
+def local_copy(store_root: str, url: str, local_root: str | Path) -> Path:
+    """This host's copy of `url` (a `store_url`): `<local root>/<stage>/<name>/<rest>`, its stage folder fetched and
+    verified when that path is missing here (still missing when the store holds no complete copy)."""
+    prefix = f"{store_root.rstrip('/')}/folders/"
+    if not url.startswith(prefix):
+        raise ValueError(f"{url} is not a stage folder of the store {store_root} (expected {prefix}<stage>/<name>/...) "
+                         "-> it was published through another store: name that store (the config's `store`, --store)")
+    stage, name, *rest = url.removeprefix(prefix).split("/")
+    folder = Path(local_root) / stage / name
+    here = folder.joinpath(*rest)
+    if not here.exists():
+        fetch_folder(store_root, folder)
+    return here
 
 
 def from_store(result: BaseModel, store_root: str, folder: str | Path, is_valid) -> BaseModel:
