@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from loraflow.publishing.registry import RegistryError, move_entry, previous_champion
-from loraflow.runtime.object_store_locks import LOST_RACE, MISSING, error_code, s3_client, s3_location
+from loraflow.runtime.object_store_locks import MISSING, error_code, put_object_if, s3_client, s3_location
 
 
 class RegistryStoreError(RuntimeError):
@@ -54,13 +54,9 @@ class BucketRegistry:
         """Write `published/<path>` under `condition` (IfNoneMatch='*' or IfMatch=<ETag>); False when the condition
         failed (another host wrote it first)."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(path), Body=body, ContentType="application/json",
-                                   **condition)
+            return put_object_if(self.client, self.bucket, self.key(path), body, **condition) is not None
         except Exception as error:
-            if error_code(error) in LOST_RACE or (condition.get("IfMatch") and error_code(error) in MISSING):
-                return False
             raise self._store_error(path, error) from error
-        return True
 
     def _store_error(self, path: str, error: Exception) -> RegistryStoreError:
         return RegistryStoreError(

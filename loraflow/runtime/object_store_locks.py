@@ -80,6 +80,18 @@ def error_code(error: Exception) -> str:
     return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
 
 
+def put_object_if(client, bucket: str, key: str, body: bytes, **condition) -> str | None:
+    """Write a JSON object under `condition` (IfNoneMatch='*' or IfMatch=<ETag>); its new ETag, or None when the
+    condition failed (another writer came first, or the object it matched is gone); other errors are raised."""
+    try:
+        response = client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **condition)
+    except Exception as error:
+        if error_code(error) in LOST_RACE or (condition.get("IfMatch") and error_code(error) in MISSING):
+            return None
+        raise
+    return response["ETag"]
+
+
 class ObjectStoreLockManager(LockManager):
     """Prefect lock manager whose locks are lease objects next to the artifacts of an `s3://` store."""
 
@@ -128,13 +140,9 @@ class ObjectStoreLockManager(LockManager):
         """Write the lock object under `condition` (IfNoneMatch='*' or IfMatch=<ETag>); its new ETag, or None when
         the condition failed (someone else holds it, or took it over)."""
         try:
-            response = self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=json.dumps(record).encode(),
-                                              ContentType="application/json", **condition)
+            return put_object_if(self.client, self.bucket, self.object_key(key), json.dumps(record).encode(), **condition)
         except Exception as error:
-            if error_code(error) in LOST_RACE or (condition.get("IfMatch") and error_code(error) in MISSING):
-                return None
             raise self._store_error(key, error) from error
-        return response["ETag"]
 
     def read(self, key: str) -> Lease | None:
         """The lock object for `key` as it is now, or None when nobody holds it."""
