@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -56,11 +55,9 @@ def test_prepare_then_cached_then_changed_row(prefect_api, demo_config):
     assert json.loads(summary_path.read_text())["stages"].keys() == stages.keys()
     assert first["preflight"]
 
-    started = time.perf_counter()
     second = run_prepare(demo_config)
     assert all(stage["cached"] for stage in second["stages"].values()), second["stages"]
     assert second["tokens"]["sha256"] == first["tokens"]["sha256"]
-    assert time.perf_counter() - started < 10  # generous here; benchmarks measure the real figure
 
     # Change one row: everything downstream of that source recomputes, with a new tokens artifact.
     catalog = demo_config.parent / "catalog.csv"

@@ -2,7 +2,6 @@
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -435,7 +434,7 @@ def test_sample_generic_sources(kind):
     assert len(valid) + len(quarantine) == len(rows) and len(broken) == 0
 
 
-def test_25k_catalog_rows_make_75k_conversations_quickly():
+def test_25k_catalog_rows_make_75k_conversations_with_unique_ids():
     count = 25_000
     synopsis = "The crew drifts between the stars and finds a lost signal. " * 8
     rows = raw(pd.DataFrame({
@@ -446,12 +445,8 @@ def test_25k_catalog_rows_make_75k_conversations_quickly():
         "Rating": "PG-13 - Teens 13 or older", "Score": "7.21", "Scored By": "48213",
     }))
     config = SynthesizeConfig(anime_qa={"trained_phrasings": 1, "heldout_phrasings": 0, **PHRASINGS_ONLY})
-    started = time.process_time()
     conversations, quarantine = synthesize_frame([rows], config)
-    seconds = time.process_time() - started
     assert len(conversations) == 75_000 and len(quarantine) == 0 and conversations["id"].is_unique
-    # ≈ 0.6 s of CPU on an idle 2-core dev box; the bound only catches an accidental per-row pandas loop.
-    assert seconds < 10, seconds
 
 
 @pytest.mark.parametrize("kind", ["anime_qa", "instruction", "conversations", "text"])
