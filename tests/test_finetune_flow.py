@@ -24,18 +24,21 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(tmp_path: Path, model_dir: Path | None = None) -> Path:
+def tiny_config(tmp_path: Path, model_dir: Path | str | None = None, *, store: str | None = None,
+                runs_dir: str | None = None, extra: str = "") -> Path:
     """Four titles, two optimizer steps, one question of each kind (trained, held-out, natural, unknown title) and
-    a general one, 8 new tokens each, a gate that lets the tiny model through.
+    a general one, 8 new tokens each, a gate that lets the tiny model through; written to `tmp_path`/tiny.yaml.
 
-    `model_dir`: a local base model (the tiny random Llama, where the real SmolLM2 is not the point)."""
+    `model_dir`: a local base model (the tiny random Llama, where the real SmolLM2 is not the point). `store` and
+    `runs_dir` default to folders in `tmp_path`; `extra`: more top-level YAML (e.g. `locks: {...}`)."""
     path = tmp_path / "tiny.yaml"
     model = f"model: {{base: {model_dir}}}\n" if model_dir else ""
     path.write_text(f"""
 name: tiny
 {model}
-store: {tmp_path / 'store'}
-runs_dir: {tmp_path / 'runs'}
+store: {store or tmp_path / 'store'}
+runs_dir: {runs_dir or tmp_path / 'runs'}
+{extra}
 sources:
   - {{kind: csv, name: catalog, path: {REPO / 'data/sample/anime_catalog.csv'}, max_rows: 4}}
 synthesize: {{anime_qa: {{trained_phrasings: 1, heldout_phrasings: 1, max_synopsis_words: 8}}}}

@@ -6,9 +6,6 @@ publishes, the other waits for its lock and reuses all three, with the folders f
 import hashlib
 import json
 import os
-import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ import pytest
 from loraflow.publishing.result import PublishResult
 from loraflow.runtime.store_folders import (FOLDER_MANIFEST, FolderFetchError, fetch_folder, from_store, relocated,
                                             ship_folder)
-from tests.test_locks_object_store import held_stage_lock, link_or_copy, start_worker, summary_of, wait_for_line
+from tests.test_finetune_flow import tiny_config
+from tests.two_hosts import FINETUNE, held_stage_lock, one_waits_for_the_other, start_worker, summary_of
 from tests.test_store_s3 import bucket, keys, s3_endpoint  # noqa: F401  (fixtures: a moto S3 server and a bucket)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,29 +81,6 @@ def test_a_result_made_on_another_host_points_into_this_hosts_folder(tmp_path):
 
 # ---- two workers, as on two hosts: the whole finetune flow on one shared s3:// store
 
-FINETUNE_WORKER = """
-import json, sys
-from flows.finetune import finetune_flow
-from loraflow.config.pipeline import load_config
-print("SUMMARY " + json.dumps(finetune_flow(load_config(sys.argv[1]))), flush=True)
-"""
-
-
-def freeze_while_holding(worker, bucket, prefix: str, stage: str, timeout: float = 300) -> str:
-    """SIGSTOP `worker` while it holds the lock of `stage` (it computes that stage); returns the lock's key."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and worker.poll() is None:
-        held = held_stage_lock(bucket, prefix)
-        if held is None or not held.rsplit("/", 1)[-1].startswith(f"{stage}-"):
-            time.sleep(0.02)
-            continue
-        os.kill(worker.pid, signal.SIGSTOP)
-        if held_stage_lock(bucket, prefix) == held:
-            return held
-        os.kill(worker.pid, signal.SIGCONT)  # released just before it stopped
-    raise AssertionError(f"worker never seen holding a {stage} lock (exit code {worker.poll()})")
-
-
 @pytest.mark.slow
 def test_two_hosts_share_an_s3_store_one_trains_evaluates_and_publishes(prefect_api, bucket, tmp_path):
     """Worker A is frozen while it holds the train lease; worker B, started then, waits for it. When A goes on, B takes
@@ -118,48 +93,11 @@ def test_two_hosts_share_an_s3_store_one_trains_evaluates_and_publishes(prefect_
     tiny_llama = build_tiny_llama(tmp_path / "tiny-llama")  # each host gets its own copy (start_worker)
     shared = tmp_path / "shared"
     shared.mkdir()
-    (shared / "config.yaml").write_text(f"""
-name: tiny
-store: s3://{bucket.name}/team/store
-runs_dir: ~/runs
-locks: {{backend: object-store, lease_seconds: 600}}
-model: {{base: ~/base-model}}
-sources:
-  - {{kind: csv, name: catalog, path: {REPO / 'data/sample/anime_catalog.csv'}, max_rows: 4}}
-synthesize: {{anime_qa: {{trained_phrasings: 1, heldout_phrasings: 1, max_synopsis_words: 8}}}}
-format: {{system_prompt: "You are an anime catalog assistant."}}
-tokenize: {{validation_fraction: 0.25}}
-train: {{max_steps: 2, micro_batch_size: 4, learning_rate: 0.001, gradient_checkpointing: false}}
-eval:
-  max_questions: 2
-  max_new_tokens: 4
-  general_questions: ["What is 2 + 2?"]
-  general_max_new_tokens: 4
-  general_expected: {{"What is 2 + 2?": "4|four"}}
-  gate: {{min_fact_accuracy: 0.0, min_stop_rate: 0.0, must_beat_base: false, min_natural_fact_accuracy: null, min_refusal_rate: null, max_false_refusal_rate: null, max_general_regressions: null}}
-""")
+    config = tiny_config(shared, "~/base-model", store=f"s3://{bucket.name}/team/store", runs_dir="~/runs",
+                         extra="locks: {backend: object-store, lease_seconds: 600}")
     api_url = PREFECT_API_URL.value()
-    shutil.copytree(tiny_llama, tmp_path / "host-b" / "home" / "base-model", copy_function=link_or_copy)
-    workers = []
-    try:
-        worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url, tiny_llama,
-                                       script=FINETUNE_WORKER)
-        workers.append(worker_a)
-        try:
-            lock_key = freeze_while_holding(worker_a, bucket, "team/store", "train")
-            worker_b, log_b = start_worker(tmp_path / "host-b", shared / "config.yaml", api_url, tiny_llama,
-                                           script=FINETUNE_WORKER)
-            workers.append(worker_b)
-            waited = wait_for_line(log_b, f"waiting for lock s3://{bucket.name}/{lock_key}", worker_b)
-        finally:
-            os.kill(worker_a.pid, signal.SIGCONT)
-        a, b = summary_of(worker_a, log_a), summary_of(worker_b, log_b)
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
-
-    assert str(worker_a.pid) in waited
+    a, b, lock_key, waited = one_waits_for_the_other(tmp_path, config, api_url, tiny_llama, bucket, "team/store",
+                                                     script=FINETUNE, stage="train")
     assert (a["train"]["cached"], b["train"]["cached"]) == (False, True)  # one adapter trained, by A
     assert a["train"]["fingerprint"] == b["train"]["fingerprint"]
     assert (a["eval"]["cached"], b["eval"]["cached"]) == (False, True) and a["eval"]["finetuned"] == b["eval"]["finetuned"]
@@ -181,10 +119,10 @@ eval:
 
     # B's next run (another adapter: one more step) is gated against A's champion, its model fetched from the store,
     # and becomes version 2 of the one registry
-    (shared / "next.yaml").write_text((shared / "config.yaml").read_text()
+    (shared / "next.yaml").write_text(config.read_text()
                                       .replace("max_steps: 2", "max_steps: 3")
                                       .replace("gate: {", "gate: {previous_tolerance: 1.0, previous_loss_tolerance: 100, "))
-    worker_b, log_b = start_worker(tmp_path / "host-b", shared / "next.yaml", api_url, tiny_llama, script=FINETUNE_WORKER)
+    worker_b, log_b = start_worker(tmp_path / "host-b", shared / "next.yaml", api_url, tiny_llama, script=FINETUNE)
     try:
         nxt = summary_of(worker_b, log_b)
     finally:

@@ -7,7 +7,6 @@ once: each stage is computed by one of them, and the other waits and reuses its 
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from loraflow.config.locks import LockConfig
 from loraflow.config.pipeline import ConfigError, load_config
 from tests.test_store_s3 import bucket, keys, s3_endpoint  # noqa: F401  (fixtures: a moto S3 server and a bucket)
+from tests.two_hosts import held_stage_lock, one_waits_for_the_other
 
 from loraflow.runtime.object_store_locks import LockStoreError, ObjectStoreLockManager  # noqa: E402
 from loraflow.runtime.stage_locks import LockWaitTimeout  # noqa: E402
@@ -210,77 +210,6 @@ def test_run_locked_takes_and_releases_the_lease_through_prefects_transaction(pr
 
 # ---- two workers, as on two hosts: the real prepare flow on one shared s3:// store
 
-WORKER = """
-import json, sys
-from flows.prepare import prepare_flow
-from loraflow.config.pipeline import load_config
-print("SUMMARY " + json.dumps(prepare_flow(load_config(sys.argv[1]))), flush=True)
-"""
-
-
-def link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # another file system
-        shutil.copy2(source, target)
-
-
-def start_worker(folder: Path, config: Path, api_url: str, model_dir: Path,
-                 script: str = WORKER) -> tuple[subprocess.Popen, Path]:
-    """A worker process running `script` (the prepare flow; the config's path is its argument) with its own HOME
-    (holding its own copy of the base model, `~/base-model`), Prefect home and loraflow cache (nothing local shared
-    with the other), the Prefect API and the bucket's endpoint and credentials shared; its output goes to
-    `folder`/output.log."""
-    for name in ("home", "prefect", "cache"):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    if not (folder / "home" / "base-model").exists():
-        shutil.copytree(model_dir, folder / "home" / "base-model", copy_function=link_or_copy)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(folder / "home"), "PREFECT_HOME": str(folder / "prefect"),
-           "LORAFLOW_CACHE": str(folder / "cache"), "PREFECT_API_URL": api_url}
-    log = folder / "output.log"
-    with log.open("w") as out:
-        worker = subprocess.Popen([sys.executable, "-c", script, str(config)], cwd=REPO, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, text=True)
-    return worker, log
-
-
-def held_stage_lock(bucket, prefix: str) -> str | None:
-    """The key of a stage lock held in the bucket now (not the conditional-write probe), or None."""
-    held = [key for key in keys(bucket, f"{prefix}/locks/") if ".conditional-write-probe-" not in key]
-    return held[0] if held else None
-
-
-def stop_while_holding_a_lock(worker: subprocess.Popen, bucket, prefix: str, timeout: float = 300) -> str:
-    """SIGSTOP `worker` while it holds a stage lock (it computes that stage); returns the lock's key."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and worker.poll() is None:
-        if held_stage_lock(bucket, prefix) is None:
-            time.sleep(0.005)
-            continue
-        os.kill(worker.pid, signal.SIGSTOP)
-        if (key := held_stage_lock(bucket, prefix)) is not None:
-            return key
-        os.kill(worker.pid, signal.SIGCONT)  # it released that one just before it stopped: catch the next
-    raise AssertionError(f"worker never seen holding a stage lock (exit code {worker.poll()})")
-
-
-def wait_for_line(log: Path, needle: str, worker: subprocess.Popen, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [line for line in log.read_text().splitlines() if needle in line]
-        if found:
-            return found[0]
-        assert worker.poll() is None, log.read_text()[-4000:]
-        time.sleep(0.2)
-    raise AssertionError(f"no line with {needle!r} in {log}:\n{log.read_text()[-4000:]}")
-
-
-def summary_of(worker: subprocess.Popen, log: Path) -> dict:
-    assert worker.wait(timeout=600) == 0, log.read_text()[-4000:]
-    [line] = [line for line in log.read_text().splitlines() if line.startswith("SUMMARY ")]
-    return json.loads(line.removeprefix("SUMMARY "))
-
-
 @pytest.mark.slow
 def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucket, model_dir, tmp_path):
     """Worker A is frozen while it holds a stage's lease; worker B, started then, computes nothing A did: it waits
@@ -301,27 +230,9 @@ def test_two_hosts_share_an_s3_store_each_stage_computed_once(prefect_api, bucke
         "synthesize: {kind: anime_qa}\n"
         "format: {template: chat_template, system_prompt: 'You are an anime catalog assistant.'}\n"
         "tokenize: {max_length: 384, validation_fraction: 0.2}\n")
-    api_url = PREFECT_API_URL.value()
-
-    shutil.copytree(model_dir, tmp_path / "host-b" / "home" / "base-model", copy_function=link_or_copy)  # before A freezes
-    workers = []
-    try:
-        worker_a, log_a = start_worker(tmp_path / "host-a", shared / "config.yaml", api_url, model_dir)
-        workers.append(worker_a)
-        try:
-            lock_key = stop_while_holding_a_lock(worker_a, bucket, "team/store")
-            worker_b, log_b = start_worker(tmp_path / "host-b", shared / "config.yaml", api_url, model_dir)
-            workers.append(worker_b)
-            waited = wait_for_line(log_b, f"waiting for lock s3://{bucket.name}/{lock_key}", worker_b)
-        finally:
-            os.kill(worker_a.pid, signal.SIGCONT)
-        a, b = summary_of(worker_a, log_a), summary_of(worker_b, log_b)
-    finally:
-        for worker in workers:  # a failed wait leaves them running
-            worker.kill()
-            worker.wait()
-
-    assert "held by pid" in waited and str(worker_a.pid) in waited
+    a, b, lock_key, waited = one_waits_for_the_other(tmp_path, shared / "config.yaml", PREFECT_API_URL.value(), model_dir,
+                                                     bucket, "team/store")
+    assert "held by pid" in waited
     assert a["stages"].keys() == b["stages"].keys() and len(a["stages"]) >= 4
     computed_by = {name: [run for run, summary in (("a", a), ("b", b)) if not summary["stages"][name]["cached"]]
                    for name in a["stages"]}
