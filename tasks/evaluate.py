@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.runtime.store_folders import ship_folder
 from loraflow.config.evaluate import EvalConfig
-from loraflow.evaluation.generation import evaluate_models, stop_token_ids
+from loraflow.evaluation.answer_cache import answers_key, load_answers, model_identity, save_answers
+from loraflow.evaluation.generation import answer_budgets, evaluate_models, question_prompts, stop_token_ids
 from loraflow.evaluation.metrics import (answers_table, comparison_table, general_table, loss_sample,
                                          summarise_runs)
 from loraflow.evaluation.report import render_report
@@ -78,13 +79,15 @@ def evaluate_adapter(
     system_prompt: str | None = None,
     previous_model_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    answers_dir: str | Path | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> EvalResult:
     """Evaluate the base model and base + adapter on the TOKENS artifact's questions (eval.gate is not read).
 
     `system_prompt` must be the one the format stage used (None = the template's default), so general
     questions are asked the way the trained questions were. `previous_model_dir`: the model name's champion,
-    evaluated on the same questions so the gate can refuse a regression.
+    evaluated on the same questions so the gate can refuse a regression. `answers_dir`: where each model's
+    generations are kept (loraflow.evaluation.answer_cache); a model asked the same prompts before is not asked again.
     """
     import torch
     from transformers import AutoTokenizer
@@ -107,9 +110,17 @@ def evaluate_adapter(
     general_prompts = [question_prompt_ids(tokenizer, q, system_prompt) for q in eval_config.general_questions]
     choice = choose_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
     log.info("evaluate: precision %s (%s)", choice.precision, choice.reason)
+    keys = answer_keys(model_dir, adapter_dir, previous_model_dir, questions, loss_rows, general_prompts, tokenizer,
+                       eval_config, stop_ids=stop_ids, precision=choice.precision,
+                       device="cuda" if torch.cuda.is_available() else "cpu") if answers_dir else {}
+    reuse = {name: run for name, key in keys.items() if (run := load_answers(answers_dir, key)) is not None}
     runs = evaluate_models(model_dir, adapter_dir, tokenizer, questions, loss_rows, general_prompts, eval_config,
                            stop_ids=stop_ids, pad_id=pad_id, precision=choice.precision,
-                           previous_model_dir=previous_model_dir, trust_remote_code=trust_remote_code, log=log)
+                           previous_model_dir=previous_model_dir, trust_remote_code=trust_remote_code, reuse=reuse,
+                           log=log)
+    for name, key in keys.items():
+        if name not in reuse:
+            save_answers(answers_dir, key, runs[name])
 
     # ---- metrics, each with its sample size ----
     general = general_table(eval_config, runs)
@@ -138,6 +149,21 @@ def evaluate_adapter(
     return result
 
 
+def answer_keys(model_dir, adapter_dir, previous_model_dir, questions: pd.DataFrame, loss_rows, general_prompts: list,
+                tokenizer, eval_config: EvalConfig, *, stop_ids: list[int], precision: str, device: str) -> dict[str, str]:
+    """The answer-cache key of each model this evaluation asks (loraflow.evaluation.answer_cache); a model whose
+    weights cannot be identified gets none."""
+    identities = {"base": model_identity(model_dir), "finetuned": model_identity(model_dir, adapter_dir)}
+    if previous_model_dir:
+        identities["previous"] = model_identity(previous_model_dir, published=True)
+    prompts = dict(prompts=question_prompts(questions), budgets=answer_budgets(questions, tokenizer, eval_config),
+                   general_prompts=general_prompts, loss_rows=loss_rows,
+                   settings={"general_max_new_tokens": eval_config.general_max_new_tokens,
+                             "batch_size": eval_config.batch_size, "stop_ids": stop_ids, "precision": precision,
+                             "device": device})
+    return {name: answers_key(identity, **prompts) for name, identity in identities.items() if identity}
+
+
 # ---- Prefect wrapper -----------------------------------------------------------------------------------
 
 try:
@@ -162,15 +188,19 @@ if task is not None:
         `tracking`, which comes with the adapter: a cached evaluation logs nothing twice. So does `eval_settings`
         (the eval config's hash without eval.gate), which the flow keys on in place of eval_config: a changed gate
         threshold does not re-evaluate; and `previous_fingerprint` (the champion's adapter), which it keys on in place
-        of the champion's folder. A URL store gets a copy of the output folder for other hosts.
+        of the champion's folder. A new champion re-runs this task, but a model already asked the same prompts on this
+        host (the base, a candidate evaluated before it was published) is not asked again (answers_dir, in the
+        store's local folder). A URL store gets a copy of the output folder for other hosts.
         """
         from prefect import get_run_logger
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+        from loraflow.runtime.stage_task import local_root
+
         result = evaluate_adapter(
             tokens, model_dir, adapter_dir, eval_config, output_dir, store=ArtifactStore(store_root),
             system_prompt=system_prompt, previous_model_dir=previous_model_dir, trust_remote_code=trust_remote_code,
-            log=get_run_logger(),
+            answers_dir=local_root(store_root) / "eval-answers", log=get_run_logger(),
         )
         create_markdown_artifact(Path(result.report_path).read_text(), key="evaluation", description="base vs fine-tuned")
         table = pd.read_parquet(result.table_path)

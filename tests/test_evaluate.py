@@ -244,3 +244,45 @@ def test_evaluate_adapter_end_to_end_on_tiny_model(tmp_path):
         {k: result.base[k] for k in ("fact_accuracy", "rouge_l", "eval_loss")}
     assert any("champion's" in reason for reason in gate_candidate(beside, config.gate).reasons)
     assert "champion |" in open(beside.report_path).read()
+
+
+def test_a_model_asked_the_same_prompts_is_not_asked_again(tmp_path, monkeypatch):
+    """With answers_dir, each model's generations are kept by weights + prompts: a new champion re-runs the stage
+    but asks only the champion; a second adapter asks only itself; nothing asked before loads a model again."""
+    import shutil
+
+    import loraflow.evaluation.generation as generation
+    from tasks.train import train_adapter
+
+    model_dir = build_tiny_llama(tmp_path / "model")
+    tokens = tokens_frame(AutoTokenizer.from_pretrained(model_dir))
+    trained = train_adapter(tokens, model_dir, TrainConfig(max_steps=4, micro_batch_size=2, learning_rate=1e-2), tmp_path / "train")
+    config = EvalConfig(max_new_tokens=8, batch_size=4, max_questions=6, general_max_new_tokens=8)
+    kept = tmp_path / "answers"
+    first = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval-1", answers_dir=kept)
+    assert not any(timing.get("reused") for timing in first.timing.values()) and len(list(kept.glob("*.json"))) == 2
+
+    champion = tmp_path / "champion"  # a published model folder: weights + its manifest of file hashes
+    shutil.copytree(model_dir, champion)
+    (champion / "loraflow-manifest.json").write_text(json.dumps({"files": {"model.safetensors": "beef"}}))
+    beside = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval-2", answers_dir=kept,
+                              previous_model_dir=champion)
+    assert {name: bool(timing.get("reused")) for name, timing in beside.timing.items()} == \
+        {"base": True, "finetuned": True, "previous": False}
+    assert (beside.base, beside.finetuned) == (first.base, first.finetuned)
+    assert beside.previous["eval_loss"] == first.base["eval_loss"]  # the same weights, loaded from the copy
+
+    loaded = []
+    monkeypatch.setattr(generation, "load_for_inference", lambda *args, **kwargs: loaded.append(args) or 1 / 0)
+    again = evaluate_adapter(tokens, model_dir, trained.adapter_dir, config, tmp_path / "eval-3", answers_dir=kept,
+                             previous_model_dir=champion)
+    assert loaded == [] and (again.base, again.finetuned, again.previous) == (beside.base, beside.finetuned, beside.previous)
+    monkeypatch.undo()
+
+    other = train_adapter(tokens, model_dir, TrainConfig(max_steps=2, micro_batch_size=2, learning_rate=1e-2), tmp_path / "train-2")
+    second = evaluate_adapter(tokens, model_dir, other.adapter_dir, config, tmp_path / "eval-4", answers_dir=kept)
+    assert (second.timing["base"].get("reused"), second.timing["finetuned"].get("reused")) == (True, None)
+    assert second.finetuned["eval_loss"] != first.finetuned["eval_loss"]
+    smaller = EvalConfig(max_new_tokens=8, batch_size=4, max_questions=4, general_max_new_tokens=8)  # other prompts
+    fewer = evaluate_adapter(tokens, model_dir, trained.adapter_dir, smaller, tmp_path / "eval-5", answers_dir=kept)
+    assert not any(timing.get("reused") for timing in fewer.timing.values())

@@ -32,18 +32,29 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, questions: pd.DataFrame,
                     loss_rows: pd.DataFrame, general_prompts: list[str], eval_config: EvalConfig, *, stop_ids: list[int],
                     pad_id: int, precision: str, previous_model_dir: str | Path | None = None,
-                    trust_remote_code: bool = False, log) -> dict:
-    """Loss, scored answers and general answers for the base, base + adapter and (if given) the previous model.
+                    trust_remote_code: bool = False, reuse: dict[str, dict] | None = None, log) -> dict:
+    """Loss, answers, scored answers and general answers for the base, base + adapter and (if given) the previous
+    model. `reuse`: runs of some of them generated before (loraflow.evaluation.answer_cache: loss, answers, general,
+    timing), scored again here and not generated.
 
     One load: the base answers first, then the adapter is merged into the same weights (faster generation); the
-    previous model is loaded after the others are dropped (one model in memory at a time)."""
+    previous model is loaded after the others are dropped (one model in memory at a time). Nothing is loaded for a
+    model whose run is reused."""
     from peft import PeftModel
 
+    reuse = reuse or {}
     generation = dict(max_new_tokens=eval_config.max_new_tokens, batch_size=eval_config.batch_size, stop_ids=stop_ids)
     budgets = answer_budgets(questions, tokenizer, eval_config)
-    model = load_for_inference(model_dir, trust_remote_code=trust_remote_code, precision=precision)
-    runs = {}
+    runs, model = {}, None
     for name in ("base", "finetuned", "previous") if previous_model_dir else ("base", "finetuned"):
+        if name in reuse:
+            kept = reuse[name]
+            runs[name] = {**kept, "scored": score_answers(questions, kept["answers"], tokenizer),
+                          "timing": {**kept["timing"], "reused": True}}
+            log.info("evaluate: %s reused (the same weights were asked the same prompts before)", name)
+            continue
+        if name in ("base", "finetuned") and model is None:
+            model = load_for_inference(model_dir, trust_remote_code=trust_remote_code, precision=precision)
         if name == "finetuned":
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             model.eval()
@@ -59,7 +70,8 @@ def evaluate_models(model_dir: str | Path, adapter_dir: str | Path, tokenizer, q
         general = generate_answers(model, tokenizer, general_prompts, **{**generation, "max_new_tokens": eval_config.general_max_new_tokens})
         clock.append(time.perf_counter())
         timing = generation_timing(clock, answers, general)
-        runs[name] = {"loss": loss, "scored": score_answers(questions, answers, tokenizer), "general": general, "timing": timing}
+        runs[name] = {"loss": loss, "answers": answers, "scored": score_answers(questions, answers, tokenizer),
+                      "general": general, "timing": timing}
         log.info("evaluate: %s done (loss %s); %d questions in %.1f s (%.1f/s), batch %s", name,
                  f"{loss:.4f}" if loss is not None else "n/a", len(answers), timing["answers_s"],
                  timing["questions_per_s"], timing["batch_size"])

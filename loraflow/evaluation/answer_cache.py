@@ -1,0 +1,96 @@
+"""One model's generations for one question set, kept on this host so an evaluation that asks the same model the
+same prompts again generates nothing.
+
+    key = answers_key(identity, prompts=..., budgets=..., general_prompts=..., loss_rows=..., settings=...)
+    run = load_answers(folder, key)          # {"loss", "answers", "general", "timing"} or None
+    save_answers(folder, key, run)
+
+The evaluation stage is keyed on the candidate, the data, the eval settings and the champion it is compared with, so a
+new champion re-runs the stage although the base and the candidate were already asked exactly these questions (a gate
+threshold changed after the candidate was published, a retry after a failed champion load). The key here is what
+shapes the generations themselves: which weights (`model_identity`: the base model's fingerprint, plus the adapter
+file's bytes, or a published model's manifest of file hashes), the rendered prompts and their token budgets, the
+general prompts, the loss rows, the generation settings, and the code of loraflow.evaluation.generation and what it
+imports. Scores are recomputed from the answers each time, so a change to the metrics needs no regeneration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from loraflow.runtime.atomic_files import write_json_atomic
+from loraflow.runtime.code_graph import code_hash
+from loraflow.training.checkpoints import base_model_fingerprint
+
+PUBLISHED_MANIFEST = "loraflow-manifest.json"  # = loraflow.publishing.merge.MODEL_MANIFEST (merge imports torch)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def model_identity(model_dir: str | Path, adapter_dir: str | Path | None = None, *, published: bool = False) -> str | None:
+    """What a model's answers depend on, as a short hash: the base model's fingerprint (+ the adapter's weight and
+    config bytes, merged in memory), or with `published` the model folder's manifest of file hashes. None where
+    that cannot be read (nothing is then reused or kept)."""
+    digest = hashlib.sha256()
+    if published:
+        manifest = Path(model_dir) / PUBLISHED_MANIFEST
+        if not manifest.exists():
+            return None
+        digest.update(b"published\0" + manifest.read_bytes())
+        return digest.hexdigest()[:16]
+    digest.update(b"base\0" + base_model_fingerprint(Path(model_dir)).encode())
+    if adapter_dir is not None:
+        for name in ADAPTER_WEIGHTS:
+            path = Path(adapter_dir) / name
+            if not path.exists():
+                return None
+            digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def answers_key(identity: str, *, prompts: list, budgets: list[int], general_prompts: list, loss_rows,
+                settings: dict) -> str:
+    """The cache key of one model's generations (see the module docstring)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"model": identity, "prompts": prompts, "budgets": budgets, "general": general_prompts,
+                              "settings": settings, "code": code_hash("loraflow.evaluation.generation")},
+                             sort_keys=True, default=_plain).encode())
+    for column in ("input_ids", "labels"):
+        for row in _column(loss_rows, column):
+            digest.update(np.asarray(row, dtype=np.int64).tobytes() + b"\xff")
+    return digest.hexdigest()[:24]
+
+
+def load_answers(folder: str | Path, key: str) -> dict | None:
+    """The kept generations of `key`, or None (never kept, or unreadable: then they are generated again)."""
+    path = Path(folder) / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_answers(folder: str | Path, key: str, run: dict) -> None:
+    """Keep one model's generations: loss, answers, general answers and timing (atomically)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(folder) / f"{key}.json",
+                      {name: run[name] for name in ("loss", "answers", "general", "timing")})
+
+
+def _column(rows, name: str) -> list:
+    if rows is None or len(rows) == 0:
+        return []
+    if hasattr(rows, "column_names"):  # an Arrow table
+        return rows.column(name).to_pylist() if name in rows.column_names else []
+    return list(rows[name]) if name in rows else []
+
+
+def _plain(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
