@@ -157,6 +157,14 @@ def test_run_publishes_once_and_rerun_is_all_cached(tmp_path, prefect_api):
     assert any(r.startswith("PASS: validation loss") for r in fourth["publish"]["gate_reasons"])
     assert fourth["publish"]["version"] == 2 and champion(tmp_path / "store" / "published", "tiny")["version"] == 2
 
+    # A threshold changed after that publish: the champion is now the candidate itself, so the evaluation stage runs
+    # again (no champion beside it), but asks no model anything: both were asked these prompts in the fourth run.
+    config.write_text(config.read_text().replace("previous_loss_tolerance: 100.0}", "previous_loss_tolerance: 100.0, previous_tolerance: 0.5}"))
+    after = run_cli_here(config)
+    assert not after["eval"]["cached"] and after["eval"]["previous"] is None
+    assert {name: timing.get("reused") for name, timing in after["eval"]["timing"].items()} == {"base": True, "finetuned": True}
+    assert after["eval"]["finetuned"] == fourth["eval"]["finetuned"] and after["publish"]["reused"]
+
     # Rolled back to version 1, the next run's gate compares against it again (here all cached: the same evaluation
     # as the fourth run's, beside version 1), and reusing version 2's publish does not move the champion back.
     rolled, _ = run_here("rollback", "tiny", "--store", str(tmp_path / "store"), "--why", "test", "--by", "ci")
