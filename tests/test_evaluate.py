@@ -152,15 +152,17 @@ def test_gate_compares_like_with_like_against_the_champion():
                                 **sizes}, gate.model_copy(update={"previous_slack_questions": 0}), previous=champion)
     assert strict.failures == ["FAIL: fact_accuracy 0.750, n=8 >= champion's 0.875, n=8 - 0.020 (trained phrasings)"]
     # The scenario's refused model (retrain_scenario_cpu.json, run 3): better on every fact metric, one general
-    # question of 44 fewer right (12 vs 13) than the champion; 1/44 = 0.023 is more than the 0.02 tolerance.
+    # question of 44 fewer right (12 vs 13) than the champion; 1/44 = 0.023 is more than the 0.02 tolerance. The
+    # summaries hold the rates rounded to 4 decimals, as here (unrounded, the first re-run of the scenario's refusal
+    # passed this test and was refused again: 0.2727 < 0.2955 - 0.02273).
     general = {"general_total": 44}
     one_question = decide_gate(base, {"fact_accuracy": 1.0, "natural_fact_accuracy": 0.958, "stop_rate": 1.0,
-                                      "general_accuracy": 12 / 44, **sizes, **general}, gate,
-                               previous={**champion, "general_accuracy": 13 / 44, **general})
+                                      "general_accuracy": round(12 / 44, 4), **sizes, **general}, gate,
+                               previous={**champion, "general_accuracy": round(13 / 44, 4), **general})
     assert one_question.passed, one_question.reasons
     two_questions = decide_gate(base, {"fact_accuracy": 1.0, "natural_fact_accuracy": 0.958, "stop_rate": 1.0,
-                                       "general_accuracy": 11 / 44, **sizes, **general}, gate,
-                                previous={**champion, "general_accuracy": 13 / 44, **general})
+                                       "general_accuracy": round(11 / 44, 4), **sizes, **general}, gate,
+                                previous={**champion, "general_accuracy": round(13 / 44, 4), **general})
     assert [line.split(" >=")[0] for line in two_questions.failures] == ["FAIL: general_accuracy 0.250, n=44"]
     # The refused model: better on every question metric, its loss higher but measured on one example.
     one_row = {**sizes, "eval_loss_examples": 1, "eval_loss_tokens": 34}

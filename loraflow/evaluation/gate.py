@@ -98,6 +98,12 @@ def false_refusals(finetuned: dict, gate: GateConfig) -> list[tuple[bool | None,
                             f"{_n(finetuned, 'false_refusal_questions')}{'; ' + by_kind if by_kind else ''})")]
 
 
+# Summaries hold rates rounded to 4 decimals (loraflow.evaluation.metrics), so two of them compared against a drop
+# of exactly k questions may miss it by up to 1e-4 (13/44 - 1/44 = 0.27273 > 0.2727 = 12/44 rounded); a real
+# difference of one question is larger than that for any sample under 10,000 questions.
+ROUNDING = 1e-4
+
+
 def against_champion(finetuned: dict, champion: dict, gate: GateConfig) -> list[tuple[bool | None, str]]:
     """(ok, text) per metric both models were asked, each with its sample size; the loss only where it is big enough."""
     lines = []
@@ -108,7 +114,7 @@ def against_champion(finetuned: dict, champion: dict, gate: GateConfig) -> list[
         if ours is None or theirs is None:
             continue
         allowed, why = allowed_drop(gate, finetuned.get(size_key), champion.get(size_key))
-        lines.append((ours >= theirs - allowed - 1e-9,
+        lines.append((ours >= theirs - allowed - ROUNDING,
                       f"{metric} {ours:.3f}{_n(finetuned, size_key)} >= champion's {theirs:.3f}{_n(champion, size_key)} "
                       f"- {allowed:.3f} ({what}{why})"))
     ours, theirs = finetuned.get("eval_loss"), champion.get("eval_loss")
