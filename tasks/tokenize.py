@@ -17,6 +17,7 @@ import bisect
 import functools
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 
 import numpy as np
@@ -75,12 +76,39 @@ def encode(texts: list[str], tokenizer):
     return backend.encode_batch(texts, add_special_tokens=False)
 
 
+def encoded_texts(formatted: pd.DataFrame, tokenizer) -> tuple[list[str], list, list]:
+    """(texts, trained character spans, encodings) of a batch of formatted rows."""
+    texts, spans = texts_and_spans(formatted["segments"])
+    return texts, spans, encode(texts, tokenizer)
+
+
+def encoded_ahead(formatted_batches, tokenizer, encode_rows: int):
+    """(formatted rows, their `encoded_texts`) in slices of `encode_rows`, the next slice encoded in a background thread
+    while the caller labels this one: the Rust tokenizer releases the GIL, so its threads and the per-row Python share
+    the cores instead of taking turns (tokenize at 25,000 catalog rows: benchmarks/data_scale.py)."""
+    slices = (formatted.iloc[first:first + encode_rows] for formatted in formatted_batches
+              for first in range(0, len(formatted), encode_rows))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
+        waiting = None
+        for formatted in slices:
+            texts, spans = texts_and_spans(formatted["segments"])
+            encoding = encoder.submit(encode, texts, tokenizer)
+            if waiting is not None:
+                yield waiting[0], (*waiting[1], waiting[2].result())
+            waiting = (formatted, (texts, spans), encoding)
+        if waiting is not None:
+            yield waiting[0], (*waiting[1], waiting[2].result())
+
+
 class PiecewiseEncoding:
     """ids and offsets of a text encoded piece by piece, with `char_to_token` like a tokenizers Encoding."""
 
     def __init__(self, ids: list[int], offsets: list[tuple[int, int]]):
         self.ids, self.offsets = ids, offsets
         self._starts = [start for start, _ in offsets]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def char_to_token(self, char: int) -> int | None:
         index = bisect.bisect_right(self._starts, char) - 1
@@ -95,10 +123,22 @@ def control_token_pattern(tokenizer):
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
+@functools.lru_cache(maxsize=8)
+def literal_backend(tokenizer):
+    """A private copy of the Rust tokenizer for `encode_with_literals`, which switches `encode_special_tokens` on and
+    off: the shared one may be encoding the next batch in another thread meanwhile (`encoded_ahead`)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
 def encode_with_literals(text: str, literal_spans, tokenizer, pattern) -> PiecewiseEncoding:
     """Encode `text` so that the characters in `literal_spans` ([start, end, ...]) are plain text even where they
     spell a control token; control tokens elsewhere (written by the template) stay control tokens."""
-    backend = tokenizer.backend_tokenizer
+    backend = literal_backend(tokenizer)
     literal = [(int(a), int(b)) for a, b in zip(literal_spans[0::2], literal_spans[1::2])]
     # The tokenizer splits text at every control token anyway, so encoding the stretches between the template's
     # control tokens apart gives the same tokens as one call, except that literal control text stays characters.
@@ -159,15 +199,16 @@ def tokenize_formatted(formatted: pd.DataFrame, config: TokenizeConfig, tokenize
     return kept, quarantined, {**stats, **token_stats(kept)}
 
 
-def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) -> tuple[pd.DataFrame, np.ndarray, dict]:
+def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer, encoded: tuple | None = None) \
+        -> tuple[pd.DataFrame, np.ndarray, dict]:
     """The per-row half of tokenize (ids, labels, double BOS, length policy, split): (every row, reasons, stats).
 
     `reasons[i]` says why row i is set aside (None = kept). Nothing here looks at other rows, so shards of the
-    formatted rows can be tokenized apart and concatenated (flows/prepare.py, prepare.shards > 1).
+    formatted rows can be tokenized apart and concatenated (flows/prepare.py, prepare.shards > 1). `encoded` is the
+    rows' `encoded_texts` when already made (`encoded_ahead`).
     """
     formatted = formatted.reset_index(drop=True)
-    texts, spans = texts_and_spans(formatted["segments"])
-    encodings = encode(texts, tokenizer)
+    texts, spans, encodings = encoded if encoded is not None else encoded_texts(formatted, tokenizer)
     literal_rows = [row for row, literal in enumerate(formatted.get("literal_spans", [])) if len(literal)]
     if literal_rows:
         pattern = control_token_pattern(tokenizer)
@@ -175,12 +216,10 @@ def tokenize_rows(formatted: pd.DataFrame, config: TokenizeConfig, tokenizer) ->
             encodings[row] = encode_with_literals(texts[row], formatted.at[row, "literal_spans"], tokenizer, pattern)
 
     # ---- flat arrays: one int32 array of all ids, row boundaries in `starts`
-    ids_lists = [encoding.ids for encoding in encodings]
-    lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    flat_ids = np.array(list(chain.from_iterable(ids_lists)), dtype=np.int32)  # C-speed flatten
-    del ids_lists
+    flat_ids = np.fromiter(chain.from_iterable(encoding.ids for encoding in encodings), dtype=np.int32, count=int(starts[-1]))
 
     # ---- labels: mark trained token ranges with a difference array, one cumsum for all rows
     flat_labels, answer_starts, answer_ends = flat_labels_of(encodings, spans, flat_ids, starts, config.train_on_inputs)
@@ -328,11 +367,12 @@ def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_d
     from loraflow.config.pipeline import config_hash
 
     tokenizer = load_tokenizer_dir(str(tokenizer_dir))
-    # The tokenizer's Encodings of a batch are its peak (about 12 KB an example): it reads fewer rows at a time than a
-    # row group holds; the artifact's row groups stay `batch_rows`.
+    # The tokenizer's Encodings are its peak (about 12 KB an example): rows are read and checked a row group at a time
+    # but encoded ENCODE_BATCH_ROWS at a time (two such slices alive: one labelled, the next being encoded).
     return tokenize_stream(
-        store, read_input_batches(store, formatted_ref, FORMATTED, min(batch_rows, ENCODE_BATCH_ROWS)),
-        lambda formatted: tokenize_rows(formatted, config, tokenizer), config, tokenizer, config_hash(config), batch_rows,
+        store, encoded_ahead(read_input_batches(store, formatted_ref, FORMATTED, batch_rows), tokenizer, ENCODE_BATCH_ROWS),
+        lambda formatted, encoded: tokenize_rows(formatted, config, tokenizer, encoded), config, tokenizer,
+        config_hash(config), batch_rows,
     )
 
 
@@ -354,8 +394,8 @@ def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, token
 
     tokenizer = load_tokenizer_dir(str(tokenizer_dir))
     return tokenize_shard_stream(
-        store, read_input_batches(store, formatted_ref, FORMATTED, min(batch_rows, ENCODE_BATCH_ROWS)),
-        lambda formatted: tokenize_rows(formatted, config, tokenizer), config_hash(config), batch_rows,
+        store, encoded_ahead(read_input_batches(store, formatted_ref, FORMATTED, batch_rows), tokenizer, ENCODE_BATCH_ROWS),
+        lambda formatted, encoded: tokenize_rows(formatted, config, tokenizer, encoded), config_hash(config), batch_rows,
     )
 
 

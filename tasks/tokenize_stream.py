@@ -1,7 +1,8 @@
 """The tokenize stage over a formatted artifact of any size, in two passes with memory bounded by a batch.
 
 1. Each batch of formatted rows goes through the per-row half (`tokenize_rows`: ids, labels, length policy, split)
-   and into a scratch Parquet file next to the store, token ids as Arrow list<int32>; of each row only its
+   and into a scratch Arrow IPC file next to the store (uncompressed: written and read back at memory speed, the
+   kernel's file pages rather than the process's heap), token ids as Arrow list<int32>; of each row only its
    `RowKeys` (a few 16-byte digests) stay in memory.
 2. The duplicate and leakage rules run once over all rows' keys (tasks/tokenize_checks.py), then the scratch file
    is read back a batch at a time into the TOKENS artifact, the rows set aside going to the quarantine.
@@ -12,6 +13,7 @@ its duplicates and leaks are looked for across the shards afterwards (tasks/toke
 writes the one TOKENS artifact through the same pass 2 (`write_tokens`).
 """
 
+import itertools
 import os
 import shutil
 import tempfile
@@ -19,12 +21,10 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from data_contracts import TOKENS
 from loraflow.config.tokenize import TokenizeConfig
 from loraflow.runtime.artifact_store import ArtifactStore
-from loraflow.runtime.parquet_stream import ParquetStream
 from loraflow.runtime.stage_output import StageResult, StageWriter, give_back_freed_memory
 from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError, find_duplicates, find_leaks, row_keys,
                                    split_off_quarantine, withheld_stats)
@@ -32,11 +32,12 @@ from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError,
 
 def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config: TokenizeConfig, tokenizer, config_hash: str,
                     batch_rows: int) -> StageResult:
-    """Tokenize formatted batches (DataFrames) with `tokenize_batch` (tasks/tokenize.tokenize_rows: frame -> (tokens,
-    reasons, stats)) and write TOKENS plus its quarantine (module docstring)."""
+    """Tokenize formatted batches ((DataFrame, its encoded texts) pairs: tasks/tokenize.encoded_ahead) with
+    `tokenize_batch` (tasks/tokenize.tokenize_rows: (frame, encoded) -> (tokens, reasons, stats)) and write TOKENS plus
+    its quarantine (module docstring)."""
     scratch_dir = tempfile.mkdtemp(prefix="tokenize-", dir=scratch_root(store))
     try:
-        scratch_path = os.path.join(scratch_dir, "rows.parquet")
+        scratch_path = os.path.join(scratch_dir, "rows.arrow")
         keys, stats = tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path, batch_rows)
         set_aside, counts = dataset_reasons(keys, config, scratch_path)
         return write_tokens(store, scratch_batches(scratch_path, batch_rows), set_aside, {**stats, **counts}, config_hash,
@@ -69,27 +70,71 @@ def scratch_root(store: ArtifactStore) -> str:
 
 def tokenize_to_scratch(formatted_batches, tokenize_batch, tokenizer, scratch_path: str, batch_rows: int) -> tuple[RowKeys, dict]:
     """Pass 1: every row tokenized into the scratch file (with its per-row reason, "" when kept); (keys, summed stats)."""
-    scratch, keys, stats = ParquetStream(scratch_path, row_group_rows=batch_rows), [], {}
-    try:
+    keys, stats, rows_since_trim = [], {}, 0
+    with ScratchRows(scratch_path) as scratch:
         for tokens, reasons, batch_stats in tokenized_batches(formatted_batches, tokenize_batch):
             keys.append(row_keys(tokens, reasons, tokenizer))
             tokens["reason"] = [reason or "" for reason in reasons]
             scratch.append(pa.Table.from_pandas(tokens, preserve_index=False))
-            give_back_freed_memory()
-            stats = summed(stats, batch_stats)
-        scratch.close()
-    finally:
-        scratch.discard()
+            stats, rows_since_trim = summed(stats, batch_stats), rows_since_trim + len(tokens)
+            if rows_since_trim >= batch_rows:  # a trim costs ~20 ms: once a row group's worth of rows, not every slice
+                give_back_freed_memory()
+                rows_since_trim = 0
     return RowKeys.concat(keys), stats
 
 
+class ScratchRows:
+    """Pass 1's rows in uncompressed Arrow IPC files (`path`, then `path.1`, ... when a batch widens the schema: an
+    all-null column gets a type), read back memory-mapped: no Parquet encoding for rows that are read once."""
+
+    def __init__(self, path: str):
+        self.base, self.paths, self._sink, self._writer, self.schema = path, [], None, None, None
+
+    def __enter__(self):
+        return self
+
+    def append(self, table: pa.Table) -> None:
+        if self._writer is not None and not table.schema.equals(self.schema):
+            widened = pa.unify_schemas([self.schema, table.schema], promote_options="permissive")
+            if widened.equals(self.schema):
+                table = table.cast(widened)
+            else:
+                self._close()
+        if self._writer is None:
+            self.paths.append(self.base if not self.paths else f"{self.base}.{len(self.paths)}")
+            self._sink = pa.OSFile(self.paths[-1], "wb")
+            self._writer, self.schema = pa.ipc.new_file(self._sink, table.schema), table.schema
+        self._writer.write_table(table)
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+        self._writer = self._sink = None
+
+
+def scratch_record_batches(scratch_path: str):
+    """The scratch rows' record batches in order, memory-mapped (none when pass 1 wrote no row)."""
+    for index in itertools.count():
+        path = scratch_path if index == 0 else f"{scratch_path}.{index}"
+        if not os.path.exists(path):
+            return
+        with pa.memory_map(path) as mapped:
+            scratch = pa.ipc.open_file(mapped)
+            for batch in range(scratch.num_record_batches):
+                yield scratch.get_batch(batch)
+
+
 def tokenized_batches(formatted_batches, tokenize_batch):
-    """Pass 1's loop: (tokens indexed like their formatted rows, reasons, stats) of each batch; the over-long examples
-    of every batch are counted and raised once, with the totals, at the end."""
+    """Pass 1's loop: (tokens indexed like their formatted rows, reasons, stats) of each (formatted, encoded) batch; the
+    over-long examples of every batch are counted and raised once, with the totals, at the end."""
     too_long = []
-    for formatted in formatted_batches:
+    for formatted, encoded in formatted_batches:
         try:
-            tokens, reasons, batch_stats = tokenize_batch(formatted)
+            tokens, reasons, batch_stats = tokenize_batch(formatted, encoded)
         except TruncationError as error:
             too_long.append(error)
             continue
@@ -120,8 +165,8 @@ def ids_at(scratch_path: str, rows: set[int]) -> dict[int, str]:
     found, first_row, wanted = {}, 0, np.array(sorted(rows), dtype=np.int64)
     if not rows:
         return found
-    for batch in pq.ParquetFile(scratch_path, pre_buffer=False).iter_batches(columns=["id"]):
-        ids = batch.column(0)
+    for batch in scratch_record_batches(scratch_path):
+        ids = batch.column("id")
         for row in in_range(wanted, first_row, len(ids)):
             found[row] = ids[row - first_row].as_py()
         first_row += len(ids)
@@ -135,10 +180,18 @@ def in_range(sorted_rows: np.ndarray, first_row: int, count: int) -> list[int]:
 
 
 def scratch_batches(scratch_path: str, batch_rows: int):
-    """The scratch file's rows (with their `reason` column) as DataFrames of at most `batch_rows` rows."""
-    scratch = pq.ParquetFile(scratch_path, pre_buffer=False)  # as ArtifactStore.read_batches: memory flat
-    for batch in (scratch.iter_batches(batch_size=batch_rows) if scratch.metadata.num_rows else []):
-        yield batch.to_pandas()
+    """The scratch file's rows (with their `reason` column) as DataFrames of `batch_rows` rows (the last fewer)."""
+    pending, pending_rows = [], 0
+    for batch in scratch_record_batches(scratch_path):
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        while pending_rows >= batch_rows:
+            whole = pa.concat_tables([pa.Table.from_batches([part]) for part in pending], promote_options="permissive")
+            yield whole.slice(0, batch_rows).to_pandas()
+            rest = whole.slice(batch_rows)
+            pending, pending_rows = rest.to_batches(), rest.num_rows
+    if pending_rows:
+        yield pa.concat_tables([pa.Table.from_batches([part]) for part in pending], promote_options="permissive").to_pandas()
 
 
 def write_tokens(store: ArtifactStore, token_batches, set_aside: dict[int, str], stats: dict, config_hash: str,
