@@ -8,7 +8,7 @@ rows, which go to a quarantine artifact with the rule's reason instead of being 
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pandas as pd
@@ -40,6 +40,16 @@ class Contract:
     def __post_init__(self):
         schema = pa.DataFrameSchema(self.columns, strict=not self.extra_columns, coerce=False)
         object.__setattr__(self, "schema", schema)
+
+    def narrowed(self, columns: list[str]) -> "Contract":
+        """The contract of these of its columns alone (a reader that reads only what it needs checks what it read)."""
+        key = (self.name, self.version, tuple(columns))
+        if key not in _NARROWED:
+            _NARROWED[key] = replace(self, columns={name: self.columns[name] for name in columns}, row_rules=(), unique=())
+        return _NARROWED[key]
+
+
+_NARROWED: dict[tuple, Contract] = {}
 
 
 class ContractViolation(ValueError):

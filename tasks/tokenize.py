@@ -38,6 +38,9 @@ from tasks.tokenize_partitions import run_tokenize_merge, tokenize_merge_task  #
 from tasks.tokenize_stream import tokenize_shard_stream, tokenize_stream
 
 ENCODE_BATCH_ROWS = 2048  # formatted rows tokenized at a time (run_tokenize)
+# The formatted columns tokenize reads (not `messages`, the conversation kept for pre-flight: the widest column).
+FORMATTED_READ = ["id", "segments", "prompt", "reference", "template", "kind", "source_id", "phrasing_set", "facts",
+                  "literal_spans"]
 EVALUATION_ONLY = ("heldout", "natural", "unknown")  # phrasing sets never trained (data_contracts.conversations)
 
 
@@ -369,11 +372,17 @@ def run_tokenize(formatted_ref: ArtifactRef, config: TokenizeConfig, tokenizer_d
     tokenizer = load_tokenizer_dir(str(tokenizer_dir))
     # The tokenizer's Encodings are its peak (about 12 KB an example): rows are read and checked a row group at a time
     # but encoded ENCODE_BATCH_ROWS at a time (two such slices alive: one labelled, the next being encoded).
+    formatted = read_input_batches(store, formatted_ref, FORMATTED, batch_rows, formatted_columns(store, formatted_ref))
     return tokenize_stream(
-        store, encoded_ahead(read_input_batches(store, formatted_ref, FORMATTED, batch_rows), tokenizer, ENCODE_BATCH_ROWS),
-        lambda formatted, encoded: tokenize_rows(formatted, config, tokenizer, encoded), config, tokenizer,
-        config_hash(config), batch_rows,
+        store, encoded_ahead(formatted, tokenizer, ENCODE_BATCH_ROWS),
+        lambda rows, encoded: tokenize_rows(rows, config, tokenizer, encoded), config, tokenizer, config_hash(config), batch_rows,
     )
+
+
+def formatted_columns(store: ArtifactStore, formatted_ref: ArtifactRef) -> list[str]:
+    """FORMATTED_READ, less optional columns the artifact lacks."""
+    present = set(store.schema(formatted_ref).names)
+    return [name for name in FORMATTED_READ if name in present or FORMATTED.columns[name].required]
 
 
 @stage_task(name="tokenize", cache_policy=TOKENIZER_STAGE_CACHE)
@@ -393,9 +402,10 @@ def run_tokenize_shard(formatted_ref: ArtifactRef, config: TokenizeConfig, token
     from loraflow.config.pipeline import config_hash
 
     tokenizer = load_tokenizer_dir(str(tokenizer_dir))
+    formatted = read_input_batches(store, formatted_ref, FORMATTED, batch_rows, formatted_columns(store, formatted_ref))
     return tokenize_shard_stream(
-        store, encoded_ahead(read_input_batches(store, formatted_ref, FORMATTED, batch_rows), tokenizer, ENCODE_BATCH_ROWS),
-        lambda formatted, encoded: tokenize_rows(formatted, config, tokenizer, encoded), config_hash(config), batch_rows,
+        store, encoded_ahead(formatted, tokenizer, ENCODE_BATCH_ROWS),
+        lambda rows, encoded: tokenize_rows(rows, config, tokenizer, encoded), config_hash(config), batch_rows,
     )
 
 

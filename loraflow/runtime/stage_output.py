@@ -137,16 +137,17 @@ def raise_emptied(store: ArtifactStore, stage: str, quarantined: pd.DataFrame, r
     )
 
 
-def read_input_batches(store: ArtifactStore, ref: ArtifactRef, contract: Contract, batch_rows: int = ROW_GROUP_ROWS):
-    """An upstream artifact as DataFrames of at most `batch_rows` rows, verified, each checked against its contract's
-    structure; a DataFrame's index is the position of its rows in the artifact."""
+def read_input_batches(store: ArtifactStore, ref: ArtifactRef, contract: Contract, batch_rows: int = ROW_GROUP_ROWS,
+                       columns: list[str] | None = None):
+    """An upstream artifact as DataFrames of at most `batch_rows` rows (of `columns` alone when given), verified, each
+    checked against its contract's structure; a DataFrame's index is the position of its rows in the artifact."""
     from data_contracts import check_structure
 
-    first_row = 0
-    for batch in store.read_batches(ref, batch_rows=batch_rows):
+    first_row, expected = 0, contract if columns is None else contract.narrowed(columns)
+    for batch in store.read_batches(ref, batch_rows=batch_rows, columns=columns):
         frame = batch.to_pandas()
         frame.index = pd.RangeIndex(first_row, first_row + len(frame))
-        check_structure(frame, contract, where=ref.uri)
+        check_structure(frame, expected, where=ref.uri)
         first_row += len(frame)
         yield frame
 
