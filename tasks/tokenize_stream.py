@@ -1,9 +1,9 @@
 """The tokenize stage over a formatted artifact of any size, in two passes with memory bounded by a batch.
 
 1. Each batch of formatted rows goes through the per-row half (`tokenize_rows`: ids, labels, length policy, split)
-   and into a scratch Arrow IPC file next to the store (uncompressed: written and read back at memory speed, the
-   kernel's file pages rather than the process's heap), token ids as Arrow list<int32>; of each row only its
-   `RowKeys` (a few 16-byte digests) stay in memory.
+   and into a scratch Arrow IPC file next to the store (uncompressed: written and read back at disk-cache speed),
+   token ids as Arrow list<int32>; of each row only its `RowKeys` (a few 16-byte digests) stay in memory. The next
+   slice is encoded in a background thread meanwhile (tasks/tokenize.encoded_ahead).
 2. The duplicate and leakage rules run once over all rows' keys (tasks/tokenize_checks.py), then the scratch file
    is read back a batch at a time into the TOKENS artifact, the rows set aside going to the quarantine.
 The artifact holds the same rows and values as tokenizing the whole table at once (tokenize_formatted).
@@ -101,7 +101,7 @@ def scratch_table(tokens: pd.DataFrame) -> pa.Table:
 
 class ScratchRows:
     """Pass 1's rows in uncompressed Arrow IPC files (`path`, then `path.1`, ... when a batch widens the schema: an
-    all-null column gets a type), read back memory-mapped: no Parquet encoding for rows that are read once."""
+    all-null column gets a type): no Parquet encoding and decoding for rows that are read back once."""
 
     def __init__(self, path: str):
         self.base, self.paths, self._sink, self._writer, self.schema = path, [], None, None, None
@@ -133,13 +133,14 @@ class ScratchRows:
 
 
 def scratch_record_batches(scratch_path: str):
-    """The scratch rows' record batches in order, memory-mapped (none when pass 1 wrote no row)."""
+    """The scratch rows' record batches in order (none when pass 1 wrote no row), each read when asked for: not
+    memory-mapped, whose pages would count in the process's resident memory as the file is read (VmHWM)."""
     for index in itertools.count():
         path = scratch_path if index == 0 else f"{scratch_path}.{index}"
         if not os.path.exists(path):
             return
-        with pa.memory_map(path) as mapped:
-            scratch = pa.ipc.open_file(mapped)
+        with pa.OSFile(path, "rb") as source:
+            scratch = pa.ipc.open_file(source)
             for batch in range(scratch.num_record_batches):
                 yield scratch.get_batch(batch)
 
