@@ -9,13 +9,25 @@ from data_contracts.base import Contract, RowRule
 IGNORE_INDEX = -100
 
 
+def _lengths(column: pd.Series) -> np.ndarray:
+    return np.fromiter(map(len, column), dtype=np.int64, count=len(column))
+
+
 def _length_mismatch(frame: pd.DataFrame) -> pd.Series:
-    lengths = frame["input_ids"].map(len)
-    return (lengths != frame["labels"].map(len)) | (lengths != frame["attention_mask"].map(len)) | (lengths != frame["length"])
+    lengths = _lengths(frame["input_ids"])
+    mismatch = (lengths != _lengths(frame["labels"])) | (lengths != _lengths(frame["attention_mask"])) | (lengths != frame["length"].to_numpy())
+    return pd.Series(mismatch, index=frame.index)
 
 
 def _all_masked(frame: pd.DataFrame) -> pd.Series:
-    return frame["labels"].map(lambda labels: not bool(np.any(np.asarray(labels) != IGNORE_INDEX)))
+    """Rows with no label other than IGNORE_INDEX: trained labels counted over all rows' labels joined (one NumPy pass,
+    not one per row)."""
+    labels = frame["labels"].tolist()
+    ends = np.cumsum(_lengths(frame["labels"]))
+    joined = np.concatenate([np.asarray(row).ravel() for row in labels]) if labels else np.zeros(0)
+    trained_so_far = np.concatenate([[0], np.cumsum(joined != IGNORE_INDEX)])
+    trained = trained_so_far[ends] - trained_so_far[np.concatenate([[0], ends[:-1]])]
+    return pd.Series(trained == 0, index=frame.index)
 
 
 # answer_start / answer_ends / phrasing_set / template are written by tokenize and read by pre-flight; they are
