@@ -151,7 +151,7 @@ def test_gate_compares_like_with_like_against_the_champion():
     strict = decide_gate(base, {"fact_accuracy": 0.75, "natural_fact_accuracy": 1.0, "stop_rate": 1.0, "eval_loss": 1.04,
                                 **sizes}, gate.model_copy(update={"previous_slack_questions": 0}), previous=champion)
     assert strict.failures == ["FAIL: fact_accuracy 0.750, n=8 >= champion's 0.875, n=8 - 0.020 (trained phrasings)"]
-    # The scenario's refused model (retrain_scenario_cpu.json, run 3): better on every fact metric, one general
+    # The scenario's refused model (retrain_scenario_cpu_2026-12-07.json, run 3): better on every fact metric, one general
     # question of 44 fewer right (12 vs 13) than the champion; 1/44 = 0.023 is more than the 0.02 tolerance. The
     # summaries hold the rates rounded to 4 decimals, as here (unrounded, the first re-run of the scenario's refusal
     # passed this test and was refused again: 0.2727 < 0.2955 - 0.02273).
