@@ -1,6 +1,7 @@
 """The pipeline config: YAML loading, strictness, every problem reported with key and fix."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,17 @@ def test_cli_check_runs_each_sources_own_check(tmp_path, capsys):
     assert "2 problem(s)" in err and "sources.1.url: " in err and "gone.db: does not exist" in err
     assert "sources.2.url: " in err and "no such table: nope" in err
     assert not (tmp_path / "gone.db").exists()
+
+
+def test_the_dpo_demo_reuses_the_demos_sft_adapter():
+    """configs/anime_demo_dpo.yaml is the demo plus DPO: run after the demo in the same folder, its SFT adapter is
+    a cache hit only if everything that makes the tokens and the adapter (sources, synthesize, format, tokenize,
+    model, train, prepare) is the demo's. It once kept `tokenize.validation_fraction: 0.1` after the demo dropped
+    it, so the DPO run trained its own SFT adapter on other tokens (docs/preference.md)."""
+    repo = Path(__file__).resolve().parents[1]
+    demo, dpo = (load_config(repo / "configs" / name).model_dump(mode="json")
+                 for name in ("anime_demo.yaml", "anime_demo_dpo.yaml"))
+    after_sft = {"name", "preference", "eval", "publish", "cost", "locks"}  # the run's label and what follows SFT
+    differing = sorted(key for key in demo if key not in after_sft and demo[key] != dpo[key])
+    assert differing == [], f"the DPO demo's {differing} differ from the demo's: it would train another SFT adapter"
+    assert dpo["preference"]["enabled"] and not demo["preference"]["enabled"]
