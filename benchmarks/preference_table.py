@@ -13,7 +13,7 @@ from pathlib import Path
 # (column, metric, the metric holding its sample size)
 METRICS = (("trained", "fact_accuracy", "fact_questions"), ("held-out", "heldout_fact_accuracy", "heldout_questions"),
            ("natural", "natural_fact_accuracy", "natural_questions"), ("made-up refused", "refusal_rate", "refusal_questions"),
-           ("stop", "stop_rate", "questions"))
+           ("known refused", "false_refusal_rate", "false_refusal_questions"), ("stop", "stop_rate", "questions"))
 
 
 def cell(metrics: dict, key: str, count_key: str) -> str:
