@@ -37,6 +37,6 @@ def row(summary: dict) -> str:
 if __name__ == "__main__":
     print("| run | " + " | ".join(name for name, *_ in METRICS) + " | general right | right -> wrong | gate | train s | "
           "pairs + DPO s | evaluate s | run s |")
-    print("|" + "---|" * (len(METRICS) + 9))
+    print("|" + "---|" * (len(METRICS) + 8))
     for path in sys.argv[1:]:
         print(row(json.loads(open(path).read())))
