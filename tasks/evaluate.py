@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.runtime.store_folders import ship_folder
 from loraflow.config.evaluate import EvalConfig
-from loraflow.evaluation.answer_cache import answers_key, load_answers, model_identity, save_answers
+from loraflow.evaluation.answer_cache import answers_key, load_answers, model_identity, published_identity, save_answers
 from loraflow.evaluation.generation import answer_budgets, evaluate_models, question_prompts, stop_token_ids
 from loraflow.evaluation.metrics import (answers_table, comparison_table, general_table, loss_sample,
                                          summarise_runs)
@@ -45,6 +45,7 @@ from loraflow.modeling.prompt_encoding import question_prompt_ids
 from loraflow.runtime.artifact_store import ArtifactRef, ArtifactStore
 from loraflow.evaluation.question_stream import evaluation_inputs
 from loraflow.tracking.report_to import TrackingRun
+from loraflow.training.checkpoints import base_model_fingerprint
 
 log_default = logging.getLogger("loraflow.evaluate")
 
@@ -153,9 +154,10 @@ def answer_keys(model_dir, adapter_dir, previous_model_dir, questions: pd.DataFr
                 tokenizer, eval_config: EvalConfig, *, stop_ids: list[int], precision: str, device: str) -> dict[str, str]:
     """The answer-cache key of each model this evaluation asks (loraflow.evaluation.answer_cache); a model whose
     weights cannot be identified gets none."""
-    identities = {"base": model_identity(model_dir), "finetuned": model_identity(model_dir, adapter_dir)}
+    base = base_model_fingerprint(Path(model_dir))
+    identities = {"base": model_identity(base), "finetuned": model_identity(base, adapter_dir)}
     if previous_model_dir:
-        identities["previous"] = model_identity(previous_model_dir, published=True)
+        identities["previous"] = published_identity(previous_model_dir)
     prompts = dict(prompts=question_prompts(questions), budgets=answer_budgets(questions, tokenizer, eval_config),
                    general_prompts=general_prompts, loss_rows=loss_rows,
                    settings={"general_max_new_tokens": eval_config.general_max_new_tokens,

@@ -3,7 +3,7 @@
 1. Each batch of formatted rows goes through the per-row half (`tokenize_rows`: ids, labels, length policy, split)
    and into a scratch Arrow IPC file next to the store (uncompressed: written and read back at disk-cache speed),
    token ids as Arrow list<int32>; of each row only its `RowKeys` (a few 16-byte digests) stay in memory. The next
-   slice is encoded in a background thread meanwhile (tasks/tokenize.encoded_ahead).
+   slice is encoded in a background thread meanwhile (tasks/tokenize_encode.encoded_ahead).
 2. The duplicate and leakage rules run once over all rows' keys (tasks/tokenize_checks.py), then the scratch file
    is read back a batch at a time into the TOKENS artifact, the rows set aside going to the quarantine.
 The artifact holds the same rows and values as tokenizing the whole table at once (tokenize_formatted).
@@ -32,7 +32,7 @@ from tasks.tokenize_checks import (DUPLICATE, LEAKAGE, RowKeys, TruncationError,
 
 def tokenize_stream(store: ArtifactStore, formatted_batches, tokenize_batch, config: TokenizeConfig, tokenizer, config_hash: str,
                     batch_rows: int) -> StageResult:
-    """Tokenize formatted batches ((DataFrame, its encoded texts) pairs: tasks/tokenize.encoded_ahead) with
+    """Tokenize formatted batches ((DataFrame, its encoded texts) pairs: tasks/tokenize_encode.encoded_ahead) with
     `tokenize_batch` (tasks/tokenize.tokenize_rows: (frame, encoded) -> (tokens, reasons, stats)) and write TOKENS plus
     its quarantine (module docstring)."""
     scratch_dir = tempfile.mkdtemp(prefix="tokenize-", dir=scratch_root(store))

@@ -7,7 +7,8 @@ import pyarrow as pa
 from loraflow.config.format import FormatConfig
 from loraflow.config.tokenize import TokenizeConfig
 from tasks.format import format_conversations
-from tasks.tokenize import encoded_ahead, tokenize_rows
+from tasks.tokenize import tokenize_rows
+from tasks.tokenize_encode import encoded_ahead
 from tasks.tokenize_stream import ScratchRows, scratch_batches, scratch_record_batches, scratch_table
 
 

@@ -1,7 +1,8 @@
 """One model's generations for one question set, kept on this host so an evaluation that asks the same model the
 same prompts again generates nothing.
 
-    key = answers_key(identity, prompts=..., budgets=..., general_prompts=..., loss_rows=..., settings=...)
+    key = answers_key(model_identity(base_fingerprint, adapter_dir), prompts=..., budgets=..., general_prompts=...,
+                      loss_rows=..., settings=...)
     run = load_answers(folder, key)          # {"loss", "answers", "general", "timing"} or None
     save_answers(folder, key, run)
 
@@ -9,7 +10,7 @@ The evaluation stage is keyed on the candidate, the data, the eval settings and 
 new champion re-runs the stage although the base and the candidate were already asked exactly these questions (a gate
 threshold changed after the candidate was published, a retry after a failed champion load). The key here is what
 shapes the generations themselves: which weights (`model_identity`: the base model's fingerprint, plus the adapter
-file's bytes, or a published model's manifest of file hashes), the rendered prompts and their token budgets, the
+file's bytes; `published_identity`: a published model's manifest of file hashes), the rendered prompts and their token budgets, the
 general prompts, the loss rows, the generation settings, and the code of loraflow.evaluation.generation and what it
 imports. Scores are recomputed from the answers each time, so a change to the metrics needs no regeneration.
 """
@@ -24,24 +25,16 @@ import numpy as np
 
 from loraflow.runtime.atomic_files import write_json_atomic
 from loraflow.runtime.code_graph import code_hash
-from loraflow.training.checkpoints import base_model_fingerprint
 
 PUBLISHED_MANIFEST = "loraflow-manifest.json"  # = loraflow.publishing.merge.MODEL_MANIFEST (merge imports torch)
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_config.json")
 
 
-def model_identity(model_dir: str | Path, adapter_dir: str | Path | None = None, *, published: bool = False) -> str | None:
-    """What a model's answers depend on, as a short hash: the base model's fingerprint (+ the adapter's weight and
-    config bytes, merged in memory), or with `published` the model folder's manifest of file hashes. None where
-    that cannot be read (nothing is then reused or kept)."""
-    digest = hashlib.sha256()
-    if published:
-        manifest = Path(model_dir) / PUBLISHED_MANIFEST
-        if not manifest.exists():
-            return None
-        digest.update(b"published\0" + manifest.read_bytes())
-        return digest.hexdigest()[:16]
-    digest.update(b"base\0" + base_model_fingerprint(Path(model_dir)).encode())
+def model_identity(base_fingerprint: str, adapter_dir: str | Path | None = None) -> str | None:
+    """What the answers of the base model (its fingerprint: loraflow.training.checkpoints.base_model_fingerprint),
+    or of base + the adapter in `adapter_dir` merged in memory (its weight and config bytes), depend on, as a short
+    hash; None where the adapter's files cannot be read (nothing is then reused or kept)."""
+    digest = hashlib.sha256(b"base\0" + base_fingerprint.encode())
     if adapter_dir is not None:
         for name in ADAPTER_WEIGHTS:
             path = Path(adapter_dir) / name
@@ -49,6 +42,14 @@ def model_identity(model_dir: str | Path, adapter_dir: str | Path | None = None,
                 return None
             digest.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
+
+
+def published_identity(model_dir: str | Path) -> str | None:
+    """The same for a published model folder: its manifest of file hashes; None without one."""
+    manifest = Path(model_dir) / PUBLISHED_MANIFEST
+    if not manifest.exists():
+        return None
+    return hashlib.sha256(b"published\0" + manifest.read_bytes()).hexdigest()[:16]
 
 
 def answers_key(identity: str, *, prompts: list, budgets: list[int], general_prompts: list, loss_rows,
