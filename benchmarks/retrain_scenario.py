@@ -34,11 +34,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import yaml
@@ -48,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from continue_vs_fresh_flow import changed_catalog, read_catalog  # noqa: E402
 from prepare_scale import load, machine_record  # noqa: E402
+from tests.test_server import free_port  # noqa: E402
+from tests.webhook import start_hook, wait_for_hook  # noqa: E402
 
 import loraflow  # noqa: E402
 from loraflow.ops.server import CPU_POOL, LocalPrefect  # noqa: E402
@@ -79,28 +79,6 @@ def loosened_gate(failures: list[str]) -> dict:
         key, value = next(setting for text, setting in LOOSENING if text in failure)
         settings[key] = value
     return settings
-
-
-# ---- the webhook `loraflow notify-on-failure` posts to
-
-class Hook(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Hook.received.append(json.loads(body or b"{}"))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def start_hook() -> HTTPServer:
-    """A local HTTP listener that keeps every JSON body posted to it in Hook.received."""
-    hook = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    return hook
 
 
 # ---- the config and its catalog
@@ -223,16 +201,13 @@ def run_facts(flow_run: dict, wall: float, load_before: list[float], summary: di
 
 def refusal_notice(local: LocalPrefect, flow_run: dict, seconds: float = 90) -> dict:
     """Whether the webhook received the refused run and the server holds its `loraflow.model.refused` event."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and not any(flow_run["name"] in json.dumps(body) for body in Hook.received):
-        time.sleep(1)
-    posted = [body for body in Hook.received if flow_run["name"] in json.dumps(body)]
+    posted = wait_for_hook(flow_run["name"], seconds)
     mine, deadline = [], time.time() + seconds
     while time.time() < deadline and not mine:  # the server stores events in batches
         events = api(local, "POST", "/events/filter", {"filter": {"event": {"name": ["loraflow.model.refused"]}}})["events"]
         mine = [event for event in events if flow_run["id"] in json.dumps(event["related"])]
         time.sleep(0 if mine else 2)
-    return {"webhook_posts": len(posted), "webhook_says_refused": any("Refused" in json.dumps(body) for body in posted),
+    return {"webhook_posts": len(posted), "webhook_says_refused": any("Refused" in message for message in posted),
             "refused_events": len(mine), "event_failures": mine[0]["payload"].get("failures") if mine else None}
 
 
@@ -320,14 +295,6 @@ def main() -> None:
     result["machine"] = machine_record(load_at_start, MACHINE_NOTE)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def code_version() -> dict:

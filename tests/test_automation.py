@@ -4,46 +4,16 @@ candidate model the gate refused (state Refused), which also emits the event lor
 import json
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import HTTPServer
 
 import pytest
 
 from loraflow.ops.server import CPU_POOL, LocalPrefect
 from tests.test_server import api, free_port, small_config, stop_workers, wait_for_terminal_state
+from tests.webhook import Hook, start_hook, wait_for_hook
 
 pytestmark = pytest.mark.slow
-
-
-class Hook(BaseHTTPRequestHandler):
-    received: list = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Hook.received.append(json.loads(body or b"{}"))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-def start_hook() -> HTTPServer:
-    Hook.received = []
-    hook = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    return hook
-
-
-def wait_for_hook(run_name: str, seconds: float = 90) -> list[str]:
-    """The webhook's messages (as JSON text) that name the flow run `run_name`, once one came."""
-    deadline = time.time() + seconds
-    while True:
-        messages = [json.dumps(message) for message in Hook.received if run_name in json.dumps(message)]
-        if messages or time.time() > deadline:
-            return messages
-        time.sleep(1)
 
 
 def wait_for_events(local: LocalPrefect, name: str, seconds: float = 60) -> list[dict]:
