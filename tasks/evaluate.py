@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 from loraflow.runtime.atomic_files import write_json_atomic, write_text_atomic
 from loraflow.runtime.store_folders import ship_folder
 from loraflow.config.evaluate import EvalConfig
-from loraflow.evaluation.answer_cache import answers_key, load_answers, model_identity, published_identity, save_answers
+from loraflow.evaluation.answer_cache import (answers_key, asked_digest, load_answers, model_identity, published_identity,
+                                              save_answers)
 from loraflow.evaluation.generation import answer_budgets, evaluate_models, question_prompts, stop_token_ids
 from loraflow.evaluation.metrics import (answers_table, comparison_table, general_table, loss_sample,
                                          summarise_runs)
@@ -158,12 +159,12 @@ def answer_keys(model_dir, adapter_dir, previous_model_dir, questions: pd.DataFr
     identities = {"base": model_identity(base), "finetuned": model_identity(base, adapter_dir)}
     if previous_model_dir:
         identities["previous"] = published_identity(previous_model_dir)
-    prompts = dict(prompts=question_prompts(questions), budgets=answer_budgets(questions, tokenizer, eval_config),
-                   general_prompts=general_prompts, loss_rows=loss_rows,
-                   settings={"general_max_new_tokens": eval_config.general_max_new_tokens,
-                             "batch_size": eval_config.batch_size, "stop_ids": stop_ids, "precision": precision,
-                             "device": device})
-    return {name: answers_key(identity, **prompts) for name, identity in identities.items() if identity}
+    asked = asked_digest(prompts=question_prompts(questions), budgets=answer_budgets(questions, tokenizer, eval_config),
+                         general_prompts=general_prompts, loss_rows=loss_rows,
+                         settings={"general_max_new_tokens": eval_config.general_max_new_tokens,
+                                   "batch_size": eval_config.batch_size, "stop_ids": stop_ids, "precision": precision,
+                                   "device": device})
+    return {name: answers_key(identity, asked) for name, identity in identities.items() if identity}
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """One model's generations for one question set, kept on this host so an evaluation that asks the same model the
 same prompts again generates nothing.
 
-    key = answers_key(model_identity(base_fingerprint, adapter_dir), prompts=..., budgets=..., general_prompts=...,
-                      loss_rows=..., settings=...)
+    asked = asked_digest(prompts=..., budgets=..., general_prompts=..., loss_rows=..., settings=...)
+    key = answers_key(model_identity(base_fingerprint, adapter_dir), asked)
     run = load_answers(folder, key)          # {"loss", "answers", "general", "timing"} or None
     save_answers(folder, key, run)
 
@@ -52,17 +52,22 @@ def published_identity(model_dir: str | Path) -> str | None:
     return hashlib.sha256(b"published\0" + manifest.read_bytes()).hexdigest()[:16]
 
 
-def answers_key(identity: str, *, prompts: list, budgets: list[int], general_prompts: list, loss_rows,
-                settings: dict) -> str:
-    """The cache key of one model's generations (see the module docstring)."""
+def asked_digest(*, prompts: list, budgets: list[int], general_prompts: list, loss_rows, settings: dict) -> str:
+    """What every model of one evaluation is asked, as one hash: the prompts and budgets, the general prompts, the
+    loss rows, the generation settings and the generation code (computed once per evaluation, not per model)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"model": identity, "prompts": prompts, "budgets": budgets, "general": general_prompts,
-                              "settings": settings, "code": code_hash("loraflow.evaluation.generation")},
+    digest.update(json.dumps({"prompts": prompts, "budgets": budgets, "general": general_prompts, "settings": settings,
+                              "code": code_hash("loraflow.evaluation.generation")},
                              sort_keys=True, default=_plain).encode())
     for column in ("input_ids", "labels"):
         for row in _column(loss_rows, column):
             digest.update(np.asarray(row, dtype=np.int64).tobytes() + b"\xff")
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()
+
+
+def answers_key(identity: str, asked: str) -> str:
+    """The cache key of one model's generations: its weights' identity and `asked_digest`."""
+    return hashlib.sha256(f"{identity}\0{asked}".encode()).hexdigest()[:24]
 
 
 def load_answers(folder: str | Path, key: str) -> dict | None:
